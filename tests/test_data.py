@@ -1,0 +1,70 @@
+import numpy as np
+import pytest
+import torch
+
+from vlm.config import DataConfig
+from vlm.data.builtin import IGNORE_INDEX, SceneDataset, collate
+from vlm.data.scenes import COLORS, SHAPES, make_scene
+
+
+def test_scenes_are_deterministic_and_splits_differ():
+    a, b = make_scene(7, "val"), make_scene(7, "val")
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    assert a.captions == b.captions and [q.answer for q in a.questions] == [q.answer for q in b.questions]
+    assert a.captions != make_scene(7, "train").captions or a.objects != make_scene(7, "train").objects
+
+
+@pytest.mark.parametrize("index", range(40))
+def test_scene_texts_agree_with_its_objects(index):
+    scene = make_scene(index, "val")
+    objects = scene.objects
+    assert 1 <= len(objects) <= 4
+    assert len({(o.color, o.shape) for o in objects}) == len(objects)
+    assert [o.center_x for o in objects] == sorted(o.center_x for o in objects)
+    assert len(set(scene.captions)) == 5
+    for o in objects:
+        assert o.color in COLORS and o.shape in SHAPES
+        assert o.phrase in scene.captions[0]  # the first caption names every object
+        x, y, w, h = o.box
+        assert 0 <= x and 0 <= y and x + w <= 64 and y + h <= 64
+        # the object's colour dominates the centre of its box
+        pixel = np.asarray(scene.image)[int(y + h / 2), int(x + w / 2)]
+        assert np.abs(pixel.astype(int) - COLORS[o.color]).max() < 40
+    kinds = {q.kind for q in scene.questions}
+    assert {"size", "count", "exist"} <= kinds
+    for q in scene.questions:
+        if q.question == "how many objects are there?":
+            assert q.answer == str(len(objects))
+        if q.kind == "exist":
+            color, shape = q.question.rstrip("?").split()[-2:]
+            assert q.answer == ("yes" if any(o.color == color and o.shape == shape for o in objects) else "no")
+
+
+def test_question_kinds_cover_all_six_and_yes_no_is_balanced():
+    questions = [q for i in range(300) for q in make_scene(i, "val").questions]
+    assert {q.kind for q in questions} == {"color", "shape", "size", "count", "exist", "spatial"}
+    yes_no = [q.answer for q in questions if q.kind in ("exist", "spatial")]
+    assert 0.4 < yes_no.count("yes") / len(yes_no) < 0.6
+
+
+def test_collate_learns_only_what_follows_the_prompt(tokenizer):
+    cfg = DataConfig(captions_per_image=1, questions_per_image=2)
+    dataset = SceneDataset("val", cfg, tokenizer, lambda im: torch.zeros(3, 64, 64), 64)
+    batch = collate([dataset[i] for i in range(4)], pad_id=tokenizer.pad_id)
+    assert batch.images.shape == (4, 3, 64, 64)
+    assert sum(len(i) for i in batch.image_index) == 12
+    assert sorted(torch.cat(batch.image_index).tolist()) == sorted([0, 1, 2, 3] * 3)
+    for ids, labels in zip(batch.ids, batch.labels, strict=True):
+        for row_ids, row_labels in zip(ids.tolist(), labels.tolist(), strict=True):
+            learned = [t for t in row_labels if t != IGNORE_INDEX]
+            assert learned[-1] == tokenizer.eos_id
+            if tokenizer.sep_id in row_ids:  # question: only the answer and the end token are learned
+                sep = row_ids.index(tokenizer.sep_id)
+                assert all(t == IGNORE_INDEX for t in row_labels[:sep])
+                assert row_labels[sep:sep + len(learned)] == learned
+            else:  # caption: everything after [BOS]
+                assert row_ids[0] == tokenizer.bos_id
+                assert row_labels[:len(learned)] == learned
+            # labels are the inputs shifted by one (the end token has no next input)
+            positions = [t for t, label in enumerate(row_labels) if label != IGNORE_INDEX][:-1]
+            assert all(row_ids[t + 1] == row_labels[t] for t in positions)

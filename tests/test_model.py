@@ -1,0 +1,131 @@
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from tests.conftest import tiny_config
+from vlm.model.generate import generate
+from vlm.model.vlm import VisionLanguageModel
+
+ENCODERS = [
+    # (timm name, feature level, extra timm args)
+    ("resnet18", 2, {"channels": [8, 16, 32, 64]}),
+    ("test_resnet", -1, {}),
+    ("test_convnext", -1, {}),
+    ("test_efficientnet", -1, {}),
+    ("test_vit", -1, {}),
+    ("test_vit", -1, {"reg_tokens": 4}),  # class token + 4 registers to drop
+]
+
+
+@pytest.mark.parametrize(("name", "level", "args"), ENCODERS)
+def test_grid_matches_the_encoders_own_feature_map(tokenizer, name, level, args):
+    torch.manual_seed(0)
+    model = VisionLanguageModel(tiny_config(name=name, feature_level=level, model_args=args), len(tokenizer))
+    images = torch.randn(2, 3, 64, 96)  # non-square
+    reference = timm.create_model(name, features_only=True, out_indices=(level,), **args)
+    h, w = reference(images)[-1].shape[-2:]
+    memory, grid = model.encoder(images)
+    assert grid == (h, w)
+    assert memory.shape == (2, h * w, 32)
+    out = model(images, torch.randint(5, len(tokenizer), (2, 6)), need_weights=True)
+    assert out.logits.shape == (2, 6, len(tokenizer))
+    assert all(a.shape == (2, 4, 6, h * w) for a in out.cross_attentions)
+    assert torch.isfinite(out.logits).all()
+
+
+def test_every_trainable_parameter_gets_a_gradient(tiny_model, tokenizer):
+    tiny_model.train()
+    ids = torch.randint(5, len(tokenizer), (4, 9))
+    out = tiny_model(torch.randn(2, 3, 64, 64), ids, image_index=torch.tensor([0, 0, 1, 1]))
+    F.cross_entropy(out.logits.flatten(0, 1), ids.roll(-1, 1).flatten()).backward()
+    # A gradient may be exactly zero at init (ResNet zero-initialises each block's last norm), never missing.
+    missing = [n for n, p in tiny_model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+    assert all(torch.isfinite(p.grad).all() for p in tiny_model.parameters())
+    assert tiny_model.decoder.tok_emb.weight.grad.any() and tiny_model.encoder.proj[1].weight.grad.any()
+
+
+def test_frozen_encoder_has_no_trainable_trunk(tokenizer):
+    model = VisionLanguageModel(tiny_config(trainable=False), len(tokenizer))
+    assert not any(p.requires_grad for p in model.encoder.trunk.parameters())
+    assert all(p.requires_grad for p in model.decoder.parameters())
+
+
+def _run(model, tokenizer, images, prompts, **kw):
+    return generate(model, images, prompts, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                    max_new_tokens=12, **kw)
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_cached_generation_equals_uncached(tiny_model, tokenizer, beam_size):
+    images = torch.randn(3, 3, 64, 64)
+    prompts = [tokenizer.caption_prompt(), tokenizer.question_prompt("what color is the circle?"),
+               tokenizer.question_prompt("how many objects are there?")]
+    cached = _run(tiny_model, tokenizer, images, prompts, beam_size=beam_size, return_attention=True)
+    uncached = _run(tiny_model, tokenizer, images, prompts, beam_size=beam_size, use_cache=False,
+                    return_attention=True)
+    assert cached.tokens == uncached.tokens
+    assert all(len(t) > 0 for t in cached.tokens)
+    for a, b in zip(cached.attentions, uncached.attentions, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_beam_of_one_is_greedy_and_beam_scores_are_no_worse(tiny_model, tokenizer):
+    images = torch.randn(4, 3, 64, 64)
+    prompts = [tokenizer.caption_prompt()] * 4
+    greedy = _run(tiny_model, tokenizer, images, prompts)
+    assert _run(tiny_model, tokenizer, images, prompts, beam_size=1).tokens == greedy.tokens
+    beam = _run(tiny_model, tokenizer, images, prompts, beam_size=4)
+    assert all(b >= g - 1e-4 for b, g in zip(beam.scores, greedy.scores, strict=True))
+
+
+def test_batched_generation_equals_one_image_at_a_time(tiny_model, tokenizer):
+    images = torch.randn(3, 3, 64, 64)
+    prompts = [tokenizer.question_prompt("is there a red circle?"), tokenizer.caption_prompt(),
+               tokenizer.question_prompt("what shape is the small blue object?")]  # different lengths
+    batched = _run(tiny_model, tokenizer, images, prompts, return_attention=True)
+    for i in range(3):
+        single = _run(tiny_model, tokenizer, images[i:i + 1], prompts[i:i + 1], return_attention=True)
+        assert single.tokens[0] == batched.tokens[i]
+        torch.testing.assert_close(single.attentions[0], batched.attentions[i], atol=1e-5, rtol=1e-4)
+
+
+def test_returned_attention_has_one_map_per_generated_token(tiny_model, tokenizer):
+    gen = _run(tiny_model, tokenizer, torch.randn(2, 3, 64, 64), [tokenizer.caption_prompt()] * 2,
+               return_attention=True)
+    h, w = gen.grid
+    for tokens, attn in zip(gen.tokens, gen.attentions, strict=True):
+        assert attn.shape == (len(tokens), 2, 4, h * w)  # (T, L, H, N)
+        torch.testing.assert_close(attn.sum(-1), torch.ones(attn.shape[:-1]))
+
+
+def test_tiny_model_overfits_a_small_batch(tokenizer):
+    from vlm.data.scenes import make_scene
+    from vlm.data.transforms import image_transform
+
+    torch.manual_seed(0)
+    model = VisionLanguageModel(tiny_config(), len(tokenizer))
+    transform = image_transform(model.encoder.trunk, 64)
+    scenes = [make_scene(i, "train") for i in range(4)]
+    images = torch.stack([transform(s.image) for s in scenes])
+    targets = [s.captions[0] for s in scenes]
+    seqs = [tokenizer.training_pair(tokenizer.caption_prompt(), t)[0] for t in targets]
+    T = max(map(len, seqs))
+    ids = torch.full((4, T), tokenizer.pad_id)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+    labels = ids[:, 1:].masked_fill(ids[:, 1:] == tokenizer.pad_id, -100)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(150):
+        logits = model(images, ids[:, :-1]).logits
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.05
+    model.eval()
+    gen = generate(model, images, [tokenizer.caption_prompt()] * 4, eos_id=tokenizer.eos_id,
+                   pad_id=tokenizer.pad_id, max_new_tokens=35)
+    assert [tokenizer.decode(t) for t in gen.tokens] == targets

@@ -1,0 +1,119 @@
+"""Attention maps over the encoder's patch grid, mapped back onto image pixels.
+
+A *map* is a non-negative float array of shape ``(h, w)`` over the patch grid (rows, cols). The image
+was resized (not cropped) to the model input, so the grid covers the whole image: cell ``(r, c)``
+covers pixels ``x in [c*W/w, (c+1)*W/w)`` and ``y in [r*H/h, (r+1)*H/h)`` for an image of size
+``(W, H)``. Pixel coordinates are continuous, pixel ``(i, j)`` (row, col) spanning ``[j, j+1) x [i, i+1)``,
+which matches the COCO ``(x, y, w, h)`` box layout used by the grounding metrics below.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+Box = tuple[float, float, float, float]
+
+
+def _as_map(map_: np.ndarray) -> np.ndarray:
+    """Return ``map_`` as a float64 2-D array, rejecting anything that is not a single (h, w) map."""
+    arr = np.asarray(map_, dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"expected a non-empty (h, w) map, got shape {arr.shape}")
+    return arr
+
+
+def _check_size(size: tuple[int, int]) -> tuple[int, int]:
+    """Validate an image size ``(W, H)`` and return it as ints."""
+    width, height = int(size[0]), int(size[1])
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive (W, H), got {size}")
+    return width, height
+
+
+def _interp_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """Linear-interpolation matrix ``(n_out, n_in)`` with cell centres aligned (``align_corners=False``).
+
+    Output sample ``i`` reads source position ``(i + 0.5) * n_in / n_out - 0.5``, clamped to the valid
+    range exactly like ``torch.nn.functional.interpolate(mode="bilinear", align_corners=False)``.
+    """
+    src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+    src = np.clip(src, 0.0, n_in - 1)
+    lo = np.floor(src).astype(np.int64)
+    hi = np.minimum(lo + 1, n_in - 1)
+    frac = src - lo
+    mat = np.zeros((n_out, n_in), dtype=np.float64)
+    rows = np.arange(n_out)
+    np.add.at(mat, (rows, lo), 1.0 - frac)
+    np.add.at(mat, (rows, hi), frac)
+    return mat
+
+
+def resize(map_: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinearly resize a grid map to pixel resolution ``(H, W)`` for ``size=(W, H)``, without normalising.
+
+    Separable interpolation as two small matrix products; values keep their scale so that mass ratios
+    (see :func:`mass_in_box`) stay meaningful.
+    """
+    arr = _as_map(map_)
+    width, height = _check_size(size)
+    return _interp_matrix(arr.shape[0], height) @ arr @ _interp_matrix(arr.shape[1], width).T
+
+
+def upsample(map_: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Upsample a grid map to ``(H, W)`` for ``size=(W, H)`` and min-max normalise it to ``[0, 1]``.
+
+    A constant map carries no spatial information, so it becomes all zeros rather than all ones.
+    """
+    up = resize(map_, size)
+    lo, hi = float(up.min()), float(up.max())
+    if not hi > lo:
+        return np.zeros_like(up)
+    return (up - lo) / (hi - lo)
+
+
+def peak(map_: np.ndarray, size: tuple[int, int]) -> tuple[float, float]:
+    """Pixel coordinates ``(x, y)`` of the maximum of the upsampled map (the centre of the argmax pixel).
+
+    Ties resolve to the first pixel in row-major order.
+    """
+    up = resize(map_, size)
+    row, col = np.unravel_index(int(np.argmax(up)), up.shape)
+    return float(col) + 0.5, float(row) + 0.5
+
+
+def pointing_hit(map_: np.ndarray, box: Box, size: tuple[int, int]) -> bool:
+    """Pointing game: whether the map's peak lies inside ``box = (x, y, w, h)`` (edges inclusive)."""
+    px, py = peak(map_, size)
+    x, y, w, h = (float(v) for v in box)
+    return x <= px <= x + w and y <= py <= y + h
+
+
+def _box_mask(box: Box, height: int, width: int) -> np.ndarray:
+    """Boolean ``(H, W)`` mask of the pixels whose centres lie inside ``box`` (edges inclusive)."""
+    x, y, w, h = (float(v) for v in box)
+    xs = np.arange(width, dtype=np.float64) + 0.5
+    ys = np.arange(height, dtype=np.float64) + 0.5
+    in_x = (xs >= x) & (xs <= x + w)
+    in_y = (ys >= y) & (ys <= y + h)
+    return in_y[:, None] & in_x[None, :]
+
+
+def mass_in_box(map_: np.ndarray, box: Box, size: tuple[int, int]) -> float:
+    """Share of the upsampled attention mass inside ``box = (x, y, w, h)``, in ``[0, 1]``.
+
+    The map is resized without min-max normalisation and divided by its total, so the result is the
+    fraction of attention that falls on the box. A map with no mass yields 0.
+    """
+    up = np.clip(resize(map_, size), 0.0, None)
+    total = float(up.sum())
+    if total <= 0.0:
+        return 0.0
+    return float(up[_box_mask(box, *up.shape)].sum()) / total
+
+
+def combine(maps: np.ndarray) -> np.ndarray:
+    """Mean over the leading axis, e.g. merging the maps of the several tokens of one phrase."""
+    arr = np.asarray(maps, dtype=np.float64)
+    if arr.ndim < 1 or arr.shape[0] == 0:
+        raise ValueError(f"need at least one map to combine, got shape {arr.shape}")
+    return arr.mean(axis=0)

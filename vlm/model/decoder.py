@@ -1,0 +1,131 @@
+"""Transformer text decoder: pre-norm blocks of causal self-attention, cross-attention to the image, MLP.
+
+Dimensions: B batch (sequences), T text positions, N image patches, D width, H heads, hd = D // H,
+L layers, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from vlm.config import DecoderConfig
+from vlm.model.attention import Attention
+
+KeysValues = tuple[Tensor, Tensor]  # each (B, H, S, hd)
+
+
+class KVCache:
+    """Preallocated self-attention keys and values of every layer, (L, B, H, max_length, hd)."""
+
+    def __init__(self, num_layers: int, batch: int, num_heads: int, max_length: int, head_dim: int,
+                 like: Tensor):
+        shape = (num_layers, batch, num_heads, max_length, head_dim)
+        self.k = like.new_zeros(shape)
+        self.v = like.new_zeros(shape)
+        self.length = 0  # positions filled so far
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> KeysValues:
+        """Store the new positions' keys/values (B, H, T, hd); return all so far, (B, H, length + T, hd)."""
+        end = self.length + k.shape[2]
+        if end > self.k.shape[3]:
+            raise ValueError(f"sequence of {end} tokens exceeds the decoder's max_length {self.k.shape[3]}")
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, steps: int) -> None:
+        self.length += steps
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep the rows given by index (beam search: each kept beam takes its parent's cache)."""
+        self.k = self.k[:, index]
+        self.v = self.v[:, index]
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        D = cfg.width
+        self.ln_self = nn.LayerNorm(D)
+        self.self_attn = Attention(D, cfg.num_heads, cfg.dropout)
+        self.ln_cross = nn.LayerNorm(D)
+        self.cross_attn = Attention(D, cfg.num_heads, cfg.dropout)
+        self.ln_mlp = nn.LayerNorm(D)
+        hidden = int(cfg.mlp_ratio * D)
+        self.mlp = nn.Sequential(nn.Linear(D, hidden), nn.GELU(), nn.Linear(hidden, D))
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        image_kv: KeysValues,
+        self_mask: Tensor | None,
+        cache: KVCache | None,
+        layer: int,
+        need_weights: bool,
+    ) -> tuple[Tensor, Tensor | None]:
+        h = self.ln_self(x)
+        k, v = self.self_attn.keys_values(h)  # (B, H, T, hd)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, H, S, hd) with all earlier positions
+        is_causal = self_mask is None and k.shape[2] == x.shape[1] and x.shape[1] > 1
+        a, _ = self.self_attn(h, k, v, mask=self_mask, is_causal=is_causal)
+        x = x + self.drop(a)
+        c, weights = self.cross_attn(self.ln_cross(x), *image_kv, need_weights=need_weights)
+        x = x + self.drop(c)
+        x = x + self.drop(self.mlp(self.ln_mlp(x)))
+        return x, weights
+
+
+class TextDecoder(nn.Module):
+    """Token + position embeddings, blocks, final norm, and an output head tied to the token embedding."""
+
+    def __init__(self, cfg: DecoderConfig, vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(vocab_size, cfg.width)
+        self.pos_emb = nn.Embedding(cfg.max_length, cfg.width)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.ln_f = nn.LayerNorm(cfg.width)
+        nn.init.normal_(self.tok_emb.weight, std=0.02)
+        nn.init.normal_(self.pos_emb.weight, std=0.02)
+
+    def image_keys_values(self, memory: Tensor) -> list[KeysValues]:
+        """Cross-attention keys/values of every layer from patch features (B, N, D), computed once."""
+        return [block.cross_attn.keys_values(memory) for block in self.blocks]
+
+    def new_cache(self, batch: int, like: Tensor) -> KVCache:
+        attn = self.blocks[0].self_attn
+        return KVCache(len(self.blocks), batch, attn.num_heads, self.cfg.max_length, attn.head_dim, like)
+
+    def forward(
+        self,
+        ids: Tensor,
+        image_kv: list[KeysValues],
+        positions: Tensor | None = None,
+        self_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, list[Tensor] | None]:
+        """Logits (B, T, V) for token ids (B, T), and each layer's cross-attention (B, H, T, N) on request.
+
+        Without a cache and mask, self-attention is causal over ids. With a cache, ids continue the cached
+        sequence; self_mask (B, 1, T, S) then says which cached positions each new token may see.
+        """
+        B, T = ids.shape
+        if positions is None:
+            start = cache.length if cache is not None else 0
+            positions = torch.arange(start, start + T, device=ids.device).expand(B, T)
+        if int(positions.max()) >= self.cfg.max_length:
+            raise ValueError(f"sequence longer than the decoder's max_length {self.cfg.max_length}")
+        x = self.drop(self.tok_emb(ids) + self.pos_emb(positions))  # (B, T, D)
+        weights = []
+        for layer, block in enumerate(self.blocks):
+            x, w = block(x, image_kv[layer], self_mask, cache, layer, need_weights)
+            weights.append(w)
+        if cache is not None:
+            cache.advance(T)
+        logits = self.ln_f(x) @ self.tok_emb.weight.t()  # (B, T, V)
+        return logits, (weights if need_weights else None)

@@ -1,0 +1,80 @@
+"""A timm trunk turned into a grid of patch features for the decoder to attend to.
+
+Every timm backbone (CNNs with NCHW maps, ViTs with prefix tokens, NHWC models) answers
+``forward_intermediates(..., output_fmt="NCHW")`` with a (B, C, h, w) map whose prefix tokens (class,
+registers) timm has already dropped using the model's own ``num_prefix_tokens``. Backbones without it
+are built with ``features_only=True``. Either way no shape is guessed.
+
+Dimensions: B batch, C trunk channels, h x w patch grid, N = h * w patches, D decoder width.
+"""
+
+from __future__ import annotations
+
+import timm
+import torch
+from torch import Tensor, nn
+
+from vlm.config import EncoderConfig
+
+
+def sincos_2d(h: int, w: int, dim: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Fixed 2-D sine-cosine position codes (N, D): half the channels encode the row, half the column."""
+    if dim % 4:
+        raise ValueError(f"decoder width {dim} must be divisible by 4 for 2-D position codes")
+    quarter = dim // 4
+    freqs = 1.0 / (10000 ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter))
+    rows = torch.arange(h, device=device, dtype=torch.float32)[:, None] * freqs  # (h, D/4)
+    cols = torch.arange(w, device=device, dtype=torch.float32)[:, None] * freqs  # (w, D/4)
+    rows = torch.cat([rows.sin(), rows.cos()], dim=1)[:, None, :].expand(h, w, 2 * quarter)  # (h, w, D/2)
+    cols = torch.cat([cols.sin(), cols.cos()], dim=1)[None, :, :].expand(h, w, 2 * quarter)  # (h, w, D/2)
+    return torch.cat([rows, cols], dim=-1).reshape(h * w, dim).to(dtype)  # (N, D)
+
+
+class ImageEncoder(nn.Module):
+    """timm trunk -> patch features (B, N, D) projected to the decoder width, plus the grid (h, w)."""
+
+    def __init__(self, cfg: EncoderConfig, width: int):
+        super().__init__()
+        kwargs = dict(cfg.model_args)
+        if cfg.weights:
+            kwargs["pretrained_cfg_overlay"] = dict(file=cfg.weights)
+        trunk = timm.create_model(cfg.name, pretrained=cfg.pretrained or bool(cfg.weights), **kwargs)
+        num_levels = len(trunk.feature_info)
+        if not -num_levels <= cfg.feature_level < num_levels:
+            raise ValueError(
+                f"encoder.feature_level {cfg.feature_level} is out of range for {cfg.name}, "
+                f"which has {num_levels} feature levels"
+            )
+        self.level = cfg.feature_level % num_levels
+        channels = trunk.feature_info[self.level]["num_chs"]
+        if hasattr(trunk, "forward_intermediates"):
+            # Drop the head, the final norm and every stage after the chosen one: unused, they would cost
+            # time and hold parameters that never receive a gradient.
+            trunk.prune_intermediate_layers([self.level], prune_norm=True, prune_head=True)
+            self.features_only = False
+        else:
+            trunk = timm.create_model(
+                cfg.name, pretrained=cfg.pretrained or bool(cfg.weights), features_only=True,
+                out_indices=(self.level,), **kwargs,
+            )
+            self.features_only = True
+        self.trunk = trunk
+        self.proj = nn.Sequential(nn.LayerNorm(channels), nn.Linear(channels, width))
+        self.norm = nn.LayerNorm(width)
+        if not cfg.trainable:
+            self.trunk.requires_grad_(False)
+
+    def feature_map(self, images: Tensor) -> Tensor:
+        """The trunk's map at the chosen level, (B, C, h, w)."""
+        if self.features_only:
+            return self.trunk(images)[0]
+        return self.trunk.forward_intermediates(
+            images, indices=[self.level], intermediates_only=True, output_fmt="NCHW"
+        )[0]
+
+    def forward(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        fmap = self.feature_map(images)  # (B, C, h, w)
+        h, w = fmap.shape[-2:]
+        tokens = self.proj(fmap.flatten(2).transpose(1, 2))  # (B, N, D)
+        tokens = tokens + sincos_2d(h, w, tokens.shape[-1], tokens.device, tokens.dtype)
+        return self.norm(tokens), (h, w)

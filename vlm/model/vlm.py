@@ -1,0 +1,66 @@
+"""Image encoder + text decoder: one model for captions and answers.
+
+A caption is generated after a caption prompt; an answer after its question prompt. Both read the same
+patch features through cross-attention, so every generated token has a map over the image.
+
+Dimensions: B images, S sequences (several per image in training), T text, N patches, D width, H heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from vlm.config import ModelConfig
+from vlm.model.decoder import KeysValues, TextDecoder
+from vlm.model.encoder import ImageEncoder
+
+
+@dataclass
+class VLMOutput:
+    logits: Tensor
+    """(S, T, V) next-token logits."""
+    grid: tuple[int, int]
+    """(h, w) patch grid of the images."""
+    cross_attentions: list[Tensor] | None = None
+    """Per layer (S, H, T, N) cross-attention weights, when requested."""
+
+
+class VisionLanguageModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.encoder = ImageEncoder(cfg.encoder, cfg.decoder.width)
+        self.decoder = TextDecoder(cfg.decoder, vocab_size)
+
+    def encode(self, images: Tensor) -> tuple[list[KeysValues], tuple[int, int]]:
+        """Images (B, 3, H, W) -> each decoder layer's cross-attention keys/values, and the grid (h, w)."""
+        memory, grid = self.encoder(images)  # (B, N, D)
+        return self.decoder.image_keys_values(memory), grid
+
+    def decode(
+        self,
+        image_kv: list[KeysValues],
+        grid: tuple[int, int],
+        ids: Tensor,
+        image_index: Tensor | None = None,
+        need_weights: bool = False,
+    ) -> VLMOutput:
+        """Teacher-forced logits for token ids (S, T); sequence s reads image image_index[s] (default s)."""
+        if image_index is not None:
+            image_kv = [(k[image_index], v[image_index]) for k, v in image_kv]  # (S, H, N, hd)
+        logits, weights = self.decoder(ids, image_kv, need_weights=need_weights)
+        return VLMOutput(logits=logits, grid=grid, cross_attentions=weights)
+
+    def forward(
+        self,
+        images: Tensor,
+        ids: Tensor,
+        image_index: Tensor | None = None,
+        need_weights: bool = False,
+    ) -> VLMOutput:
+        """Encode images (B, 3, H, W) and decode token ids (S, T) against them."""
+        image_kv, grid = self.encode(images)
+        return self.decode(image_kv, grid, ids, image_index, need_weights)
