@@ -130,6 +130,7 @@ def test_bad_inputs_give_one_line_errors(trained, images, tmp_path, capsys):
     bad.write_text("model:\n  decoder:\n    widht: 3\n")
     _one_error_line(main(["train", "--config", str(bad)]), capsys, "widht")
     _one_error_line(main(["train", "--trainer.max_stepz", "3"]), capsys, "max_stepz")
+    _one_error_line(main(["train", "--optim.task_weights", '{"captoin": 1, "vqa": 1}']), capsys, "captoin")
 
 
 def test_model_config_mismatch_is_one_line(trained, tmp_path, capsys):

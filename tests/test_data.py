@@ -33,6 +33,9 @@ def test_scene_texts_agree_with_its_objects(index):
     kinds = {q.kind for q in scene.questions}
     assert {"size", "count", "exist"} <= kinds
     for q in scene.questions:
+        if q.kind == "spatial":
+            obj = next(o for o in objects if f"{o.color} {o.shape}" in q.question)
+            assert q.answer == ("left" if obj.center_x < 32 else "right")
         if q.question == "how many objects are there?":
             assert q.answer == str(len(objects))
         if q.kind == "exist":
@@ -40,11 +43,13 @@ def test_scene_texts_agree_with_its_objects(index):
             assert q.answer == ("yes" if any(o.color == color and o.shape == shape for o in objects) else "no")
 
 
-def test_question_kinds_cover_all_six_and_yes_no_is_balanced():
+def test_question_kinds_cover_all_six_and_binary_answers_are_balanced():
     questions = [q for i in range(300) for q in make_scene(i, "val").questions]
     assert {q.kind for q in questions} == {"color", "shape", "size", "count", "exist", "spatial"}
-    yes_no = [q.answer for q in questions if q.kind in ("exist", "spatial")]
+    yes_no = [q.answer for q in questions if q.kind == "exist"]
     assert 0.4 < yes_no.count("yes") / len(yes_no) < 0.6
+    sides = [q.answer for q in questions if q.kind == "spatial"]
+    assert set(sides) == {"left", "right"} and 0.4 < sides.count("left") / len(sides) < 0.6
 
 
 def test_collate_learns_only_what_follows_the_prompt(tokenizer):
@@ -52,8 +57,10 @@ def test_collate_learns_only_what_follows_the_prompt(tokenizer):
     dataset = SceneDataset("val", cfg, tokenizer, lambda im: torch.zeros(3, 64, 64), 64)
     batch = collate([dataset[i] for i in range(4)], pad_id=tokenizer.pad_id)
     assert batch.images.shape == (4, 3, 64, 64)
-    assert sum(len(i) for i in batch.image_index) == 12
-    assert sorted(torch.cat(batch.image_index).tolist()) == sorted([0, 1, 2, 3] * 3)
+    assert batch.tasks == ["caption", "vqa"]
+    assert [ids.shape[0] for ids in batch.ids] == [4, 8]  # 1 caption and 2 questions per image, image-major
+    assert all(tokenizer.sep_id not in row for row in batch.ids[0].tolist())
+    assert all(tokenizer.sep_id in row for row in batch.ids[1].tolist())
     for ids, labels in zip(batch.ids, batch.labels, strict=True):
         for row_ids, row_labels in zip(ids.tolist(), labels.tolist(), strict=True):
             learned = [t for t in row_labels if t != IGNORE_INDEX]

@@ -37,13 +37,25 @@ def test_grid_matches_the_encoders_own_feature_map(tokenizer, name, level, args)
 def test_every_trainable_parameter_gets_a_gradient(tiny_model, tokenizer):
     tiny_model.train()
     ids = torch.randint(5, len(tokenizer), (4, 9))
-    out = tiny_model(torch.randn(2, 3, 64, 64), ids, image_index=torch.tensor([0, 0, 1, 1]))
+    out = tiny_model(torch.randn(2, 3, 64, 64), ids)  # two sequences per image
     F.cross_entropy(out.logits.flatten(0, 1), ids.roll(-1, 1).flatten()).backward()
     # A gradient may be exactly zero at init (ResNet zero-initialises each block's last norm), never missing.
     missing = [n for n, p in tiny_model.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == []
     assert all(torch.isfinite(p.grad).all() for p in tiny_model.parameters())
     assert tiny_model.decoder.tok_emb.weight.grad.any() and tiny_model.encoder.proj[1].weight.grad.any()
+
+
+def test_sequences_of_one_image_read_only_that_image(tiny_model, tokenizer):
+    images, ids = torch.randn(2, 3, 64, 64), torch.randint(5, len(tokenizer), (6, 5))
+    together = tiny_model(images, ids, need_weights=True)  # sequences 0-2 read image 0, 3-5 image 1
+    for i in range(2):
+        alone = tiny_model(images[i:i + 1], ids[3 * i:3 * i + 3], need_weights=True)
+        torch.testing.assert_close(alone.logits, together.logits[3 * i:3 * i + 3], atol=1e-5, rtol=1e-4)
+        for a, b in zip(alone.cross_attentions, together.cross_attentions, strict=True):
+            torch.testing.assert_close(a, b[3 * i:3 * i + 3], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="split evenly"):
+        tiny_model(images, ids[:5])
 
 
 def test_frozen_encoder_has_no_trainable_trunk(tokenizer):

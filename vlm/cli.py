@@ -91,7 +91,8 @@ def run_train(args: Namespace, parser: ArgumentParser) -> None:
 
     cfg = parser.instantiate(args)
     model_dir = train(TrainConfig(**{k: cfg[k] for k in ("model", "data", "optim", "trainer")}), args.out)
-    print(f"exported model: {model_dir}")
+    if model_dir is not None:  # rank 0
+        print(f"exported model: {model_dir}")
 
 
 def run_caption(args: Namespace) -> None:

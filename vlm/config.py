@@ -6,8 +6,8 @@ and a YAML key; the docstring under a field is its help text; unknown keys are e
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -23,15 +23,16 @@ class EncoderConfig:
     For a ResNet, level 2 has stride 8; for a ViT, levels are blocks."""
     image_size: int = 64
     """Images are resized (not cropped) to this square size."""
-    model_args: dict[str, Any] = field(default_factory=dict)
-    """Extra keyword arguments for ``timm.create_model`` (e.g. img_size, patch_size, depth)."""
+    model_args: dict[str, Any] = field(default_factory=lambda: {"channels": [32, 64, 128, 256]})
+    """Extra keyword arguments for ``timm.create_model`` (e.g. img_size, patch_size, depth). The default
+    narrows resnet18's stages for speed; give {} or the new backbone's own when changing ``name``."""
     trainable: bool = True
     """Train the encoder (False freezes it)."""
 
 
 @dataclass
 class DecoderConfig:
-    width: int = 256
+    width: int = 128
     """Model width D of the decoder and of the projected patch features."""
     depth: int = 3
     """Number of decoder blocks (self-attention, cross-attention, MLP)."""
@@ -61,8 +62,9 @@ class DataConfig:
     """Held-out built-in scenes (a fixed seed range disjoint from training)."""
     captions_per_image: int = 1
     """Caption sequences decoded per image in a training batch (the image is encoded once)."""
-    questions_per_image: int = 3
-    """Question-answer sequences decoded per image in a training batch."""
+    questions_per_image: int = 6
+    """Question-answer sequences decoded per image in a training batch (drawn without repeats while the
+    scene has enough)."""
     batch_size: int = 64
     """Images per batch (each carries captions_per_image + questions_per_image sequences)."""
     num_workers: int = 1
@@ -73,28 +75,27 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
+    lr: float = 2e-3
     """Peak learning rate."""
     weight_decay: float = 0.01
     """AdamW weight decay (not applied to norms, biases and embeddings)."""
-    warmup_steps: int = 200
+    warmup_steps: int = 100
     """Linear warm-up steps before the cosine decay."""
     min_lr_ratio: float = 0.05
     """Final learning rate as a share of the peak."""
     label_smoothing: float = 0.0
     """Label smoothing of the token cross-entropy."""
-    loss_average: Literal["sequence", "token"] = "sequence"
-    """Average the loss over each sequence's tokens, then over sequences (a short answer weighs as much as
-    a long caption), or over all learned tokens at once."""
+    task_weights: dict[str, float] = field(default_factory=lambda: {"caption": 1.5, "vqa": 1.0})
+    """Weight of each task's mean token loss (tasks: caption, vqa)."""
 
 
 @dataclass
 class TrainerConfig:
     """Passed to ``lightning.Trainer``."""
 
-    max_steps: int = 4000
+    max_steps: int = 800
     """Optimizer steps to train for."""
-    max_time: str | None = None
+    max_time: str | None = "00:00:14:00"
     """Stop after this wall time ("DD:HH:MM:SS"), whatever the step count."""
     accelerator: str = "auto"
     """cpu, gpu, mps or auto."""
@@ -110,7 +111,7 @@ class TrainerConfig:
     """Batches whose gradients are summed per optimizer step."""
     gradient_clip_val: float | None = 1.0
     """Clip the gradient norm to this value."""
-    val_check_interval: int = 1000
+    val_check_interval: int = 400
     """Run validation every this many training batches."""
     log_every_n_steps: int = 50
     """Log training metrics every this many steps."""
@@ -135,9 +136,3 @@ def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
         )
     except TypeError as e:  # unknown or misspelt key
         raise ValueError(f"model config does not match this version of vlm: {e}") from None
-
-
-__all__ = [
-    "DataConfig", "DecoderConfig", "EncoderConfig", "ModelConfig", "OptimConfig", "TrainConfig",
-    "TrainerConfig", "asdict", "model_config_from_dict",
-]

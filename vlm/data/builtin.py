@@ -1,7 +1,7 @@
 """Training and validation batches from the built-in scenes.
 
 An item is one image with several token sequences (captions and question-answer pairs); the batch
-encodes each image once and decodes all its sequences, as ``image_index`` says.
+encodes each image once and decodes all its sequences.
 """
 
 from __future__ import annotations
@@ -22,20 +22,25 @@ from vlm.data.scenes import make_scene
 from vlm.text.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100
+TASKS = ("caption", "vqa")  # the order of an item's sequence groups
 
 
 @dataclass
 class Batch:
-    """Images and the token sequences that read them, in groups of similar length (less padding)."""
+    """Images and the token sequences that read them: a group of captions and a group of questions.
+
+    Within a group every image has the same number k of sequences, image-major (sequence s reads image
+    s // k), so each image is encoded once and its patches are attended by all its sequences at once.
+    """
 
     images: Tensor
     """(B, 3, H, W)"""
     ids: list[Tensor]
-    """Per group (S, T) decoder inputs, right-padded."""
+    """Per group (k * B, T) decoder inputs, right-padded."""
     labels: list[Tensor]
-    """Per group (S, T) next tokens; IGNORE_INDEX on prompts and padding."""
-    image_index: list[Tensor]
-    """Per group (S,) which image each sequence reads."""
+    """Per group (k * B, T) next tokens; IGNORE_INDEX on prompts and padding."""
+    tasks: list[str]
+    """Per group its task: "caption" or "vqa"."""
 
 
 def scene_texts(num_scenes: int, seed: int) -> list[str]:
@@ -47,8 +52,15 @@ def scene_texts(num_scenes: int, seed: int) -> list[str]:
     return texts
 
 
+def _draw(rng: np.random.Generator, n: int, k: int) -> list[int]:
+    """k indices below n: without repeats while k <= n, then every index and the rest at random."""
+    if k <= n:
+        return rng.choice(n, k, replace=False).tolist()
+    return [*range(n), *rng.choice(n, k - n).tolist()]
+
+
 class SceneDataset(Dataset):
-    """Scene i of a split -> (image tensor, [(token ids, prompt length), ...]), sampling which texts."""
+    """Scene i of a split -> (image tensor, groups of (token ids, prompt length)), sampling which texts."""
 
     def __init__(self, split: str, cfg: DataConfig, tokenizer: Tokenizer, transform: Callable[[Image.Image], Tensor],
                  image_size: int):
@@ -59,38 +71,38 @@ class SceneDataset(Dataset):
     def __len__(self) -> int:
         return self.num_scenes
 
-    def __getitem__(self, index: int) -> tuple[Tensor, list[tuple[list[int], int]]]:
+    def __getitem__(self, index: int) -> tuple[Tensor, list[list[tuple[list[int], int]]]]:
+        """The image and its sequences in two groups: captions, then question-answer pairs."""
         scene = make_scene(index, self.split, self.cfg.seed, self.image_size)
         # Training draws fresh texts every epoch; validation always the same ones.
         seed = int(torch.randint(2**31, ())) if self.split == "train" else index
         rng = np.random.default_rng(seed)
         tok = self.tokenizer
-        seqs = [tok.training_pair(tok.caption_prompt(), str(c))
-                for c in rng.choice(scene.captions, self.cfg.captions_per_image)]
-        for q in rng.choice(len(scene.questions), self.cfg.questions_per_image):
-            qa = scene.questions[q]
-            seqs.append(tok.training_pair(tok.question_prompt(qa.question), qa.answer))
-        return self.transform(scene.image), seqs
+        captions = [tok.training_pair(tok.caption_prompt(), scene.captions[i])
+                    for i in _draw(rng, len(scene.captions), self.cfg.captions_per_image)]
+        questions = [tok.training_pair(tok.question_prompt(scene.questions[i].question), scene.questions[i].answer)
+                     for i in _draw(rng, len(scene.questions), self.cfg.questions_per_image)]
+        return self.transform(scene.image), [captions, questions]
 
 
-def collate(items: list[tuple[Tensor, list[tuple[list[int], int]]]], pad_id: int, groups: int = 2) -> Batch:
-    """Stack images; sort sequences by length and pad each of `groups` slices to its own longest."""
+def collate(items: list[tuple[Tensor, list[list[tuple[list[int], int]]]]], pad_id: int) -> Batch:
+    """Stack images; pad each group of sequences (captions, questions) to its own longest."""
     images = torch.stack([image for image, _ in items])
-    seqs = sorted(((s, n, i) for i, (_, ss) in enumerate(items) for s, n in ss), key=lambda x: len(x[0]))
-    size = -(-len(seqs) // groups)
     batch = Batch(images, [], [], [])
-    for start in range(0, len(seqs), size):
-        chunk = seqs[start:start + size]
-        T = len(chunk[-1][0]) - 1
-        ids = torch.full((len(chunk), T), pad_id, dtype=torch.long)
-        labels = torch.full((len(chunk), T), IGNORE_INDEX, dtype=torch.long)
-        for row, (s, prompt_len, _) in enumerate(chunk):
+    for task, group in zip(TASKS, zip(*(groups for _, groups in items), strict=True), strict=True):
+        seqs = [seq for per_image in group for seq in per_image]  # image-major
+        if not seqs:
+            continue
+        T = max(len(s) for s, _ in seqs) - 1
+        ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+        labels = torch.full((len(seqs), T), IGNORE_INDEX, dtype=torch.long)
+        for row, (s, prompt_len) in enumerate(seqs):
             s = torch.tensor(s)
             ids[row, : len(s) - 1] = s[:-1]
             labels[row, prompt_len - 1 : len(s) - 1] = s[prompt_len:]  # learn what follows the prompt
         batch.ids.append(ids)
         batch.labels.append(labels)
-        batch.image_index.append(torch.tensor([i for _, _, i in chunk]))
+        batch.tasks.append(task)
     return batch
 
 

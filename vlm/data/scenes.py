@@ -3,7 +3,8 @@
 Every scene has 1 to 4 objects (6 colours x 4 shapes x 2 sizes, no two of the same colour and shape,
 apart enough that "left of" is never ambiguous), five reference captions in different phrasings that
 name the objects from left to right with a spatial relation, questions of six kinds (colour, shape,
-size, count, existence, spatial relation) with answers, and each object's naming phrase and box.
+size, count, existence, spatial: which side of the image an object is on) with answers, and each
+object's naming phrase and box.
 """
 
 from __future__ import annotations
@@ -131,8 +132,8 @@ def _unique_name(o: SceneObject, objects: list[SceneObject]) -> str | None:
     return None
 
 
-def questions_for(objects: list[SceneObject], rng: np.random.Generator) -> list[Question]:
-    """One question of every kind that the scene allows, with balanced yes/no answers."""
+def questions_for(objects: list[SceneObject], rng: np.random.Generator, image_size: int) -> list[Question]:
+    """One question of every kind that the scene allows; yes/no answers are balanced."""
     qs = []
     o = objects[int(rng.integers(len(objects)))]
     name = _unique_name(o, objects)
@@ -159,12 +160,11 @@ def questions_for(objects: list[SceneObject], rng: np.random.Generator) -> list[
         c, s = absent[int(rng.integers(len(absent)))]
     article = "an" if c == "orange" else "a"
     qs.append(Question(f"is there {article} {c} {s}?", "yes" if (c, s) in present else "no", "exist"))
-    if len(objects) > 1:
-        i, j = rng.choice(len(objects), size=2, replace=False)
-        side = str(rng.choice(["left", "right"]))
-        truth = (i < j) == (side == "left")  # objects are sorted left to right
-        first, second = f"{objects[i].color} {objects[i].shape}", f"{objects[j].color} {objects[j].shape}"
-        qs.append(Question(f"is the {first} to the {side} of the {second}?", "yes" if truth else "no", "spatial"))
+    sided = [p for p in objects if abs(p.center_x - image_size / 2) > 0.1 * image_size]
+    if sided:
+        p = sided[int(rng.integers(len(sided)))]
+        side = "left" if p.center_x < image_size / 2 else "right"
+        qs.append(Question(f"is the {p.color} {p.shape} on the left or on the right?", side, "spatial"))
     return qs
 
 
@@ -184,4 +184,4 @@ def make_scene(index: int, split: str = "train", seed: int = 0, image_size: int 
     for o in objects:
         _draw(draw, o, SUPERSAMPLE)
     image = canvas.resize((image_size, image_size), Image.Resampling.BOX)
-    return Scene(image, objects, captions_for(objects), questions_for(objects, rng))
+    return Scene(image, objects, captions_for(objects), questions_for(objects, rng, image_size))

@@ -1,6 +1,6 @@
 """Transformer text decoder: pre-norm blocks of causal self-attention, cross-attention to the image, MLP.
 
-Dimensions: B batch (sequences), T text positions, N image patches, D width, H heads, hd = D // H,
+Dimensions: B images, S sequences (k per image), T text positions, N image patches, D width, H heads, hd = D // H,
 L layers, V vocabulary.
 """
 
@@ -12,11 +12,11 @@ from torch import Tensor, nn
 from vlm.config import DecoderConfig
 from vlm.model.attention import Attention
 
-KeysValues = tuple[Tensor, Tensor]  # each (B, H, S, hd)
+KeysValues = tuple[Tensor, Tensor]  # each (batch, H, length, hd)
 
 
 class KVCache:
-    """Preallocated self-attention keys and values of every layer, (L, B, H, max_length, hd)."""
+    """Preallocated self-attention keys and values of every layer, (L, S, H, max_length, hd)."""
 
     def __init__(self, num_layers: int, batch: int, num_heads: int, max_length: int, head_dim: int,
                  like: Tensor):
@@ -26,7 +26,7 @@ class KVCache:
         self.length = 0  # positions filled so far
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> KeysValues:
-        """Store the new positions' keys/values (B, H, T, hd); return all so far, (B, H, length + T, hd)."""
+        """Store the new positions' keys/values (S, H, T, hd); return all so far, (S, H, length + T, hd)."""
         end = self.length + k.shape[2]
         if end > self.k.shape[3]:
             raise ValueError(f"sequence of {end} tokens exceeds the decoder's max_length {self.k.shape[3]}")
@@ -66,14 +66,23 @@ class Block(nn.Module):
         need_weights: bool,
     ) -> tuple[Tensor, Tensor | None]:
         h = self.ln_self(x)
-        k, v = self.self_attn.keys_values(h)  # (B, H, T, hd)
+        k, v = self.self_attn.keys_values(h)  # (S, H, T, hd)
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, H, S, hd) with all earlier positions
+            k, v = cache.update(layer, k, v)  # (S, H, T_all, hd) with all earlier positions
         is_causal = self_mask is None and k.shape[2] == x.shape[1] and x.shape[1] > 1
         a, _ = self.self_attn(h, k, v, mask=self_mask, is_causal=is_causal)
         x = x + self.drop(a)
-        c, weights = self.cross_attn(self.ln_cross(x), *image_kv, need_weights=need_weights)
-        x = x + self.drop(c)
+        # Cross-attention needs no mask, so the k sequences of each image are one query sequence of k * T
+        # tokens against that image's patches: no keys/values are copied per sequence.
+        S, T, D = x.shape
+        B = image_kv[0].shape[0]
+        per_image = S // B
+        queries = self.ln_cross(x).reshape(B, per_image * T, D)
+        c, weights = self.cross_attn(queries, *image_kv, need_weights=need_weights)
+        x = x + self.drop(c.reshape(S, T, D))
+        if weights is not None:  # (B, H, per_image * T, N) -> (S, H, T, N)
+            H, N = weights.shape[1], weights.shape[-1]
+            weights = weights.view(B, H, per_image, T, N).transpose(1, 2).reshape(S, H, T, N)
         x = x + self.drop(self.mlp(self.ln_mlp(x)))
         return x, weights
 
@@ -109,23 +118,25 @@ class TextDecoder(nn.Module):
         cache: KVCache | None = None,
         need_weights: bool = False,
     ) -> tuple[Tensor, list[Tensor] | None]:
-        """Logits (B, T, V) for token ids (B, T), and each layer's cross-attention (B, H, T, N) on request.
+        """Logits (S, T, V) for token ids (S, T), and each layer's cross-attention (S, H, T, N) on request.
 
-        Without a cache and mask, self-attention is causal over ids. With a cache, ids continue the cached
-        sequence; self_mask (B, 1, T, S) then says which cached positions each new token may see.
+        image_kv holds B images' keys/values (B, H, N, hd); the S = k * B sequences are image-major:
+        sequence s reads image s // k. Without a cache and mask, self-attention is causal over ids. With a
+        cache, ids continue the cached sequence; self_mask (S, 1, T, T_all) then says which cached
+        positions each new token may see.
         """
-        B, T = ids.shape
+        S, T = ids.shape
         if positions is None:
             start = cache.length if cache is not None else 0
-            positions = torch.arange(start, start + T, device=ids.device).expand(B, T)
+            positions = torch.arange(start, start + T, device=ids.device).expand(S, T)
         if int(positions.max()) >= self.cfg.max_length:
             raise ValueError(f"sequence longer than the decoder's max_length {self.cfg.max_length}")
-        x = self.drop(self.tok_emb(ids) + self.pos_emb(positions))  # (B, T, D)
+        x = self.drop(self.tok_emb(ids) + self.pos_emb(positions))  # (S, T, D)
         weights = []
         for layer, block in enumerate(self.blocks):
             x, w = block(x, image_kv[layer], self_mask, cache, layer, need_weights)
             weights.append(w)
         if cache is not None:
             cache.advance(T)
-        logits = self.ln_f(x) @ self.tok_emb.weight.t()  # (B, T, V)
+        logits = self.ln_f(x) @ self.tok_emb.weight.t()  # (S, T, V)
         return logits, (weights if need_weights else None)

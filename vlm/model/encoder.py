@@ -38,7 +38,10 @@ class ImageEncoder(nn.Module):
         kwargs = dict(cfg.model_args)
         if cfg.weights:
             kwargs["pretrained_cfg_overlay"] = dict(file=cfg.weights)
-        trunk = timm.create_model(cfg.name, pretrained=cfg.pretrained or bool(cfg.weights), **kwargs)
+        try:
+            trunk = timm.create_model(cfg.name, pretrained=cfg.pretrained or bool(cfg.weights), **kwargs)
+        except TypeError as e:  # model_args meant for another backbone
+            raise ValueError(f"encoder.model_args {cfg.model_args} do not fit {cfg.name}: {e}") from None
         num_levels = len(trunk.feature_info)
         if not -num_levels <= cfg.feature_level < num_levels:
             raise ValueError(

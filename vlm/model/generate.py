@@ -67,9 +67,7 @@ def generate(
     if len(prompts) != B:
         raise ValueError(f"{len(prompts)} prompts for {B} images")
     device = images.device
-    image_kv, grid = model.encode(images)  # per layer (B, H, N, hd), once per image
-    if K > 1:
-        image_kv = [(k.repeat_interleave(K, 0), v.repeat_interleave(K, 0)) for k, v in image_kv]  # (R, ...)
+    image_kv, grid = model.encode(images)  # per layer (B, H, N, hd), once per image, shared by its K beams
     R = B * K
     P = max(len(p) for p in prompts)
     T = min(max_new_tokens, model.cfg.decoder.max_length - P)
@@ -120,7 +118,8 @@ def generate(
             step = torch.stack([w[:, :, -1] for w in weights], dim=1)[parent]  # (R, L, H, N)
             if attn is None:
                 attn = step.new_zeros((R, T) + step.shape[1:])  # (R, T, L, H, N)
-            attn = attn[parent]
+            elif K > 1:
+                attn = attn[parent]  # each kept beam takes its parent's history
             attn[:, t] = step
         seq[:, end] = token
         lengths = lengths + (~finished).long()

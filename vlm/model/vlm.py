@@ -3,7 +3,7 @@
 A caption is generated after a caption prompt; an answer after its question prompt. Both read the same
 patch features through cross-attention, so every generated token has a map over the image.
 
-Dimensions: B images, S sequences (several per image in training), T text, N patches, D width, H heads.
+Dimensions: B images, S sequences (k per image, image-major), T text, N patches, D width, H heads.
 """
 
 from __future__ import annotations
@@ -40,27 +40,15 @@ class VisionLanguageModel(nn.Module):
         memory, grid = self.encoder(images)  # (B, N, D)
         return self.decoder.image_keys_values(memory), grid
 
-    def decode(
-        self,
-        image_kv: list[KeysValues],
-        grid: tuple[int, int],
-        ids: Tensor,
-        image_index: Tensor | None = None,
-        need_weights: bool = False,
-    ) -> VLMOutput:
-        """Teacher-forced logits for token ids (S, T); sequence s reads image image_index[s] (default s)."""
-        if image_index is not None:
-            image_kv = [(k[image_index], v[image_index]) for k, v in image_kv]  # (S, H, N, hd)
+    def decode(self, image_kv: list[KeysValues], grid: tuple[int, int], ids: Tensor,
+               need_weights: bool = False) -> VLMOutput:
+        """Teacher-forced logits for token ids (S, T): k = S // B sequences per image, image-major."""
+        if ids.shape[0] % image_kv[0][0].shape[0]:
+            raise ValueError(f"{ids.shape[0]} sequences do not split evenly over {image_kv[0][0].shape[0]} images")
         logits, weights = self.decoder(ids, image_kv, need_weights=need_weights)
         return VLMOutput(logits=logits, grid=grid, cross_attentions=weights)
 
-    def forward(
-        self,
-        images: Tensor,
-        ids: Tensor,
-        image_index: Tensor | None = None,
-        need_weights: bool = False,
-    ) -> VLMOutput:
-        """Encode images (B, 3, H, W) and decode token ids (S, T) against them."""
+    def forward(self, images: Tensor, ids: Tensor, need_weights: bool = False) -> VLMOutput:
+        """Encode images (B, 3, H, W) once and decode token ids (S, T), S = k * B, against them."""
         image_kv, grid = self.encode(images)
-        return self.decode(image_kv, grid, ids, image_index, need_weights)
+        return self.decode(image_kv, grid, ids, need_weights)

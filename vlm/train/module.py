@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlm.config import ModelConfig, OptimConfig, model_config_from_dict
-from vlm.data.builtin import IGNORE_INDEX, Batch
+from vlm.data.builtin import IGNORE_INDEX, TASKS, Batch
+from vlm.errors import VLMError
 from vlm.model.vlm import VisionLanguageModel
 from vlm.text.tokenizer import Tokenizer
 
@@ -29,6 +30,9 @@ class CaptionModule(L.LightningModule):
         self.save_hyperparameters()
         self.model_cfg = model_config_from_dict(model)
         self.optim_cfg = OptimConfig(**optim)
+        if set(self.optim_cfg.task_weights) != set(TASKS):
+            raise VLMError(f"optim.task_weights must give a weight for each of {', '.join(TASKS)}, "
+                           f"got {sorted(self.optim_cfg.task_weights)}")
         self.tokenizer = Tokenizer.from_str(tokenizer)
         self.model = VisionLanguageModel(self.model_cfg, len(self.tokenizer))
         self._tick: float | None = None
@@ -37,32 +41,31 @@ class CaptionModule(L.LightningModule):
     def create(cls, model: ModelConfig, optim: OptimConfig, tokenizer: Tokenizer) -> CaptionModule:
         return cls(asdict(model), asdict(optim), tokenizer.to_str())
 
-    def _loss(self, batch: Batch) -> tuple[Tensor, Tensor]:
-        """Cross-entropy and token accuracy over all groups; each image is encoded once.
+    def _loss(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        """Weighted mean of the per-task token cross-entropies, and per-task losses and token accuracies.
 
-        With ``loss_average: sequence`` every sequence weighs the same: a two-token answer as much as a
-        twenty-token caption. With ``token`` every learned token weighs the same.
+        Each image is encoded once. Every task's loss is its mean over that task's learned tokens, so a
+        short answer is not drowned by long captions; ``optim.task_weights`` then mixes the tasks.
         """
         image_kv, grid = self.model.encode(batch.images)
         smoothing = self.optim_cfg.label_smoothing if self.training else 0.0
-        token_losses, learned_masks, correct = [], [], []
-        for ids, labels, image_index in zip(batch.ids, batch.labels, batch.image_index, strict=True):
-            logits = self.model.decode(image_kv, grid, ids, image_index).logits  # (S, T, V)
-            token_losses.append(F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX,
-                                                label_smoothing=smoothing, reduction="none"))  # (S, T)
-            learned_masks.append(labels != IGNORE_INDEX)
-            correct.append((logits.argmax(-1) == labels)[learned_masks[-1]])
-        if self.optim_cfg.loss_average == "sequence":
-            per_sequence = torch.cat([(t.sum(1) / m.sum(1)) for t, m in zip(token_losses, learned_masks, strict=True)])
-            loss = per_sequence.mean()
-        else:
-            loss = torch.cat([t[m] for t, m in zip(token_losses, learned_masks, strict=True)]).mean()
-        return loss, torch.cat(correct).float().mean()
+        weights = self.optim_cfg.task_weights
+        loss, total_weight, logs = 0.0, 0.0, {}
+        for task, ids, labels in zip(batch.tasks, batch.ids, batch.labels, strict=True):
+            logits = self.model.decode(image_kv, grid, ids).logits  # (S, T, V)
+            task_loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                        label_smoothing=smoothing)
+            learned = labels != IGNORE_INDEX
+            logs[f"{task}_loss"] = task_loss.detach()
+            logs[f"{task}_token_acc"] = (logits.argmax(-1) == labels)[learned].float().mean()
+            loss = loss + weights[task] * task_loss
+            total_weight += weights[task]
+        return loss / total_weight, logs
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        loss, accuracy = self._loss(batch)
+        loss, logs = self._loss(batch)
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/token_acc", accuracy)
+        self.log_dict({f"train/{k}": v for k, v in logs.items()})
         now = time.perf_counter()
         if self._tick is not None:
             self.log("train/images_per_s", batch.images.shape[0] / (now - self._tick), prog_bar=True)
@@ -70,10 +73,10 @@ class CaptionModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        loss, accuracy = self._loss(batch)
-        size = sum(labels.shape[0] for labels in batch.labels)
+        loss, logs = self._loss(batch)
+        size = batch.images.shape[0]
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=size)
-        self.log("val/token_acc", accuracy, prog_bar=True, sync_dist=True, batch_size=size)
+        self.log_dict({f"val/{k}": v for k, v in logs.items()}, sync_dist=True, batch_size=size)
 
     def on_validation_end(self) -> None:
         self._tick = None  # the validation pause is not training time

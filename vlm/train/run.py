@@ -18,8 +18,11 @@ from vlm.train.module import CaptionModule
 TOKENIZER_SCENES = 2000  # training scenes whose texts build the vocabulary
 
 
-def train(cfg: TrainConfig, out: str | Path) -> Path:
-    """Train, write Lightning checkpoints to out/checkpoints and the exported model to out/model."""
+def train(cfg: TrainConfig, out: str | Path) -> Path | None:
+    """Train, write Lightning checkpoints to out/checkpoints and the exported model to out/model.
+
+    Returns the exported model directory on the process that wrote it (rank 0), None on the others.
+    """
     out = Path(out)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     tokenizer = Tokenizer.train(scene_texts(TOKENIZER_SCENES, cfg.data.seed))
@@ -33,7 +36,6 @@ def train(cfg: TrainConfig, out: str | Path) -> Path:
     trainer = L.Trainer(**trainer_args, default_root_dir=out, callbacks=[checkpoints, LearningRateMonitor()],
                         num_sanity_val_steps=0)
     trainer.fit(module, data)
-    model_dir = out / "model"
-    if trainer.is_global_zero:
-        Captioner(module.model, tokenizer, device="cpu").save(model_dir)
-    return model_dir
+    if not trainer.is_global_zero:
+        return None
+    return Captioner(module.model, tokenizer, device="cpu").save(out / "model")
