@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import asdict
 
 import lightning as L
@@ -107,7 +108,9 @@ class CaptionModule(L.LightningModule):
 
 def state_from_checkpoint(path: str) -> tuple[dict, dict, str]:
     """(model state dict, model config dict, tokenizer JSON) from a Lightning checkpoint, safely."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():  # torch's remarks on pickle protocols; a refusal still raises
+        warnings.simplefilter("ignore")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     hp = ckpt["hyper_parameters"]
     prefix = "model."
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
