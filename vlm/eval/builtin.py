@@ -11,7 +11,7 @@ from vlm.api import Captioner
 from vlm.data.scenes import make_scene
 from vlm.eval.caption import caption_scores, diversity
 from vlm.eval.vqa import vqa_scores
-from vlm.grounding.maps import mass_in_box, pointing_hit
+from vlm.grounding.maps import combine, mass_in_box, pointing_hit
 
 
 def _find(seq: list[int], sub: list[int]) -> int:
@@ -49,7 +49,7 @@ def evaluate_builtin(captioner: Captioner, num_scenes: int = 500, seed: int = 0,
             for obj in scene.objects:
                 phrase = tok.encode(obj.phrase)
                 at = _find(ids, phrase)
-                phrase_map = token_maps[at:at + len(phrase)].mean(0)
+                phrase_map = combine(token_maps[at:at + len(phrase)])
                 hits.append(pointing_hit(phrase_map, obj.box, scene.image.size))
                 masses.append(mass_in_box(phrase_map, obj.box, scene.image.size))
 
