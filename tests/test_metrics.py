@@ -1,8 +1,12 @@
-"""Behavioural tests for the caption metrics and the official VQA accuracy."""
+"""Behavioural tests for the caption metrics (parity with the official Java pipeline) and the official VQA accuracy."""
+
+import random
+import shutil
 
 import pytest
 
 from vlm.eval import caption_scores, diversity, normalize_answer, tokenize_caption, vqa_accuracy, vqa_scores
+from vlm.eval.caption import caption_evaluation, java_metrics
 
 REFERENCES = {
     1: ["a man riding a horse on a beach", "a person rides a brown horse along the sea"],
@@ -18,10 +22,14 @@ REFERENCES = {
         ("A man riding a horse.", "a man riding a horse"),
         ("Don't stop!", "do n't stop"),
         ("It's a dog's toy, isn't it?", "it 's a dog 's toy is n't it"),
-        ('A "big" (red) bus -- on the street...', "a big red bus on the street"),
+        ('A "big" (red) bus -- on the street...', "a big -lrb- red -rrb- bus on the street"),
         ("  Two   DOGS\tplaying ", "two dogs playing"),
         ("a black-and-white cat at 5 o'clock", "a black-and-white cat at 5 o'clock"),
         ("it costs 3.5 dollars", "it costs 3.5 dollars"),
+        # The official pipeline lowercases -LRB- before removing punctuation, so brackets survive as -lrb-.
+        ("a pizza (with cheese)", "a pizza -lrb- with cheese -rrb-"),
+        ("Mr. Smith gonna see the U.S. team, etc.", "mr. smith gon na see the u.s. team etc."),
+        ("“Quoted” — café… 😀 50% off $5", "quoted café 50 % off $ 5"),
     ],
 )
 def test_tokenize_caption(text: str, expected: str) -> None:
@@ -31,10 +39,87 @@ def test_tokenize_caption(text: str, expected: str) -> None:
 def test_identical_captions_score_high() -> None:
     predictions = {key: refs[0].capitalize() + "." for key, refs in REFERENCES.items()}
     scores = caption_scores(predictions, REFERENCES)
-    assert set(scores) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr-D"}
+    assert set(scores) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr-D"}
     assert all(type(value) is float for value in scores.values())
     assert scores["BLEU-4"] == pytest.approx(1.0, abs=1e-6)
     assert scores["CIDEr-D"] > 5.0  # a perfect match is worth about 10 on this scale
+
+
+# Captions with varied punctuation, case, numbers, contractions, hyphens, quotes and Unicode, made here.
+SUBJECTS = ["a man", "A woman", "the dog", "Two cats", "three kids", "an old lady", "a DOG", "The girl", "Mr. Smith",
+            "Dr. Jones", "a black-and-white cat", "a 4-year-old boy", "an 18-wheeler truck", "O'Brien",
+            "the Café owner", "a naïve puppy", "a t-shirt vendor", "people", "the U.S. team", "a man's dog"]
+VERBS = ["is riding", "rides", "isn't holding", "doesn't like", "can't reach", "won't eat", "they're watching",
+         "it's near", "is gonna jump over", "cannot see", "has", "holds", "looks at", "stands next to",
+         "sits on", "I'm near", "we'll pass", "you'd like", "should've taken", "is e-mailing"]
+OBJECTS = ["a horse", "the beach", "a red double-decker bus", "the bus stop", "a 3.5 ft. pole", "1,000 balloons",
+           "2 1/2 pizzas", "a $5.99 sandwich", "50% of the cake", "the 1990s car", "the '90s radio", "a U-turn sign",
+           "a pizza (with cheese)", "a [red] box", "some {blue} boxes", "the boys' toys", "James's car",
+           "the kids' kites", "an ice-cream cone", "rock'n'roll records", "St. Mark's square", "a café",
+           "Jan. 5th flyers", "No. 5 jersey", "the city's skyline", "a co-op building", "the e.g. sign", "two dogs"]
+TAILS = ["", ".", "!", "?", "...", "!!", "?!", " at 5 o'clock.", " at 12:30 p.m.", " at 7 a.m.", ", etc.", " -- wow.",
+         "; nice.", ": see it", " — fast", " – slow", "…", " 😀", " on a sunny day.", " near AT&T park",
+         " with #hashtag", " vs. a cat", " in the U.K.", ", 'cause why not", " (again).", " ..", " ... yes"]
+QUOTES = [('"', '"'), ("“", "”"), ("'", "'"), ("‘", "’"), ("", "")]
+
+def make_captions(n, seed=0):
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        subject, verb, obj, tail = (rng.choice(x) for x in (SUBJECTS, VERBS, OBJECTS, TAILS))
+        text = f"{subject} {verb} {obj}{tail}"
+        style = rng.random()
+        if style < 0.15:
+            text = text.upper()
+        elif style < 0.3:
+            text = text.capitalize()
+        if rng.random() < 0.15:
+            left, right = rng.choice(QUOTES)
+            text = f"{left}{text}{right}"
+        if rng.random() < 0.1:
+            text = text.replace(" ", "  ", 1).replace("a", "\ta", 1)
+        out.append(text)
+    return out
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="the official PTB tokenizer needs java")
+def test_matches_official_java_pipeline() -> None:
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    captions = make_captions(1500, seed=0)
+    predictions = dict(enumerate(captions[:300]))
+    references = {i: captions[300 + 4 * i: 304 + 4 * i] for i in predictions}
+    official_res = PTBTokenizer().tokenize({i: [{"caption": c}] for i, c in predictions.items()})
+    official_gts = PTBTokenizer().tokenize({i: [{"caption": c} for c in refs] for i, refs in references.items()})
+    for i in predictions:  # token for token
+        assert tokenize_caption(predictions[i]) == official_res[i][0], predictions[i]
+        assert [tokenize_caption(r) for r in references[i]] == official_gts[i], references[i]
+    bleu, _ = Bleu(4).compute_score(official_gts, official_res, verbose=0)
+    official = {"BLEU-4": bleu[3], "ROUGE-L": Rouge().compute_score(official_gts, official_res)[0],
+                "CIDEr-D": Cider().compute_score(official_gts, official_res)[0]}
+    ours = caption_scores(predictions, references)
+    assert 0.05 < official["BLEU-4"] < 0.9 and official["CIDEr-D"] > 0.1  # a corpus that discriminates
+    for name, value in official.items():
+        assert ours[name] == pytest.approx(value, abs=1e-4), name
+
+
+def test_per_item_scores_match_corpus_cider() -> None:
+    predictions = {key: refs[1] for key, refs in REFERENCES.items()} | {4: "a cat"}
+    corpus, per_item = caption_evaluation(predictions, REFERENCES)
+    assert set(per_item) == set(REFERENCES)
+    # Corpus CIDEr-D is the mean of the per-image scores; a caption sharing nothing with its references gets 0.
+    assert corpus["CIDEr-D"] == pytest.approx(sum(s["CIDEr-D"] for s in per_item.values()) / len(per_item))
+    assert per_item[4]["CIDEr-D"] == 0.0 and per_item[1]["CIDEr-D"] > 1.0
+
+
+def test_java_metrics_skipped_with_a_note_without_java(monkeypatch) -> None:
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    run, skipped = java_metrics()
+    assert run == [] and set(skipped) == {"METEOR", "SPICE"}
+    assert all("java not found" in note for note in skipped.values())
 
 
 def test_wrong_captions_score_near_zero() -> None:

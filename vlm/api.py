@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
+import unicodedata
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +25,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from vlm.config import ModelConfig, model_config_from_dict
-from vlm.data.images import ImageLike, load_image
+from vlm.data.images import ImageLike, is_single_image, load_image
 from vlm.data.transforms import image_transform
 from vlm.errors import VLMError
 from vlm.grounding.overlay import write_attention
@@ -87,97 +91,160 @@ class Captioner:
         return pil, torch.stack([self.transform(im) for im in pil]).to(self.device)
 
     def _generate(self, images: Sequence[ImageLike], prompts: list[list[int]], beam_size: int,
-                  max_new_tokens: int, return_attention: bool) -> tuple[list[Image.Image], Generation]:
+                  max_new_tokens: int, return_attention: bool, **options) -> tuple[list[Image.Image], Generation]:
         pil, pixels = self._images(images)
-        gen = generate(self.model, pixels, prompts, eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
-                       max_new_tokens=max_new_tokens, beam_size=beam_size, return_attention=return_attention)
+        try:
+            gen = generate(self.model, pixels, prompts, eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
+                           max_new_tokens=max_new_tokens, beam_size=beam_size, return_attention=return_attention,
+                           **options)
+        except ValueError as e:  # a bad decoding option or token budget
+            raise VLMError(str(e)) from None
         return pil, gen
 
     def caption(self, images: ImageLike | Sequence[ImageLike], beam_size: int = 1, max_new_tokens: int = 30,
-                batch_size: int = 64) -> list[str]:
-        """One caption per image (a path or a PIL image, or a list of them)."""
+                batch_size: int = 64, **options) -> list[str]:
+        """One caption per image (a path, bytes, a binary file or a PIL image, or a list of them).
+
+        options: the decoding options of `vlm.model.generate.generate` (length_penalty, no_repeat_ngram_size,
+        min_new_tokens, sample, temperature, top_k, top_p, seed). A sampled image i uses seed + i, whatever
+        the batch size.
+        """
         images = _as_list(images)
         captions = []
         for i in range(0, len(images), batch_size):
             chunk = images[i:i + batch_size]
             prompts = [self.tokenizer.caption_prompt()] * len(chunk)
-            _, gen = self._generate(chunk, prompts, beam_size, max_new_tokens, return_attention=False)
+            _, gen = self._generate(chunk, prompts, beam_size, max_new_tokens, False, **_from(options, i))
             captions += [self.tokenizer.decode(t) for t in gen.tokens]
         return captions
 
     def ask(self, images: ImageLike | Sequence[ImageLike], questions: str | Sequence[str], beam_size: int = 1,
-            max_new_tokens: int = 8, batch_size: int = 64) -> list[str]:
-        """The answer to each (image, question) pair."""
+            max_new_tokens: int = 8, batch_size: int = 64, **options) -> list[str]:
+        """The answer to each (image, question) pair, decoded with ``options`` as in `caption`.
+
+        Control characters in a question count as spaces; an empty question is a `VLMError`; one longer than
+        half the model's ``max_length`` is cut to fit, with a warning.
+        """
         images, questions = _as_list(images), [questions] if isinstance(questions, str) else list(questions)
         if len(images) != len(questions):
             raise VLMError(f"{len(images)} images but {len(questions)} questions")
+        all_prompts = self._question_prompts(questions)
         answers = []
         for i in range(0, len(images), batch_size):
-            prompts = [self._question_prompt(q) for q in questions[i:i + batch_size]]
-            _, gen = self._generate(images[i:i + batch_size], prompts, beam_size, max_new_tokens, False)
+            prompts = all_prompts[i:i + batch_size]
+            _, gen = self._generate(images[i:i + batch_size], prompts, beam_size, max_new_tokens, False,
+                                    **_from(options, i))
             answers += [self.tokenizer.decode(t) for t in gen.tokens]
         return answers
 
     def attend(self, image: ImageLike, question: str | None = None, beam_size: int = 1,
-               max_new_tokens: int = 30, layers: Sequence[int] | None = None) -> Attended:
-        """Caption the image (or answer the question) and return each generated token's map.
+               max_new_tokens: int = 30, layers: Sequence[int] | None = None, method: str = "raw",
+               head: int | None = None, **options) -> Attended:
+        """Caption the image (or answer the question), decoded with ``options`` as in `caption`, and return
+        each generated token's map.
 
-        A map averages the heads of the cross-attention of the given decoder layers (default: the model's
-        ``attention_layers``, else all layers).
+        ``method`` says how a map is made (`vlm.grounding.methods`: "raw" cross-attention, "rollout" through the
+        decoder, or "chefer" gradient-weighted relevancy) from the given decoder layers (default: the model's
+        ``attention_layers``, else all layers), heads averaged or the chosen ``head``.
         """
-        prompt = self.tokenizer.caption_prompt() if question is None else self._question_prompt(question)
-        (pil,), gen = self._generate([image], [prompt], beam_size, max_new_tokens, return_attention=True)
+        if question is not None:
+            question = _clean_text(question, "question")
+        prompt = self.tokenizer.caption_prompt() if question is None else self._question_prompts([question])[0]
+        (pil,), gen = self._generate([image], [prompt], beam_size, max_new_tokens, False, **options)
         ids = gen.tokens[0]
-        attn = gen.attentions[0]  # (T, L, H, N)
-        maps = self._token_maps(attn.permute(1, 0, 2, 3), gen.grid, layers)  # (T, h, w)
+        (maps,) = self._method_maps([pil], [prompt], [ids], method, layers, head)  # (T, h, w)
         return Attended(pil, question, self.tokenizer.decode(ids), self.tokenizer.tokens(ids), maps)
 
-    def text_maps(self, images: Sequence[ImageLike], texts: Sequence[str],
-                  layers: Sequence[int] | None = None) -> list[np.ndarray]:
-        """Feed each caption through the decoder; the map (T, h, w) of each of its tokens.
+    def text_maps(self, images: Sequence[ImageLike], texts: Sequence[str], layers: Sequence[int] | None = None,
+                  method: str = "raw", head: int | None = None,
+                  questions: Sequence[str | None] | None = None, per_layer: bool = False) -> list[np.ndarray]:
+        """Feed each text through the decoder after the caption prompt (or, for an answer, after its question);
+        the map (T, h, w) of each of its tokens, made as in `attend`.
 
-        A token's map is the cross-attention of the position that predicts it, as for generated tokens.
+        A token's map comes from the position that predicts it, as for generated tokens. With ``per_layer``,
+        each layer's part (L, T, h, w) instead (`vlm.grounding.methods.layer_maps`; ``layers`` is not used).
         """
+        if len(images) != len(texts) or (questions is not None and len(questions) != len(texts)):
+            raise VLMError(f"{len(images)} images, {len(texts)} texts and {len(questions or texts)} questions")
         tok = self.tokenizer
-        seqs = [tok.training_pair(tok.caption_prompt(), t)[0] for t in texts]
-        T = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), T), tok.pad_id, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, :len(s)] = torch.tensor(s)
-        _, pixels = self._images(images)
-        with torch.no_grad():
-            out = self.model(pixels, ids[:, :-1].to(self.device), need_weights=True)
-        attn = torch.stack(out.cross_attentions)  # (L, S, H, T, N)
-        maps = []
-        for i, s in enumerate(seqs):
-            n = len(s) - 2  # tokens after the prompt, without the end token
-            maps.append(self._token_maps(attn[:, i, :, :n].transpose(1, 2), out.grid, layers))
+        questions = list(questions) if questions is not None else [None] * len(texts)
+        asked = [i for i, q in enumerate(questions) if q is not None]
+        prompts = [tok.caption_prompt()] * len(texts)
+        for i, prompt in zip(asked, self._question_prompts([questions[i] for i in asked]), strict=True):
+            prompts[i] = prompt
+        targets = [tok.encode(_clean_text(t, f"text {i}")) for i, t in enumerate(texts)]
+        room = [self.model.cfg.decoder.max_length - len(p) for p in prompts]
+        long = sum(len(t) > r for t, r in zip(targets, room, strict=True))
+        if long:
+            warnings.warn(f"{long} text(s) longer than the model's max_length "
+                          f"{self.model.cfg.decoder.max_length} tokens were truncated", stacklevel=2)
+        targets = [t[:r] for t, r in zip(targets, room, strict=True)]
+        pil = [load_image(im) for im in images]
+        return self._method_maps(pil, prompts, targets, method, layers, head, per_layer)
+
+    def _method_maps(self, images: Sequence[Image.Image], prompts: Sequence[list[int]],
+                     targets: Sequence[list[int]], method: str, layers: Sequence[int] | None,
+                     head: int | None, per_layer: bool = False, batch_size: int = 64) -> list[np.ndarray]:
+        """(len(target), h, w) maps of each target's tokens, read after its prompt (`vlm.grounding.methods`);
+        (L, len(target), h, w) per-layer parts with ``per_layer``."""
+        from vlm.grounding.methods import layer_maps, token_maps
+
+        maps: list[np.ndarray] = []
+        for start in range(0, len(images), batch_size):
+            chunk = range(start, min(start + batch_size, len(images)))
+            seqs = [[*prompts[i], *targets[i]] for i in chunk]
+            ids = torch.full((len(seqs), max(len(s) for s in seqs)), self.tokenizer.pad_id, dtype=torch.long)
+            for row, seq in enumerate(seqs):
+                ids[row, :len(seq)] = torch.tensor(seq)
+            queries = [range(len(prompts[i]) - 1, len(prompts[i]) - 1 + len(targets[i])) for i in chunk]
+            pixels = torch.stack([self.transform(images[i]) for i in chunk]).to(self.device)
+            try:
+                if per_layer:
+                    out, grid = layer_maps(self.model, pixels, ids.to(self.device), queries, method, head)
+                else:
+                    out, grid = token_maps(self.model, pixels, ids.to(self.device), queries, method, layers, head)
+            except ValueError as e:  # an unknown method, layer or head
+                raise VLMError(str(e)) from None
+            maps += [m.float().reshape(*m.shape[:-1], *grid).cpu().numpy() for m in out]
         return maps
 
-    def _token_maps(self, attn: torch.Tensor, grid: tuple[int, int], layers: Sequence[int] | None) -> np.ndarray:
-        """(L, T, H, N) cross-attention -> (T, h, w): heads and the chosen layers averaged."""
-        layers = list(layers or self.model.cfg.attention_layers or range(attn.shape[0]))
-        if not all(-attn.shape[0] <= i < attn.shape[0] for i in layers):
-            raise VLMError(f"attention layers {layers} out of range: the decoder has {attn.shape[0]} layers")
-        maps = attn[layers].float().mean(dim=(0, 2))  # (T, N)
-        return maps.reshape(-1, *grid).cpu().numpy()
-
-    def _question_prompt(self, question: str) -> list[int]:
-        prompt = self.tokenizer.question_prompt(question.strip())
+    def _question_prompts(self, questions: Sequence[str]) -> list[list[int]]:
+        """Question prompts, each cut to half the model's max_length (room for the answer); one warning if any is."""
         limit = self.model.cfg.decoder.max_length // 2
-        if len(prompt) > limit:  # keep room for the answer
-            prompt = prompt[:limit - 1] + [self.tokenizer.sep_id]
-        return prompt
+        prompts = [self.tokenizer.question_prompt(_clean_text(q, f"question {i}" if len(questions) > 1 else "question"))
+                   for i, q in enumerate(questions)]
+        long = sum(len(p) > limit for p in prompts)
+        if long:
+            warnings.warn(f"{long} question(s) longer than the model's limit of {limit - 2} tokens were truncated",
+                          stacklevel=3)
+        return [p if len(p) <= limit else p[:limit - 1] + [self.tokenizer.sep_id] for p in prompts]
+
+
+def _clean_text(text: str, what: str) -> str:
+    """User text with control and other non-printing characters as spaces, runs of spaces as one; empty is an error."""
+    if not isinstance(text, str):
+        raise VLMError(f"{what}: expected text, got {type(text).__name__}")
+    cleaned = " ".join("".join(" " if unicodedata.category(c).startswith("C") else c for c in text).split())
+    if not cleaned:
+        raise VLMError(f"{what} is empty" + (" (only whitespace or control characters)" if text else ""))
+    return cleaned
+
+
+def _from(options: dict, first: int) -> dict:
+    """Decoding options for a chunk starting at image ``first``: an int seed moves along, so image i keeps seed + i."""
+    seed = options.get("seed")
+    return {**options, "seed": seed + first} if isinstance(seed, int) else options
 
 
 def _as_list(images: ImageLike | Sequence[ImageLike]) -> list[ImageLike]:
-    if isinstance(images, (str, os.PathLike, Image.Image)):
-        return [images]
-    return list(images)
+    return [images] if is_single_image(images) else list(images)
 
 
 def _build(model_cfg: ModelConfig, tokenizer: Tokenizer, state: dict, source: Path) -> VisionLanguageModel:
-    model = VisionLanguageModel(model_cfg, len(tokenizer))
+    try:
+        model = VisionLanguageModel(model_cfg, len(tokenizer))
+    except Exception as e:  # a config value of the wrong type or range, an unknown timm model, ...
+        raise VLMError(f"{source}: cannot build a model from its config ({_one_line(e)})") from None
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shapes differ
@@ -196,34 +263,69 @@ def _load_exported(path: Path) -> tuple[VisionLanguageModel, Tokenizer]:
             raise VLMError(f"{path}: not an exported vlm model (missing {name})")
     try:
         config = json.loads((path / CONFIG).read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise VLMError(f"{path / CONFIG}: invalid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise VLMError(f"{path / CONFIG}: expected a JSON object, got {type(config).__name__}")
     if config.get("format_version") != FORMAT_VERSION:
         raise VLMError(f"{path / CONFIG}: format_version {config.get('format_version')!r}, "
                        f"this vlm reads {FORMAT_VERSION}")
-    tokenizer = Tokenizer.from_file(str(path / TOKENIZER))
+    tokenizer = _tokenizer(lambda: Tokenizer.from_file(str(path / TOKENIZER)), path / TOKENIZER)
     if config.get("vocab_size") != len(tokenizer):
         raise VLMError(f"{path}: tokenizer has {len(tokenizer)} tokens, config says {config.get('vocab_size')}")
     try:
         model_cfg = model_config_from_dict(config["model"])
-    except (KeyError, ValueError) as e:
-        raise VLMError(f"{path / CONFIG}: {e}") from None
-    return _build(model_cfg, tokenizer, load_file(path / WEIGHTS), path), tokenizer
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
+        raise VLMError(f"{path / CONFIG}: bad 'model' section ({_one_line(e)})") from None
+    try:
+        state = load_file(path / WEIGHTS)
+    except Exception as e:  # not safetensors, truncated, corrupt header
+        raise VLMError(f"{path / WEIGHTS}: cannot read safetensors weights ({_one_line(e)})") from None
+    return _build(model_cfg, tokenizer, state, path), tokenizer
 
 
 def _load_checkpoint(path: Path) -> tuple[VisionLanguageModel, Tokenizer]:
     from vlm.train.module import state_from_checkpoint
 
+    if path.suffix == ".safetensors":
+        raise VLMError(f"{path}: pass the exported model's directory ({path.parent}), not its weights file")
     try:
         state, model_dict, tokenizer_json = state_from_checkpoint(str(path))
-    except Exception as e:  # unpickling refused, not a checkpoint, truncated, ...
-        raise VLMError(f"{path}: cannot load checkpoint ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
+    except KeyError as e:
+        if not (e.args and isinstance(e.args[0], str)):  # torch's legacy reader on a file that is not a checkpoint
+            raise VLMError(f"{path}: cannot load checkpoint (not a torch checkpoint)") from None
+        raise VLMError(f"{path}: not a vlm checkpoint (no {e} entry)") from None
+    except pickle.UnpicklingError as e:  # torch's weights-only unpickler met something else
+        if "weights_only" not in str(e):
+            raise VLMError(f"{path}: cannot load checkpoint ({_one_line(e)})") from None
+        raise VLMError(f"{path}: refused to unpickle: a checkpoint may hold only tensors and plain data "
+                       f"({_unpickling_reason(e)})") from None
+    except Exception as e:  # truncated, not a torch file, an unreadable file, ...
+        raise VLMError(f"{path}: cannot load checkpoint ({_one_line(e)})") from None
     try:
         model_cfg = model_config_from_dict(model_dict)
-    except ValueError as e:
-        raise VLMError(f"{path}: {e}") from None
-    tokenizer = Tokenizer.from_str(tokenizer_json)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise VLMError(f"{path}: bad model config ({_one_line(e)})") from None
+    tokenizer = _tokenizer(lambda: Tokenizer.from_str(tokenizer_json), path)
     return _build(model_cfg, tokenizer, state, path), tokenizer
+
+
+def _tokenizer(make, source: Path) -> Tokenizer:
+    try:
+        return make()
+    except Exception as e:  # not tokenizer JSON, or without our special tokens
+        raise VLMError(f"{source}: not a vlm tokenizer ({_one_line(e)})") from None
+
+
+def _unpickling_reason(e: pickle.UnpicklingError) -> str:
+    """What torch's weights-only unpickler refused, without its advice to unpickle unsafely."""
+    paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", str(e)) if p.strip()]
+    reason = paragraphs[-2] if len(paragraphs) >= 3 else paragraphs[-1] if paragraphs else "refused"
+    return reason.split("WeightsUnpickler error: ")[-1][:300]
+
+
+def _one_line(e: Exception) -> str:
+    return f"{e.__class__.__name__}: {' '.join(str(e).split())[:300]}"
 
 
 load = Captioner.load

@@ -7,7 +7,7 @@ and a YAML key; the docstring under a field is its help text; unknown keys are e
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 
 @dataclass
@@ -21,13 +21,17 @@ class EncoderConfig:
     feature_level: int = 2
     """Which of the trunk's feature levels (timm ``feature_info``) becomes the patch grid; -1 is the last.
     For a ResNet, level 2 has stride 8; for a ViT, levels are blocks."""
-    image_size: int = 64
-    """Images are resized (not cropped) to this square size."""
+    image_size: int | list[int] = 64
+    """Images are resized (not cropped) to this size: a side, or [height, width] for non-square input (a ViT
+    then needs model_args such as {"img_size": [h, w]} or {"dynamic_img_size": true})."""
     model_args: dict[str, Any] = field(default_factory=lambda: {"channels": [32, 64, 128, 256]})
     """Extra keyword arguments for ``timm.create_model`` (e.g. img_size, patch_size, depth). The default
     narrows resnet18's stages for speed; give {} or the new backbone's own when changing ``name``."""
     trainable: bool = True
     """Train the encoder (False freezes it)."""
+    train_last: int | None = None
+    """Train only the last N stages or blocks of the encoder (timm's coarse parameter groups, e.g. a ResNet's
+    layers or a ViT's blocks); the rest stays frozen. None trains all of it (when trainable)."""
 
 
 @dataclass
@@ -55,7 +59,53 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One dataset on disk or in shards (see vlm.data.records for the formats)."""
+
+    path: str
+    """Annotation file: COCO captions/instances JSON, Karpathy split JSON, VQA questions JSON, JSONL file; or for
+    webdataset a shard path, URL or brace pattern (e.g. "data/{00000..00099}.tar")."""
+    format: str = "auto"
+    """auto, coco, karpathy, vqa, jsonl or webdataset."""
+    images: str | None = None
+    """Image folder (COCO, Karpathy, VQA); JSONL image paths are relative to the JSONL file unless this is set."""
+    annotations: str | None = None
+    """VQA v2 annotations JSON (the answers) that goes with the questions file in ``path``."""
+    split: str | None = None
+    """Karpathy split: train (includes restval), val or test."""
+    weight: float = 1.0
+    """Share of training images drawn from this source, relative to the other sources."""
+
+
+@dataclass
+class TokenizerConfig:
+    kind: str = "word"
+    """word (a word-level vocabulary) or bpe (byte-level BPE: no unknown tokens)."""
+    vocab_size: int = 8000
+    """Largest vocabulary (BPE merges stop here; word-level keeps the most frequent words)."""
+    min_frequency: int = 1
+    """Words (or merges) seen fewer times in the training texts are left out of the vocabulary."""
+    max_texts: int = 500_000
+    """Training texts (captions, questions, answers) read to build the vocabulary."""
+
+
+@dataclass
 class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=list)
+    """Training datasets, mixed by their weights; empty trains on the built-in scenes."""
+    val_sources: list[SourceConfig] = field(default_factory=list)
+    """Validation datasets (file-based formats); with sources but no val_sources there is no validation."""
+    strict: bool = False
+    """Stop at the first bad sample (missing or unreadable image, empty text, broken line) naming it; False skips
+    bad samples and reports how many (logged and written to OUT/data_report.json)."""
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    hflip: float = 0.0
+    """Probability of a horizontal flip in training, never applied to images whose texts mention left or right."""
+    crop_scale: float = 1.0
+    """Random resized crop in training keeping at least this share of the image area (1.0: no crop)."""
+    feature_cache: str | None = None
+    """With a frozen encoder: compute the encoder's features once into this memory-mapped file and train the
+    decoder from it (no augmentation then)."""
     train_scenes: int = 200_000
     """Distinct built-in training scenes (generated on the fly, deterministic by seed)."""
     val_scenes: int = 500
@@ -81,12 +131,20 @@ class OptimConfig:
     """AdamW weight decay (not applied to norms, biases and embeddings)."""
     warmup_steps: int = 100
     """Linear warm-up steps before the cosine decay."""
+    encoder_lr: float | None = None
+    """Peak learning rate of the encoder (None: lr); the schedule scales it like lr."""
     min_lr_ratio: float = 0.05
     """Final learning rate as a share of the peak."""
     label_smoothing: float = 0.0
     """Label smoothing of the token cross-entropy."""
     task_weights: dict[str, float] = field(default_factory=lambda: {"caption": 1.5, "vqa": 1.0})
     """Weight of each task's mean token loss (tasks: caption, vqa)."""
+    nonfinite_skips: int = 0
+    """Batches with a NaN or infinite loss to skip (counted and logged) before training stops; 0 stops at the
+    first, naming the step and keeping the last good checkpoint."""
+    compile: bool = False
+    """torch.compile the encoder and decoder for training (in place, so checkpoints are unchanged). Off by
+    default: it did not speed up training on a 2-core CPU (README, Speed)."""
 
 
 @dataclass
@@ -95,6 +153,8 @@ class TrainerConfig:
 
     max_steps: int = 800
     """Optimizer steps to train for."""
+    fast_dev_run: bool | int = False
+    """Run this many training and validation batches (True: 1) to check a setup, with no checkpoints."""
     max_time: str | None = "00:00:14:00"
     """Stop after this wall time ("DD:HH:MM:SS"), whatever the step count."""
     accelerator: str = "auto"
@@ -120,11 +180,42 @@ class TrainerConfig:
 
 
 @dataclass
+class ValConfig:
+    generate: bool = True
+    """At each validation, generate captions (greedy) and answers for the whole val set, gathered across
+    processes, and log CIDEr-D, BLEU-4, VQA accuracy and the collapse guards."""
+    samples: int = 4
+    """Val images logged with their generated caption and per-token attention overlays."""
+    collapse_share: float = 0.5
+    """Warn when at least this share of the val captions is one and the same sentence."""
+
+
+@dataclass
+class SCSTConfig:
+    enabled: bool = False
+    """Train with self-critical sequence training (reward: CIDEr-D) instead of cross-entropy; start from
+    ``--init MODEL``."""
+    baseline: Literal["greedy", "mean"] = "greedy"
+    """Reward baseline: greedy (the greedy caption's CIDEr-D) or mean (the mean of the other samples)."""
+    samples: int = 5
+    """Captions sampled per image."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts."""
+    max_new_tokens: int = 30
+    """Longest sampled caption."""
+    df_items: int = 5000
+    """Training items whose reference captions give CIDEr-D's document frequencies (the same on every
+    process, never per batch)."""
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    val: ValConfig = field(default_factory=ValConfig)
+    scst: SCSTConfig = field(default_factory=SCSTConfig)
 
 
 def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:

@@ -6,6 +6,7 @@ encodes each image once and decodes all its sequences.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -16,13 +17,19 @@ import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from vlm.config import DataConfig
 from vlm.data.scenes import make_scene
 from vlm.text.tokenizer import Tokenizer
 
+# torchdata's StatefulDataLoader calls a deprecated torch function on every iteration; the warning is not ours.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+
 IGNORE_INDEX = -100
 TASKS = ("caption", "vqa")  # the order of an item's sequence groups
+Item = tuple[Tensor, list[list[tuple[list[int], int]]], int]
+"""A dataset item: image tensor, groups of (token ids, prompt length) per task, the item's index."""
 
 
 @dataclass
@@ -41,6 +48,10 @@ class Batch:
     """Per group (k * B, T) next tokens; IGNORE_INDEX on prompts and padding."""
     tasks: list[str]
     """Per group its task: "caption" or "vqa"."""
+    index: Tensor | None = None
+    """(B,) each image's index in its dataset (to gather and de-duplicate results across processes)."""
+    features: bool = False
+    """True when ``images`` holds the encoder trunk's cached maps (B, C, h, w) instead of pixels."""
 
 
 def scene_texts(num_scenes: int, seed: int) -> list[str]:
@@ -71,7 +82,17 @@ class SceneDataset(Dataset):
     def __len__(self) -> int:
         return self.num_scenes
 
-    def __getitem__(self, index: int) -> tuple[Tensor, list[list[tuple[list[int], int]]]]:
+    def references(self, index: int) -> dict:
+        """Scene ``index``'s texts to score generations against: all captions, and each question's answers."""
+        scene = make_scene(index, self.split, self.cfg.seed, self.image_size)
+        return {"captions": list(scene.captions),
+                "questions": [{"question": q.question, "answers": [q.answer], "kind": q.kind} for q in scene.questions]}
+
+    def sequences(self, index: int) -> list[list[tuple[list[int], int]]]:
+        """Item ``index`` without its image (training from cached features)."""
+        return self[index][1]
+
+    def __getitem__(self, index: int) -> Item:
         """The image and its sequences in two groups: captions, then question-answer pairs."""
         scene = make_scene(index, self.split, self.cfg.seed, self.image_size)
         # Training draws fresh texts every epoch; validation always the same ones.
@@ -82,17 +103,19 @@ class SceneDataset(Dataset):
                     for i in _draw(rng, len(scene.captions), self.cfg.captions_per_image)]
         questions = [tok.training_pair(tok.question_prompt(scene.questions[i].question), scene.questions[i].answer)
                      for i in _draw(rng, len(scene.questions), self.cfg.questions_per_image)]
-        return self.transform(scene.image), [captions, questions]
+        return self.transform(scene.image), [captions, questions], index
 
 
-def collate(items: list[tuple[Tensor, list[list[tuple[list[int], int]]]]], pad_id: int) -> Batch:
-    """Stack images; pad each group of sequences (captions, questions) to its own longest."""
-    images = torch.stack([image for image, _ in items])
-    batch = Batch(images, [], [], [])
-    for task, group in zip(TASKS, zip(*(groups for _, groups in items), strict=True), strict=True):
-        seqs = [seq for per_image in group for seq in per_image]  # image-major
-        if not seqs:
+def collate(items: list[Item], pad_id: int, features: bool = False) -> Batch:
+    """Stack images (or cached features); pad each group of sequences (captions, questions) to its own longest."""
+    images = torch.stack([image for image, _, _ in items])
+    batch = Batch(images, [], [], [], index=torch.tensor([index for _, _, index in items]), features=features)
+    for task, group in zip(TASKS, zip(*(groups for _, groups, _ in items), strict=True), strict=True):
+        k = max(len(per_image) for per_image in group)
+        if k == 0:
             continue
+        # Every image needs k sequences; an image with fewer (e.g. no questions) gets empty rows that learn nothing.
+        seqs = [seq for per_image in group for seq in [*per_image, *[([pad_id], 1)] * (k - len(per_image))]]
         T = max(len(s) for s, _ in seqs) - 1
         ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
         labels = torch.full((len(seqs), T), IGNORE_INDEX, dtype=torch.long)
@@ -116,7 +139,8 @@ class SceneDataModule(L.LightningDataModule):
         self.val_set = SceneDataset("val", cfg, tokenizer, transform, image_size)
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
+        # Stateful: a checkpoint records the data position, so a resumed run continues the same batches.
+        return StatefulDataLoader(
             dataset, batch_size=self.cfg.batch_size, shuffle=shuffle, num_workers=self.cfg.num_workers,
             collate_fn=partial(collate, pad_id=self.pad_id), drop_last=shuffle,
             persistent_workers=self.cfg.num_workers > 0,

@@ -1,63 +1,101 @@
-"""Caption metrics: BLEU-1..4 and CIDEr-D with the COCO toolkit scorers, plus collapse guards.
+"""Caption metrics: BLEU-1..4, METEOR, ROUGE-L and CIDEr-D with the COCO toolkit scorers, plus collapse guards.
 
-The official COCO pipeline tokenizes with the Stanford PTB tokenizer (a Java program); `tokenize_caption`
-approximates it in pure Python so evaluation runs anywhere.
+The official COCO pipeline tokenizes with the Stanford PTB tokenizer (a Java program); `tokenize_caption` reproduces
+it in pure Python (`vlm.eval.ptb`), so BLEU, ROUGE-L and CIDEr-D need no Java. METEOR (and SPICE, when its Stanford
+models are installed) are Java programs themselves: they run when ``java`` is found, and are reported as skipped
+otherwise.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import re
+import shutil
 from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
 
+import pycocoevalcap.bleu.bleu
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.rouge.rouge import Rouge
 
-# Tokens the pycocoevalcap PTBTokenizer drops after tokenizing, plus the raw characters that the Java
-# tokenizer turns into some of them (brackets -> -LRB- etc., double quotes -> `` or '').
-_DROPPED_TOKENS = frozenset(
-    {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"}
-    | {"(", ")", "{", "}", '"'}
-)
-# PTB contraction splits: "don't" -> "do n't", "it's" -> "it 's", "we'll" -> "we 'll".
-_NEGATION = re.compile(r"(\w)n't\b")
-_CLITIC = re.compile(r"(\w)'(s|m|d|ll|re|ve)\b")
-# Numbers with separators ("3.5", "1,000"), the split contractions, words (hyphenated, "o'clock"), ellipses
-# and dashes, and finally any other single non-space character.
-_TOKEN = re.compile(r"\d+(?:[.,]\d+)+|n't|'(?:s|m|d|ll|re|ve)\b|\w+(?:[-'/]\w+)*|\.\.\.|--|\S")
+from vlm.eval.ptb import ptb_tokenize
 
-CAPTION_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr-D")
+CAPTION_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr-D")
+# SPICE needs the Stanford CoreNLP 3.6.0 jars that pycocoevalcap's get_stanford_models.py downloads.
+_SPICE_MODELS = Path(pycocoevalcap.bleu.bleu.__file__).parents[1] / "spice" / "lib" / "stanford-corenlp-3.6.0.jar"
 
 
 def tokenize_caption(text: str) -> str:
-    """Lowercase, split PTB-style and drop punctuation, returning space-joined tokens.
+    """Lowercase, PTB-tokenize and drop punctuation exactly as the COCO toolkit does; space-joined tokens."""
+    return " ".join(ptb_tokenize(text))
 
-    Approximates the COCO evaluation pipeline (Stanford PTBTokenizer followed by pycocoevalcap's punctuation
-    removal) so scores are comparable with published numbers without needing Java.
-    """
-    text = _CLITIC.sub(r"\1 '\2", _NEGATION.sub(r"\1 n't", text.lower()))
-    return " ".join(token for token in _TOKEN.findall(text) if token not in _DROPPED_TOKENS)
+
+def java_metrics(meteor: bool = True, spice: bool = True) -> tuple[list[str], dict[str, str]]:
+    """The Java-based metrics that can run here, and a note for each requested one that cannot."""
+    run, skipped = [], {}
+    java = shutil.which("java") is not None
+    if meteor:
+        if java:
+            run.append("METEOR")
+        else:
+            skipped["METEOR"] = "skipped: java not found (METEOR is a Java program)"
+    if spice:
+        if not java:
+            skipped["SPICE"] = "skipped: java not found (SPICE is a Java program)"
+        elif not _SPICE_MODELS.is_file():
+            skipped["SPICE"] = f"skipped: Stanford CoreNLP models missing ({_SPICE_MODELS.name}; run " \
+                               "python -m pycocoevalcap.spice.get_stanford_models)"
+        else:
+            run.append("SPICE")
+    return run, skipped
 
 
 def caption_scores(
-    predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]]
+    predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]], java: Sequence[str] = ()
 ) -> dict[str, float]:
-    """Corpus BLEU-1..4 and CIDEr-D of one predicted caption per item against its reference captions.
+    """Corpus BLEU-1..4, ROUGE-L and CIDEr-D of one predicted caption per item against its references.
 
-    Both mappings must have the same keys and every item needs at least one reference; texts are tokenized
-    with `tokenize_caption` first, as the COCO toolkit does. CIDEr-D is computed over the given corpus (its
-    IDF comes from these references), so it is only meaningful on a corpus of many images.
+    ``java`` adds "METEOR" and/or "SPICE" (see `java_metrics`). Both mappings must have the same keys and every
+    item needs at least one reference. CIDEr-D's IDF comes from these references, so it is only meaningful on a
+    corpus of many images.
     """
+    return caption_evaluation(predictions, references, java)[0]
+
+
+def caption_evaluation(
+    predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]], java: Sequence[str] = ()
+) -> tuple[dict[str, float], dict[Hashable, dict[str, float]]]:
+    """Corpus scores (as `caption_scores`) and each item's own BLEU-4, ROUGE-L, CIDEr-D (and Java metrics)."""
     _check_keys(predictions, references)
+    keys = list(predictions)
     # The scorers expect {id: [str, ...]}; positional ints keep any hashable key type safe for them.
-    res = {i: [tokenize_caption(predictions[key])] for i, key in enumerate(predictions)}
-    gts = {i: [tokenize_caption(ref) for ref in references[key]] for i, key in enumerate(predictions)}
+    res = {i: [tokenize_caption(predictions[key])] for i, key in enumerate(keys)}
+    gts = {i: [tokenize_caption(ref) for ref in references[key]] for i, key in enumerate(keys)}
+    corpus: dict[str, float] = {}
+    per_item: dict[Hashable, dict[str, float]] = {key: {} for key in keys}
     with contextlib.redirect_stdout(io.StringIO()):  # Bleu prints its length statistics.
-        bleu, _ = Bleu(4).compute_score(gts, res)
-    cider, _ = Cider().compute_score(gts, res)
-    return dict(zip(CAPTION_METRICS, [float(b) for b in bleu] + [float(cider)], strict=True))
+        bleu, bleu_items = Bleu(4).compute_score(gts, res)
+    corpus |= {f"BLEU-{n + 1}": float(b) for n, b in enumerate(bleu)}
+    scorers = [("ROUGE-L", Rouge), ("CIDEr-D", Cider)]
+    if "METEOR" in java:
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        scorers.append(("METEOR", Meteor))
+    if "SPICE" in java:
+        from pycocoevalcap.spice.spice import Spice
+
+        scorers.append(("SPICE", Spice))
+    for i, key in enumerate(keys):
+        per_item[key]["BLEU-4"] = float(bleu_items[3][i])
+    for name, scorer in scorers:
+        score, items = scorer().compute_score(gts, res)
+        corpus[name] = float(score)
+        for i, key in enumerate(keys):
+            item = items[i]
+            per_item[key][name] = float(item["All"]["f"] if isinstance(item, dict) else item)  # SPICE: a dict
+    return corpus, per_item
 
 
 def _check_keys(predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]]) -> None:

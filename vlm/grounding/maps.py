@@ -117,3 +117,39 @@ def combine(maps: np.ndarray) -> np.ndarray:
     if arr.ndim < 1 or arr.shape[0] == 0:
         raise ValueError(f"need at least one map to combine, got shape {arr.shape}")
     return arr.mean(axis=0)
+
+
+def box_from_map(map_: np.ndarray, size: tuple[int, int], fraction: float = 0.5, resolution: int = 128) -> Box:
+    """A box ``(x, y, w, h)`` in pixels around the map's peak: the bounding box of the connected region
+    (4-neighbour) of the peak where the upsampled map is at least ``fraction`` of its maximum.
+
+    The region is found on the map resized to at most ``resolution`` pixels on the longer side, then scaled.
+    """
+    width, height = _check_size(size)
+    scale = min(1.0, resolution / max(width, height))
+    small = (max(1, round(width * scale)), max(1, round(height * scale)))
+    up = resize(map_, small)
+    keep = up >= fraction * up.max() if up.max() > 0 else np.ones_like(up, dtype=bool)
+    start = np.unravel_index(int(np.argmax(up)), up.shape)
+    seen = np.zeros_like(keep)
+    seen[start] = True
+    stack = [start]
+    while stack:
+        r, c = stack.pop()
+        for nr, nc in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)):
+            if 0 <= nr < keep.shape[0] and 0 <= nc < keep.shape[1] and keep[nr, nc] and not seen[nr, nc]:
+                seen[nr, nc] = True
+                stack.append((nr, nc))
+    rows, cols = np.nonzero(seen)
+    sx, sy = width / small[0], height / small[1]
+    x0, y0 = cols.min() * sx, rows.min() * sy
+    return float(x0), float(y0), float((cols.max() + 1) * sx - x0), float((rows.max() + 1) * sy - y0)
+
+
+def iou(a: Box, b: Box) -> float:
+    """Intersection over union of two ``(x, y, w, h)`` boxes."""
+    ix = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = a[2] * a[3] + b[2] * b[3] - inter
+    return inter / union if union > 0 else 0.0

@@ -39,8 +39,9 @@ class KVCache:
 
     def reorder(self, index: Tensor) -> None:
         """Keep the rows given by index (beam search: each kept beam takes its parent's cache)."""
-        self.k = self.k[:, index]
-        self.v = self.v[:, index]
+        filled = slice(0, self.length)  # only the filled positions need moving
+        self.k[:, :, :, filled] = self.k[:, index, :, filled]
+        self.v[:, :, :, filled] = self.v[:, index, :, filled]
 
 
 class Block(nn.Module):

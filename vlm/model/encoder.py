@@ -61,14 +61,44 @@ class ImageEncoder(nn.Module):
                 out_indices=(self.level,), **kwargs,
             )
             self.features_only = True
-        self.trunk = trunk
+        # A convolutional trunk runs channels-last, the layout oneDNN and cuDNN convolutions are fastest in;
+        # a ViT's one patch convolution would only pay for the copy.
+        self.channels_last = sum(isinstance(m, nn.Conv2d) for m in trunk.modules()) > 1
+        self.trunk = trunk.to(memory_format=torch.channels_last) if self.channels_last else trunk
+        self.cfg = cfg
         self.proj = nn.Sequential(nn.LayerNorm(channels), nn.Linear(channels, width))
         self.norm = nn.LayerNorm(width)
         if not cfg.trainable:
-            self.trunk.requires_grad_(False)
+            # Eval mode from the start: Lightning records each submodule's mode when fitting starts and sets it
+            # back directly after validation, bypassing train() below.
+            self.trunk.requires_grad_(False).eval()
+        elif cfg.train_last is not None:
+            self._train_only_last(cfg.train_last)
+
+    def train(self, mode: bool = True) -> ImageEncoder:
+        """A frozen trunk stays in eval mode: its batch-norm statistics and dropout stay as loaded."""
+        super().train(mode)
+        if not self.cfg.trainable:
+            self.trunk.eval()
+        return self
+
+    def _train_only_last(self, n: int) -> None:
+        """Freeze the trunk but its last n parameter groups (timm's coarse groups: stages or blocks)."""
+        from timm.models import group_parameters
+
+        if not hasattr(self.trunk, "group_matcher"):
+            raise ValueError(f"encoder.train_last: {type(self.trunk).__name__} has no timm group_matcher")
+        groups = group_parameters(self.trunk, self.trunk.group_matcher(coarse=True))
+        if not 0 <= n <= len(groups):
+            raise ValueError(f"encoder.train_last {n} is out of range: the encoder has {len(groups)} stages/blocks")
+        trained = {name for gid in sorted(groups)[len(groups) - n:] for name in groups[gid]}
+        for name, p in self.trunk.named_parameters():
+            p.requires_grad_(name in trained)
 
     def feature_map(self, images: Tensor) -> Tensor:
         """The trunk's map at the chosen level, (B, C, h, w)."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         if self.features_only:
             return self.trunk(images)[0]
         return self.trunk.forward_intermediates(
@@ -76,8 +106,11 @@ class ImageEncoder(nn.Module):
         )[0]
 
     def forward(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        fmap = self.feature_map(images)  # (B, C, h, w)
+        return self.project(self.feature_map(images))
+
+    def project(self, fmap: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """The trunk's map (B, C, h, w) -> patch features (B, N, D) and the grid (h, w)."""
         h, w = fmap.shape[-2:]
-        tokens = self.proj(fmap.flatten(2).transpose(1, 2))  # (B, N, D)
+        tokens = self.proj(fmap.permute(0, 2, 3, 1).flatten(1, 2))  # (B, N, C) -> (B, N, D); a view if channels-last
         tokens = tokens + sincos_2d(h, w, tokens.shape[-1], tokens.device, tokens.dtype)
         return self.norm(tokens), (h, w)

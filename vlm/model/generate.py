@@ -1,9 +1,10 @@
-"""Batched greedy and beam-search generation with a KV cache.
+"""Batched generation with a KV cache: greedy, sampling (temperature, top-k, top-p) and beam search.
 
 Each image is encoded, and its cross-attention keys/values projected, once. Prompts of different lengths
 are left-padded; padded positions are masked out and position ids count real tokens only, so a batch
-gives the same tokens as one image at a time. On request, the cross-attention of every generated token
-(of the beam that was kept) is returned.
+gives the same tokens as one image at a time. Sampling draws each image's noise from its own seeded
+generator, so a sampled caption depends on its image, prompt and seed, not on the rest of the batch. On
+request, the cross-attention of every generated token (of the beam that was kept) is returned.
 
 Dimensions: B images, K beams, R = B * K rows, P prompt length, T generated, L layers, H heads,
 N patches, V vocabulary.
@@ -11,6 +12,7 @@ N patches, V vocabulary.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,25 +26,80 @@ class Generation:
     tokens: list[list[int]]
     """Generated token ids per image, without the end token."""
     scores: list[float]
-    """Sum of token log-probabilities of each kept sequence (the end token included)."""
+    """Sum of the model's token log-probabilities of each kept sequence (the end token included)."""
     grid: tuple[int, int]
     """(h, w) patch grid of the cross-attention maps."""
     attentions: list[Tensor] | None = None
     """Per image (T, L, H, N): each generated token's cross-attention in every layer and head."""
 
 
-def _self_mask(key_valid: Tensor, start: int, end: int) -> Tensor | None:
+def _self_mask(key_valid: Tensor, start: int, end: int) -> Tensor:
     """Boolean (R, 1, end - start, end) mask for queries at [start, end) over keys [0, end).
 
-    A query sees earlier real tokens and itself; None when nothing is padded (plain causal attention).
+    A query sees earlier real tokens and itself.
     """
     valid = key_valid[:, :end]
-    if bool(valid.all()):
-        return None
     q = torch.arange(start, end, device=valid.device)[:, None]  # (Tq, 1)
     k = torch.arange(end, device=valid.device)[None, :]  # (1, end)
     mask = (k <= q)[None] & (valid[:, None, :] | (k == q)[None])  # (R, Tq, end)
     return mask[:, None]
+
+
+def _repeated_ngrams(generated: Tensor, n: int, vocab: int) -> Tensor:
+    """(R, V) True for each token that would repeat an n-gram already in the generated tokens (R, t)."""
+    R, t = generated.shape
+    banned = torch.zeros(R, vocab, device=generated.device)
+    if t < n:
+        return banned.bool()
+    windows = generated.unfold(1, n, 1)  # (R, t - n + 1, n): every n-gram so far
+    prefix = generated[:, t - n + 1:]  # (R, n - 1): the n-gram the next token would complete
+    match = (windows[:, :, :-1] == prefix[:, None]).all(-1)  # (R, t - n + 1)
+    # amax, not a plain scatter: the same last token may end both a matching and a non-matching n-gram.
+    return banned.scatter_reduce_(1, windows[:, :, -1], match.float(), "amax").bool()
+
+
+def _filter(logits: Tensor, top_k: int, top_p: float) -> Tensor:
+    """Logits (R, V) with tokens outside the top k, or outside the smallest set of mass top_p, set to -inf."""
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (R, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (R, V)
+        probs = sorted_logits.softmax(-1)
+        outside = probs.cumsum(-1) - probs >= top_p  # the mass before a token already reaches top_p
+        logits = logits.masked_fill(outside.scatter(1, order, outside), float("-inf"))
+    return logits
+
+
+def _generators(seed: int | Sequence[int] | None, B: int, device: torch.device) -> list[torch.Generator]:
+    """One generator per image: seed + i for image i, or the given per-image seeds, or random seeds."""
+    if seed is None:
+        seeds = torch.randint(2**62, (B,)).tolist()
+    elif isinstance(seed, int):
+        seeds = [seed + i for i in range(B)]
+    else:
+        seeds = list(seed)
+        if len(seeds) != B:
+            raise ValueError(f"{len(seeds)} seeds for {B} images")
+    return [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+
+def _check(beam_size: int, sample: bool, temperature: float, top_k: int, top_p: float,
+           no_repeat_ngram_size: int, min_new_tokens: int) -> None:
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be at least 1, got {beam_size}")
+    if sample and beam_size > 1:
+        raise ValueError("sampling draws one sequence per image: use beam_size 1 with sample")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be 0 (off) or positive, got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if no_repeat_ngram_size < 0:
+        raise ValueError(f"no_repeat_ngram_size must be 0 (off) or positive, got {no_repeat_ngram_size}")
+    if min_new_tokens < 0:
+        raise ValueError(f"min_new_tokens must be 0 or positive, got {min_new_tokens}")
 
 
 @torch.no_grad()
@@ -54,15 +111,27 @@ def generate(
     eos_id: int,
     pad_id: int,
     max_new_tokens: int = 30,
+    min_new_tokens: int = 0,
     beam_size: int = 1,
     length_penalty: float = 0.0,
+    no_repeat_ngram_size: int = 0,
+    sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | Sequence[int] | None = None,
     use_cache: bool = True,
     return_attention: bool = False,
 ) -> Generation:
-    """Continue each image's prompt until the end token (greedy when beam_size is 1).
+    """Continue each image's prompt until the end token: greedy, sampled, or by beam search.
 
-    Beam hypotheses are ranked at the end by score / length ** length_penalty.
+    min_new_tokens: the end token is forbidden before this many tokens. Beam hypotheses are ranked at the
+    end by score / length ** length_penalty. no_repeat_ngram_size n > 0: no n-gram occurs twice among
+    the generated tokens. sample: draw each token from the model's distribution at this temperature,
+    restricted to the top_k tokens (0: all) and to the smallest set of probability mass top_p; seed
+    (image i uses seed + i, or one seed per image) makes the draws reproducible.
     """
+    _check(beam_size, sample, temperature, top_k, top_p, no_repeat_ngram_size, min_new_tokens)
     B, K = images.shape[0], beam_size
     if len(prompts) != B:
         raise ValueError(f"{len(prompts)} prompts for {B} images")
@@ -73,6 +142,7 @@ def generate(
     T = min(max_new_tokens, model.cfg.decoder.max_length - P)
     if T < 1:
         raise ValueError(f"prompt of {P} tokens leaves no room in max_length {model.cfg.decoder.max_length}")
+    generators = _generators(seed, B, device) if sample else []
 
     seq = torch.full((B, P + T), pad_id, dtype=torch.long, device=device)  # prompt then generated
     key_valid = torch.ones(B, P + T, dtype=torch.bool, device=device)
@@ -81,13 +151,18 @@ def generate(
         key_valid[i, :P - len(p)] = False
     seq, key_valid = seq.repeat_interleave(K, 0), key_valid.repeat_interleave(K, 0)  # (R, P + T)
     positions = (key_valid.cumsum(1) - 1).clamp(min=0)  # (R, P + T): left padding does not shift tokens
+    padded = not bool(key_valid.all())
 
     scores = torch.zeros(R, device=device)
     if K > 1:
         scores.view(B, K)[:, 1:] = float("-inf")  # all beams start identical: expand only the first
     finished = torch.zeros(R, dtype=torch.bool, device=device)
     lengths = torch.zeros(R, dtype=torch.long, device=device)
-    attn = None
+    image_offset = torch.arange(B, device=device)[:, None] * K  # (B, 1) first row of each image
+    V = model.vocab_size
+    only_pad = torch.full((V,), float("-inf"), device=device)  # a finished row's next-token log-probabilities:
+    only_pad[pad_id] = 0.0  # padding at no cost, so it keeps its score
+    step_attn, parents = [], []  # per step: (R, L, H, N) weights of the rows before reordering, (R,) parents
     cache = model.decoder.new_cache(R, like=image_kv[0][0]) if use_cache else None
 
     for t in range(T):
@@ -95,32 +170,38 @@ def generate(
         start = cache.length if cache is not None else 0  # uncached: rerun the whole sequence
         logits, weights = model.decoder(
             seq[:, start:end], image_kv, positions=positions[:, start:end],
-            self_mask=_self_mask(key_valid, start, end), cache=cache, need_weights=return_attention,
+            self_mask=_self_mask(key_valid, start, end) if padded else None, cache=cache,
+            need_weights=return_attention,
         )
-        logp = logits[:, -1].float().log_softmax(-1)  # (R, V)
-        # A finished row can only continue with padding, at no cost, so it keeps its score.
-        logp[finished] = float("-inf")
-        logp[finished, pad_id] = 0.0
+        logits = logits[:, -1].float()  # (R, V)
+        logp = logits.log_softmax(-1)  # (R, V)
+        if no_repeat_ngram_size:
+            logp = logp.masked_fill(_repeated_ngrams(seq[:, P:end], no_repeat_ngram_size, V), float("-inf"))
+        if t < min_new_tokens:
+            logp[:, eos_id] = float("-inf")
+        logp = torch.where(finished[:, None], only_pad, logp)  # a finished row continues with free padding
         if K == 1:
-            token_logp, token = logp.max(-1)  # (R,)
-            parent = torch.arange(R, device=device)
+            if sample:
+                # Gumbel-max: argmax(log p / temperature + Gumbel noise) is a draw from the filtered distribution.
+                sampling = _filter(logp / temperature, top_k, top_p)
+                noise = torch.stack([torch.rand(V, generator=g, device=device) for g in generators])  # (B, V)
+                token = (sampling - (-noise.log()).log()).argmax(-1)  # (R,)
+                token_logp = logp.gather(1, token[:, None])[:, 0]
+            else:
+                token_logp, token = logp.max(-1)  # (R,)
+            parent = None
             scores = scores + token_logp
         else:
-            V = logp.shape[-1]
             candidates = (scores[:, None] + logp).view(B, K * V)  # (B, K * V)
             scores, flat = candidates.topk(K, dim=-1)  # (B, K)
-            parent = (flat // V + torch.arange(B, device=device)[:, None] * K).view(R)
+            parent = (flat // V + image_offset).view(R)
             token, scores = (flat % V).view(R), scores.view(R)
             seq, finished, lengths = seq[parent], finished[parent], lengths[parent]
             if cache is not None:
                 cache.reorder(parent)
         if return_attention:
-            step = torch.stack([w[:, :, -1] for w in weights], dim=1)[parent]  # (R, L, H, N)
-            if attn is None:
-                attn = step.new_zeros((R, T) + step.shape[1:])  # (R, T, L, H, N)
-            elif K > 1:
-                attn = attn[parent]  # each kept beam takes its parent's history
-            attn[:, t] = step
+            step_attn.append(torch.stack([w[:, :, -1] for w in weights], dim=1))  # (R, L, H, N)
+            parents.append(parent)
         seq[:, end] = token
         lengths = lengths + (~finished).long()
         finished = finished | (token == eos_id)
@@ -128,13 +209,28 @@ def generate(
             break
 
     final = scores / lengths.clamp(min=1).float() ** length_penalty
-    best = final.view(B, K).argmax(-1) + torch.arange(B, device=device) * K  # (B,) row of each kept beam
+    best = final.view(B, K).argmax(-1) + image_offset[:, 0]  # (B,) row of each kept beam
+    attn = _trace_attention(step_attn, parents, best) if return_attention else None  # (B, T, L, H, N)
     tokens, kept_scores, attentions = [], [], []
-    for row in best.tolist():
+    for i, row in enumerate(best.tolist()):
         n = int(lengths[row]) - int(finished[row])  # drop the end token
         tokens.append(seq[row, P:P + n].tolist())
         kept_scores.append(float(scores[row]))
         if attn is not None:
-            attentions.append(attn[row, :n])
+            attentions.append(attn[i, :n])
     return Generation(tokens=tokens, scores=kept_scores, grid=grid,
                       attentions=attentions if return_attention else None)
+
+
+def _trace_attention(step_attn: list[Tensor], parents: list[Tensor | None], rows: Tensor) -> Tensor:
+    """(len(rows), T, L, H, N): each step's cross-attention along the beam history ending at each row.
+
+    Step t's token of row r was predicted by row parents[t][r] (r itself without beams), whose weights
+    step_attn[t] holds; following the parents backwards gives every earlier token's row.
+    """
+    out = []
+    for weights, parent in zip(reversed(step_attn), reversed(parents), strict=True):
+        if parent is not None:
+            rows = parent[rows]
+        out.append(weights[rows])
+    return torch.stack(out[::-1], dim=1)

@@ -40,6 +40,11 @@ class VisionLanguageModel(nn.Module):
         memory, grid = self.encoder(images)  # (B, N, D)
         return self.decoder.image_keys_values(memory), grid
 
+    def encode_features(self, fmap: Tensor) -> tuple[list[KeysValues], tuple[int, int]]:
+        """Like encode, from the encoder trunk's precomputed map (B, C, h, w) (a feature cache)."""
+        memory, grid = self.encoder.project(fmap)
+        return self.decoder.image_keys_values(memory), grid
+
     def decode(self, image_kv: list[KeysValues], grid: tuple[int, int], ids: Tensor,
                need_weights: bool = False) -> VLMOutput:
         """Teacher-forced logits for token ids (S, T): k = S // B sequences per image, image-major."""

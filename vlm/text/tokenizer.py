@@ -1,4 +1,4 @@
-"""Word-level tokenizer trained from the training texts with the `tokenizers` library, and the prompts.
+"""Word-level or BPE tokenizer trained from the training texts with the `tokenizers` library, and the prompts.
 
 A caption is ``[BOS] caption [EOS]``; a question-answer pair is ``[BOS] question [SEP] answer [EOS]``.
 The loss covers only what follows the prompt (the caption, or the answer) and the end token.
@@ -20,21 +20,45 @@ class Tokenizer:
 
     def __init__(self, tokenizer: HFTokenizer):
         self.hf = tokenizer
+        # Text that spells a special token ("[SEP]", "[EOS]") is tokenized as plain text, so user input can
+        # never inject a special id; special ids enter sequences only through the prompt methods below.
+        self.hf.encode_special_tokens = True
         ids = [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS]
         if any(i is None for i in ids):
             raise ValueError(f"tokenizer lacks special tokens {SPECIAL_TOKENS}")
         self.pad_id, self.unk_id, self.bos_id, self.eos_id, self.sep_id = ids
 
     @classmethod
-    def train(cls, texts: Iterable[str], min_frequency: int = 1) -> Tokenizer:
-        tok = HFTokenizer(models.WordLevel(unk_token=UNK))
+    def train(cls, texts: Iterable[str], kind: str = "word", vocab_size: int = 8000,
+              min_frequency: int = 1) -> Tokenizer:
+        """A word-level or byte-level BPE vocabulary from the training texts (lower-cased, NFKC-normalised)."""
+        if kind == "word":
+            tok = HFTokenizer(models.WordLevel(unk_token=UNK))
+            tok.pre_tokenizer = pre_tokenizers.Whitespace()  # words and punctuation runs
+            tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words, tidies punctuation
+            trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                                min_frequency=min_frequency)
+        elif kind == "bpe":  # every byte is in the alphabet: nothing is ever unknown
+            tok = HFTokenizer(models.BPE(unk_token=UNK))
+            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            tok.decoder = decoders.ByteLevel()
+            trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                          min_frequency=min_frequency,
+                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        else:
+            raise ValueError(f"tokenizer kind {kind!r} is not one of word, bpe")
         tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-        tok.pre_tokenizer = pre_tokenizers.Whitespace()  # words and punctuation runs
-        tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words, tidies punctuation
-        tok.train_from_iterator(
-            texts, trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS, min_frequency=min_frequency)
-        )
+        tok.train_from_iterator(texts, trainer)
         return cls(tok)
+
+    def count_unknown(self, texts: Iterable[str]) -> tuple[int, int]:
+        """(unknown tokens, all tokens) over the texts: words outside the vocabulary become [UNK], counted here."""
+        unknown = total = 0
+        for text in texts:
+            ids = self.encode(text)
+            unknown += sum(i == self.unk_id for i in ids)
+            total += len(ids)
+        return unknown, total
 
     @classmethod
     def from_str(cls, json_str: str) -> Tokenizer:

@@ -17,6 +17,7 @@ from vlm.data.builtin import IGNORE_INDEX, TASKS, Batch
 from vlm.errors import VLMError
 from vlm.model.vlm import VisionLanguageModel
 from vlm.text.tokenizer import Tokenizer
+from vlm.train.guards import skip_nonfinite
 
 
 class CaptionModule(L.LightningModule):
@@ -36,7 +37,12 @@ class CaptionModule(L.LightningModule):
                            f"got {sorted(self.optim_cfg.task_weights)}")
         self.tokenizer = Tokenizer.from_str(tokenizer)
         self.model = VisionLanguageModel(self.model_cfg, len(self.tokenizer))
+        if self.optim_cfg.compile:  # in place: parameter names, and so checkpoints, stay the same
+            self.model.encoder.compile()
+            self.model.decoder.compile()
         self._tick: float | None = None
+        self._warned_long = False
+        self.nonfinite_skipped = 0  # batches skipped for a NaN/inf loss (optim.nonfinite_skips)
 
     @classmethod
     def create(cls, model: ModelConfig, optim: OptimConfig, tokenizer: Tokenizer) -> CaptionModule:
@@ -48,23 +54,38 @@ class CaptionModule(L.LightningModule):
         Each image is encoded once. Every task's loss is its mean over that task's learned tokens, so a
         short answer is not drowned by long captions; ``optim.task_weights`` then mixes the tasks.
         """
-        image_kv, grid = self.model.encode(batch.images)
+        if batch.features:
+            image_kv, grid = self.model.encode_features(batch.images)
+        else:
+            image_kv, grid = self.model.encode(batch.images)
         smoothing = self.optim_cfg.label_smoothing if self.training else 0.0
         weights = self.optim_cfg.task_weights
         loss, total_weight, logs = 0.0, 0.0, {}
+        max_length = self.model_cfg.decoder.max_length
         for task, ids, labels in zip(batch.tasks, batch.ids, batch.labels, strict=True):
+            if ids.shape[1] > max_length:  # longer texts are cut to what the decoder can read
+                if not self._warned_long:
+                    warnings.warn(f"texts longer than decoder.max_length {max_length} tokens are truncated",
+                                  stacklevel=2)
+                    self._warned_long = True
+                ids, labels = ids[:, :max_length], labels[:, :max_length]
+            learned = labels != IGNORE_INDEX
+            if not learned.any():  # nothing left to learn in this group (its answers were cut off)
+                continue
             logits = self.model.decode(image_kv, grid, ids).logits  # (S, T, V)
             task_loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
                                         label_smoothing=smoothing)
-            learned = labels != IGNORE_INDEX
             logs[f"{task}_loss"] = task_loss.detach()
             logs[f"{task}_token_acc"] = (logits.argmax(-1) == labels)[learned].float().mean()
             loss = loss + weights[task] * task_loss
             total_weight += weights[task]
         return loss / total_weight, logs
 
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
         loss, logs = self._loss(batch)
+        if skip_nonfinite(self, loss, self.optim_cfg.nonfinite_skips):
+            self.log("train/nonfinite_skipped", float(self.nonfinite_skipped))
+            return None  # no backward, no optimizer step
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict({f"train/{k}": v for k, v in logs.items()})
         now = time.perf_counter()
@@ -79,19 +100,27 @@ class CaptionModule(L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=size)
         self.log_dict({f"val/{k}": v for k, v in logs.items()}, sync_dist=True, batch_size=size)
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["nonfinite_skipped"] = self.nonfinite_skipped
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.nonfinite_skipped = checkpoint.get("nonfinite_skipped", 0)
+
     def on_validation_end(self) -> None:
         self._tick = None  # the validation pause is not training time
 
     def configure_optimizers(self):
         cfg = self.optim_cfg
-        decay, no_decay = [], []
+        groups: dict[tuple[float, float], list] = {}  # (lr, weight decay) -> parameters
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
                 continue
+            lr = cfg.encoder_lr if cfg.encoder_lr is not None and name.startswith("encoder.trunk.") else cfg.lr
             # Norm weights, biases and embeddings are not weight-decayed.
-            (no_decay if p.ndim < 2 or name.endswith("_emb.weight") else decay).append(p)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            decay = 0.0 if p.ndim < 2 or name.endswith("_emb.weight") else cfg.weight_decay
+            groups.setdefault((lr, decay), []).append(p)
+        optimizer = adamw(
+            [{"params": ps, "lr": lr, "weight_decay": decay} for (lr, decay), ps in groups.items()],
             lr=cfg.lr, betas=(0.9, 0.98),
         )
         total = max(self.trainer.estimated_stepping_batches, cfg.warmup_steps + 1)
@@ -104,6 +133,15 @@ class CaptionModule(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def adamw(params, **kwargs) -> torch.optim.AdamW:
+    """AdamW with torch's fused kernel where it has one for the parameters' device, else the foreach one."""
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except RuntimeError:  # no fused kernel for this device or dtype
+        return torch.optim.AdamW(params, **kwargs)
 
 
 def state_from_checkpoint(path: str) -> tuple[dict, dict, str]:

@@ -1,7 +1,9 @@
-"""`vlm train`: fit on the built-in scenes with Lightning, then export the model."""
+"""`vlm train`: fit on the built-in scenes or datasets on disk with Lightning, then export the model."""
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import asdict
 from pathlib import Path
 
@@ -11,31 +13,114 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from vlm.api import Captioner
 from vlm.config import TrainConfig
 from vlm.data.builtin import SceneDataModule, scene_texts
+from vlm.data.datasets import SourceData, SourceDataModule
+from vlm.data.features import CachedFeatures
 from vlm.data.transforms import image_transform
+from vlm.errors import VLMError
 from vlm.text.tokenizer import Tokenizer
+from vlm.train.callbacks import GenerationMetrics
+from vlm.train.checkpoints import AtomicCheckpointIO, resume_path
 from vlm.train.module import CaptionModule
+from vlm.train.scst import SCSTModule
+
+log = logging.getLogger(__name__)
 
 TOKENIZER_SCENES = 2000  # training scenes whose texts build the vocabulary
 
 
-def train(cfg: TrainConfig, out: str | Path) -> Path | None:
+def train(cfg: TrainConfig, out: str | Path, resume: str | None = None, init: str | None = None) -> Path | None:
     """Train, write Lightning checkpoints to out/checkpoints and the exported model to out/model.
+
+    ``resume`` (a checkpoint, or "last" for out/checkpoints/last.ckpt) continues a run: step, optimizer,
+    schedule and data position. ``init`` (an exported model or checkpoint) gives the starting weights,
+    model config and tokenizer (required by SCST).
 
     Returns the exported model directory on the process that wrote it (rank 0), None on the others.
     """
     out = Path(out)
+    ckpt_path = resume_path(resume, out) if resume else None  # fail before any work
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
-    tokenizer = Tokenizer.train(scene_texts(TOKENIZER_SCENES, cfg.data.seed))
-    module = CaptionModule.create(cfg.model, cfg.optim, tokenizer)
-    image_size = cfg.model.encoder.image_size
-    data = SceneDataModule(cfg.data, tokenizer, image_transform(module.model.encoder.trunk, image_size), image_size)
+    data_cfg = cfg.data
+    if data_cfg.sources:
+        train_data = SourceData(data_cfg.sources, data_cfg.strict)
+        val_data = SourceData(data_cfg.val_sources, data_cfg.strict) if data_cfg.val_sources else None
+        texts = train_data.texts(data_cfg.tokenizer.max_texts)
+    else:
+        texts = scene_texts(TOKENIZER_SCENES, data_cfg.seed)
+    tok_cfg = data_cfg.tokenizer
+    start = Captioner.load(init, device="cpu") if init else None
+    tokenizer = start.tokenizer if start else Tokenizer.train(texts, tok_cfg.kind, tok_cfg.vocab_size,
+                                                              tok_cfg.min_frequency)
+    module = build_module(cfg, tokenizer, start)
+    trunk, size = module.model.encoder.trunk, module.model.cfg.encoder.image_size
+    if data_cfg.sources:
+        data = SourceDataModule(data_cfg, train_data, val_data, tokenizer,
+                                image_transform(trunk, size, data_cfg.crop_scale), image_transform(trunk, size))
+    else:
+        data = SceneDataModule(data_cfg, tokenizer, image_transform(trunk, size), size)
+    if data_cfg.feature_cache:
+        data = CachedFeatures(data, module.model.encoder, data_cfg.feature_cache, cfg.model.encoder.trainable)
+    report = data_report(cfg, tokenizer, texts, train_data if data_cfg.sources else None,
+                         val_data if data_cfg.sources else None)
     checkpoints = ModelCheckpoint(dirpath=out / "checkpoints", filename="step{step}", auto_insert_metric_name=False,
-                                  monitor="val/loss", save_top_k=1, save_last=True)
+                                  save_top_k=1, save_last=True,
+                                  **({"monitor": "val/caption/CIDEr-D", "mode": "max"}
+                                     if cfg.scst.enabled and cfg.val.generate else {"monitor": "val/loss"}))
     trainer_args = asdict(cfg.trainer)
     trainer_args.pop("seed")
-    trainer = L.Trainer(**trainer_args, default_root_dir=out, callbacks=[checkpoints, LearningRateMonitor()],
-                        num_sanity_val_steps=0)
-    trainer.fit(module, data)
+    callbacks = [checkpoints, LearningRateMonitor()]
+    if cfg.val.generate:
+        callbacks.insert(0, GenerationMetrics(cfg.val.samples, cfg.val.collapse_share))
+    # check_val_every_n_epoch=None: val_check_interval counts training batches across epochs, so data smaller
+    # than one interval still validates.
+    trainer = L.Trainer(**trainer_args, default_root_dir=out, callbacks=callbacks, num_sanity_val_steps=0,
+                        check_val_every_n_epoch=None, plugins=[AtomicCheckpointIO()])
+    trainer.fit(module, data, ckpt_path=ckpt_path, weights_only=True)
+    trainer.save_checkpoint(out / "checkpoints" / "last.ckpt")  # the final state, also after a max_time stop
     if not trainer.is_global_zero:
         return None
+    report["skipped_while_loading"] = int(data.skipped) if hasattr(data, "skipped") else 0
+    (out / "data_report.json").write_text(json.dumps(report, indent=2))
     return Captioner(module.model, tokenizer, device="cpu").save(out / "model")
+
+
+def build_module(cfg: TrainConfig, tokenizer: Tokenizer, start: Captioner | None) -> CaptionModule:
+    """Cross-entropy or SCST module; with ``start``, its model config and weights."""
+    if cfg.scst.enabled and start is None:
+        raise VLMError("scst.enabled needs --init MODEL: a cross-entropy model or checkpoint to start from")
+    model_cfg = start.model.cfg if start else cfg.model
+    if cfg.scst.enabled:
+        module = SCSTModule.create(model_cfg, cfg.optim, tokenizer, cfg.scst)
+    else:
+        module = CaptionModule.create(model_cfg, cfg.optim, tokenizer)
+    if start:
+        module.model.load_state_dict(start.model.state_dict())
+    return module
+
+
+def data_report(cfg: TrainConfig, tokenizer: Tokenizer, texts: list[str], train_data: SourceData | None,
+                val_data: SourceData | None) -> dict:
+    """What the run trains on: sources, skipped records, vocabulary and unknown words (logged, and stored)."""
+    unknown, total = tokenizer.count_unknown(texts)
+    report = {"tokenizer": {"kind": cfg.data.tokenizer.kind, "vocab_size": len(tokenizer),
+                            "train_unknown_tokens": unknown, "train_tokens": total}}
+    if val_data is not None:
+        val_texts = val_data.texts(cfg.data.tokenizer.max_texts)
+        report["tokenizer"]["val_unknown_tokens"], report["tokenizer"]["val_tokens"] = \
+            tokenizer.count_unknown(val_texts)
+    if train_data is not None:
+        report["train_sources"] = train_data.summary()
+        skipped = sum(r.skipped for r in train_data.reports)
+        if skipped:
+            log.warning("skipped %d bad training records (strict: false); see data_report.json", skipped)
+    if val_data is not None:
+        report["val_sources"] = val_data.summary()
+    tok = report["tokenizer"]
+    if unknown:
+        log.warning("%d of %d training tokens (%.2f%%) are unknown words ([UNK]): raise tokenizer.vocab_size or "
+                    "lower tokenizer.min_frequency, or use tokenizer.kind: bpe", unknown, total,
+                    100 * unknown / max(total, 1))
+    if tok.get("val_unknown_tokens"):
+        log.warning("%d of %d validation tokens are unknown words ([UNK])", tok["val_unknown_tokens"],
+                    tok["val_tokens"])
+    return report

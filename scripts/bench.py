@@ -1,0 +1,282 @@
+"""Training and generation speed, side by side with transformers' VisionEncoderDecoderModel.
+
+Both models are built from scratch with the same dimensions: 128 px images in 16 px patches, width 256,
+4 encoder and 4 decoder layers, 4 heads, MLP 1024, vocabulary 1000, dropout 0. Ours: a timm ViT read at
+its last block and our decoder; theirs: a ViT encoder and a BERT decoder with cross-attention. Both train
+with the same AdamW; both generate exactly --new-tokens tokens (the end token is forbidden before).
+
+    .venv/bin/python scripts/bench.py                      # CPU, about 5 minutes on 2 cores
+    .venv/bin/python scripts/bench.py --device cuda        # bf16 autocast on both sides
+
+Timings alternate the two sides over --reps repetitions and report medians. Peak training memory: on CPU,
+the rise of the process's peak resident memory (ru_maxrss) over its resident memory once the model, the
+optimiser and the batch exist, measured for each side in a fresh subprocess over 3 training steps; on
+CUDA, torch's peak allocated memory. The matmul peak is the median rate of a large fp32 (CPU) or bf16
+(CUDA) matrix product; training FLOPs are counted by torch's FlopCounterMode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vlm.config import DecoderConfig, EncoderConfig, ModelConfig  # noqa: E402
+from vlm.model.generate import generate  # noqa: E402
+from vlm.model.vlm import VisionLanguageModel  # noqa: E402
+from vlm.train.module import adamw  # noqa: E402
+
+PAD, BOS, EOS = 0, 1, 2
+DIMS = dict(image=128, patch=16, width=256, enc_layers=4, dec_layers=4, heads=4, mlp=1024, vocab=1000, max_length=32)
+
+
+def build_ours(device: torch.device) -> VisionLanguageModel:
+    d = DIMS
+    encoder = EncoderConfig(
+        name="vit_tiny_patch16_224", feature_level=-1, image_size=d["image"],
+        model_args=dict(img_size=d["image"], patch_size=d["patch"], embed_dim=d["width"], depth=d["enc_layers"],
+                        num_heads=d["heads"], mlp_ratio=d["mlp"] / d["width"]),
+    )
+    decoder = DecoderConfig(width=d["width"], depth=d["dec_layers"], num_heads=d["heads"],
+                            mlp_ratio=d["mlp"] / d["width"], dropout=0.0, max_length=d["max_length"])
+    return VisionLanguageModel(ModelConfig(encoder=encoder, decoder=decoder), d["vocab"]).to(device)
+
+
+def build_hf(device: torch.device):
+    from transformers import BertConfig, VisionEncoderDecoderConfig, VisionEncoderDecoderModel, ViTConfig
+
+    d = DIMS
+    enc = ViTConfig(image_size=d["image"], patch_size=d["patch"], hidden_size=d["width"],
+                    num_hidden_layers=d["enc_layers"], num_attention_heads=d["heads"], intermediate_size=d["mlp"],
+                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    dec = BertConfig(vocab_size=d["vocab"], hidden_size=d["width"], num_hidden_layers=d["dec_layers"],
+                     num_attention_heads=d["heads"], intermediate_size=d["mlp"], hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0, max_position_embeddings=d["max_length"], is_decoder=True,
+                     add_cross_attention=True)
+    cfg = VisionEncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
+    cfg.decoder_start_token_id, cfg.pad_token_id, cfg.eos_token_id = BOS, PAD, EOS
+    return VisionEncoderDecoderModel(config=cfg).to(device)
+
+
+def make_batch(batch: int, length: int, device: torch.device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, DIMS["image"], DIMS["image"], generator=g).to(device)
+    labels = torch.randint(3, DIMS["vocab"], (batch, length), generator=g).to(device)
+    inputs = torch.cat([torch.full((batch, 1), BOS, device=device), labels[:, :-1]], dim=1)  # shifted right
+    return images, inputs, labels
+
+
+class Side:
+    """One model with its training step and generation call."""
+
+    def __init__(self, name: str, model, device: torch.device, autocast):
+        self.name, self.model, self.device, self.autocast = name, model, device, autocast
+        self.optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def loss(self, images, inputs, labels):
+        with self.autocast():
+            if self.name == "ours":
+                logits = self.model(images, inputs).logits  # (B, T, V)
+                return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+            return self.model(pixel_values=images, labels=labels).loss
+
+    def train_step(self, images, inputs, labels) -> None:
+        self.model.train()
+        loss = self.loss(images, inputs, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    @torch.no_grad()
+    def generate(self, images, new_tokens: int, beams: int = 1, attention: bool = False):
+        self.model.eval()
+        with self.autocast():
+            if self.name == "ours":
+                return generate(self.model, images, [[BOS]] * images.shape[0], eos_id=EOS, pad_id=PAD,
+                                max_new_tokens=new_tokens, min_new_tokens=new_tokens, beam_size=beams,
+                                return_attention=attention)
+            return self.model.generate(images, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                       num_beams=beams, do_sample=False)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def alternate(fns: dict, reps: int, device: torch.device) -> dict[str, float]:
+    """Median seconds of each callable, run in turn (the order rotating) after one warm-up each."""
+    names = list(fns)
+    for name in names:
+        fns[name]()
+    times = {name: [] for name in names}
+    for r in range(reps):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(timed(fns[name], device))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def matmul_peak(device: torch.device, reps: int) -> float:
+    """FLOP/s of a large square matrix product: fp32 on CPU, bf16 on CUDA."""
+    n, dtype = (2048, torch.float32) if device.type == "cpu" else (8192, torch.bfloat16)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    seconds = statistics.median(timed(lambda: a @ b, device) for _ in range(max(reps, 5)))
+    return 2 * n**3 / seconds
+
+
+def training_flops(side: Side, batch) -> int:
+    with FlopCounterMode(display=False) as counter:
+        side.model.train()
+        side.loss(*batch).backward()
+    side.optimizer.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def memory_probe(name: str, device_name: str, batch: int, length: int) -> dict:
+    """Run in a fresh process: peak training memory of one side over its memory before training."""
+    import psutil
+
+    device = torch.device(device_name)
+    torch.manual_seed(0)
+    model = build_ours(device) if name == "ours" else build_hf(device)
+    side = Side(name, model, device, _autocast(device))
+    data = make_batch(batch, length, device)
+    if device.type == "cuda":
+        sync(device)
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = psutil.Process().memory_info().rss
+    for _ in range(3):
+        side.train_step(*data)
+    sync(device)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"peak_minus_base_mb": (peak - base) / 2**20, "base_mb": base / 2**20}
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext
+
+
+def _probe(name: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--memory-probe", name, "--device", args.device, "--batch", str(args.batch),
+           "--length", str(args.length), "--threads", str(args.threads)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (both sides)")
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement and side")
+    parser.add_argument("--batch", type=int, default=32, help="images per training and generation batch")
+    parser.add_argument("--length", type=int, default=24, help="caption tokens per training sequence")
+    parser.add_argument("--new-tokens", type=int, default=20, help="tokens generated per image")
+    parser.add_argument("--beams", type=int, default=3, help="beam size of the beam-search measurement")
+    parser.add_argument("--out", default="runs/bench/speed.json", help="JSON results file")
+    parser.add_argument("--memory-probe", choices=["ours", "hf"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.memory_probe:
+        print(json.dumps(memory_probe(args.memory_probe, args.device, args.batch, args.length)))
+        return
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    sides = {"ours": Side("ours", build_ours(device), device, _autocast(device)),
+             "hf": Side("hf", build_hf(device), device, _autocast(device))}
+    batch = make_batch(args.batch, args.length, device)
+    results: dict[str, dict] = {name: {} for name in sides}
+
+    def record(metric: str, seconds: dict[str, float], images: int) -> None:
+        for name, s in seconds.items():
+            results[name][metric] = images / s
+        print(f"{metric}: " + ", ".join(f"{n} {r[metric]:.2f}" for n, r in results.items()), flush=True)
+
+    train = alternate({n: (lambda s=s: s.train_step(*batch)) for n, s in sides.items()}, args.reps, device)
+    record("train_images_per_s", train, args.batch)
+    one = batch[0][:1]
+    cases = [("greedy_b1_images_per_s", one, 1), (f"greedy_b{args.batch}_images_per_s", batch[0], 1),
+             (f"beam{args.beams}_b{args.batch}_images_per_s", batch[0], args.beams)]
+    for metric, images, beams in cases:
+        seconds = alternate({n: (lambda s=s, i=images, b=beams: s.generate(i, args.new_tokens, b))
+                             for n, s in sides.items()}, args.reps, device)
+        record(metric, seconds, images.shape[0])
+    ours = sides["ours"]
+    for metric, images, beams in cases:
+        plain_vs_maps = alternate({
+            "plain": lambda i=images, b=beams: ours.generate(i, args.new_tokens, b),
+            "maps": lambda i=images, b=beams: ours.generate(i, args.new_tokens, b, attention=True),
+        }, args.reps, device)
+        results["ours"][metric.replace("images_per_s", "attention_overhead")] = \
+            plain_vs_maps["maps"] / plain_vs_maps["plain"] - 1
+
+    peak = matmul_peak(device, args.reps)
+    for name, side in sides.items():
+        flops = training_flops(side, batch)
+        results[name]["train_step_gflop"] = flops / 1e9
+        results[name]["train_flop_share_of_matmul_peak"] = flops / train[name] / peak
+        results[name]["params_m"] = sum(p.numel() for p in side.model.parameters()) / 1e6
+    for name in sides:
+        results[name]["train_peak_memory_mb"] = _probe(name, args)["peak_minus_base_mb"]
+
+    higher_better = ["train_images_per_s"] + [m for m, _, _ in cases]
+    ratios = {f"{m}_vs_hf": results["ours"][m] / results["hf"][m] for m in higher_better}
+    ratios["train_peak_memory_vs_hf"] = results["ours"]["train_peak_memory_mb"] / results["hf"]["train_peak_memory_mb"]
+    import transformers
+
+    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": args.threads,
+               "torch": torch.__version__, "transformers": transformers.__version__, "device": args.device,
+               "matmul_peak_gflop_per_s": peak / 1e9,
+               "load_average_1min": os.getloadavg()[0]}
+    if device.type == "cuda":
+        machine["card"] = torch.cuda.get_device_name()
+        machine["dtype"] = "bf16 autocast"
+    config = {**DIMS, "batch": args.batch, "caption_length": args.length, "new_tokens": args.new_tokens,
+              "beams": args.beams, "reps": args.reps, "dropout": 0.0, "optimizer": type(ours.optimizer).__name__,
+              "optimizer_impl": "fused" if ours.optimizer.defaults.get("fused") else "foreach"}
+    report = {"machine": machine, "config": config, "results": results, "ratios": ratios}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+
+    print(f"{'metric':44} {'ours':>10} {'hf':>10} {'ours/hf':>8}")
+    for metric in [*higher_better, "train_peak_memory_mb", "train_step_gflop", "train_flop_share_of_matmul_peak"]:
+        a, b = results["ours"][metric], results["hf"][metric]
+        print(f"{metric:44} {a:10.3f} {b:10.3f} {a / b:8.2f}")
+    for metric, value in results["ours"].items():
+        if metric.endswith("attention_overhead"):
+            print(f"{'ours ' + metric:44} {value:+10.1%}")
+    print(f"matmul peak {peak / 1e9:.1f} GFLOP/s; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

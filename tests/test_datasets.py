@@ -1,0 +1,208 @@
+"""Datasets on disk: every loader round-trips `vlm data shapes`, bad records are reported, sources train."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vlm.cli import main
+from vlm.config import DataConfig, SourceConfig
+from vlm.data.builtin import collate
+from vlm.data.datasets import Mixture, RecordDataset, Sampler, ShardDataset, SourceData, mixture_weights
+from vlm.data.export import answer_type, write_shapes
+from vlm.data.records import detect_format, read_records
+from vlm.data.scenes import make_scene
+from vlm.errors import VLMError
+
+NUM = 12
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> dict[str, Path]:
+    return write_shapes(tmp_path_factory.mktemp("shapes"), NUM, split="val")
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    return [make_scene(i, "val") for i in range(NUM)]
+
+
+def _same_image(path: str, scene) -> bool:
+    return np.array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(scene.image))
+
+
+def test_coco_captions_round_trip(shapes, scenes):
+    records, report = read_records(SourceConfig(str(shapes["captions"]), images=str(shapes["images"])))
+    assert detect_format(SourceConfig(str(shapes["captions"]))) == "coco" and report.skipped == 0
+    assert [r.captions for r in records] == [s.captions for s in scenes]
+    assert all(_same_image(r.image, s) for r, s in zip(records, scenes, strict=True))
+
+
+def test_coco_instances_round_trip_boxes(shapes, scenes):
+    records, _ = read_records(SourceConfig(str(shapes["instances"]), images=str(shapes["images"])))
+    for r, s in zip(records, scenes, strict=True):
+        assert sorted((g.phrase, g.bbox) for g in r.regions) == sorted(
+            (f"{o.color} {o.shape}", tuple(o.box)) for o in s.objects)
+
+
+def test_vqa_round_trip_keeps_ten_answers_and_types(shapes, scenes):
+    source = SourceConfig(str(shapes["questions"]), images=str(shapes["images"]),
+                          annotations=str(shapes["annotations"]))
+    records, _ = read_records(source)
+    assert detect_format(source) == "vqa"
+    for r, s in zip(records, scenes, strict=True):
+        assert [q.question for q in r.questions] == [q.question for q in s.questions]
+        assert all(len(q.answers) == 10 and q.answer == t.answer and q.answer_type == answer_type(t.answer)
+                   for q, t in zip(r.questions, s.questions, strict=True))
+        assert _same_image(r.image, s)
+
+
+def test_karpathy_splits(shapes, scenes):
+    parts = {split: read_records(SourceConfig(str(shapes["karpathy"]), images=str(shapes["images"]), split=split))[0]
+             for split in ("train", "val", "test")}
+    assert [len(parts[s]) for s in ("train", "val", "test")] == [10, 1, 1]  # 80/10/10 of 12
+    everything = sorted((r.image_id, tuple(r.captions)) for p in parts.values() for r in p)
+    assert everything == [(i + 1, tuple(s.captions)) for i, s in enumerate(scenes)]
+
+
+def test_jsonl_merges_lines_of_one_image(shapes, scenes):
+    records, report = read_records(SourceConfig(str(shapes["jsonl"])))
+    assert report.skipped == 0 and len(records) == NUM
+    for r, s in zip(records, scenes, strict=True):
+        assert r.captions == s.captions
+        assert [(q.question, q.answers) for q in r.questions] == [(q.question, [q.answer]) for q in s.questions]
+        assert [g.bbox for g in r.regions] == [tuple(o.box) for o in s.objects]
+        assert _same_image(r.image, s)
+
+
+def test_webdataset_shard_streams_the_same_samples(shapes, scenes, tokenizer):
+    source = SourceConfig(str(shapes["shards"] / "00000.tar"))
+    assert detect_format(source) == "webdataset"
+    cfg = DataConfig(captions_per_image=5, questions_per_image=0)
+    transform = lambda im: torch.from_numpy(np.asarray(im).copy())  # noqa: E731
+    items = list(ShardDataset(source, Sampler(cfg, tokenizer, transform, train=False), strict=True, repeat=False))
+    assert len(items) == NUM
+    for (pixels, (captions, _), _), scene in zip(items, scenes, strict=True):
+        assert np.array_equal(pixels.numpy(), np.asarray(scene.image))
+        decoded = sorted(tokenizer.decode(ids[1:]) for ids, _ in captions)
+        assert decoded == sorted(tokenizer.decode(tokenizer.encode(c)) for c in scene.captions)
+
+
+def test_bad_records_are_reported_with_file_and_line(tmp_path, shapes):
+    jsonl = tmp_path / "bad.jsonl"
+    image = shapes["images"] / "000000000001.png"
+    jsonl.write_text("\n".join([
+        json.dumps({"image": str(image), "captions": ["a fine caption"]}),
+        json.dumps({"image": "missing.png", "captions": ["an image that is not there"]}),
+        json.dumps({"image": str(image), "captions": ["  "]}),
+        '{"image": "broken", "captions": [',
+        json.dumps({"image": str(image), "question": "what?", "answers": []}),
+    ]) + "\n")
+    records, report = read_records(SourceConfig(str(jsonl)), strict=False)
+    assert len(records) == 1 and report.skipped == 4
+    assert [p.split(": ")[0] for p in report.problems] == [f"{jsonl}:{n}" for n in (3, 4, 5, 2)]
+    assert "missing.png not found" in report.problems[-1] and "invalid JSON" in report.problems[1]
+    with pytest.raises(VLMError, match=f"{jsonl}:3: empty or missing caption"):
+        read_records(SourceConfig(str(jsonl)), strict=True)
+
+
+def test_unreadable_image_is_skipped_and_counted_or_stops(tmp_path, tokenizer, shapes):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text(json.dumps({"image": "broken.png", "captions": ["x"]}) + "\n"
+                     + json.dumps({"image": str(shapes["images"] / "000000000002.png"), "captions": ["y"]}) + "\n")
+    records, _ = read_records(SourceConfig(str(jsonl)))
+    sampler = Sampler(DataConfig(), tokenizer, lambda im: torch.zeros(1), train=False)
+    lenient = RecordDataset(records, sampler, strict=False)
+    assert lenient[0][2] == 1 and int(lenient.skipped) == 1  # the next readable record stands in
+    with pytest.raises(VLMError, match=rf"{jsonl}:1: .*broken.png"):
+        RecordDataset(records, sampler, strict=True)[0]
+
+
+def test_validate_cli_reports_and_exits_nonzero(tmp_path, shapes, capsys):
+    assert main(["data", "validate", str(shapes["captions"]), "--images", str(shapes["images"])]) == 0
+    assert f"{NUM} images, {NUM * 5} captions" in capsys.readouterr().out
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"image": "nope.png", "captions": ["a"]}) + "\n")
+    assert main(["data", "validate", str(bad)]) == 1
+    out, err = capsys.readouterr()
+    assert f"{bad}:1: image file" in out and err.strip().endswith("1 problem(s) found") and len(err.splitlines()) == 1
+
+
+def test_collate_gives_images_without_questions_empty_rows(tokenizer):
+    tok = tokenizer
+    with_q = (torch.zeros(3, 4, 4), [[tok.training_pair([tok.bos_id], "a red circle")],
+                                     [tok.training_pair(tok.question_prompt("is it red ?"), "yes")] * 2], 0)
+    without_q = (torch.zeros(3, 4, 4), [[tok.training_pair([tok.bos_id], "a blue square")], []], 1)
+    batch = collate([with_q, without_q], pad_id=tok.pad_id)
+    ids, labels = batch.ids[1], batch.labels[1]
+    assert ids.shape[0] == 4  # two rows per image, image-major
+    assert (labels[2:] == -100).all() and (labels[:2] != -100).any()
+
+
+def test_mixture_draws_sources_by_weight():
+    weights = mixture_weights([100, 10], [1.0, 3.0])
+    draws = torch.multinomial(weights, 20000, replacement=True, generator=torch.Generator().manual_seed(0))
+    assert abs((draws >= 100).float().mean().item() - 0.75) < 0.02
+
+
+def test_flip_never_when_texts_mention_sides(tokenizer):
+    cfg = DataConfig(hflip=1.0)
+    sampler = Sampler(cfg, tokenizer, lambda im: torch.from_numpy(np.asarray(im).copy()), train=True)
+    image = Image.fromarray(np.arange(12, dtype=np.uint8).reshape(2, 6).repeat(3).reshape(2, 6, 3))
+    flipped = sampler(image, ["a red circle"], [], 0)[0].numpy()
+    kept = sampler(image, ["a red circle to the left of a square"], [], 0)[0].numpy()
+    assert np.array_equal(flipped, np.asarray(image)[:, ::-1]) and np.array_equal(kept, np.asarray(image))
+
+
+def test_mixture_indexes_sources_and_references(shapes, tokenizer):
+    a, _ = read_records(SourceConfig(str(shapes["captions"]), images=str(shapes["images"])))
+    b, _ = read_records(SourceConfig(str(shapes["questions"]), images=str(shapes["images"]),
+                                     annotations=str(shapes["annotations"])))
+    sampler = Sampler(DataConfig(), tokenizer, lambda im: torch.zeros(1), train=False)
+    mix = Mixture([RecordDataset(a, sampler, True), RecordDataset(b, sampler, True)])
+    assert len(mix) == 2 * NUM and mix[NUM + 1][2] == NUM + 1
+    assert mix.references(0)["captions"] == a[0].captions
+    assert mix.references(NUM)["questions"][0]["answers"] == b[0].questions[0].answers
+
+
+def test_source_data_texts_cover_captions_questions_answers(shapes):
+    data = SourceData([SourceConfig(str(shapes["jsonl"]))], strict=True)
+    texts = data.texts(10_000)
+    scene = make_scene(0, "val")
+    assert scene.captions[0] in texts and scene.questions[0].question in texts and scene.questions[0].answer in texts
+
+
+def test_shards_mix_with_files_by_weight(shapes, tokenizer):
+    from vlm.data.datasets import RecordStream, StreamMixture
+
+    cfg = DataConfig(captions_per_image=1, questions_per_image=0)
+    from_files = Sampler(cfg, tokenizer, lambda im: torch.zeros(1), train=True)  # the tensor tells the source
+    from_shards = Sampler(cfg, tokenizer, lambda im: torch.ones(1), train=True)
+    records, _ = read_records(SourceConfig(str(shapes["captions"]), images=str(shapes["images"])))
+    files = RecordStream(RecordDataset(records, from_files, True), seed=0)
+    shards = ShardDataset(SourceConfig(str(shapes["shards"] / "00000.tar")), from_shards, strict=True)
+    items = [item for _, item in zip(range(400), StreamMixture([files, shards], [1.0, 3.0], seed=0), strict=False)]
+    assert [index for _, _, index in items] == list(range(400))  # endless: both outlast their NUM samples
+    assert abs(np.mean([image.item() for image, _, _ in items]) - 0.75) < 0.07
+
+
+def test_streamed_and_file_sources_make_training_batches(shapes, tokenizer):
+    from vlm.data.datasets import SourceDataModule
+
+    sources = [SourceConfig(str(shapes["shards"] / "00000.tar")),
+               SourceConfig(str(shapes["questions"]), images=str(shapes["images"]),
+                            annotations=str(shapes["annotations"]))]
+    cfg = DataConfig(sources=sources, batch_size=4, num_workers=0, questions_per_image=2)
+    transform = lambda im: torch.zeros(3, 8, 8)  # noqa: E731
+    data = SourceDataModule(cfg, SourceData(sources, strict=True), None, tokenizer, transform, transform)
+    batch = next(iter(data.train_dataloader()))
+    assert batch.images.shape == (4, 3, 8, 8) and batch.tasks == ["caption", "vqa"]
+    assert batch.ids[1].shape[0] == 8  # two question rows per image, empty ones for shard images without questions
+    assert data.val_dataloader() == []

@@ -1,0 +1,95 @@
+"""Encoder options: local weights, freezing (all, the last N stages), its own learning rate, non-square input,
+and the feature cache (training from cached maps equals training from images)."""
+
+from __future__ import annotations
+
+import timm
+import torch
+from safetensors.torch import save_file
+
+from tests.conftest import tiny_config
+from vlm.config import DataConfig, OptimConfig
+from vlm.data.builtin import SceneDataset, collate
+from vlm.data.features import CachedDataset, build_cache
+from vlm.data.transforms import image_transform
+from vlm.model.encoder import ImageEncoder
+from vlm.model.vlm import VisionLanguageModel
+from vlm.train.module import CaptionModule
+
+ARGS = {"channels": [8, 16, 32, 64]}
+
+
+def _trunk_state(seed: int) -> dict:
+    torch.manual_seed(seed)
+    return timm.create_model("resnet18", pretrained=False, **ARGS).state_dict()
+
+
+def test_local_weights_file_safetensors_and_state_dict(tmp_path):
+    state = _trunk_state(7)
+    save_file(state, tmp_path / "w.safetensors")
+    torch.save(state, tmp_path / "w.pth")
+    for name in ("w.safetensors", "w.pth"):
+        enc = ImageEncoder(tiny_config(weights=str(tmp_path / name)).encoder, 32)
+        loaded = enc.trunk.state_dict()
+        assert all(torch.equal(loaded[k], state[k]) for k in loaded)  # the pruned trunk's weights are the file's
+
+
+def test_frozen_encoder_stays_in_eval_and_gets_no_gradient(tokenizer):
+    model = VisionLanguageModel(tiny_config(trainable=False), len(tokenizer))
+    assert not model.encoder.trunk.training  # from construction: Lightning restores recorded modes directly
+    model.train()
+    assert not model.encoder.trunk.training and model.encoder.proj.training
+    assert not any(p.requires_grad for p in model.encoder.trunk.parameters())
+
+
+def test_train_last_unfreezes_only_the_last_stages():
+    enc = ImageEncoder(tiny_config(train_last=1).encoder, 32)  # level 2 keeps stem, layer1, layer2
+    trained = {n.split(".")[0] for n, p in enc.trunk.named_parameters() if p.requires_grad}
+    assert trained == {"layer2"}
+    vit = ImageEncoder(tiny_config(name="test_vit", feature_level=-1, model_args={}, train_last=2).encoder, 32)
+    blocks = {n.split(".")[1] for n, p in vit.trunk.named_parameters() if p.requires_grad and n.startswith("blocks")}
+    frozen_blocks = {n.split(".")[1] for n, p in vit.trunk.named_parameters()
+                     if not p.requires_grad and n.startswith("blocks")}
+    assert blocks and max(map(int, frozen_blocks)) < min(map(int, blocks))
+    assert not vit.trunk.patch_embed.proj.weight.requires_grad
+
+
+def test_encoder_has_its_own_learning_rate(tokenizer):
+    module = CaptionModule.create(tiny_config(), OptimConfig(lr=1e-3, encoder_lr=1e-5), tokenizer)
+    module.trainer = type("T", (), {"estimated_stepping_batches": 100})()
+    opt = module.configure_optimizers()["optimizer"]
+    trunk = {id(p) for p in module.model.encoder.trunk.parameters()}
+    for group in opt.param_groups:
+        in_trunk = {id(p) in trunk for p in group["params"]}
+        assert len(in_trunk) == 1 and group["initial_lr"] == (1e-5 if in_trunk.pop() else 1e-3)
+    decayed = [g for g in opt.param_groups if g["weight_decay"] > 0]
+    assert all(p.ndim >= 2 for g in decayed for p in g["params"])
+
+
+def test_non_square_images_give_a_non_square_grid(tokenizer):
+    model = VisionLanguageModel(tiny_config(image_size=[32, 64]), len(tokenizer)).eval()
+    transform = image_transform(model.encoder.trunk, [32, 64])
+    from PIL import Image
+
+    pixels = transform(Image.new("RGB", (300, 100))).unsqueeze(0)
+    assert pixels.shape == (1, 3, 32, 64)
+    _, grid = model.encode(pixels)
+    assert grid == (4, 8)  # stride 8
+
+
+def test_feature_cache_gives_the_same_loss_as_images(tmp_path, tokenizer):
+    torch.manual_seed(0)
+    module = CaptionModule.create(tiny_config(trainable=False), OptimConfig(), tokenizer).eval()
+    cfg = DataConfig(val_scenes=6)
+    dataset = SceneDataset("val", cfg, tokenizer, image_transform(module.model.encoder.trunk, 64), 64)
+    build_cache(tmp_path / "f.npy", dataset, module.model.encoder, batch_size=4)
+    again = build_cache(tmp_path / "f.npy", dataset, module.model.encoder, batch_size=4)  # reused, not rebuilt
+    assert again.shape[0] == 6
+    cached = CachedDataset(dataset, tmp_path / "f.npy")
+    from_images = collate([dataset[i] for i in range(6)], tokenizer.pad_id)
+    from_cache = collate([cached[i] for i in range(6)], tokenizer.pad_id, features=True)
+    assert all(torch.equal(a, b) for a, b in zip(from_images.ids, from_cache.ids, strict=True))
+    with torch.no_grad():
+        loss_images, _ = module._loss(from_images)
+        loss_cache, _ = module._loss(from_cache)
+    torch.testing.assert_close(loss_cache, loss_images, rtol=1e-5, atol=1e-6)

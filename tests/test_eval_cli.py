@@ -1,0 +1,134 @@
+"""`vlm eval --data` and `vlm ground` end to end on a tiny untrained model and the built-in scenes written as files."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from vlm.api import Captioner
+from vlm.cli import main
+from vlm.eval.caption import caption_evaluation
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer) -> str:
+    import torch
+
+    from tests.conftest import tiny_config
+    from vlm.model.vlm import VisionLanguageModel
+
+    torch.manual_seed(0)
+    model = VisionLanguageModel(tiny_config(), len(tokenizer)).eval()
+    return str(Captioner(model, tokenizer, device="cpu").save(tmp_path_factory.mktemp("model")))
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shapes")
+    assert main(["data", "shapes", "--out", str(out), "--num-images", "6"]) == 0
+    return out
+
+
+def _run(capsys, *args: str) -> tuple[int, dict | None, str]:
+    code = main(["eval", *args])
+    captured = capsys.readouterr()
+    return code, json.loads(captured.out) if code == 0 else None, captured.err
+
+
+def test_eval_a_model_on_coco_captions_writes_results_metrics_and_csv(model_dir, shapes, tmp_path, capsys) -> None:
+    out = tmp_path / "eval"
+    code, metrics, err = _run(capsys, "--model", model_dir, "--data", str(shapes / "captions.json"),
+                              "--images", str(shapes / "images"), "--out", str(out), "--java", "false")
+    assert code == 0, err
+    results = json.loads((out / "captions_results.json").read_text())
+    assert sorted(r["image_id"] for r in results) == list(range(1, 7))
+    assert all(isinstance(r["caption"], str) for r in results)
+    caption = metrics["caption"]
+    expected = {"BLEU-4", "ROUGE-L", "CIDEr-D", "identical_share", "distinct_1", "distinct_2", "mean_length"}
+    assert expected <= set(caption)
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    with open(out / "per_image.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 and {"image_id", "caption", "CIDEr-D"} <= set(rows[0])
+    # The printed corpus CIDEr-D is the mean of the per-image column.
+    assert caption["CIDEr-D"] == pytest.approx(sum(float(r["CIDEr-D"]) for r in rows) / 6)
+
+
+def test_eval_scores_a_results_file_like_the_metric_functions(shapes, tmp_path, capsys) -> None:
+    coco = json.loads((shapes / "captions.json").read_text())
+    refs: dict[int, list[str]] = {}
+    for a in coco["annotations"]:
+        refs.setdefault(a["image_id"], []).append(a["caption"])
+    predictions = {image_id: captions[1].upper() + "!" for image_id, captions in refs.items()}
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps([{"image_id": k, "caption": v} for k, v in predictions.items()]))
+    code, metrics, err = _run(capsys, "--results", str(results), "--data", str(shapes / "captions.json"),
+                              "--images", str(shapes / "images"), "--out", str(tmp_path / "o"), "--java", "false")
+    assert code == 0, err
+    expected, _ = caption_evaluation(predictions, refs)
+    assert {k: metrics["caption"][k] for k in expected} == pytest.approx(expected)
+    assert metrics["caption"]["BLEU-4"] > 0.5  # each prediction is one of its own references
+
+
+def test_eval_vqa_results_per_answer_type(shapes, tmp_path, capsys) -> None:
+    questions = json.loads((shapes / "questions.json").read_text())["questions"]
+    annotations = {a["question_id"]: a for a in json.loads((shapes / "annotations.json").read_text())["annotations"]}
+    # Right on every yes/no question, wrong on every other one.
+    results = [{"question_id": q["question_id"],
+                "answer": annotations[q["question_id"]]["multiple_choice_answer"]
+                if annotations[q["question_id"]]["answer_type"] == "yes/no" else "zebra"} for q in questions]
+    path = tmp_path / "vqa.json"
+    path.write_text(json.dumps(results))
+    code, metrics, err = _run(capsys, "--results", str(path), "--data", str(shapes / "questions.json"),
+                              "--annotations", str(shapes / "annotations.json"), "--images", str(shapes / "images"),
+                              "--out", str(tmp_path / "o"))
+    assert code == 0, err
+    vqa = metrics["vqa"]
+    assert vqa["accuracy/yes/no"] == 1.0 and vqa["accuracy/other"] == 0.0 and vqa["questions"] == len(questions)
+    share = sum(annotations[q["question_id"]]["answer_type"] == "yes/no" for q in questions) / len(questions)
+    assert vqa["accuracy"] == pytest.approx(share)
+
+
+def test_eval_with_regions_reports_grounding(model_dir, shapes, tmp_path, capsys) -> None:
+    code, metrics, err = _run(capsys, "--model", model_dir, "--data", str(shapes / "instances.json"),
+                              "--images", str(shapes / "images"), "--out", str(tmp_path / "o"), "--method", "rollout")
+    assert code == 0, err
+    grounding = metrics["grounding"]
+    assert grounding["method"] == "rollout" and grounding["phrases"] >= 6
+    assert 0 <= grounding["pointing_game"] <= 1 and 0 <= grounding["iou"] <= 1
+
+
+@pytest.mark.parametrize(("result", "needle"), [({"image_id": 999, "caption": "a cat"}, "999"),
+                                                ({"image_id": 1, "caption": 5}, "caption")])
+def test_bad_results_are_one_line_errors(shapes, tmp_path, capsys, result, needle) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps([result]))
+    code, _, err = _run(capsys, "--results", str(path), "--data", str(shapes / "captions.json"),
+                        "--images", str(shapes / "images"), "--out", str(tmp_path / "o"))
+    assert code == 1 and needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_ground_prints_json_and_draws_the_box(model_dir, shapes, tmp_path, capsys) -> None:
+    image = next((shapes / "images").iterdir())
+    code = main(["ground", "--model", model_dir, str(image), "a small red circle", "--out", str(tmp_path / "g"),
+                 "--method", "chefer"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    result = json.loads(captured.out)
+    assert result["tokens"] == ["a", "small", "red", "circle"] and len(result["box"]) == 4
+    assert Path(result["file"]) == tmp_path / "g" / "ground.png" and Path(result["file"]).is_file()
+
+
+def test_attend_takes_a_method_and_a_head(model_dir, shapes, tmp_path, capsys) -> None:
+    image = str(next((shapes / "images").iterdir()))
+    out = tmp_path / "a"
+    code = main(["attend", "--model", model_dir, image, "--out", str(out), "--method", "rollout", "--head", "1",
+                 "--beam", "1"])
+    assert code == 0, capsys.readouterr().err
+    maps = json.loads((out / "attention.json").read_text())["maps"]
+    assert maps and all(abs(sum(map(sum, m)) - 1.0) < 1e-4 for m in maps)  # rollout rows are distributions
+    code = main(["attend", "--model", model_dir, image, "--out", str(out), "--method", "chefer", "--head", "1"])
+    assert code == 1 and "head" in capsys.readouterr().err

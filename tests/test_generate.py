@@ -1,0 +1,210 @@
+"""Decoding options of generate(): each agrees with and without the cache, and does what it says."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from vlm import Captioner
+from vlm.cli import main
+from vlm.errors import VLMError
+from vlm.model.generate import generate
+
+OPTIONS = {
+    "greedy": {},
+    "beam_length_penalty": dict(beam_size=3, length_penalty=1.0),
+    "greedy_no_repeat": dict(no_repeat_ngram_size=2),
+    "beam_no_repeat": dict(beam_size=3, no_repeat_ngram_size=1),
+    "sample": dict(sample=True, seed=0),
+    "sample_temperature_top_k": dict(sample=True, temperature=1.5, top_k=5, seed=1),
+    "sample_top_p_no_repeat": dict(sample=True, top_p=0.8, no_repeat_ngram_size=2, seed=2),
+    "min_new_tokens": dict(min_new_tokens=5),
+}
+
+
+def _run(model, tokenizer, images, prompts, **kw):
+    kw.setdefault("max_new_tokens", 8)
+    return generate(model, images, prompts, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, **kw)
+
+
+def _prompts(tokenizer):  # of different lengths, so the batch is left-padded
+    return [tokenizer.caption_prompt(), tokenizer.question_prompt("what color is the circle?"),
+            tokenizer.question_prompt("how many red objects are there?")]
+
+
+def _repeats(tokens: list[int], n: int) -> bool:
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+@pytest.fixture
+def eos_model(tiny_model, tokenizer):
+    """The tiny model, made to prefer the end token strongly at every step."""
+    with torch.no_grad():
+        direction = torch.zeros(tiny_model.decoder.cfg.width)
+        direction[0] = 1.0
+        tiny_model.decoder.tok_emb.weight[tokenizer.eos_id] = 50 * direction
+        tiny_model.decoder.ln_f.bias.copy_(direction)
+    return tiny_model
+
+
+@pytest.mark.parametrize("name", OPTIONS)
+def test_every_option_gives_the_same_result_with_and_without_the_cache(tiny_model, tokenizer, name):
+    images = torch.randn(3, 3, 64, 64)
+    cached = _run(tiny_model, tokenizer, images, _prompts(tokenizer), return_attention=True, **OPTIONS[name])
+    uncached = _run(tiny_model, tokenizer, images, _prompts(tokenizer), return_attention=True, use_cache=False,
+                    **OPTIONS[name])
+    assert cached.tokens == uncached.tokens
+    assert all(len(t) > 0 for t in cached.tokens)
+    torch.testing.assert_close(torch.tensor(cached.scores), torch.tensor(uncached.scores), atol=1e-4, rtol=1e-4)
+    for a, b, tokens in zip(cached.attentions, uncached.attentions, cached.tokens, strict=True):
+        assert a.shape[0] == len(tokens)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("options", [dict(beam_size=3), dict(sample=True, seed=0)], ids=["beam", "sample"])
+def test_returned_attention_is_that_of_the_kept_sequence_read_again(tiny_model, tokenizer, options):
+    images, prompt = torch.randn(2, 3, 64, 64), tokenizer.caption_prompt()
+    gen = _run(tiny_model, tokenizer, images, [prompt] * 2, return_attention=True, **options)
+    for i, (tokens, attn) in enumerate(zip(gen.tokens, gen.attentions, strict=True)):
+        with torch.no_grad():
+            out = tiny_model(images[i:i + 1], torch.tensor([prompt + tokens]), need_weights=True)
+        # the position before each generated token predicted it
+        again = torch.stack([w[0, :, len(prompt) - 1:-1] for w in out.cross_attentions], dim=1)  # (H, L, T, N)
+        torch.testing.assert_close(attn, again.permute(2, 1, 0, 3), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["sample_temperature_top_k", "sample_top_p_no_repeat", "beam_no_repeat"])
+def test_batched_equals_one_image_at_a_time(tiny_model, tokenizer, name):
+    images, prompts = torch.randn(3, 3, 64, 64), _prompts(tokenizer)
+    options = dict(OPTIONS[name])
+    seed = options.pop("seed", None)
+    batched = _run(tiny_model, tokenizer, images, prompts, seed=seed, **options)
+    for i in range(3):  # image i of a batch samples with seed + i
+        single = _run(tiny_model, tokenizer, images[i:i + 1], prompts[i:i + 1],
+                      seed=None if seed is None else [seed + i], **options)
+        assert single.tokens[0] == batched.tokens[i]
+
+
+def test_a_seed_reproduces_a_sample_and_other_seeds_differ(tiny_model, tokenizer):
+    images = torch.randn(4, 3, 64, 64)
+    prompts = [tokenizer.caption_prompt()] * 4
+    first = _run(tiny_model, tokenizer, images, prompts, sample=True, seed=7)
+    assert _run(tiny_model, tokenizer, images, prompts, sample=True, seed=7).tokens == first.tokens
+    others = [_run(tiny_model, tokenizer, images, prompts, sample=True, seed=s).tokens for s in (8, 100, 200)]
+    assert any(o != first.tokens for o in others)
+    assert first.tokens != _run(tiny_model, tokenizer, images, prompts).tokens  # not greedy in disguise
+
+
+@pytest.mark.parametrize("options", [dict(top_k=1), dict(top_p=1e-6), dict(temperature=1e-4)],
+                         ids=["top_k_1", "top_p_tiny", "temperature_tiny"])
+def test_sampling_that_keeps_only_the_best_token_is_greedy(tiny_model, tokenizer, options):
+    images = torch.randn(3, 3, 64, 64)
+    greedy = _run(tiny_model, tokenizer, images, _prompts(tokenizer))
+    sampled = _run(tiny_model, tokenizer, images, _prompts(tokenizer), sample=True, seed=3, **options)
+    assert sampled.tokens == greedy.tokens
+    torch.testing.assert_close(torch.tensor(sampled.scores), torch.tensor(greedy.scores))
+
+
+def test_sampled_first_tokens_follow_the_filtered_distribution(tiny_model, tokenizer):
+    n, temperature, top_k = 2000, 2.0, 3
+    image = torch.randn(1, 3, 64, 64)
+    prompt = tokenizer.caption_prompt()
+    with torch.no_grad():
+        logits = tiny_model(image, torch.tensor([prompt])).logits[0, -1]  # (V,)
+    top = (logits / temperature).topk(top_k)
+    expected = top.values.softmax(-1)
+    gen = _run(tiny_model, tokenizer, image.expand(n, -1, -1, -1), [prompt] * n, max_new_tokens=1, sample=True,
+               temperature=temperature, top_k=top_k, seed=0)
+    first = torch.tensor([t[0] if t else tokenizer.eos_id for t in gen.tokens])
+    assert set(first.tolist()) <= set(top.indices.tolist())
+    observed = torch.stack([(first == i).float().mean() for i in top.indices])
+    torch.testing.assert_close(observed, expected, atol=0.035, rtol=0)  # 3 standard errors
+
+
+@pytest.mark.parametrize("options", [dict(), dict(beam_size=3), dict(sample=True, top_k=3, seed=0)],
+                         ids=["greedy", "beam", "sample"])
+@pytest.mark.parametrize("n", [1, 2])
+def test_no_repeat_ngram_forbids_repeats(tiny_model, tokenizer, options, n):
+    images = torch.randn(4, 3, 64, 64)
+    prompts = [tokenizer.caption_prompt()] * 4
+    free = _run(tiny_model, tokenizer, images, prompts, max_new_tokens=16, **options)
+    assert any(_repeats(t, n) for t in free.tokens)  # the random model does repeat itself
+    banned = _run(tiny_model, tokenizer, images, prompts, max_new_tokens=16, no_repeat_ngram_size=n, **options)
+    assert not any(_repeats(t, n) for t in banned.tokens)
+    assert all(len(t) > 0 for t in banned.tokens)
+
+
+def test_min_new_tokens_delays_the_end_and_generation_stops_when_all_end(eos_model, tokenizer):
+    calls = []
+    eos_model.decoder.register_forward_hook(lambda *_: calls.append(1))
+    images, prompts = torch.randn(2, 3, 64, 64), [tokenizer.caption_prompt()] * 2
+    assert _run(eos_model, tokenizer, images, prompts, max_new_tokens=20).tokens == [[], []]
+    assert len(calls) == 1  # everything ended at the first step: no further decoder calls
+    for options in (dict(), dict(beam_size=2), dict(sample=True, seed=0)):
+        gen = _run(eos_model, tokenizer, images, prompts, max_new_tokens=20, min_new_tokens=4, **options)
+        assert [len(t) for t in gen.tokens] == [4, 4]
+        assert tokenizer.eos_id not in sum(gen.tokens, [])
+
+
+def test_a_larger_length_penalty_never_picks_a_shorter_beam(tiny_model, tokenizer):
+    torch.manual_seed(1)
+    images = torch.randn(6, 3, 64, 64)
+    prompts = [tokenizer.caption_prompt()] * 6
+    with torch.no_grad():  # make the end token likely enough that beams end at various lengths
+        tiny_model.decoder.tok_emb.weight[tokenizer.eos_id] = 0.0
+        tiny_model.decoder.tok_emb.weight[tokenizer.eos_id, 0] = 1.0
+    lengths = [[len(t) for t in _run(tiny_model, tokenizer, images, prompts, beam_size=4, length_penalty=lp).tokens]
+               for lp in (0.0, 1.0, 3.0)]
+    for shorter, longer in zip(lengths, lengths[1:], strict=False):
+        assert all(a <= b for a, b in zip(shorter, longer, strict=True))
+    assert lengths[0] != lengths[-1]  # the penalty did change some choices
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(temperature=0.0), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_k=-1), "top_k"),
+    (dict(sample=True, beam_size=2), "beam_size 1"), (dict(no_repeat_ngram_size=-2), "no_repeat_ngram_size"),
+])
+def test_bad_options_are_refused_by_name(tiny_model, tokenizer, bad, message):
+    with pytest.raises(ValueError, match=message):
+        _run(tiny_model, tokenizer, torch.randn(1, 3, 64, 64), [tokenizer.caption_prompt()], **bad)
+
+
+def _images(n: int) -> list[Image.Image]:
+    g = torch.Generator().manual_seed(0)
+    return [Image.fromarray(torch.randint(0, 256, (64, 64, 3), generator=g, dtype=torch.uint8).numpy())
+            for _ in range(n)]
+
+
+def test_api_samples_do_not_depend_on_the_batch_size(tiny_model, tokenizer):
+    captioner = Captioner(tiny_model, tokenizer, device="cpu")
+    images = _images(3)
+    whole = captioner.caption(images, sample=True, seed=5, top_p=0.9)
+    assert captioner.caption(images, sample=True, seed=5, top_p=0.9, batch_size=2) == whole
+    assert captioner.caption(images[1:], sample=True, seed=6, top_p=0.9) == whole[1:]  # image i uses seed + i
+    assert captioner.caption(images, sample=True, seed=5, top_k=1) == captioner.caption(images)
+    with pytest.raises(VLMError, match="temperature"):
+        captioner.caption(images, sample=True, temperature=-1.0)
+
+
+def test_cli_passes_decoding_flags(tiny_model, tokenizer, tmp_path, capsys):
+    captioner = Captioner(tiny_model, tokenizer, device="cpu")
+    model_dir = captioner.save(tmp_path / "model")
+    paths = []
+    for i, image in enumerate(_images(2)):
+        paths.append(str(tmp_path / f"{i}.png"))
+        image.save(paths[-1])
+    cases = [
+        (["--sample", "--seed", "3", "--top-k", "5", "--temperature", "1.5", "--top-p", "0.9"],
+         dict(sample=True, seed=3, top_k=5, temperature=1.5, top_p=0.9)),
+        (["--beam", "3", "--length-penalty", "1.0", "--no-repeat-ngram", "2"],
+         dict(beam_size=3, length_penalty=1.0, no_repeat_ngram_size=2)),
+    ]
+    for flags, options in cases:
+        assert main(["caption", "--model", str(model_dir), *paths, *flags]) == 0
+        assert capsys.readouterr().out.splitlines() == captioner.caption(paths, **options)
+    assert main(["ask", "--model", str(model_dir), paths[0], "what shape is it?", "--sample", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.strip() == captioner.ask(paths[0], "what shape is it?", sample=True, seed=1)[0]
+    assert main(["caption", "--model", str(model_dir), paths[0], "--sample", "--temperature", "0"]) == 1
+    assert "temperature" in capsys.readouterr().err

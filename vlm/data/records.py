@@ -1,0 +1,331 @@
+"""Captioning and VQA datasets on disk, read into one record type.
+
+Formats (``SourceConfig.format``; "auto" tells them apart from the file):
+
+- ``coco``: COCO captions (``captions_*.json``) or instances (``instances_*.json``, boxes become regions named by
+  their category) through pycocotools, with the image folder.
+- ``karpathy``: the ``dataset_coco.json`` split file (also Flickr8k/30k); ``split`` picks train (with restval),
+  val or test from the file's own split field.
+- ``vqa``: VQA v2 questions JSON (``path``) and annotations JSON (``annotations``) with the image folder; all ten
+  human answers are kept for scoring.
+- ``jsonl``: one JSON object per line with "image" (relative to the file, or absolute) and "captions": [...] and/or
+  "question" + "answers": [...], optionally "regions": [{"phrase", "bbox": [x, y, w, h]}]; lines naming the same
+  image are merged into one record.
+- ``webdataset``: tar shards (img2dataset layout) streamed by ``vlm.data.shards``, not read into records here.
+
+Every problem is reported with its file (and line, or record) so it can be found: with ``strict`` the first one
+raises, otherwise bad records are skipped and counted in ``Report``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vlm.config import SourceConfig
+from vlm.errors import VLMError
+
+__all__ = ["Question", "Record", "Region", "Report", "SourceConfig", "detect_format", "read_records"]
+
+FORMATS = ("auto", "coco", "karpathy", "vqa", "jsonl", "webdataset")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+@dataclass
+class Region:
+    phrase: str
+    bbox: tuple[float, float, float, float]
+    """(x, y, w, h) in pixels of the original image."""
+
+
+@dataclass
+class Question:
+    question: str
+    answers: list[str]
+    """Every human answer (VQA v2 has ten); training learns the most frequent one."""
+    question_id: int | str | None = None
+    answer_type: str | None = None
+    """VQA v2's "yes/no", "number" or "other", when known."""
+
+    @property
+    def answer(self) -> str:
+        """The most frequent answer (the first among equals): the training target."""
+        return Counter(self.answers).most_common(1)[0][0]
+
+
+@dataclass
+class Record:
+    image: str
+    """Image file path."""
+    image_id: int | str
+    captions: list[str] = field(default_factory=list)
+    questions: list[Question] = field(default_factory=list)
+    regions: list[Region] = field(default_factory=list)
+    where: str = ""
+    """Where the record comes from ("file:line" or "file: image N"), for messages."""
+
+
+@dataclass
+class Report:
+    """What reading a source found: records kept, and problems (each "where: what")."""
+
+    records: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def skipped(self) -> int:
+        return len(self.problems)
+
+
+class _Problems:
+    """Raise at the first problem (strict) or collect them."""
+
+    def __init__(self, strict: bool, report: Report):
+        self.strict, self.report = strict, report
+
+    def __call__(self, message: str) -> None:
+        if self.strict:
+            raise VLMError(message)
+        self.report.problems.append(message)
+
+
+def detect_format(source: SourceConfig) -> str:
+    """The format of a source whose ``format`` is "auto", from its path and, for JSON, its top-level keys."""
+    if source.format != "auto":
+        if source.format not in FORMATS:
+            raise VLMError(f"data format {source.format!r} is not one of {', '.join(FORMATS)}")
+        return source.format
+    path = source.path
+    if path.endswith(".tar") or path.endswith("}") or "://" in path:
+        return "webdataset"
+    if path.endswith(".jsonl"):
+        return "jsonl"
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise VLMError(f"{path}: expected a JSON object (COCO, Karpathy or VQA layout)")
+    if "questions" in data:
+        return "vqa"
+    if "images" in data and data["images"] and "sentences" in data["images"][0]:
+        return "karpathy"
+    if "annotations" in data and "images" in data:
+        return "coco"
+    raise VLMError(f"{path}: cannot tell the format (no 'questions', 'images'/'annotations' or Karpathy "
+                   "'sentences'); set format")
+
+
+def read_records(source: SourceConfig, strict: bool = True, check_images: bool = True) -> tuple[list[Record], Report]:
+    """All records of a file-based source, and a report of what was skipped (never silently)."""
+    fmt = detect_format(source)
+    report = Report()
+    problem = _Problems(strict, report)
+    if fmt == "coco":
+        records = _read_coco(source, problem)
+    elif fmt == "karpathy":
+        records = _read_karpathy(source, problem)
+    elif fmt == "vqa":
+        records = _read_vqa(source, problem)
+    elif fmt == "jsonl":
+        records = _read_jsonl(source, problem)
+    else:
+        raise VLMError(f"{source.path}: {fmt} sources are streamed, not read into records")
+    kept = []
+    for r in records:
+        if check_images and not os.path.isfile(r.image):
+            problem(f"{r.where}: image file {r.image} not found")
+        elif not r.captions and not r.questions and not r.regions:
+            problem(f"{r.where}: no captions, questions or regions")
+        else:
+            kept.append(r)
+    report.records = len(kept)
+    return kept, report
+
+
+def _read_json(path: str | os.PathLike):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise VLMError(f"{path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise VLMError(f"{path}: invalid JSON ({e})") from None
+    except IsADirectoryError:
+        raise VLMError(f"{path}: is a directory, expected an annotation file") from None
+
+
+def _image_dir(source: SourceConfig) -> Path:
+    if source.images is None:
+        raise VLMError(f"{source.path}: give the image folder (images) for this format")
+    folder = Path(source.images)
+    if not folder.is_dir():
+        raise VLMError(f"{folder}: image folder not found")
+    return folder
+
+
+def _clean(text, where: str, what: str, problem: _Problems) -> str | None:
+    """A stripped non-empty string, or None after reporting the problem."""
+    if not isinstance(text, str) or not text.strip():
+        problem(f"{where}: empty or missing {what}")
+        return None
+    return " ".join(text.split())
+
+
+def _read_coco(source: SourceConfig, problem: _Problems) -> list[Record]:
+    from pycocotools.coco import COCO
+
+    _read_json(source.path)  # clear errors for missing or broken files before pycocotools prints anything
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        try:
+            coco = COCO(source.path)
+        except (KeyError, TypeError, AssertionError) as e:
+            raise VLMError(f"{source.path}: not a COCO annotation file ({e.__class__.__name__}: {e})") from None
+    folder = _image_dir(source)
+    categories = {c["id"]: c["name"] for c in coco.dataset.get("categories", [])}
+    records = []
+    for image_id in sorted(coco.imgs):
+        info = coco.imgs[image_id]
+        where = f"{source.path}: image {image_id}"
+        if "file_name" not in info:
+            problem(f"{where}: no file_name")
+            continue
+        record = Record(str(folder / info["file_name"]), image_id, where=where)
+        for ann in coco.imgToAnns.get(image_id, []):
+            if "caption" in ann:
+                text = _clean(ann["caption"], f"{where} annotation {ann.get('id')}", "caption", problem)
+                if text:
+                    record.captions.append(text)
+            elif "bbox" in ann:
+                name = categories.get(ann.get("category_id"))
+                if name is None:
+                    problem(f"{where} annotation {ann.get('id')}: unknown category_id {ann.get('category_id')}")
+                    continue
+                record.regions.append(Region(name, tuple(float(v) for v in ann["bbox"])))
+        records.append(record)
+    return records
+
+
+def _read_karpathy(source: SourceConfig, problem: _Problems) -> list[Record]:
+    data = _read_json(source.path)
+    folder = _image_dir(source)
+    splits = {"train": {"train", "restval"}, "val": {"val"}, "test": {"test"},
+              None: {"train", "restval", "val", "test"}}
+    if source.split not in splits:
+        raise VLMError(f"{source.path}: split {source.split!r} is not one of train, val, test")
+    records = []
+    for n, image in enumerate(data.get("images", [])):
+        if image.get("split") not in splits[source.split]:
+            continue
+        where = f"{source.path}: images[{n}]"
+        if "filename" not in image:
+            problem(f"{where}: no filename")
+            continue
+        path = folder / image.get("filepath", "") / image["filename"]
+        captions = [t for s in image.get("sentences", [])
+                    if (t := _clean(s.get("raw"), where, "sentence", problem))]
+        records.append(Record(str(path), image.get("cocoid", image.get("imgid", n)), captions, where=where))
+    return records
+
+
+def _image_index(folder: Path) -> dict[str, Path]:
+    """File stem -> path of every image in a folder (VQA names images by id only)."""
+    return {p.stem: p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+
+
+def _read_vqa(source: SourceConfig, problem: _Problems) -> list[Record]:
+    questions = _read_json(source.path)
+    if "questions" not in questions:
+        raise VLMError(f"{source.path}: not a VQA questions file (no 'questions')")
+    answers: dict = {}
+    if source.annotations:
+        annotations = _read_json(source.annotations)
+        if "annotations" not in annotations:
+            raise VLMError(f"{source.annotations}: not a VQA annotations file (no 'annotations')")
+        answers = {a["question_id"]: a for a in annotations["annotations"]}
+    folder = _image_dir(source)
+    index = _image_index(folder)
+    subtype = questions.get("data_subtype", "")
+    by_image: dict = {}
+    for n, q in enumerate(questions["questions"]):
+        where = f"{source.path}: questions[{n}]"
+        text = _clean(q.get("question"), where, "question", problem)
+        if text is None:
+            continue
+        image_id, qid = q.get("image_id"), q.get("question_id")
+        ann = answers.get(qid)
+        if source.annotations and ann is None:
+            problem(f"{where}: question_id {qid} has no annotation in {source.annotations}")
+            continue
+        given = [a["answer"] for a in ann["answers"]] if ann else []
+        if ann and not [a for a in given if a.strip()]:
+            problem(f"{where}: question_id {qid} has no answers")
+            continue
+        if image_id not in by_image:
+            stems = (f"COCO_{subtype}_{image_id:012d}" if isinstance(image_id, int) else None,
+                     f"{image_id:012d}" if isinstance(image_id, int) else None, str(image_id))
+            path = next((index[s] for s in stems if s in index), folder / f"COCO_{subtype}_{image_id}.jpg")
+            by_image[image_id] = Record(str(path), image_id, where=where)
+        by_image[image_id].questions.append(
+            Question(text, given, qid, ann.get("answer_type") if ann else None))
+    return list(by_image.values())
+
+
+def _read_jsonl(source: SourceConfig, problem: _Problems) -> list[Record]:
+    path = Path(source.path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise VLMError(f"{path}: no such file") from None
+    except (UnicodeDecodeError, IsADirectoryError) as e:
+        raise VLMError(f"{path}: cannot read ({e.__class__.__name__})") from None
+    base = Path(source.images) if source.images else path.parent
+    by_image: dict[str, Record] = {}
+    for n, line in enumerate(lines, 1):
+        where = f"{path}:{n}"
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            problem(f"{where}: invalid JSON ({e.msg})")
+            continue
+        if not isinstance(obj, dict) or not isinstance(obj.get("image"), str):
+            problem(f"{where}: each line must be an object with an \"image\" path")
+            continue
+        image = str(base / obj["image"])  # an absolute "image" stays absolute
+        captions = obj.get("captions", [obj["caption"]] if "caption" in obj else [])
+        if not isinstance(captions, list):
+            problem(f"{where}: \"captions\" must be a list of strings")
+            continue
+        captions = [_clean(c, where, "caption", problem) for c in captions]
+        if None in captions:
+            continue
+        questions = []
+        if "question" in obj:
+            text = _clean(obj["question"], where, "question", problem)
+            answers = obj.get("answers", [obj["answer"]] if "answer" in obj else None)
+            if text is None:
+                continue
+            if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip()
+                                                                       for a in answers):
+                problem(f"{where}: a question needs \"answers\": a non-empty list of non-empty strings")
+                continue
+            questions.append(Question(text, [" ".join(a.split()) for a in answers], obj.get("question_id"),
+                                      obj.get("answer_type")))
+        regions = []
+        for r in obj.get("regions", []):
+            bbox = r.get("bbox") if isinstance(r, dict) else None
+            if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)
+                    and isinstance(r.get("phrase"), str)):
+                problem(f"{where}: a region needs \"phrase\" and \"bbox\": [x, y, w, h]")
+                break
+            regions.append(Region(r["phrase"], tuple(float(v) for v in bbox)))
+        else:
+            record = by_image.setdefault(image, Record(image, obj.get("image_id", obj["image"]), where=where))
+            record.captions += captions
+            record.questions += questions
+            record.regions += regions
+    return list(by_image.values())

@@ -1,0 +1,179 @@
+"""Grounding scores of a model's token maps against true boxes, and a faithfulness check by deleting patches.
+
+A *case* is an image, the regions (phrase, box) to find in it, and optionally a caption that names the phrases
+(the built-in scenes' first reference caption does). With a caption, it is fed through the decoder and each
+phrase's map is the mean of its tokens' maps inside it; without one, each phrase is fed alone after the caption
+prompt (as `vlm ground` does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vlm.api import Captioner
+from vlm.data.images import ImageLike, load_image
+from vlm.errors import VLMError
+from vlm.grounding.maps import Box, box_from_map, combine, iou, mass_in_box, pointing_hit
+from vlm.grounding.methods import check_layers, combine_layers
+
+DELETION_FRACTIONS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
+
+
+@dataclass
+class GroundingCase:
+    image: ImageLike
+    regions: list[tuple[str, Box]]
+    """(phrase, (x, y, w, h) box in pixels of the image)."""
+    text: str | None = None
+
+
+@dataclass
+class _Phrase:
+    case: int
+    image: object
+    size: tuple[int, int]
+    text: str
+    span: tuple[int, int]  # the phrase's token positions in the text
+    box: Box
+
+
+def _find(seq: list[int], sub: list[int]) -> int | None:
+    return next((i for i in range(len(seq) - len(sub) + 1) if seq[i:i + len(sub)] == sub), None)
+
+
+def _phrases(captioner: Captioner, cases: Sequence[GroundingCase]) -> list[_Phrase]:
+    tok = captioner.tokenizer
+    out = []
+    for n, case in enumerate(cases):
+        image = load_image(case.image)
+        for phrase, box in case.regions:
+            text = case.text if case.text is not None else phrase
+            ids, sub = tok.encode(text), tok.encode(phrase)
+            at = _find(ids, sub) if sub else None
+            if at is None:
+                raise VLMError(f"phrase {phrase!r} is not in the text {text!r}")
+            out.append(_Phrase(n, image, image.size, text, (at, at + len(sub)), box))
+    return out
+
+
+def _phrase_layer_maps(captioner: Captioner, phrases: Sequence[_Phrase], method: str,
+                       head: int | None) -> list[np.ndarray]:
+    """Each phrase's tokens' per-layer parts (L, len(phrase), h, w); each (case, text) is decoded once."""
+    keys = list(dict.fromkeys((p.case, p.text) for p in phrases))
+    first = {key: next(p for p in phrases if (p.case, p.text) == key) for key in keys}
+    maps = captioner.text_maps([first[k].image for k in keys], [k[1] for k in keys], method=method, head=head,
+                               per_layer=True)
+    by_key = dict(zip(keys, maps, strict=True))
+    return [by_key[(p.case, p.text)][:, p.span[0]:p.span[1]] for p in phrases]
+
+
+def _combine(parts: np.ndarray, method: str, layers: Sequence[int]) -> np.ndarray:
+    """(L, n, h, w) parts of a phrase's n tokens -> the phrase's (h, w) map: layers combined, tokens averaged."""
+    L, n, h, w = parts.shape
+    tokens = combine_layers(torch.from_numpy(parts).reshape(L, n, h * w), method, layers)  # (n, N)
+    return combine(tokens.numpy().reshape(n, h, w))
+
+
+def _layers(captioner: Captioner, layers: Sequence[int] | None) -> list[int]:
+    model = captioner.model
+    try:
+        return check_layers(layers or model.cfg.attention_layers or range(len(model.decoder.blocks)),
+                            len(model.decoder.blocks))
+    except ValueError as e:
+        raise VLMError(str(e)) from None
+
+
+def phrase_maps(captioner: Captioner, cases: Sequence[GroundingCase], method: str = "raw",
+                layers: Sequence[int] | None = None, head: int | None = None) -> list[np.ndarray]:
+    """The (h, w) map of each region's phrase, in order: its tokens' maps, made by ``method``, averaged."""
+    phrases = _phrases(captioner, cases)
+    chosen = _layers(captioner, layers)
+    return [_combine(parts, method, chosen) for parts in _phrase_layer_maps(captioner, phrases, method, head)]
+
+
+def grounding_scores(captioner: Captioner, cases: Sequence[GroundingCase], method: str = "raw",
+                     layers: Sequence[int] | None = None, head: int | None = None,
+                     box_fraction: float = 0.5) -> dict[str, float]:
+    """Pointing game (the map's peak inside the box), share of map mass inside the box, and IoU of the map's box
+    (`box_from_map` at ``box_fraction`` of the peak) with the true box, averaged over all phrases."""
+    return grounding_by_layers(captioner, cases, method, [layers], head, box_fraction)[0]
+
+
+def grounding_by_layers(captioner: Captioner, cases: Sequence[GroundingCase], method: str,
+                        choices: Sequence[Sequence[int] | None], head: int | None = None,
+                        box_fraction: float = 0.5) -> list[dict[str, float]]:
+    """`grounding_scores` for each choice of layers, decoding every text once (see `layer_maps`)."""
+    phrases = _phrases(captioner, cases)
+    if not phrases:
+        raise VLMError("no regions to ground")
+    chosen = [_layers(captioner, layers) for layers in choices]
+    parts = _phrase_layer_maps(captioner, phrases, method, head)
+    results = []
+    for layers in chosen:
+        hits, masses, ious = [], [], []
+        for p, part in zip(phrases, parts, strict=True):
+            m = _combine(part, method, layers)
+            hits.append(pointing_hit(m, p.box, p.size))
+            masses.append(mass_in_box(m, p.box, p.size))
+            ious.append(iou(box_from_map(m, p.size, box_fraction), p.box))
+        results.append({"pointing_game": float(np.mean(hits)), "mass_in_box": float(np.mean(masses)),
+                        "iou": float(np.mean(ious)), "iou>=0.5": float(np.mean(np.array(ious) >= 0.5)),
+                        "phrases": len(hits)})
+    return results
+
+
+def deletion_curves(captioner: Captioner, cases: Sequence[GroundingCase], method: str = "raw",
+                    layers: Sequence[int] | None = None, fractions: Sequence[float] = DELETION_FRACTIONS,
+                    seed: int = 0, batch_size: int = 64) -> dict[str, object]:
+    """Faithfulness: the phrase's probability as its most-attended patches are deleted first, against random order.
+
+    Deleting a patch removes its key and value from every cross-attention layer, so the decoder cannot read it.
+    The probability is the mean over the phrase's tokens of p(token | text before it). Returns both mean curves
+    (one value per fraction deleted) and their areas (the mean over fractions): a faithful map gives the smaller
+    "area_attention" than "area_random".
+    """
+    phrases = _phrases(captioner, cases)
+    maps = phrase_maps(captioner, cases, method, layers)
+    rng = np.random.default_rng(seed)
+    curves = {"attention": [], "random": []}
+    for start in range(0, len(phrases), batch_size):
+        chunk = phrases[start:start + batch_size]
+        orders = {"attention": [np.argsort(-maps[start + i].ravel(), kind="stable") for i in range(len(chunk))],
+                  "random": [rng.permutation(maps[start + i].size) for i in range(len(chunk))]}
+        for name, order in orders.items():
+            curves[name].append(_deletion_probs(captioner, chunk, np.stack(order), fractions))
+    result = {name: np.concatenate(c).mean(0) for name, c in curves.items()}  # (fractions,)
+    return {"fractions": list(fractions), "curve_attention": result["attention"].tolist(),
+            "curve_random": result["random"].tolist(), "area_attention": float(result["attention"].mean()),
+            "area_random": float(result["random"].mean()), "phrases": len(phrases)}
+
+
+def _deletion_probs(captioner: Captioner, phrases: Sequence[_Phrase], order: np.ndarray,
+                    fractions: Sequence[float]) -> np.ndarray:
+    """(len(phrases), len(fractions)) mean phrase-token probability with the first patches of order deleted."""
+    tok, model = captioner.tokenizer, captioner.model
+    seqs = [[*tok.caption_prompt(), *tok.encode(p.text)] for p in phrases]
+    ids = torch.full((len(seqs), max(map(len, seqs))), tok.pad_id, dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, :len(seq)] = torch.tensor(seq)
+    ids = ids.to(captioner.device)
+    prompt = len(tok.caption_prompt())
+    pixels = torch.stack([captioner.transform(p.image) for p in phrases]).to(captioner.device)
+    out = np.zeros((len(phrases), len(fractions)))
+    with torch.no_grad():
+        image_kv, grid = model.encode(pixels)
+        N = image_kv[0][0].shape[2]
+        for j, fraction in enumerate(fractions):
+            keep = np.sort(order[:, round(fraction * N):], axis=1)  # (S, N - k) patches left
+            index = torch.as_tensor(keep, device=ids.device)[:, None, :, None]  # (S, 1, N - k, 1)
+            kv = [tuple(t.gather(2, index.expand(-1, t.shape[1], -1, t.shape[3])) for t in pair)
+                  for pair in image_kv]
+            probs = model.decode(kv, grid, ids).logits.softmax(-1)  # (S, T, V)
+            for row, p in enumerate(phrases):
+                positions = torch.arange(p.span[0], p.span[1], device=ids.device) + prompt
+                out[row, j] = probs[row, positions - 1, ids[row, positions]].mean().item()
+    return out

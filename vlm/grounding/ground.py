@@ -1,0 +1,51 @@
+"""Find a phrase in an image: the phrase's map (its tokens fed after the caption prompt), a box, and an overlay."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from PIL import ImageDraw
+
+from vlm.api import Captioner
+from vlm.data.images import ImageLike, load_image
+from vlm.errors import VLMError
+from vlm.grounding.maps import box_from_map, combine, peak
+from vlm.grounding.overlay import overlay
+
+GROUND_FILE = "ground.png"
+
+
+def ground(captioner: Captioner, image: ImageLike, phrase: str, method: str = "raw",
+           layers: Sequence[int] | None = None, head: int | None = None, threshold: float = 0.5,
+           out_dir: str | os.PathLike | None = None) -> dict:
+    """The phrase's box ``[x, y, w, h]`` (pixels of the image), peak and tokens, as a JSON-ready dict.
+
+    The map is the mean of the phrase tokens' maps; the box encloses the connected region around its peak where
+    the map is at least ``threshold`` of the peak. With ``out_dir``, the overlay with the box drawn is written to
+    ``out_dir/ground.png`` (only there).
+    """
+    if not phrase.strip():
+        raise VLMError("phrase: empty")
+    if not 0.0 < threshold <= 1.0:
+        raise VLMError(f"threshold: expected a fraction in (0, 1], got {threshold}")
+    pil = load_image(image)
+    tokens = captioner.tokenizer.tokens(captioner.tokenizer.encode(phrase))
+    if not tokens:
+        raise VLMError(f"phrase {phrase!r} has no tokens")
+    (maps,) = captioner.text_maps([pil], [phrase], layers, method, head)
+    phrase_map = combine(maps)
+    box = box_from_map(phrase_map, pil.size, threshold)
+    x, y = peak(phrase_map, pil.size)
+    result = {"phrase": phrase, "tokens": tokens, "method": method, "box": [round(v, 2) for v in box],
+              "peak": [x, y], "image_size": list(pil.size), "grid": list(phrase_map.shape)}
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        drawn = overlay(pil, phrase_map)
+        ImageDraw.Draw(drawn).rectangle([box[0], box[1], box[0] + box[2] - 1, box[1] + box[3] - 1],
+                                        outline=(0, 255, 0), width=max(1, round(max(pil.size) / 100)))
+        drawn.save(out / GROUND_FILE)
+        result["file"] = str(out / GROUND_FILE)
+    return result

@@ -1,0 +1,115 @@
+"""One thread owns the model: requests wait in a queue, and concurrent caption or ask requests run as one batch."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import defaultdict, deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from vlm.api import Captioner
+
+
+@dataclass
+class Job:
+    """A request for the model thread: ``kind`` is caption, ask, attend or ground."""
+
+    kind: str
+    args: dict[str, Any]
+    future: Future = field(default_factory=Future)
+
+
+class ModelWorker:
+    """Runs every model call on one thread, so the model is never used by two requests at once.
+
+    Jobs that arrive while the model is busy are taken together: caption jobs with the same beam size go into
+    one ``Captioner.caption`` call, ask jobs into one ``Captioner.ask`` call (batched generation gives the same
+    tokens as one image at a time); attend and ground jobs run one by one.
+    """
+
+    def __init__(self, captioner: Captioner, max_batch: int = 16):
+        self.captioner = captioner
+        self.max_batch = max_batch
+        self.batches: deque[tuple[str, int]] = deque(maxlen=1000)  # (kind, size) of recent model calls, newest last
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="vlm-model", daemon=True)
+        self._thread.start()
+
+    def submit(self, kind: str, **args: Any) -> Future:
+        """Queue a job; its future holds the result (or the exception the model call raised)."""
+        if not self._thread.is_alive():
+            raise RuntimeError("the model worker has stopped")
+        job = Job(kind, args)
+        self._queue.put(job)
+        return job.future
+
+    def pending(self) -> int:
+        """Jobs waiting for the model thread."""
+        return self._queue.qsize()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Finish the queued jobs, then stop the thread."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            jobs, stop = [job], False
+            while len(jobs) < self.max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                jobs.append(nxt)
+            for group in _groups([j for j in jobs if j.future.set_running_or_notify_cancel()]):
+                self._execute(group)
+            if stop:
+                return
+
+    def _execute(self, group: list[Job]) -> None:
+        kind, c = group[0].kind, self.captioner
+        calls: dict[str, Callable[[list[Job]], list[Any]]] = {
+            "caption": lambda js: c.caption([j.args["image"] for j in js], beam_size=js[0].args["beam_size"]),
+            "ask": lambda js: c.ask([j.args["image"] for j in js], [j.args["question"] for j in js],
+                                    beam_size=js[0].args["beam_size"]),
+            "attend": lambda js: [c.attend(**js[0].args)],
+            "ground": lambda js: [_ground(c, **js[0].args)],
+        }
+        try:
+            self.batches.append((kind, len(group)))
+            results = calls[kind](group)
+        except Exception as e:  # one bad job must not fail the others of its batch
+            if len(group) > 1:
+                for job in group:
+                    self._execute([job])
+                return
+            group[0].future.set_exception(e)
+            return
+        for job, result in zip(group, results, strict=True):
+            job.future.set_result(result)
+
+
+def _groups(jobs: list[Job]) -> list[list[Job]]:
+    """Caption and ask jobs grouped by (kind, beam size), in order of arrival; the other jobs alone."""
+    groups: dict[tuple, list[Job]] = defaultdict(list)
+    for i, job in enumerate(jobs):
+        key = (job.kind, job.args["beam_size"]) if job.kind in ("caption", "ask") else (job.kind, i)
+        groups[key].append(job)
+    return list(groups.values())
+
+
+def _ground(captioner: Captioner, image: Any, text: str, method: str) -> tuple[list[str], Any]:
+    """The tokens of ``text`` and the map of each when the decoder reads it as the image's caption."""
+    maps = captioner.text_maps([image], [text], method=method)[0]
+    tokens = captioner.tokenizer.tokens(captioner.tokenizer.encode(text))[:maps.shape[0]]
+    return tokens, maps

@@ -1,0 +1,179 @@
+"""What a user sees at each validation: generation metrics over the whole val set, samples, collapse guards.
+
+Under DDP each process generates for its own share of the val set; (dataset index, text) pairs are
+gathered from all processes and de-duplicated by index (the distributed sampler pads the last shares with
+repeats), so CIDEr-D, whose weights depend on the whole corpus, is computed on exactly the val set, and
+equals a one-process run's.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import timm.data
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from PIL import Image
+from torch import Tensor
+
+from vlm.eval.caption import caption_scores, diversity, tokenize_caption
+from vlm.eval.vqa import vqa_scores
+from vlm.grounding.overlay import token_grid
+from vlm.model.generate import generate
+
+log = logging.getLogger(__name__)
+MAX_PANELS = 12  # token overlays drawn per sample image
+
+
+def gather_results(local: dict[Any, str]) -> dict[Any, str]:
+    """Union of every process's {key: text}; a key generated twice (sampler padding) is kept once."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return dict(local)
+    parts: list[dict[Any, str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local)
+    merged: dict[Any, str] = {}
+    for part in parts:
+        merged.update(part or {})
+    return dict(sorted(merged.items()))
+
+
+def collapse_guards(captions: list[str]) -> dict[str, float]:
+    """Share of identical captions, distinct-1/2, mean length and the number of distinct words used."""
+    words = {w for c in captions for w in tokenize_caption(c).split()}
+    return {**diversity(captions), "vocabulary": float(len(words))}
+
+
+class GenerationMetrics(Callback):
+    """Greedy captions and answers for every val item; corpus metrics, samples and collapse warnings.
+
+    Works with any module that has ``model`` (a VisionLanguageModel) and ``tokenizer``, and any val
+    dataset with ``references(index)`` (captions, and questions with answers and kind); batches carry
+    ``index``.
+    """
+
+    def __init__(self, samples: int = 4, collapse_share: float = 0.5, max_caption_tokens: int = 30,
+                 max_answer_tokens: int = 8):
+        self.samples, self.collapse_share = samples, collapse_share
+        self.max_caption_tokens, self.max_answer_tokens = max_caption_tokens, max_answer_tokens
+        self.metrics: dict[str, float] = {}
+        """The last validation's metrics (the same on every process)."""
+        self._captions: dict[int, str] = {}
+        self._answers: dict[tuple[int, int], str] = {}
+        self._images: dict[int, Tensor] = {}
+        self._warned_features = False
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._captions, self._answers, self._images = {}, {}, {}
+
+    @torch.no_grad()
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        if trainer.sanity_checking:
+            return
+        if getattr(batch, "features", False):  # a feature cache holds no images to generate from
+            if not self._warned_features:
+                log.warning("val.generate: batches hold cached encoder features, not images; "
+                            "caption and VQA metrics are skipped")
+                self._warned_features = True
+            return
+        dataset = _val_dataset(trainer, dataloader_idx)
+        model, tok = pl_module.model, pl_module.tokenizer
+        indices = batch.index.tolist()
+        captions = generate(model, batch.images, [tok.caption_prompt()] * len(indices), eos_id=tok.eos_id,
+                            pad_id=tok.pad_id, max_new_tokens=self.max_caption_tokens)
+        rows, prompts, keys = [], [], []
+        for row, index in enumerate(indices):
+            self._captions[index] = tok.decode(captions.tokens[row])
+            if index < self.samples:
+                self._images[index] = batch.images[row].detach().float().cpu()
+            for q, question in enumerate(dataset.references(index)["questions"]):
+                rows.append(row)
+                prompts.append(_question_prompt(tok, question["question"], model.cfg.decoder.max_length))
+                keys.append((index, q))
+        if rows:
+            answers = generate(model, batch.images[rows], prompts, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                               max_new_tokens=self.max_answer_tokens)
+            self._answers.update({key: tok.decode(t) for key, t in zip(keys, answers.tokens, strict=True)})
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        captions, answers = gather_results(self._captions), gather_results(self._answers)
+        if not captions:
+            return
+        dataset = _val_dataset(trainer, 0)
+        refs = {index: dataset.references(index) for index in captions}
+        scored = {i: c for i, c in captions.items() if refs[i]["captions"]}  # VQA-only images have no references
+        metrics = {}
+        if scored:
+            metrics = {f"caption/{k}": v for k, v in caption_scores(scored, {i: refs[i]["captions"]
+                                                                           for i in scored}).items()}
+        if answers:
+            truth = {(i, q): refs[i]["questions"][q] for i, q in answers}
+            vqa = vqa_scores(answers, {k: t["answers"] for k, t in truth.items()},
+                             {k: t["kind"] for k, t in truth.items()})
+            metrics |= {f"vqa/{k}": v for k, v in vqa.items()}
+        metrics |= {f"collapse/{k}": v for k, v in collapse_guards(list(captions.values())).items()}
+        self.metrics = metrics
+        # Every process holds the same gathered metrics: no reduction needed.
+        pl_module.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=False, rank_zero_only=False)
+        if metrics["collapse/identical_share"] >= self.collapse_share:
+            message = (f"step {trainer.global_step}: captions are collapsing: "
+                       f"{metrics['collapse/identical_share']:.0%} of val images get the same caption")
+            warnings.warn(message, stacklevel=1)
+            log.warning(message)
+        if trainer.is_global_zero and self._images:
+            self._log_samples(trainer, pl_module, captions)
+
+    @torch.no_grad()
+    def _log_samples(self, trainer: L.Trainer, pl_module: L.LightningModule, captions: dict[int, str]) -> None:
+        """Each sample image with its generated caption and per-token attention overlays."""
+        model, tok = pl_module.model, pl_module.tokenizer
+        indices = sorted(self._images)
+        images = torch.stack([self._images[i] for i in indices]).to(pl_module.device)
+        gen = generate(model, images, [tok.caption_prompt()] * len(indices), eos_id=tok.eos_id,
+                       pad_id=tok.pad_id, max_new_tokens=self.max_caption_tokens, return_attention=True)
+        step = trainer.global_step
+        for index, pixels, ids, attn in zip(indices, images, gen.tokens, gen.attentions, strict=True):
+            text = tok.decode(ids)
+            maps = attn.float().mean(dim=(1, 2)).reshape(-1, *gen.grid).cpu().numpy()  # (T, h, w)
+            shown = slice(0, MAX_PANELS)  # a rambling caption would make a huge, slow figure
+            grid = token_grid(_to_pil(pixels, model.encoder.trunk), tok.tokens(ids)[shown], maps[shown], title=text)
+            if isinstance(trainer.logger, TensorBoardLogger):
+                trainer.logger.experiment.add_image(f"samples/{index}", np.asarray(grid), step, dataformats="HWC")
+                trainer.logger.experiment.add_text(f"samples/{index}", text, step)
+            else:  # CSV or no logger: PNG files and a captions file beside the metrics
+                folder = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
+                folder.mkdir(parents=True, exist_ok=True)
+                grid.save(folder / f"step{step:06d}_item{index}.png")
+                with open(folder / "captions.tsv", "a", encoding="utf-8") as f:
+                    f.write(f"{step}\t{index}\t{text}\n")
+
+
+def _val_dataset(trainer: L.Trainer, dataloader_idx: int) -> Any:
+    loaders = trainer.val_dataloaders
+    loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
+    return loader.dataset
+
+
+def _question_prompt(tok: Any, question: str, max_length: int) -> list[int]:
+    """The question prompt, cut to half the decoder's length so the answer has room."""
+    prompt = tok.question_prompt(question.strip())
+    limit = max_length // 2
+    return prompt if len(prompt) <= limit else prompt[:limit - 1] + [tok.sep_id]
+
+
+def _to_pil(pixels: Tensor, trunk: torch.nn.Module) -> Image.Image:
+    """Undo the encoder's normalisation: (3, H, W) -> an RGB image."""
+    cfg = timm.data.resolve_data_config({}, model=trunk)
+    mean = torch.tensor(cfg["mean"], device=pixels.device)[:, None, None]
+    std = torch.tensor(cfg["std"], device=pixels.device)[:, None, None]
+    rgb = ((pixels * std + mean).clamp(0, 1) * 255).round().byte()  # (3, H, W)
+    return Image.fromarray(rgb.permute(1, 2, 0).cpu().numpy(), mode="RGB")
