@@ -148,7 +148,7 @@ class Captioner:
         ``attention_layers``, else all layers), heads averaged or the chosen ``head``.
         """
         if question is not None:
-            question = _clean_text(question, "question")
+            question = clean_text(question, "question")
         prompt = self.tokenizer.caption_prompt() if question is None else self._question_prompts([question])[0]
         (pil,), gen = self._generate([image], [prompt], beam_size, max_new_tokens, False, **options)
         ids = gen.tokens[0]
@@ -172,7 +172,7 @@ class Captioner:
         prompts = [tok.caption_prompt()] * len(texts)
         for i, prompt in zip(asked, self._question_prompts([questions[i] for i in asked]), strict=True):
             prompts[i] = prompt
-        targets = [tok.encode(_clean_text(t, f"text {i}")) for i, t in enumerate(texts)]
+        targets = [tok.encode(clean_text(t, f"text {i}")) for i, t in enumerate(texts)]
         room = [self.model.cfg.decoder.max_length - len(p) for p in prompts]
         long = sum(len(t) > r for t, r in zip(targets, room, strict=True))
         if long:
@@ -211,7 +211,7 @@ class Captioner:
     def _question_prompts(self, questions: Sequence[str]) -> list[list[int]]:
         """Question prompts, each cut to half the model's max_length (room for the answer); one warning if any is."""
         limit = self.model.cfg.decoder.max_length // 2
-        prompts = [self.tokenizer.question_prompt(_clean_text(q, f"question {i}" if len(questions) > 1 else "question"))
+        prompts = [self.tokenizer.question_prompt(clean_text(q, f"question {i}" if len(questions) > 1 else "question"))
                    for i, q in enumerate(questions)]
         long = sum(len(p) > limit for p in prompts)
         if long:
@@ -220,7 +220,7 @@ class Captioner:
         return [p if len(p) <= limit else p[:limit - 1] + [self.tokenizer.sep_id] for p in prompts]
 
 
-def _clean_text(text: str, what: str) -> str:
+def clean_text(text: str, what: str = "text") -> str:
     """User text with control and other non-printing characters as spaces, runs of spaces as one; empty is an error."""
     if not isinstance(text, str):
         raise VLMError(f"{what}: expected text, got {type(text).__name__}")

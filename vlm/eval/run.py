@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from vlm.api import clean_text
 from vlm.config import SourceConfig
 from vlm.data.images import load_image
 from vlm.data.records import Record, read_records
@@ -91,4 +92,4 @@ def _samples(captioner, records: list[Record], caption_results: list[dict], vqa_
 def _maps(captioner, image, text: str, question: str | None, args: Any) -> tuple[list[str], np.ndarray]:
     tok = captioner.tokenizer
     (maps,) = captioner.text_maps([image], [text], args.layers, args.method, args.head, questions=[question])
-    return tok.tokens(tok.encode(text)), maps
+    return tok.tokens(tok.encode(clean_text(text)))[:maps.shape[0]], maps  # texts past max_length are cut

@@ -10,7 +10,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from vlm.api import Captioner
+from vlm.api import Captioner, clean_text
 
 
 @dataclass
@@ -111,5 +111,5 @@ def _groups(jobs: list[Job]) -> list[list[Job]]:
 def _ground(captioner: Captioner, image: Any, text: str, method: str) -> tuple[list[str], Any]:
     """The tokens of ``text`` and the map of each when the decoder reads it as the image's caption."""
     maps = captioner.text_maps([image], [text], method=method)[0]
-    tokens = captioner.tokenizer.tokens(captioner.tokenizer.encode(text))[:maps.shape[0]]
+    tokens = captioner.tokenizer.tokens(captioner.tokenizer.encode(clean_text(text)))[:maps.shape[0]]
     return tokens, maps
