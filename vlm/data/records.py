@@ -177,11 +177,12 @@ def _clean(text, where: str, what: str, problem: _Problems) -> str | None:
 def _read_coco(source: SourceConfig, problem: _Problems) -> list[Record]:
     from pycocotools.coco import COCO
 
-    _read_json(source.path)  # clear errors for missing or broken files before pycocotools prints anything
+    coco = COCO()  # fed the parsed file: a large annotation file is read once, with our clear errors
+    coco.dataset = _read_json(source.path)
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         try:
-            coco = COCO(source.path)
-        except (KeyError, TypeError, AssertionError) as e:
+            coco.createIndex()
+        except (KeyError, TypeError, AttributeError) as e:
             raise VLMError(f"{source.path}: not a COCO annotation file ({e.__class__.__name__}: {e})") from None
     folder = _image_dir(source)
     categories = {c["id"]: c["name"] for c in coco.dataset.get("categories", [])}
