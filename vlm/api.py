@@ -217,7 +217,7 @@ class Captioner:
         if long:
             warnings.warn(f"{long} question(s) longer than the model's limit of {limit - 2} tokens were truncated",
                           stacklevel=3)
-        return [p if len(p) <= limit else p[:limit - 1] + [self.tokenizer.sep_id] for p in prompts]
+        return [self.tokenizer.cut_prompt(p, limit) for p in prompts]
 
 
 def clean_text(text: str, what: str = "text") -> str:

@@ -92,6 +92,10 @@ class Tokenizer:
     def question_prompt(self, question: str) -> list[int]:
         return [self.bos_id, *self.encode(question), self.sep_id]
 
+    def cut_prompt(self, prompt: list[int], limit: int) -> list[int]:
+        """A question prompt cut to ``limit`` tokens, still ending in [SEP] (room is left for the answer)."""
+        return prompt if len(prompt) <= limit else [*prompt[:limit - 1], self.sep_id]
+
     def training_pair(self, prompt: list[int], target: str) -> tuple[list[int], int]:
         """Full sequence ``prompt + target + [EOS]`` and the number of prompt tokens (not learned)."""
         return [*prompt, *self.encode(target), self.eos_id], len(prompt)

@@ -165,9 +165,7 @@ def _val_dataset(trainer: L.Trainer, dataloader_idx: int) -> Any:
 
 def _question_prompt(tok: Any, question: str, max_length: int) -> list[int]:
     """The question prompt, cut to half the decoder's length so the answer has room."""
-    prompt = tok.question_prompt(question.strip())
-    limit = max_length // 2
-    return prompt if len(prompt) <= limit else prompt[:limit - 1] + [tok.sep_id]
+    return tok.cut_prompt(tok.question_prompt(question.strip()), max_length // 2)
 
 
 def _to_pil(pixels: Tensor, trunk: torch.nn.Module) -> Image.Image:
