@@ -8,11 +8,13 @@ with the same AdamW; both generate exactly --new-tokens tokens (the end token is
     .venv/bin/python scripts/bench.py                      # CPU, about 5 minutes on 2 cores
     .venv/bin/python scripts/bench.py --device cuda        # bf16 autocast on both sides
 
-Timings alternate the two sides over --reps repetitions and report medians. Peak training memory: on CPU,
-the rise of the process's peak resident memory (ru_maxrss) over its resident memory once the model, the
-optimiser and the batch exist, measured for each side in a fresh subprocess over 3 training steps; on
-CUDA, torch's peak allocated memory. The matmul peak is the median rate of a large fp32 (CPU) or bf16
-(CUDA) matrix product; training FLOPs are counted by torch's FlopCounterMode.
+Timings alternate the two sides over --reps repetitions and report medians. The ceiling of each ratio is
+the roofline bound: HF's time over the time our counted FLOPs would take at the measured matmul peak.
+Peak training memory: on CPU, the rise of the process's peak resident memory (ru_maxrss) over its
+resident memory once the model, the optimiser and the batch exist, measured for each side in a fresh
+subprocess over 3 training steps, and the rise of live tensor memory over 2 more steps from torch's memory
+timeline; on CUDA, torch's peak allocated memory. The matmul peak is the median
+rate of a large fp32 (CPU) or bf16 (CUDA) matrix product; FLOPs are counted by torch's FlopCounterMode.
 """
 
 from __future__ import annotations
@@ -147,6 +149,12 @@ def matmul_peak(device: torch.device, reps: int) -> float:
     return 2 * n**3 / seconds
 
 
+def generation_flops(side: Side, images, new_tokens: int, beams: int) -> int:
+    with FlopCounterMode(display=False) as counter:
+        side.generate(images, new_tokens, beams)
+    return counter.get_total_flops()
+
+
 def training_flops(side: Side, batch) -> int:
     with FlopCounterMode(display=False) as counter:
         side.model.train()
@@ -175,7 +183,31 @@ def memory_probe(name: str, device_name: str, batch: int, length: int) -> dict:
     sync(device)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"peak_minus_base_mb": (peak - base) / 2**20, "base_mb": base / 2**20}
+    result = {"peak_minus_base_mb": (peak - base) / 2**20, "base_mb": base / 2**20}
+    if device.type == "cpu":
+        result["tensor_peak_minus_floor_mb"] = _tensor_memory_rise(side, data) / 2**20
+    return result
+
+
+def _tensor_memory_rise(side: Side, data) -> float:
+    """Bytes: peak minus lowest live tensor memory over 2 training steps, from torch's memory timeline.
+
+    Unlike resident memory, this counts tensors only (activations and gradients above the parameters and
+    optimiser state), independent of the C allocator: the CPU analogue of CUDA's peak allocated memory.
+    """
+    import tempfile
+
+    from torch.profiler import profile
+
+    with profile(profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        for _ in range(2):
+            side.train_step(*data)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "timeline.json"
+        prof.export_memory_timeline(str(path), device="cpu")
+        _, sizes = json.loads(path.read_text())  # times, per-category sizes at each time
+    live = [sum(at_time) for at_time in sizes]
+    return max(live) - min(live)
 
 
 def _autocast(device: torch.device):
@@ -244,12 +276,26 @@ def main() -> None:
         results[name]["train_step_gflop"] = flops / 1e9
         results[name]["train_flop_share_of_matmul_peak"] = flops / train[name] / peak
         results[name]["params_m"] = sum(p.numel() for p in side.model.parameters()) / 1e6
+    for metric, images, beams in cases:
+        flops = generation_flops(ours, images, args.new_tokens, beams)
+        results["ours"][metric.replace("images_per_s", "gflop")] = flops / 1e9
     for name in sides:
-        results[name]["train_peak_memory_mb"] = _probe(name, args)["peak_minus_base_mb"]
+        probe = _probe(name, args)
+        results[name]["train_peak_memory_mb"] = probe["peak_minus_base_mb"]
+        if "tensor_peak_minus_floor_mb" in probe:
+            results[name]["train_peak_tensor_memory_mb"] = probe["tensor_peak_minus_floor_mb"]
 
     higher_better = ["train_images_per_s"] + [m for m, _, _ in cases]
     ratios = {f"{m}_vs_hf": results["ours"][m] / results["hf"][m] for m in higher_better}
-    ratios["train_peak_memory_vs_hf"] = results["ours"]["train_peak_memory_mb"] / results["hf"]["train_peak_memory_mb"]
+    for m in ("train_peak_memory_mb", "train_peak_tensor_memory_mb"):
+        if m in results["ours"]:
+            ratios[m.replace("_mb", "_vs_hf")] = results["ours"][m] / results["hf"][m]
+    # Roofline: the highest ratio possible if every one of our FLOPs ran at the matmul peak and nothing else cost.
+    ours_gflop = {"train_images_per_s": results["ours"]["train_step_gflop"],
+                  **{m: results["ours"][m.replace("images_per_s", "gflop")] for m, _, _ in cases}}
+    images_per_call = {"train_images_per_s": args.batch, **{m: i.shape[0] for m, i, _ in cases}}
+    ceilings = {f"{m}_vs_hf": images_per_call[m] / results["hf"][m] / (ours_gflop[m] * 1e9 / peak)
+                for m in higher_better}
     import transformers
 
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": args.threads,
@@ -262,15 +308,18 @@ def main() -> None:
     config = {**DIMS, "batch": args.batch, "caption_length": args.length, "new_tokens": args.new_tokens,
               "beams": args.beams, "reps": args.reps, "dropout": 0.0, "optimizer": type(ours.optimizer).__name__,
               "optimizer_impl": "fused" if ours.optimizer.defaults.get("fused") else "foreach"}
-    report = {"machine": machine, "config": config, "results": results, "ratios": ratios}
+    report = {"machine": machine, "config": config, "results": results, "ratios": ratios,
+              "roofline_ratio_ceilings": ceilings}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
 
-    print(f"{'metric':44} {'ours':>10} {'hf':>10} {'ours/hf':>8}")
-    for metric in [*higher_better, "train_peak_memory_mb", "train_step_gflop", "train_flop_share_of_matmul_peak"]:
+    print(f"{'metric':44} {'ours':>10} {'hf':>10} {'ours/hf':>8} {'ceiling':>8}")
+    memory = [m for m in ("train_peak_memory_mb", "train_peak_tensor_memory_mb") if m in results["ours"]]
+    for metric in [*higher_better, *memory, "train_step_gflop", "train_flop_share_of_matmul_peak"]:
         a, b = results["ours"][metric], results["hf"][metric]
-        print(f"{metric:44} {a:10.3f} {b:10.3f} {a / b:8.2f}")
+        ceiling = ceilings.get(f"{metric}_vs_hf")
+        print(f"{metric:44} {a:10.3f} {b:10.3f} {a / b:8.2f} " + (f"{ceiling:8.2f}" if ceiling else ""))
     for metric, value in results["ours"].items():
         if metric.endswith("attention_overhead"):
             print(f"{'ours ' + metric:44} {value:+10.1%}")

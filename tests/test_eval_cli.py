@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
+import re
+from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from vlm.api import Captioner
@@ -132,3 +135,99 @@ def test_attend_takes_a_method_and_a_head(model_dir, shapes, tmp_path, capsys) -
     assert maps and all(abs(sum(map(sum, m)) - 1.0) < 1e-4 for m in maps)  # rollout rows are distributions
     code = main(["attend", "--model", model_dir, image, "--out", str(out), "--method", "chefer", "--head", "1"])
     assert code == 1 and "head" in capsys.readouterr().err
+
+
+class _Page(HTMLParser):
+    """The report's structure: resource URLs, metric spans, sample cards with their token spans, the maps JSON."""
+
+    def __init__(self):
+        super().__init__()
+        self.urls: list[str] = []
+        self.metrics: dict[str, dict[str, str]] = {}
+        self.samples: list[dict] = []
+        self.maps_json = ""
+        self._group = self._metric = self._token = None
+        self._in_maps = False
+        self._text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self.urls += [a[k] for k in ("src", "href") if a.get(k)]
+        if tag == "tr":
+            self._group = ""
+        elif tag == "th" and self._group == "":
+            self._group = None  # the next text is the group's name
+            self._text = []
+        elif tag == "span" and a.get("class") == "metric":
+            self._metric, self._text = True, []
+        elif tag == "article":
+            self.samples.append({"id": a["data-id"], "caption": [], "answers": {}})
+        elif tag == "span" and a.get("class") == "tok":
+            self._token, self._text = (int(a["data-s"]), int(a["data-p"]), int(a["data-t"])), []
+        elif tag == "script" and a.get("id") == "maps":
+            self._in_maps = True
+
+    def handle_endtag(self, tag):
+        if tag == "th" and self._group is None:
+            self._group = "".join(self._text).strip()
+            self.metrics[self._group] = {}
+        elif tag == "span" and self._metric:
+            name, value = "".join(self._text).rsplit(" ", 1)
+            self.metrics[self._group][name] = value
+            self._metric = None
+        elif tag == "span" and self._token:
+            s, p, t = self._token
+            sample = self.samples[s]
+            (sample["caption"] if p < 0 else sample["answers"].setdefault(p, [])).append(("".join(self._text), t))
+            self._token = None
+        elif tag == "script":
+            self._in_maps = False
+
+    def handle_data(self, data):
+        self._text.append(data)
+        if self._in_maps:
+            self.maps_json += data
+
+
+def test_eval_report_is_self_contained_with_metrics_and_each_samples_maps(model_dir, shapes, tmp_path,
+                                                                          capsys) -> None:
+    out, report = tmp_path / "o", tmp_path / "report.html"
+    code, metrics, err = _run(capsys, "--model", model_dir, "--data", str(shapes / "data.jsonl"), "--out", str(out),
+                              "--java", "false", "--report", str(report))
+    assert code == 0, err
+    page = _Page()
+    page.feed(report.read_text(encoding="utf-8"))
+    # Self-contained: every image is a data URI, nothing is fetched.
+    assert page.urls and all(u.startswith("data:image/png;base64,") for u in page.urls)
+    assert not re.search(r"https?://|<link|<script src", report.read_text(encoding="utf-8"))
+    # The metrics the CLI printed, as the report shows them (4 significant digits).
+    for group in ("caption", "vqa", "grounding"):
+        for name, value in metrics[group].items():
+            if isinstance(value, float):
+                assert float(page.metrics[group][name]) == pytest.approx(value, rel=1e-3, abs=1e-4), (group, name)
+    # Each sample: its caption and answers as hoverable tokens, each token with the model's map.
+    captioner = Captioner.load(model_dir, device="cpu")
+    tok = captioner.tokenizer
+    captions = {r["image_id"]: r["caption"] for r in json.loads((out / "captions_results.json").read_text())}
+    answers = {r["question_id"]: r["answer"] for r in json.loads((out / "vqa_results.json").read_text())}
+    records = [json.loads(line) for line in (shapes / "data.jsonl").read_text().splitlines()]
+    questions = [r for r in records if "question" in r]
+    maps = json.loads(page.maps_json)
+    assert [s["id"] for s in page.samples] == [str(i) for i in range(1, 7)] and len(maps) == 6
+    assert sum(len(s["caption"]) for s in page.samples) > 6 and all(s["answers"] for s in page.samples)
+    expected = []  # (image id, the tokens and maps shown, the text, its question); maps recomputed in one batch
+    for sample, sample_maps in zip(page.samples, maps, strict=True):
+        image_id = int(sample["id"])
+        asked = [q for q in questions if q["image_id"] == image_id]
+        assert len(sample_maps["q"]) == len(asked)
+        texts = [(sample["caption"], sample_maps["c"], captions[image_id], None)]
+        texts += [(sample["answers"].get(k, []), sample_maps["q"][k], answers[q["question_id"]], q["question"])
+                  for k, q in enumerate(asked)]
+        expected += [(image_id, *t) for t in texts]
+    for _, shown, _, text, _ in expected:
+        assert shown == [(t, i) for i, t in enumerate(tok.tokens(tok.encode(text)))]
+    expected = [e for e in expected if e[3]]
+    recomputed = captioner.text_maps([str(shapes / f"images/{e[0]:012d}.png") for e in expected],
+                                     [e[3] for e in expected], questions=[e[4] for e in expected])
+    for (_, _, shown_maps, _, _), m in zip(expected, recomputed, strict=True):
+        np.testing.assert_allclose(np.array(shown_maps), m, atol=1e-5)

@@ -12,9 +12,9 @@ from PIL import Image
 from vlm.api import Captioner
 from vlm.data.scenes import make_scene
 from vlm.errors import VLMError
-from vlm.eval.grounding import GroundingCase, deletion_curves, grounding_scores
+from vlm.eval.grounding import GroundingCase, deletion_curves, grounding_scores, pointing_by_choice
 from vlm.grounding.ground import ground
-from vlm.grounding.maps import box_from_map, iou
+from vlm.grounding.maps import box_from_map, iou, peak, pointing_hit
 from vlm.grounding.methods import decode_with_attention, token_maps
 
 TEXT = "a small red circle to the left of a large blue square"
@@ -158,3 +158,23 @@ def test_ground_writes_only_inside_out_and_returns_a_box(captioner, tmp_path) ->
     assert [p.name for p in out.iterdir()] == ["ground.png"] and Image.open(out / "ground.png").size == (128, 96)
     with pytest.raises(VLMError, match="phrase"):
         ground(captioner, str(path), "  ")
+
+
+def test_peak_of_the_upsampled_map_or_at_the_patch_centre() -> None:
+    grid = np.zeros((4, 4))
+    grid[0, 0] = 1.0  # a corner cell: the upsampled map is flat over the cell's outer quarter
+    assert peak(grid, (40, 40)) == (0.5, 0.5)  # first pixel of the flat maximum
+    assert peak(grid, (40, 40), upsampled=False) == (5.0, 5.0)  # the cell's centre
+    grid[0, 0], grid[2, 1] = 0.0, 1.0
+    assert peak(grid, (80, 40), upsampled=False) == (30.0, 25.0)
+    assert pointing_hit(grid, (25, 20, 10, 10), (80, 40), upsampled=False)
+    assert not pointing_hit(grid, (0, 0, 10, 10), (80, 40), upsampled=False)
+
+
+def test_pointing_by_choice_equals_grounding_scores_of_each_choice(captioner) -> None:
+    scenes = [make_scene(i, "val", 0, 64) for i in range(3)]
+    cases = [GroundingCase(s.image, [(o.phrase, o.box) for o in s.objects], s.captions[0]) for s in scenes]
+    choices = [([0], None), ([1], 2), (None, 2)]  # rollout: layer 0 is carried through layer 1's self-attention
+    got = pointing_by_choice(captioner, cases, "rollout", choices)
+    assert got == [grounding_scores(captioner, cases, "rollout", layers, head)["pointing_game"]
+                   for layers, head in choices]

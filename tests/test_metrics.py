@@ -7,6 +7,7 @@ import pytest
 
 from vlm.eval import caption_scores, diversity, normalize_answer, tokenize_caption, vqa_accuracy, vqa_scores
 from vlm.eval.caption import caption_evaluation, java_metrics
+from vlm.eval.ptb import ptb_tokenize_lines
 
 REFERENCES = {
     1: ["a man riding a horse on a beach", "a person rides a brown horse along the sea"],
@@ -82,6 +83,35 @@ def make_captions(n, seed=0):
     return out
 
 
+# Strings the PTB lexer treats specially: punctuation inside words, URLs, e-mails, abbreviations, acronyms, numbers,
+# currency, contractions, quotes, dashes, ellipses, emoji, accents, odd spaces and line breaks.
+HARD = ["k!ids", "a.b", "x-ray's", "3/4", "e-mail@x", "mail e-mail@x.com now", "see http://x.com/a?b=1.",
+        "www.example.org/path", "example.net/foo", "“quoted” ‘single’ «angle» „low‟", "wait... what…", ". . . ..",
+        "....", "at 5 p.m.", "the U.S. The dog", "I. The cat", "in the U.S.", "$5", "US$5.99", "€10 £3 ¢50 ¥9",
+        "50%", "salt & pepper", "AT&T S&P &amp; &lt;b&gt; &quot;hi&quot;", "a co-op", "the '90s", "can't", "won't",
+        "shouldn't've", "it’s don’t", "o'clock", "O'Brien", "y'all 'em rock'n'roll 'cause 'tis 'twas",
+        "cannot gonna gotta wanna", "😀", "a 👍🏽 b", "café naïve Zoë résumé", "a\u00a0b", "a\tb", "a -- b",
+        "a --- b ----- c", "x..y", "wow!!", "what?!?", "Mr. Smith vs. Dr. Jones, etc.", "Jan. 5", "No. 5", "fig. 3",
+        "Inc.x", "2 1/2", "½ ¼", "1,000.50", "-1.5", "12:30", "10/12/2010", "(555) 123-4567", ":-) ;) :D", "^_^",
+        "<b>bold</b>", "a <i class=\"x\"> b", "#tag @user", "c++ c#", "Ph.D. a.k.a. e.g. i.e.", "C.D.s -LRB-",
+        "\u00ad soft\u00adhyphen", "zero\u200bwidth", "ΟΔΟΣ 4x4Σ", "中文", "line one\rline two", "a\x0cb"]
+
+
+def hard_captions(n: int, seed: int = 0) -> list[str]:
+    """The HARD strings, punctuation inserted inside words, and n seeded random mixes of both with plain words."""
+    punctuation = list("!?.,;:'\"`-_/\\@#$%&*+=~^|()[]{}<>") + ["’", "“", "”", "…", "—", "–", "·", "\u00a0", "é"]
+    inside = [f"ki{p}ds" for p in punctuation] + [f"a{p}b" for p in punctuation]
+    words = ["a", "man", "dog", "the", "is", "on", "red", "bus", "x", "s", "t", "mr", "co", "jan", "no", "com"]
+    separators = [" "] * 10 + ["", "  ", "\t", "\u00a0"]
+    rng = random.Random(seed)
+    mixes = []
+    for _ in range(n):
+        parts = [rng.choice(words if rng.random() < 0.4 else HARD + inside) for _ in range(rng.randint(2, 8))]
+        parts = [p.upper() if rng.random() < 0.1 else p.capitalize() if rng.random() < 0.2 else p for p in parts]
+        mixes.append("".join(p + rng.choice(separators) for p in parts).strip(" "))
+    return HARD + inside + mixes
+
+
 @pytest.mark.skipif(shutil.which("java") is None, reason="the official PTB tokenizer needs java")
 def test_matches_official_java_pipeline() -> None:
     from pycocoevalcap.bleu.bleu import Bleu
@@ -89,14 +119,19 @@ def test_matches_official_java_pipeline() -> None:
     from pycocoevalcap.rouge.rouge import Rouge
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    captions = make_captions(1500, seed=0)
-    predictions = dict(enumerate(captions[:300]))
-    references = {i: captions[300 + 4 * i: 304 + 4 * i] for i in predictions}
+    # 300 ordinary captions (each with 4 ordinary references) and 150 hard ones (each with 4 hard references).
+    ordinary, hard = make_captions(1500, seed=0), hard_captions(600, seed=0)
+    predictions = dict(enumerate(ordinary[:300] + hard[:150]))
+    references = {i: ordinary[300 + 4 * i: 304 + 4 * i] if i < 300 else hard[150 + 4 * (i - 300): 154 + 4 * (i - 300)]
+                  for i in predictions}
+    # The official pipeline: the Java tokenizer once over all predictions and once over all references.
     official_res = PTBTokenizer().tokenize({i: [{"caption": c}] for i, c in predictions.items()})
     official_gts = PTBTokenizer().tokenize({i: [{"caption": c} for c in refs] for i, refs in references.items()})
-    for i in predictions:  # token for token
-        assert tokenize_caption(predictions[i]) == official_res[i][0], predictions[i]
-        assert [tokenize_caption(r) for r in references[i]] == official_gts[i], references[i]
+    ours_res = ptb_tokenize_lines(list(predictions.values()))
+    ours_gts = iter(ptb_tokenize_lines([r for refs in references.values() for r in refs]))
+    for i in predictions:  # token for token, every string
+        assert ours_res[i] == official_res[i][0], predictions[i]
+        assert [next(ours_gts) for _ in references[i]] == official_gts[i], references[i]
     bleu, _ = Bleu(4).compute_score(official_gts, official_res, verbose=0)
     official = {"BLEU-4": bleu[3], "ROUGE-L": Rouge().compute_score(official_gts, official_res)[0],
                 "CIDEr-D": Cider().compute_score(official_gts, official_res)[0]}
@@ -104,6 +139,15 @@ def test_matches_official_java_pipeline() -> None:
     assert 0.05 < official["BLEU-4"] < 0.9 and official["CIDEr-D"] > 0.1  # a corpus that discriminates
     for name, value in official.items():
         assert ours[name] == pytest.approx(value, abs=1e-4), name
+
+
+def test_captions_are_lexed_as_one_text_like_the_official_pipeline() -> None:
+    # pycocoevalcap writes one caption a line and the lexer reads them as one text: a one-letter initial before
+    # "The ..." loses its period, also across lines; a caption with another line break shifts the ones after it.
+    assert ptb_tokenize_lines(["by J.", "The dog"]) == ["by j", "the dog"]
+    assert ptb_tokenize_lines(["by J.", "the dog"]) == ["by j.", "the dog"]
+    assert ptb_tokenize_lines(["one\rtwo", "three", "four"]) == ["one", "two", "three"]
+    assert tokenize_caption("by J.") == "by j."
 
 
 def test_per_item_scores_match_corpus_cider() -> None:

@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -289,3 +290,86 @@ def test_scst_stage_trains_from_an_exported_model_and_changes_it(tiny_model, tok
     before, after = load_file(base / "model.safetensors"), load_file(exported / "model.safetensors")
     assert before.keys() == after.keys()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+# Precision and the feature cache
+
+
+def _tiny_train_config(**trainer) -> TrainConfig:
+    return TrainConfig(model=tiny_config(), data=DataConfig(train_scenes=64, val_scenes=4, batch_size=8, num_workers=0,
+                                                            questions_per_image=2),
+                       optim=OptimConfig(lr=3e-3, warmup_steps=0),
+                       trainer=TrainerConfig(**{"max_steps": 8, "max_time": None, "val_check_interval": 8,
+                                                "accelerator": "cpu", "devices": 1, "log_every_n_steps": 1,
+                                                **trainer}),
+                       val=ValConfig(samples=1))
+
+
+def test_bf16_mixed_trains_validates_and_exports_a_model_that_generates(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    exported = train(_tiny_train_config(precision="bf16-mixed"), tmp_path)
+    events = EventAccumulator(str(next((tmp_path / "lightning_logs").glob("version_*")))).Reload()
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert len(losses) == 8 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3  # the loss falls
+    assert "val/caption/CIDEr-D" in events.Tags()["scalars"]  # validation generation ran
+    model = Captioner.load(exported, device="cpu")
+    scenes = [make_scene(i, "val", image_size=64) for i in range(3)]
+    captions = model.caption([s.image for s in scenes])
+    assert all(captions)
+    ckpt = Captioner.load(str(tmp_path / "checkpoints" / "last.ckpt"), device="cpu")
+    assert ckpt.caption([s.image for s in scenes]) == captions  # the export holds the trained weights
+
+
+def test_validation_metrics_from_the_feature_cache_equal_those_from_images(tokenizer, tmp_path):
+    from vlm.data.features import CachedFeatures
+    from vlm.train.callbacks import GenerationMetrics
+
+    torch.manual_seed(0)
+    module = CaptionModule.create(tiny_config(trainable=False), OptimConfig(), tokenizer)
+    data = SceneDataModule(DataConfig(train_scenes=8, val_scenes=6, batch_size=4, num_workers=0), tokenizer,
+                           image_transform(module.model.encoder.trunk, 64), 64)
+    results = {}
+    for name, source in (("images", data), ("cache", CachedFeatures(data, module.model.encoder,
+                                                                      str(tmp_path / "features.npy"), False))):
+        metrics = GenerationMetrics(samples=0, max_caption_tokens=10, max_answer_tokens=3)
+        trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, callbacks=[metrics])
+        trainer.validate(module, source)
+        results[name] = metrics.metrics, metrics._captions, metrics._answers
+    (metrics_images, captions, answers), (metrics_cache, cached_captions, cached_answers) = results.values()
+    assert len(captions) == 6 and len(answers) > 6
+    assert cached_captions == captions and cached_answers == answers
+    assert metrics_cache == pytest.approx(metrics_images, rel=1e-9)
+    # Generation from the cached maps is generation from the images: the same tokens and log-probabilities.
+    images = torch.stack([data.val_set[i][0] for i in range(6)])
+    maps = torch.from_numpy(np.load(tmp_path / "features.val.npy"))
+    prompts = [tokenizer.caption_prompt()] * 6
+    kw = dict(eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, max_new_tokens=8)
+    from_images = generate(module.model.eval(), images, prompts, **kw)
+    from_maps = generate(module.model, maps, prompts, features=True, **kw)
+    assert from_maps.tokens == from_images.tokens
+    assert from_maps.scores == pytest.approx(from_images.scores, rel=1e-5)
+    assert len(set(from_images.scores)) == 6  # the scores depend on the image
+
+
+@pytest.mark.parametrize("written_sharded", [True, False])
+def test_resuming_across_fsdp_and_other_strategies_is_one_line_error(tmp_path, written_sharded):
+    """FSDP keys the optimiser state its own way: resuming it under another strategy (or back) is refused."""
+    from vlm.errors import VLMError
+    from vlm.train.checkpoints import resume_path
+
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {}, "sharded": written_sharded}, path)
+    assert resume_path(str(path), tmp_path, sharded=written_sharded) == path
+    with pytest.raises(VLMError, match=r"last\.ckpt: written under .*same kind of trainer.strategy"):
+        resume_path(str(path), tmp_path, sharded=not written_sharded)
+
+
+def test_scst_under_fsdp_is_one_line_error_before_any_work(tmp_path):
+    from vlm.errors import VLMError
+
+    cfg = TrainConfig(trainer=TrainerConfig(strategy="fsdp"), scst=SCSTConfig(enabled=True))
+    with pytest.raises(VLMError, match="SCST does not run under sharding; use ddp"):
+        train(cfg, tmp_path, init=str(tmp_path / "missing"))
+    assert not any(tmp_path.iterdir())

@@ -164,9 +164,9 @@ class TrainerConfig:
     num_nodes: int = 1
     """Machines to train on."""
     strategy: str = "auto"
-    """Lightning strategy: auto, ddp, fsdp, ..."""
+    """Lightning strategy: auto, ddp, ...; fsdp shards the model with FSDP2 on GPUs or CPUs (vlm.train.sharding)."""
     precision: str = "32-true"
-    """Lightning precision, e.g. bf16-mixed on GPUs."""
+    """Lightning precision, e.g. bf16-mixed (autocast, on GPUs and CPUs)."""
     accumulate_grad_batches: int = 1
     """Batches whose gradients are summed per optimizer step."""
     gradient_clip_val: float | None = 1.0

@@ -9,6 +9,7 @@ otherwise.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import shutil
 from collections import Counter
@@ -20,16 +21,17 @@ from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 
-from vlm.eval.ptb import ptb_tokenize
+from vlm.eval.ptb import ptb_tokenize_lines
 
 CAPTION_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr-D")
 # SPICE needs the Stanford CoreNLP 3.6.0 jars that pycocoevalcap's get_stanford_models.py downloads.
 _SPICE_MODELS = Path(pycocoevalcap.bleu.bleu.__file__).parents[1] / "spice" / "lib" / "stanford-corenlp-3.6.0.jar"
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def tokenize_caption(text: str) -> str:
     """Lowercase, PTB-tokenize and drop punctuation exactly as the COCO toolkit does; space-joined tokens."""
-    return " ".join(ptb_tokenize(text))
+    return ptb_tokenize_lines([text])[0]
 
 
 def java_metrics(meteor: bool = True, spice: bool = True) -> tuple[list[str], dict[str, str]]:
@@ -70,9 +72,11 @@ def caption_evaluation(
     """Corpus scores (as `caption_scores`) and each item's own BLEU-4, ROUGE-L, CIDEr-D (and Java metrics)."""
     _check_keys(predictions, references)
     keys = list(predictions)
-    # The scorers expect {id: [str, ...]}; positional ints keep any hashable key type safe for them.
-    res = {i: [tokenize_caption(predictions[key])] for i, key in enumerate(keys)}
-    gts = {i: [tokenize_caption(ref) for ref in references[key]] for i, key in enumerate(keys)}
+    # The scorers expect {id: [str, ...]}; positional ints keep any hashable key type safe for them. Like the COCO
+    # toolkit, all predictions are tokenized as one text, and all references as another.
+    res = {i: [line] for i, line in enumerate(ptb_tokenize_lines([predictions[key] for key in keys]))}
+    lines = iter(ptb_tokenize_lines([ref for key in keys for ref in references[key]]))
+    gts = {i: [next(lines) for _ in references[key]] for i, key in enumerate(keys)}
     corpus: dict[str, float] = {}
     per_item: dict[Hashable, dict[str, float]] = {key: {} for key in keys}
     with contextlib.redirect_stdout(io.StringIO()):  # Bleu prints its length statistics.

@@ -100,35 +100,36 @@ def grounding_scores(captioner: Captioner, cases: Sequence[GroundingCase], metho
                      box_fraction: float = 0.5) -> dict[str, float]:
     """Pointing game (the map's peak inside the box), share of map mass inside the box, and IoU of the map's box
     (`box_from_map` at ``box_fraction`` of the peak) with the true box, averaged over all phrases."""
-    return grounding_by_layers(captioner, cases, method, [layers], head, box_fraction)[0]
-
-
-def grounding_by_layers(captioner: Captioner, cases: Sequence[GroundingCase], method: str,
-                        choices: Sequence[Sequence[int] | None], head: int | None = None,
-                        box_fraction: float = 0.5) -> list[dict[str, float]]:
-    """`grounding_scores` for each choice of layers, decoding every text once (see `layer_maps`)."""
     phrases = _phrases(captioner, cases)
     if not phrases:
         raise VLMError("no regions to ground")
-    chosen = [_layers(captioner, layers) for layers in choices]
-    parts = _phrase_layer_maps(captioner, phrases, method, head)
-    results = []
-    for layers in chosen:
-        hits, masses, ious = [], [], []
-        for p, part in zip(phrases, parts, strict=True):
-            m = _combine(part, method, layers)
-            hits.append(pointing_hit(m, p.box, p.size))
-            masses.append(mass_in_box(m, p.box, p.size))
-            ious.append(iou(box_from_map(m, p.size, box_fraction), p.box))
-        results.append({"pointing_game": float(np.mean(hits)), "mass_in_box": float(np.mean(masses)),
-                        "iou": float(np.mean(ious)), "iou>=0.5": float(np.mean(np.array(ious) >= 0.5)),
-                        "phrases": len(hits)})
-    return results
+    maps = phrase_maps(captioner, cases, method, layers, head)
+    hits = [pointing_hit(m, p.box, p.size) for p, m in zip(phrases, maps, strict=True)]
+    masses = [mass_in_box(m, p.box, p.size) for p, m in zip(phrases, maps, strict=True)]
+    ious = np.array([iou(box_from_map(m, p.size, box_fraction), p.box) for p, m in zip(phrases, maps, strict=True)])
+    return {"pointing_game": float(np.mean(hits)), "mass_in_box": float(np.mean(masses)), "iou": float(ious.mean()),
+            "iou>=0.5": float(np.mean(ious >= 0.5)), "phrases": len(phrases)}
+
+
+def pointing_by_choice(captioner: Captioner, cases: Sequence[GroundingCase], method: str,
+                       choices: Sequence[tuple[Sequence[int] | None, int | None]],
+                       upsampled: bool = True) -> list[float]:
+    """Pointing-game accuracy of each (layers, head) choice of how the maps are made, decoding every text once per
+    head (see `layer_maps`); ``upsampled=False`` takes the peak at the centre of the argmax grid cell."""
+    phrases = _phrases(captioner, cases)
+    if not phrases:
+        raise VLMError("no regions to ground")
+    chosen = [(_layers(captioner, layers), head) for layers, head in choices]
+    parts = {head: _phrase_layer_maps(captioner, phrases, method, head) for head in dict.fromkeys(h for _, h in chosen)}
+    return [float(np.mean([pointing_hit(_combine(part, method, layers), p.box, p.size, upsampled)
+                           for p, part in zip(phrases, parts[head], strict=True)]))
+            for layers, head in chosen]
 
 
 def deletion_curves(captioner: Captioner, cases: Sequence[GroundingCase], method: str = "raw",
-                    layers: Sequence[int] | None = None, fractions: Sequence[float] = DELETION_FRACTIONS,
-                    seed: int = 0, batch_size: int = 64) -> dict[str, object]:
+                    layers: Sequence[int] | None = None, head: int | None = None,
+                    fractions: Sequence[float] = DELETION_FRACTIONS, seed: int = 0,
+                    batch_size: int = 64) -> dict[str, object]:
     """Faithfulness: the phrase's probability as its most-attended patches are deleted first, against random order.
 
     Deleting a patch removes its key and value from every cross-attention layer, so the decoder cannot read it.
@@ -137,7 +138,7 @@ def deletion_curves(captioner: Captioner, cases: Sequence[GroundingCase], method
     "area_attention" than "area_random".
     """
     phrases = _phrases(captioner, cases)
-    maps = phrase_maps(captioner, cases, method, layers)
+    maps = phrase_maps(captioner, cases, method, layers, head)
     rng = np.random.default_rng(seed)
     curves = {"attention": [], "random": []}
     for start in range(0, len(phrases), batch_size):

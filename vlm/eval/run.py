@@ -9,8 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from vlm.api import clean_text
 from vlm.config import SourceConfig
 from vlm.data.images import load_image
@@ -68,28 +66,29 @@ def _samples(captioner, records: list[Record], caption_results: list[dict], vqa_
     """The report's samples: the first images, with their caption and answers and (given a model) their maps."""
     captions = {str(r["image_id"]): r["caption"] for r in caption_results}
     answers = {str(r["question_id"]): r["answer"] for r in vqa_results}
-    samples = []
+    samples, texts = [], []  # texts: (where the tokens and maps go, image, text, question or None)
     for record in records[:REPORT_SAMPLES]:
         image = load_image(record.image)
         caption = captions.get(str(record.image_id))
         sample = {"id": str(record.image_id), "image": image, "caption": caption, "references": record.captions,
                   "score": rows.get(record.image_id, {}).get("CIDEr-D"), "questions": []}
-        if caption and captioner is not None:
-            sample["tokens"], sample["maps"] = _maps(captioner, image, caption, None, args)
+        if caption:
+            texts.append((sample, image, caption, None))
         for i, q in enumerate(record.questions):
             answer = answers.get(str(question_key(record, i)))
             if answer is None:
                 continue
-            entry = {"question": q.question, "answer": answer, "truth": q.answers}
-            entry["score"] = vqa_accuracy(answer, q.answers)
-            if captioner is not None and answer:
-                entry["tokens"], entry["maps"] = _maps(captioner, image, answer, q.question, args)
+            entry = {"question": q.question, "answer": answer, "truth": q.answers,
+                     "score": vqa_accuracy(answer, q.answers)}
+            if answer:
+                texts.append((entry, image, answer, q.question))
             sample["questions"].append(entry)
         samples.append(sample)
+    if captioner is not None and texts:
+        tok = captioner.tokenizer
+        maps = captioner.text_maps([t[1] for t in texts], [t[2] for t in texts], args.layers, args.method, args.head,
+                                   questions=[t[3] for t in texts])
+        for (target, _, text, _), m in zip(texts, maps, strict=True):
+            target["tokens"] = tok.tokens(tok.encode(clean_text(text)))[:m.shape[0]]  # texts past max_length are cut
+            target["maps"] = m
     return samples
-
-
-def _maps(captioner, image, text: str, question: str | None, args: Any) -> tuple[list[str], np.ndarray]:
-    tok = captioner.tokenizer
-    (maps,) = captioner.text_maps([image], [text], args.layers, args.method, args.head, questions=[question])
-    return tok.tokens(tok.encode(clean_text(text)))[:maps.shape[0]], maps  # texts past max_length are cut

@@ -71,19 +71,25 @@ def upsample(map_: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return (up - lo) / (hi - lo)
 
 
-def peak(map_: np.ndarray, size: tuple[int, int]) -> tuple[float, float]:
-    """Pixel coordinates ``(x, y)`` of the maximum of the upsampled map (the centre of the argmax pixel).
+def peak(map_: np.ndarray, size: tuple[int, int], upsampled: bool = True) -> tuple[float, float]:
+    """Pixel coordinates ``(x, y)`` of the map's maximum: the centre of the argmax pixel of the bilinearly
+    upsampled map, or with ``upsampled=False`` the centre of the argmax grid cell.
 
-    Ties resolve to the first pixel in row-major order.
+    Ties resolve to the first pixel (or cell) in row-major order.
     """
+    if not upsampled:
+        arr = _as_map(map_)
+        width, height = _check_size(size)
+        row, col = np.unravel_index(int(np.argmax(arr)), arr.shape)
+        return (float(col) + 0.5) * width / arr.shape[1], (float(row) + 0.5) * height / arr.shape[0]
     up = resize(map_, size)
     row, col = np.unravel_index(int(np.argmax(up)), up.shape)
     return float(col) + 0.5, float(row) + 0.5
 
 
-def pointing_hit(map_: np.ndarray, box: Box, size: tuple[int, int]) -> bool:
-    """Pointing game: whether the map's peak lies inside ``box = (x, y, w, h)`` (edges inclusive)."""
-    px, py = peak(map_, size)
+def pointing_hit(map_: np.ndarray, box: Box, size: tuple[int, int], upsampled: bool = True) -> bool:
+    """Pointing game: whether the map's `peak` lies inside ``box = (x, y, w, h)`` (edges inclusive)."""
+    px, py = peak(map_, size, upsampled)
     x, y, w, h = (float(v) for v in box)
     return x <= px <= x + w and y <= py <= y + h
 

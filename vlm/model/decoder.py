@@ -21,8 +21,10 @@ class KVCache:
     def __init__(self, num_layers: int, batch: int, num_heads: int, max_length: int, head_dim: int,
                  like: Tensor):
         shape = (num_layers, batch, num_heads, max_length, head_dim)
-        self.k = like.new_zeros(shape)
-        self.v = like.new_zeros(shape)
+        self.k = like.new_empty(shape)  # positions past `length` are never read
+        self.v = like.new_empty(shape)
+        self._spare: tuple[Tensor, Tensor] | None = None  # beam search reorders into these, then swaps
+        self._layers = list(zip(self.k.unbind(0), self.v.unbind(0), strict=True))  # per-layer views
         self.length = 0  # positions filled so far
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> KeysValues:
@@ -30,18 +32,23 @@ class KVCache:
         end = self.length + k.shape[2]
         if end > self.k.shape[3]:
             raise ValueError(f"sequence of {end} tokens exceeds the decoder's max_length {self.k.shape[3]}")
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        keys, values = self._layers[layer]
+        keys[:, :, self.length:end] = k
+        values[:, :, self.length:end] = v
+        return keys[:, :, :end], values[:, :, :end]
 
     def advance(self, steps: int) -> None:
         self.length += steps
 
     def reorder(self, index: Tensor) -> None:
         """Keep the rows given by index (beam search: each kept beam takes its parent's cache)."""
-        filled = slice(0, self.length)  # only the filled positions need moving
-        self.k[:, :, :, filled] = self.k[:, index, :, filled]
-        self.v[:, :, :, filled] = self.v[:, index, :, filled]
+        if self._spare is None:
+            self._spare = (torch.empty_like(self.k), torch.empty_like(self.v))
+        filled = slice(0, self.length)  # only the filled positions move, straight into the spare buffers
+        for cache, spare in zip((self.k, self.v), self._spare, strict=True):
+            torch.index_select(cache[:, :, :, filled], 1, index, out=spare[:, :, :, filled])
+        (self.k, self.v), self._spare = self._spare, (self.k, self.v)
+        self._layers = list(zip(self.k.unbind(0), self.v.unbind(0), strict=True))
 
 
 class Block(nn.Module):
@@ -81,7 +88,7 @@ class Block(nn.Module):
         queries = self.ln_cross(x).reshape(B, per_image * T, D)
         c, weights = self.cross_attn(queries, *image_kv, need_weights=need_weights)
         x = x + self.drop(c.reshape(S, T, D))
-        if weights is not None:  # (B, H, per_image * T, N) -> (S, H, T, N)
+        if weights is not None and per_image > 1:  # (B, H, per_image * T, N) -> (S, H, T, N)
             H, N = weights.shape[1], weights.shape[-1]
             weights = weights.view(B, H, per_image, T, N).transpose(1, 2).reshape(S, H, T, N)
         x = x + self.drop(self.mlp(self.ln_mlp(x)))
@@ -103,8 +110,11 @@ class TextDecoder(nn.Module):
         nn.init.normal_(self.pos_emb.weight, std=0.02)
 
     def image_keys_values(self, memory: Tensor) -> list[KeysValues]:
-        """Cross-attention keys/values of every layer from patch features (B, N, D), computed once."""
-        return [block.cross_attn.keys_values(memory) for block in self.blocks]
+        """Cross-attention keys/values of every layer from patch features (B, N, D), computed once.
+
+        They are made contiguous here, once, so that no generation step reads them through strides.
+        """
+        return [tuple(t.contiguous() for t in block.cross_attn.keys_values(memory)) for block in self.blocks]
 
     def new_cache(self, batch: int, like: Tensor) -> KVCache:
         attn = self.blocks[0].self_attn
@@ -124,14 +134,16 @@ class TextDecoder(nn.Module):
         image_kv holds B images' keys/values (B, H, N, hd); the S = k * B sequences are image-major:
         sequence s reads image s // k. Without a cache and mask, self-attention is causal over ids. With a
         cache, ids continue the cached sequence; self_mask (S, 1, T, T_all) then says which cached
-        positions each new token may see.
+        positions each new token may see. Given positions (S, T) must lie below max_length (generation's are
+        checked once, not at every step).
         """
         S, T = ids.shape
         if positions is None:
             start = cache.length if cache is not None else 0
+            if start + T > self.cfg.max_length:
+                raise ValueError(f"sequence of {start + T} tokens exceeds the decoder's max_length "
+                                 f"{self.cfg.max_length}")
             positions = torch.arange(start, start + T, device=ids.device).expand(S, T)
-        if int(positions.max()) >= self.cfg.max_length:
-            raise ValueError(f"sequence longer than the decoder's max_length {self.cfg.max_length}")
         x = self.drop(self.tok_emb(ids) + self.pos_emb(positions))  # (S, T, D)
         weights = []
         for layer, block in enumerate(self.blocks):

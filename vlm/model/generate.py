@@ -122,6 +122,7 @@ def generate(
     seed: int | Sequence[int] | None = None,
     use_cache: bool = True,
     return_attention: bool = False,
+    features: bool = False,
 ) -> Generation:
     """Continue each image's prompt until the end token: greedy, sampled, or by beam search.
 
@@ -129,14 +130,16 @@ def generate(
     end by score / length ** length_penalty. no_repeat_ngram_size n > 0: no n-gram occurs twice among
     the generated tokens. sample: draw each token from the model's distribution at this temperature,
     restricted to the top_k tokens (0: all) and to the smallest set of probability mass top_p; seed
-    (image i uses seed + i, or one seed per image) makes the draws reproducible.
+    (image i uses seed + i, or one seed per image) makes the draws reproducible. features: ``images``
+    holds the encoder trunk's maps (B, C, h, w) from a feature cache instead of pixels.
     """
     _check(beam_size, sample, temperature, top_k, top_p, no_repeat_ngram_size, min_new_tokens)
     B, K = images.shape[0], beam_size
     if len(prompts) != B:
         raise ValueError(f"{len(prompts)} prompts for {B} images")
     device = images.device
-    image_kv, grid = model.encode(images)  # per layer (B, H, N, hd), once per image, shared by its K beams
+    encode = model.encode_features if features else model.encode
+    image_kv, grid = encode(images)  # per layer (B, H, N, hd), once per image, shared by its K beams
     R = B * K
     P = max(len(p) for p in prompts)
     T = min(max_new_tokens, model.cfg.decoder.max_length - P)

@@ -3,7 +3,8 @@
 Under DDP each process generates for its own share of the val set; (dataset index, text) pairs are
 gathered from all processes and de-duplicated by index (the distributed sampler pads the last shares with
 repeats), so CIDEr-D, whose weights depend on the whole corpus, is computed on exactly the val set, and
-equals a one-process run's.
+equals a one-process run's. With a feature cache, generation starts from the cached trunk maps. Under
+FSDP, generation runs with every shard gathered (``full_parameters``), entered by all processes together.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from vlm.eval.caption import caption_scores, diversity, tokenize_caption
 from vlm.eval.vqa import vqa_scores
 from vlm.grounding.overlay import token_grid
 from vlm.model.generate import generate
+from vlm.train.sharding import full_parameters
 
 log = logging.getLogger(__name__)
 MAX_PANELS = 12  # token overlays drawn per sample image
@@ -67,7 +69,6 @@ class GenerationMetrics(Callback):
         self._captions: dict[int, str] = {}
         self._answers: dict[tuple[int, int], str] = {}
         self._images: dict[int, Tensor] = {}
-        self._warned_features = False
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._captions, self._answers, self._images = {}, {}, {}
@@ -77,29 +78,31 @@ class GenerationMetrics(Callback):
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
         if trainer.sanity_checking:
             return
-        if getattr(batch, "features", False):  # a feature cache holds no images to generate from
-            if not self._warned_features:
-                log.warning("val.generate: batches hold cached encoder features, not images; "
-                            "caption and VQA metrics are skipped")
-                self._warned_features = True
-            return
         dataset = _val_dataset(trainer, dataloader_idx)
         model, tok = pl_module.model, pl_module.tokenizer
+        features = batch.features  # feature cache: batch.images holds the trunk's maps
         indices = batch.index.tolist()
-        captions = generate(model, batch.images, [tok.caption_prompt()] * len(indices), eos_id=tok.eos_id,
-                            pad_id=tok.pad_id, max_new_tokens=self.max_caption_tokens)
+        with full_parameters(model):
+            self._generate(model, tok, dataset, batch.images, indices, features)
+        if not features:  # cached maps cannot be drawn as sample images
+            self._images.update({index: batch.images[row].detach().float().cpu()
+                                 for row, index in enumerate(indices) if index < self.samples})
+
+    def _generate(self, model: Any, tok: Any, dataset: Any, images: Tensor, indices: list[int],
+                  features: bool) -> None:
+        """Greedy captions of the images and answers to each of their questions."""
+        captions = generate(model, images, [tok.caption_prompt()] * len(indices), eos_id=tok.eos_id,
+                            pad_id=tok.pad_id, max_new_tokens=self.max_caption_tokens, features=features)
         rows, prompts, keys = [], [], []
         for row, index in enumerate(indices):
             self._captions[index] = tok.decode(captions.tokens[row])
-            if index < self.samples:
-                self._images[index] = batch.images[row].detach().float().cpu()
             for q, question in enumerate(dataset.references(index)["questions"]):
                 rows.append(row)
                 prompts.append(_question_prompt(tok, question["question"], model.cfg.decoder.max_length))
                 keys.append((index, q))
         if rows:
-            answers = generate(model, batch.images[rows], prompts, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                               max_new_tokens=self.max_answer_tokens)
+            answers = generate(model, images[rows], prompts, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                               max_new_tokens=self.max_answer_tokens, features=features)
             self._answers.update({key: tok.decode(t) for key, t in zip(keys, answers.tokens, strict=True)})
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -129,8 +132,10 @@ class GenerationMetrics(Callback):
                        f"{metrics['collapse/identical_share']:.0%} of val images get the same caption")
             warnings.warn(message, stacklevel=1)
             log.warning(message)
-        if trainer.is_global_zero and self._images:
-            self._log_samples(trainer, pl_module, captions)
+        if self.samples:
+            with full_parameters(pl_module.model):  # every process gathers; rank 0 draws
+                if trainer.is_global_zero and self._images:
+                    self._log_samples(trainer, pl_module, captions)
 
     @torch.no_grad()
     def _log_samples(self, trainer: L.Trainer, pl_module: L.LightningModule, captions: dict[int, str]) -> None:

@@ -53,8 +53,12 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def resume_path(resume: str, out: str | os.PathLike) -> Path:
-    """The checkpoint to resume from: ``last`` means ``out/checkpoints/last.ckpt``."""
+def resume_path(resume: str, out: str | os.PathLike, sharded: bool = False) -> Path:
+    """The checkpoint to resume from: ``last`` means ``out/checkpoints/last.ckpt``.
+
+    ``sharded``: this run uses ``strategy: fsdp``, whose checkpoints key the optimiser state differently, so a
+    run resumes only from a checkpoint written under the same kind of strategy.
+    """
     path = Path(out) / "checkpoints" / "last.ckpt" if resume == "last" else Path(resume)
     if not path.is_file():
         raise VLMError(f"--resume {resume}: no checkpoint at {path}")
@@ -67,4 +71,7 @@ def resume_path(resume: str, out: str | os.PathLike) -> Path:
         raise VLMError(f"{path}: cannot resume from this checkpoint ({e.__class__.__name__}: {reason[:200]})") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         raise VLMError(f"{path}: not a vlm training checkpoint")
+    if ckpt.get("sharded", False) != sharded:
+        written = "fsdp" if ckpt.get("sharded", False) else "a strategy other than fsdp"
+        raise VLMError(f"{path}: written under {written}; resume it with the same kind of trainer.strategy")
     return path

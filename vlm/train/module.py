@@ -18,6 +18,7 @@ from vlm.errors import VLMError
 from vlm.model.vlm import VisionLanguageModel
 from vlm.text.tokenizer import Tokenizer
 from vlm.train.guards import skip_nonfinite
+from vlm.train.sharding import broadcast_buffers, is_sharded, shard_model
 
 
 class CaptionModule(L.LightningModule):
@@ -47,6 +48,11 @@ class CaptionModule(L.LightningModule):
     @classmethod
     def create(cls, model: ModelConfig, optim: OptimConfig, tokenizer: Tokenizer) -> CaptionModule:
         return cls(asdict(model), asdict(optim), tokenizer.to_str())
+
+    def configure_model(self) -> None:
+        """Under ``strategy: fsdp`` (vlm.train.sharding.FSDPStrategy, which sets a device mesh), shard the model."""
+        if self.device_mesh is not None:
+            shard_model(self.model, self.device_mesh["data_parallel"])
 
     def _loss(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         """Weighted mean of the per-task token cross-entropies, and per-task losses and token accuracies.
@@ -102,9 +108,14 @@ class CaptionModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["nonfinite_skipped"] = self.nonfinite_skipped
+        checkpoint["sharded"] = is_sharded(self.model)  # FSDP keys the optimiser state its own way
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.nonfinite_skipped = checkpoint.get("nonfinite_skipped", 0)
+
+    def on_validation_epoch_start(self) -> None:
+        if is_sharded(self.model):  # FSDP leaves BatchNorm statistics per process; evaluate with rank 0's, as DDP
+            broadcast_buffers(self.model)
 
     def on_validation_end(self) -> None:
         self._tick = None  # the validation pause is not training time
@@ -119,9 +130,11 @@ class CaptionModule(L.LightningModule):
             # Norm weights, biases and embeddings are not weight-decayed.
             decay = 0.0 if p.ndim < 2 or name.endswith("_emb.weight") else cfg.weight_decay
             groups.setdefault((lr, decay), []).append(p)
+        # Lightning's mixed precision refuses to clip the gradients of a fused optimizer (it would unscale them).
+        fused = not (self.trainer.precision.endswith("-mixed") and self.trainer.gradient_clip_val)
         optimizer = adamw(
             [{"params": ps, "lr": lr, "weight_decay": decay} for (lr, decay), ps in groups.items()],
-            lr=cfg.lr, betas=(0.9, 0.98),
+            lr=cfg.lr, betas=(0.9, 0.98), fused=fused,
         )
         total = max(self.trainer.estimated_stepping_batches, cfg.warmup_steps + 1)
 
@@ -135,13 +148,15 @@ class CaptionModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def adamw(params, **kwargs) -> torch.optim.AdamW:
-    """AdamW with torch's fused kernel where it has one for the parameters' device, else the foreach one."""
+def adamw(params, fused: bool = True, **kwargs) -> torch.optim.AdamW:
+    """AdamW with torch's fused kernel where it has one for the parameters' device (and ``fused``), else foreach."""
     params = list(params)
-    try:
-        return torch.optim.AdamW(params, fused=True, **kwargs)
-    except RuntimeError:  # no fused kernel for this device or dtype
-        return torch.optim.AdamW(params, **kwargs)
+    if fused:
+        try:
+            return torch.optim.AdamW(params, fused=True, **kwargs)
+        except RuntimeError:  # no fused kernel for this device or dtype
+            pass
+    return torch.optim.AdamW(params, **kwargs)
 
 
 def state_from_checkpoint(path: str) -> tuple[dict, dict, str]:

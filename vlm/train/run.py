@@ -22,6 +22,7 @@ from vlm.train.callbacks import GenerationMetrics
 from vlm.train.checkpoints import AtomicCheckpointIO, resume_path
 from vlm.train.module import CaptionModule
 from vlm.train.scst import SCSTModule
+from vlm.train.sharding import FSDPStrategy, unsharded
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,10 @@ def train(cfg: TrainConfig, out: str | Path, resume: str | None = None, init: st
     Returns the exported model directory on the process that wrote it (rank 0), None on the others.
     """
     out = Path(out)
-    ckpt_path = resume_path(resume, out) if resume else None  # fail before any work
+    sharded = cfg.trainer.strategy == "fsdp"
+    if sharded and cfg.scst.enabled:
+        raise VLMError("trainer.strategy fsdp: SCST does not run under sharding; use ddp")
+    ckpt_path = resume_path(resume, out, sharded) if resume else None  # fail before any work
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     data_cfg = cfg.data
     if data_cfg.sources:
@@ -68,6 +72,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: str | None = None, init: st
                                      if cfg.scst.enabled and cfg.val.generate else {"monitor": "val/loss"}))
     trainer_args = asdict(cfg.trainer)
     trainer_args.pop("seed")
+    if sharded:  # FSDP2, on GPUs and CPUs alike (vlm.train.sharding)
+        trainer_args["strategy"] = FSDPStrategy()
     callbacks = [checkpoints, LearningRateMonitor()]
     if cfg.val.generate:
         callbacks.insert(0, GenerationMetrics(cfg.val.samples, cfg.val.collapse_share))
@@ -77,11 +83,12 @@ def train(cfg: TrainConfig, out: str | Path, resume: str | None = None, init: st
                         check_val_every_n_epoch=None, plugins=[AtomicCheckpointIO()])
     trainer.fit(module, data, ckpt_path=ckpt_path, weights_only=True)
     trainer.save_checkpoint(out / "checkpoints" / "last.ckpt")  # the final state, also after a max_time stop
+    model = unsharded(module.model)  # under FSDP every process takes part in gathering the weights
     if not trainer.is_global_zero:
         return None
     report["skipped_while_loading"] = int(data.skipped) if hasattr(data, "skipped") else 0
     (out / "data_report.json").write_text(json.dumps(report, indent=2))
-    return Captioner(module.model, tokenizer, device="cpu").save(out / "model")
+    return Captioner(model, tokenizer, device="cpu").save(out / "model")
 
 
 def build_module(cfg: TrainConfig, tokenizer: Tokenizer, start: Captioner | None) -> CaptionModule:
