@@ -56,7 +56,8 @@ def test_train_last_unfreezes_only_the_last_stages():
 
 def test_encoder_has_its_own_learning_rate(tokenizer):
     module = CaptionModule.create(tiny_config(), OptimConfig(lr=1e-3, encoder_lr=1e-5), tokenizer)
-    module.trainer = type("T", (), {"estimated_stepping_batches": 100})()
+    trainer = {"estimated_stepping_batches": 100, "precision": "32-true", "gradient_clip_val": 1.0}
+    module.trainer = type("T", (), trainer)()
     opt = module.configure_optimizers()["optimizer"]
     trunk = {id(p) for p in module.model.encoder.trunk.parameters()}
     for group in opt.param_groups:
