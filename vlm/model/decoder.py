@@ -24,7 +24,6 @@ class KVCache:
         self.k = like.new_empty(shape)  # positions past `length` are never read
         self.v = like.new_empty(shape)
         self._spare: tuple[Tensor, Tensor] | None = None  # beam search reorders into these, then swaps
-        self._layers = list(zip(self.k.unbind(0), self.v.unbind(0), strict=True))  # per-layer views
         self.length = 0  # positions filled so far
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> KeysValues:
@@ -32,7 +31,7 @@ class KVCache:
         end = self.length + k.shape[2]
         if end > self.k.shape[3]:
             raise ValueError(f"sequence of {end} tokens exceeds the decoder's max_length {self.k.shape[3]}")
-        keys, values = self._layers[layer]
+        keys, values = self.k[layer], self.v[layer]
         keys[:, :, self.length:end] = k
         values[:, :, self.length:end] = v
         return keys[:, :, :end], values[:, :, :end]
@@ -48,7 +47,6 @@ class KVCache:
         for cache, spare in zip((self.k, self.v), self._spare, strict=True):
             torch.index_select(cache[:, :, :, filled], 1, index, out=spare[:, :, :, filled])
         (self.k, self.v), self._spare = self._spare, (self.k, self.v)
-        self._layers = list(zip(self.k.unbind(0), self.v.unbind(0), strict=True))
 
 
 class Block(nn.Module):
