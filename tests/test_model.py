@@ -46,6 +46,34 @@ def test_every_trainable_parameter_gets_a_gradient(tiny_model, tokenizer):
     assert tiny_model.decoder.tok_emb.weight.grad.any() and tiny_model.encoder.proj[1].weight.grad.any()
 
 
+def _mlp_pass(f, mlp, x: torch.Tensor) -> tuple[list[torch.Tensor], int]:
+    """Output and gradients of x and every MLP parameter, and the bytes autograd saved for backward."""
+    saved = []
+    mlp.zero_grad()
+    x = x.detach().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = f(x)
+    (y.float() * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+    weights = {p.untyped_storage().data_ptr() for p in mlp.parameters()}
+    stored = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
+    activations = sum(n for ptr, n in stored.items() if ptr not in weights)
+    return [y, x.grad, *(p.grad for p in mlp.parameters())], activations
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_decoder_mlp_recomputes_its_gelu_with_the_same_gradients(tiny_model, autocast):
+    mlp = tiny_model.decoder.blocks[0].mlp
+    x = torch.randn(3, 7, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        ours, ours_bytes = _mlp_pass(mlp, mlp, x)
+        plain, plain_bytes = _mlp_pass(lambda v: mlp[2](F.gelu(mlp[0](v))), mlp, x)
+    for a, b in zip(ours, plain, strict=True):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # the same operations in the same dtypes
+    hidden = 3 * 7 * mlp[0].out_features * (2 if autocast else 4)
+    assert ours_bytes <= plain_bytes - hidden  # gelu(h) is no longer kept for backward
+
+
 def test_sequences_of_one_image_read_only_that_image(tiny_model, tokenizer):
     images, ids = torch.randn(2, 3, 64, 64), torch.randint(5, len(tokenizer), (6, 5))
     together = tiny_model(images, ids, need_weights=True)  # sequences 0-2 read image 0, 3-5 image 1

@@ -7,6 +7,7 @@ L layers, V vocabulary.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlm.config import DecoderConfig
@@ -49,6 +50,54 @@ class KVCache:
         (self.k, self.v), self._spare = self._spare, (self.k, self.v)
 
 
+class _GeluLinear(torch.autograd.Function):
+    """``linear(gelu(h), weight, bias)`` that saves only h for backward and recomputes the GELU there.
+
+    Autograd would keep both h (for the GELU's gradient) and gelu(h) (for the linear's); the GELU is cheap
+    to recompute, so this halves the stored MLP activations. It computes in h's dtype, which under autocast
+    is already the low precision one (the weight is cast as autocast would cast it).
+    """
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(h, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(F.gelu(h), weight.to(h.dtype), None if bias is None else bias.to(h.dtype))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        h, weight = ctx.saved_tensors
+        needs_h, needs_weight, needs_bias = ctx.needs_input_grad
+        grad = grad.to(h.dtype)
+        with torch.enable_grad():
+            h_ = h.detach().requires_grad_(needs_h)
+            g = F.gelu(h_)
+        grad_weight = grad_bias = grad_h = None
+        rows = grad.reshape(-1, grad.shape[-1])  # (S * T, D)
+        if needs_weight:
+            grad_weight = (rows.t() @ g.detach().reshape(-1, g.shape[-1])).to(weight.dtype)
+        if needs_bias and ctx.has_bias:
+            grad_bias = rows.sum(0).to(weight.dtype)
+        if needs_h:
+            (grad_h,) = torch.autograd.grad(g, h_, grad @ weight.to(h.dtype))
+        return grad_h, grad_weight, grad_bias
+
+
+class MLP(nn.Sequential):
+    """Linear, GELU, linear; in training the GELU's output is recomputed in backward rather than stored."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        fc1, _, fc2 = self
+        h = fc1(x)
+        if torch.is_grad_enabled() and (h.requires_grad or fc2.weight.requires_grad):
+            return _GeluLinear.apply(h, fc2.weight, fc2.bias)
+        return fc2(F.gelu(h))
+
+
 class Block(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
@@ -59,7 +108,7 @@ class Block(nn.Module):
         self.cross_attn = Attention(D, cfg.num_heads, cfg.dropout)
         self.ln_mlp = nn.LayerNorm(D)
         hidden = int(cfg.mlp_ratio * D)
-        self.mlp = nn.Sequential(nn.Linear(D, hidden), nn.GELU(), nn.Linear(hidden, D))
+        self.mlp = MLP(D, hidden)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(
