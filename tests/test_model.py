@@ -111,6 +111,30 @@ def test_cached_generation_equals_uncached(tiny_model, tokenizer, beam_size):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+def test_null_patch_takes_the_attention_that_maps_leave_out(tokenizer):
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    cfg.decoder.null_patch = True
+    model = VisionLanguageModel(cfg, len(tokenizer)).eval()
+    assert model.decoder.null is not None and "decoder.null" in model.state_dict()
+    images, ids = torch.randn(2, 3, 64, 64), torch.randint(5, len(tokenizer), (2, 6))
+    out = model(images, ids, need_weights=True)
+    torch.testing.assert_close(model(images, ids).logits, out.logits, atol=1e-5, rtol=1e-5)  # fused == explicit
+    N = out.grid[0] * out.grid[1]
+    for w in out.cross_attentions:
+        assert w.shape == (2, 4, 6, N)
+        assert ((w.sum(-1) > 0) & (w.sum(-1) < 1)).all()  # the rest of each row went to the null patch
+    prompts = [tokenizer.caption_prompt(), tokenizer.question_prompt("what color is the circle?")]
+    for beam_size in (1, 3):
+        cached = _run(model, tokenizer, images, prompts, beam_size=beam_size, return_attention=True)
+        uncached = _run(model, tokenizer, images, prompts, beam_size=beam_size, use_cache=False,
+                        return_attention=True)
+        assert cached.tokens == uncached.tokens
+        for a, b in zip(cached.attentions, uncached.attentions, strict=True):
+            assert a.shape[-1] == N
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_beam_of_one_is_greedy_and_beam_scores_are_no_worse(tiny_model, tokenizer):
     images = torch.randn(4, 3, 64, 64)
     prompts = [tokenizer.caption_prompt()] * 4

@@ -48,6 +48,9 @@ class DecoderConfig:
     """Dropout on attention weights and residual branches."""
     max_length: int = 40
     """Longest token sequence (prompt + answer or caption) the decoder accepts."""
+    null_patch: bool = False
+    """Append a learned "null" feature to the image patches, so that cross-attention can attend to nothing in
+    particular rather than parking its weight on some patch; maps leave it out (their rows then sum to at most 1)."""
 
 
 @dataclass
