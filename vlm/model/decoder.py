@@ -59,20 +59,21 @@ class _GeluLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor | None, approximate: str) -> Tensor:
         ctx.save_for_backward(h, weight)
-        ctx.has_bias = bias is not None
-        return F.linear(F.gelu(h), weight.to(h.dtype), None if bias is None else bias.to(h.dtype))
+        ctx.has_bias, ctx.approximate = bias is not None, approximate
+        return F.linear(F.gelu(h, approximate=approximate), weight.to(h.dtype),
+                        None if bias is None else bias.to(h.dtype))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
         h, weight = ctx.saved_tensors
-        needs_h, needs_weight, needs_bias = ctx.needs_input_grad
+        needs_h, needs_weight, needs_bias, _ = ctx.needs_input_grad
         grad = grad.to(h.dtype)
         with torch.enable_grad():
             h_ = h.detach().requires_grad_(needs_h)
-            g = F.gelu(h_)
+            g = F.gelu(h_, approximate=ctx.approximate)
         grad_weight = grad_bias = grad_h = None
         rows = grad.reshape(-1, grad.shape[-1])  # (S * T, D)
         if needs_weight:
@@ -81,7 +82,7 @@ class _GeluLinear(torch.autograd.Function):
             grad_bias = rows.sum(0).to(weight.dtype)
         if needs_h:
             (grad_h,) = torch.autograd.grad(g, h_, grad @ weight.to(h.dtype))
-        return grad_h, grad_weight, grad_bias
+        return grad_h, grad_weight, grad_bias, None
 
 
 class MLP(nn.Sequential):
@@ -91,11 +92,11 @@ class MLP(nn.Sequential):
         super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        fc1, _, fc2 = self
+        fc1, act, fc2 = self
         h = fc1(x)
         if torch.is_grad_enabled() and (h.requires_grad or fc2.weight.requires_grad):
-            return _GeluLinear.apply(h, fc2.weight, fc2.bias)
-        return fc2(F.gelu(h))
+            return _GeluLinear.apply(h, fc2.weight, fc2.bias, act.approximate)
+        return fc2(act(h))
 
 
 class Block(nn.Module):
