@@ -1,9 +1,11 @@
+import re
+
 import numpy as np
 import pytest
 import torch
 
 from vlm.config import DataConfig
-from vlm.data.builtin import IGNORE_INDEX, SceneDataset, collate
+from vlm.data.builtin import IGNORE_INDEX, SceneDataset, caption_sequence, collate
 from vlm.data.scenes import COLORS, SHAPES, make_scene
 
 
@@ -75,3 +77,49 @@ def test_collate_learns_only_what_follows_the_prompt(tokenizer):
             # labels are the inputs shifted by one (the end token has no next input)
             positions = [t for t, label in enumerate(row_labels) if label != IGNORE_INDEX][:-1]
             assert all(row_ids[t + 1] == row_labels[t] for t in positions)
+
+
+def test_caption_sequences_ground_each_object_phrase_at_the_positions_that_predict_it(tokenizer):
+    dataset = SceneDataset("val", DataConfig(captions_per_image=5), tokenizer, lambda im: torch.zeros(3, 64, 64), 64)
+    for index in range(20):
+        scene = make_scene(index, "val")
+        _, (captions, questions), _ = dataset[index]
+        assert all(grounded == [] for _, _, grounded in questions)
+        for ids, prompt_len, grounded in captions:
+            by_box: dict = {}
+            for position, box in grounded:
+                by_box.setdefault(box, []).append(ids[position + 1])  # the token that position predicts
+            text = tokenizer.decode(ids[prompt_len:])
+            for o in scene.objects:  # every object the caption names, with its box as fractions of 64 px
+                x, y, w, h = o.box
+                box = (x / 64, y / 64, (x + w) / 64, (y + h) / 64)
+                named = re.search(rf"\b{o.phrase}\b", text) is not None
+                assert (box in by_box) == named
+                if named:
+                    assert tokenizer.decode(by_box[box]) == o.phrase
+
+
+def test_collate_keeps_each_grounded_token_with_its_row_and_box(tokenizer):
+    dataset = SceneDataset("val", DataConfig(questions_per_image=2), tokenizer, lambda im: torch.zeros(3, 64, 64), 64)
+    items = [dataset[i] for i in range(4)]
+    batch = collate(items, pad_id=tokenizer.pad_id)
+    (where, boxes), (vqa_where, _) = batch.grounded
+    assert vqa_where.shape == (0, 2)
+    expected = [(row, position, box) for row, (_, (captions, _), _) in enumerate(items)
+                for position, box in captions[0][2]]
+    assert where.tolist() == [[row, position] for row, position, _ in expected]
+    assert torch.allclose(boxes, torch.tensor([box for _, _, box in expected]))
+    labels = batch.labels[0][where[:, 0], where[:, 1]]  # grounded positions are learned caption tokens
+    assert (labels != IGNORE_INDEX).all()
+
+
+def test_a_phrase_two_regions_share_or_named_twice_is_not_grounded(tokenizer):
+    one, two = (0.0, 0.0, 0.5, 0.5), (0.5, 0.5, 1.0, 1.0)
+    _, _, grounded = caption_sequence(tokenizer, "a small red circle and a large blue square",
+                                      [("small red circle", one), ("large blue square", two)])
+    assert [box for _, box in grounded] == [one] * 3 + [two] * 3
+    _, _, shared = caption_sequence(tokenizer, "a red circle and a blue square",
+                                    [("red circle", one), ("red circle", two), ("blue square", two)])
+    assert [box for _, box in shared] == [two] * 2
+    _, _, twice = caption_sequence(tokenizer, "a red circle and a red circle", [("red circle", one)])
+    assert twice == []

@@ -12,10 +12,10 @@ from PIL import Image
 
 from vlm.cli import main
 from vlm.config import DataConfig, SourceConfig
-from vlm.data.builtin import collate
+from vlm.data.builtin import caption_sequence, collate, question_sequence
 from vlm.data.datasets import Mixture, RecordDataset, Sampler, ShardDataset, SourceData, mixture_weights
 from vlm.data.export import answer_type, write_shapes
-from vlm.data.records import detect_format, read_records
+from vlm.data.records import Region, detect_format, read_records
 from vlm.data.scenes import make_scene
 from vlm.errors import VLMError
 
@@ -89,7 +89,7 @@ def test_webdataset_shard_streams_the_same_samples(shapes, scenes, tokenizer):
     assert len(items) == NUM
     for (pixels, (captions, _), _), scene in zip(items, scenes, strict=True):
         assert np.array_equal(pixels.numpy(), np.asarray(scene.image))
-        decoded = sorted(tokenizer.decode(ids[1:]) for ids, _ in captions)
+        decoded = sorted(tokenizer.decode(ids[1:]) for ids, _, _ in captions)
         assert decoded == sorted(tokenizer.decode(tokenizer.encode(c)) for c in scene.captions)
 
 
@@ -137,9 +137,9 @@ def test_validate_cli_reports_and_exits_nonzero(tmp_path, shapes, capsys):
 
 def test_collate_gives_images_without_questions_empty_rows(tokenizer):
     tok = tokenizer
-    with_q = (torch.zeros(3, 4, 4), [[tok.training_pair([tok.bos_id], "a red circle")],
-                                     [tok.training_pair(tok.question_prompt("is it red ?"), "yes")] * 2], 0)
-    without_q = (torch.zeros(3, 4, 4), [[tok.training_pair([tok.bos_id], "a blue square")], []], 1)
+    with_q = (torch.zeros(3, 4, 4), [[caption_sequence(tok, "a red circle", [])],
+                                     [question_sequence(tok, "is it red ?", "yes")] * 2], 0)
+    without_q = (torch.zeros(3, 4, 4), [[caption_sequence(tok, "a blue square", [])], []], 1)
     batch = collate([with_q, without_q], pad_id=tok.pad_id)
     ids, labels = batch.ids[1], batch.labels[1]
     assert ids.shape[0] == 4  # two rows per image, image-major
@@ -159,6 +159,31 @@ def test_flip_never_when_texts_mention_sides(tokenizer):
     flipped = sampler(image, ["a red circle"], [], 0)[0].numpy()
     kept = sampler(image, ["a red circle to the left of a square"], [], 0)[0].numpy()
     assert np.array_equal(flipped, np.asarray(image)[:, ::-1]) and np.array_equal(kept, np.asarray(image))
+
+
+def test_record_regions_ground_captions_and_follow_a_flip_but_not_a_crop(shapes, scenes, tokenizer):
+    records, _ = read_records(SourceConfig(str(shapes["jsonl"])))
+    record, scene = records[0], scenes[0]
+    image = Image.open(record.image).convert("RGB")
+    W, H = image.size
+
+    def grounded(**data) -> dict:
+        sampler = Sampler(DataConfig(captions_per_image=1, **data), tokenizer, lambda im: torch.zeros(1), train=True)
+        _, (captions, _), _ = sampler(image, ["a red circle and a blue square"], [], 0,
+                                      [Region("red circle", (8, 16, 16, 8)), Region("blue square", (40, 0, 8, 8))])
+        return {box: [captions[0][0][p + 1] for p, b in captions[0][2] if b == box] for _, box in captions[0][2]}
+
+    plain = grounded()
+    assert plain == {(8 / W, 16 / H, 24 / W, 24 / H): tokenizer.encode("red circle"),
+                     (40 / W, 0.0, 48 / W, 8 / H): tokenizer.encode("blue square")}
+    flipped = grounded(hflip=1.0)  # no side words: always flipped, and the boxes mirror with the image
+    assert flipped == {(1 - 24 / W, 16 / H, 1 - 8 / W, 24 / H): tokenizer.encode("red circle"),
+                       (1 - 48 / W, 0.0, 1 - 40 / W, 8 / H): tokenizer.encode("blue square")}
+    assert grounded(crop_scale=0.5) == {}  # a random crop moves the regions: none are kept
+    dataset = RecordDataset(records, Sampler(DataConfig(captions_per_image=5), tokenizer, lambda im: torch.zeros(1),
+                                             train=False), strict=True)
+    captions = dataset[0][1][0]
+    assert max(len(g) for _, _, g in captions) == 2 * len(scene.objects)  # the caption naming every "colour shape"
 
 
 def test_mixture_indexes_sources_and_references(shapes, tokenizer):

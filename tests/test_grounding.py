@@ -146,34 +146,6 @@ def test_deletion_curves_start_equal_and_stay_probabilities(captioner) -> None:
     assert result["area_attention"] == pytest.approx(np.mean(result["curve_attention"]))
 
 
-def test_null_patch_models_ground_delete_and_reload(tokenizer, tmp_path) -> None:
-    from tests.conftest import tiny_config
-    from vlm import load
-    from vlm.model.vlm import VisionLanguageModel
-
-    torch.manual_seed(0)
-    cfg = tiny_config()
-    cfg.decoder.null_patch = True
-    captioner = Captioner(VisionLanguageModel(cfg, len(tokenizer)).eval(), tokenizer, device="cpu")
-    _, pixels, ids = _inputs(captioner)
-    _, _, cross_w, grid = decode_with_attention(captioner.model, pixels, ids)
-    with torch.no_grad():
-        out = captioner.model(pixels, ids, need_weights=True)
-    for ours, theirs in zip(cross_w, out.cross_attentions, strict=True):
-        assert ours.shape[-1] == grid[0] * grid[1] + 1  # the null patch last, for gradients
-        torch.testing.assert_close(ours[..., :-1], theirs, atol=1e-6, rtol=1e-5)
-    scene = make_scene(0, "val", 0, 64)
-    for method in ("raw", "rollout", "chefer"):
-        (maps,) = captioner.text_maps([scene.image], [TEXT], method=method)
-        assert maps.shape[1:] == grid and np.isfinite(maps).all()
-    cases = [GroundingCase(scene.image, [(o.phrase, o.box) for o in scene.objects], scene.captions[0])]
-    result = deletion_curves(captioner, cases, fractions=(0.0, 0.875))
-    assert result["curve_attention"][0] == pytest.approx(result["curve_random"][0])
-    reloaded = load(captioner.save(tmp_path / "model"), device="cpu")
-    assert reloaded.model.cfg.decoder.null_patch
-    torch.testing.assert_close(reloaded.model(pixels, ids).logits, captioner.model(pixels, ids).logits)
-
-
 def test_ground_writes_only_inside_out_and_returns_a_box(captioner, tmp_path) -> None:
     image = make_scene(0, "val", 0, 64).image.resize((128, 96))
     path = tmp_path / "in.png"

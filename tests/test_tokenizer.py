@@ -102,3 +102,19 @@ def test_bpe_reads_special_token_strings_as_text(bpe, special):
     ids = bpe.encode(f"is there {special}?")
     assert bpe.decode(ids) == f"is there {special.lower()}?"
     assert bpe.question_prompt(special).count(bpe.sep_id) == 1
+
+
+@pytest.mark.parametrize("kind", ["word", "bpe"])
+def test_phrase_tokens_cover_whole_word_occurrences(kind):
+    texts = ["a small red circle to the left of a big blue square", "there is a small red circle"] * 20
+    tok = Tokenizer.train(texts, kind=kind, vocab_size=300)
+    text = "A Small red circle left of a big blue square and a small red circle"
+    ids = tok.encode(text)
+    spans = tok.phrase_tokens(text, "small RED circle")
+    assert len(spans) == 2
+    for span in spans:  # each occurrence: its own consecutive tokens, which spell the phrase
+        assert span == list(range(span[0], span[-1] + 1))
+        assert tok.decode([ids[i] for i in span]).strip() == "small red circle"
+    (span,) = tok.phrase_tokens(text, "blue square")
+    assert tok.decode([ids[i] for i in span]).strip() == "blue square"
+    assert tok.phrase_tokens(text, "circ") == [] and tok.phrase_tokens(text, "green") == []

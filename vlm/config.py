@@ -48,9 +48,6 @@ class DecoderConfig:
     """Dropout on attention weights and residual branches."""
     max_length: int = 40
     """Longest token sequence (prompt + answer or caption) the decoder accepts."""
-    null_patch: bool = False
-    """Append a learned "null" feature to the image patches, so that cross-attention can attend to nothing in
-    particular rather than parking its weight on some patch; maps leave it out (their rows then sum to at most 1)."""
 
 
 @dataclass
@@ -145,6 +142,12 @@ class OptimConfig:
     nonfinite_skips: int = 0
     """Batches with a NaN or infinite loss to skip (counted and logged) before training stops; 0 stops at the
     first, naming the step and keeping the last good checkpoint."""
+    grounding_weight: float = 0.05
+    """Weight of the grounding loss (0: off): where a training caption names a region of its image (the built-in
+    scenes' objects, JSONL "regions", COCO instance boxes in a file that also has captions), the map of each of
+    the phrase's tokens (cross-attention of ``model.attention_layers``, heads averaged) is trained to lie inside
+    the region's box, as -log of its share inside. Phrases that two regions share, or that a caption names twice,
+    are left out, and so are all regions under ``data.crop_scale`` < 1 and with a feature cache of records."""
     compile: bool = False
     """torch.compile the encoder and decoder for training (in place, so checkpoints are unchanged). Off by
     default: it did not speed up training on a 2-core CPU (README, Speed)."""
@@ -224,9 +227,12 @@ class TrainConfig:
 def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
     """Rebuild a ModelConfig from its ``asdict`` form (an exported model's config.json)."""
     d = dict(d)
+    decoder = dict(d.pop("decoder", {}))
+    if decoder.pop("null_patch", False):  # a short-lived option (its models load without it when it was off)
+        raise ValueError("model config has decoder.null_patch, which this version of vlm no longer has")
     try:
         return ModelConfig(
-            encoder=EncoderConfig(**d.pop("encoder", {})), decoder=DecoderConfig(**d.pop("decoder", {})), **d
+            encoder=EncoderConfig(**d.pop("encoder", {})), decoder=DecoderConfig(**decoder), **d
         )
     except TypeError as e:  # unknown or misspelt key
         raise ValueError(f"model config does not match this version of vlm: {e}") from None

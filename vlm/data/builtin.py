@@ -7,8 +7,9 @@ encodes each image once and decodes all its sequences.
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import lightning as L
@@ -28,8 +29,14 @@ warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 
 IGNORE_INDEX = -100
 TASKS = ("caption", "vqa")  # the order of an item's sequence groups
-Item = tuple[Tensor, list[list[tuple[list[int], int]]], int]
-"""A dataset item: image tensor, groups of (token ids, prompt length) per task, the item's index."""
+Box = tuple[float, float, float, float]
+"""(x0, y0, x1, y1) as fractions of the image's width and height."""
+Grounded = list[tuple[int, Box]]
+"""Of each caption token that belongs to a named region's phrase: the input position that predicts it, and the box."""
+Sequence = tuple[list[int], int, Grounded]
+"""Token ids, prompt length (not learned), grounded positions."""
+Item = tuple[Tensor, list[list[Sequence]], int]
+"""A dataset item: image tensor, groups of sequences per task, the item's index."""
 
 
 @dataclass
@@ -48,6 +55,8 @@ class Batch:
     """Per group (k * B, T) next tokens; IGNORE_INDEX on prompts and padding."""
     tasks: list[str]
     """Per group its task: "caption" or "vqa"."""
+    grounded: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    """Per group (G, 2) [sequence row, input position] of its grounded tokens, and their boxes (G, 4) (`Box`)."""
     index: Tensor | None = None
     """(B,) each image's index in its dataset (to gather and de-duplicate results across processes)."""
     features: bool = False
@@ -61,6 +70,35 @@ def scene_texts(num_scenes: int, seed: int) -> list[str]:
         scene = make_scene(i, "train", seed)
         texts += scene.captions + [t for q in scene.questions for t in (q.question, q.answer)]
     return texts
+
+
+def fraction_box(bbox: tuple[float, float, float, float], size: tuple[int, int]) -> Box:
+    """A pixel box (x, y, w, h) in an image of size (width, height) as a `Box`, clipped to the image."""
+    (x, y, w, h), (W, H) = bbox, size
+    return (min(max(x / W, 0.0), 1.0), min(max(y / H, 0.0), 1.0),
+            min(max((x + w) / W, 0.0), 1.0), min(max((y + h) / H, 0.0), 1.0))
+
+
+def caption_sequence(tokenizer: Tokenizer, caption: str, regions: list[tuple[str, Box]]) -> Sequence:
+    """``[BOS] caption [EOS]`` with the positions that predict each region's phrase where the caption names it.
+
+    A phrase that two regions share, or that the caption names twice, is left out: which box it means is unknown.
+    """
+    ids, prompt_len = tokenizer.training_pair(tokenizer.caption_prompt(), caption)
+    names = Counter(" ".join(phrase.lower().split()) for phrase, _ in regions)
+    grounded: Grounded = []
+    for phrase, box in regions:
+        if names[" ".join(phrase.lower().split())] > 1:
+            continue
+        spans = tokenizer.phrase_tokens(caption, phrase)
+        if len(spans) == 1:  # token i of the caption sits at prompt_len + i; the position before predicts it
+            grounded += [(prompt_len - 1 + i, box) for i in spans[0]]
+    return ids, prompt_len, grounded
+
+
+def question_sequence(tokenizer: Tokenizer, question: str, answer: str) -> Sequence:
+    """``[BOS] question [SEP] answer [EOS]``, learning the answer."""
+    return *tokenizer.training_pair(tokenizer.question_prompt(question), answer), []
 
 
 def _draw(rng: np.random.Generator, n: int, k: int) -> list[int]:
@@ -88,7 +126,7 @@ class SceneDataset(Dataset):
         return {"captions": list(scene.captions),
                 "questions": [{"question": q.question, "answers": [q.answer], "kind": q.kind} for q in scene.questions]}
 
-    def sequences(self, index: int) -> list[list[tuple[list[int], int]]]:
+    def sequences(self, index: int) -> list[list[Sequence]]:
         """Item ``index`` without its image (training from cached features)."""
         return self[index][1]
 
@@ -98,10 +136,11 @@ class SceneDataset(Dataset):
         # Training draws fresh texts every epoch; validation always the same ones.
         seed = int(torch.randint(2**31, ())) if self.split == "train" else index
         rng = np.random.default_rng(seed)
-        tok = self.tokenizer
-        captions = [tok.training_pair(tok.caption_prompt(), scene.captions[i])
+        tok, size = self.tokenizer, scene.image.size
+        regions = [(o.phrase, fraction_box(o.box, size)) for o in scene.objects]
+        captions = [caption_sequence(tok, scene.captions[i], regions)
                     for i in _draw(rng, len(scene.captions), self.cfg.captions_per_image)]
-        questions = [tok.training_pair(tok.question_prompt(scene.questions[i].question), scene.questions[i].answer)
+        questions = [question_sequence(tok, scene.questions[i].question, scene.questions[i].answer)
                      for i in _draw(rng, len(scene.questions), self.cfg.questions_per_image)]
         return self.transform(scene.image), [captions, questions], index
 
@@ -115,17 +154,20 @@ def collate(items: list[Item], pad_id: int, features: bool = False) -> Batch:
         if k == 0:
             continue
         # Every image needs k sequences; an image with fewer (e.g. no questions) gets empty rows that learn nothing.
-        seqs = [seq for per_image in group for seq in [*per_image, *[([pad_id], 1)] * (k - len(per_image))]]
-        T = max(len(s) for s, _ in seqs) - 1
+        seqs = [seq for per_image in group for seq in [*per_image, *[([pad_id], 1, [])] * (k - len(per_image))]]
+        T = max(len(s) for s, _, _ in seqs) - 1
         ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
         labels = torch.full((len(seqs), T), IGNORE_INDEX, dtype=torch.long)
-        for row, (s, prompt_len) in enumerate(seqs):
+        for row, (s, prompt_len, _) in enumerate(seqs):
             s = torch.tensor(s)
             ids[row, : len(s) - 1] = s[:-1]
             labels[row, prompt_len - 1 : len(s) - 1] = s[prompt_len:]  # learn what follows the prompt
+        grounded = [(row, position, box) for row, (_, _, g) in enumerate(seqs) for position, box in g]
         batch.ids.append(ids)
         batch.labels.append(labels)
         batch.tasks.append(task)
+        batch.grounded.append((torch.tensor([g[:2] for g in grounded], dtype=torch.long).reshape(-1, 2),
+                               torch.tensor([g[2] for g in grounded], dtype=torch.float32).reshape(-1, 4)))
     return batch
 
 

@@ -22,9 +22,9 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, WeightedRando
 from torchdata.stateful_dataloader import StatefulDataLoader  # resumable: it saves its position
 
 from vlm.config import DataConfig, SourceConfig
-from vlm.data.builtin import Item, _draw, collate
+from vlm.data.builtin import Box, Item, Sequence, _draw, caption_sequence, collate, fraction_box, question_sequence
 from vlm.data.images import load_image
-from vlm.data.records import Question, Record, Report, detect_format, read_records
+from vlm.data.records import Question, Record, Region, Report, detect_format, read_records
 from vlm.errors import VLMError
 from vlm.text.tokenizer import Tokenizer
 
@@ -61,22 +61,28 @@ class Sampler:
         """Training draws fresh texts (and flips) every epoch; validation always the same ones."""
         return int(torch.randint(2**31, ())) if self.train else index
 
-    def sequences(self, captions: list[str], questions: list[Question], rng: np.random.Generator
-                  ) -> list[list[tuple[list[int], int]]]:
-        """The item's groups: caption sequences, then question-answer sequences (prompt length with each)."""
+    def sequences(self, captions: list[str], questions: list[Question], rng: np.random.Generator,
+                  regions: list[tuple[str, Box]] = ()) -> list[list[Sequence]]:
+        """The item's groups: caption sequences (grounded where they name a region), then question-answer ones."""
         tok = self.tokenizer
-        caption_seqs = [tok.training_pair(tok.caption_prompt(), captions[i])
+        caption_seqs = [caption_sequence(tok, captions[i], list(regions))
                         for i in _draw(rng, len(captions), self.cfg.captions_per_image)] if captions else []
-        question_seqs = [tok.training_pair(tok.question_prompt(questions[i].question), questions[i].answer)
+        question_seqs = [question_sequence(tok, questions[i].question, questions[i].answer)
                          for i in _draw(rng, len(questions), self.cfg.questions_per_image)] if questions else []
         return [caption_seqs, question_seqs]
 
-    def __call__(self, image: Image.Image, captions: list[str], questions: list[Question], index: int) -> Item:
+    def __call__(self, image: Image.Image, captions: list[str], questions: list[Question], index: int,
+                 regions: list[Region] = ()) -> Item:
         rng = np.random.default_rng(self.seed(index))
-        groups = self.sequences(captions, questions, rng)
+        # The random crop moves the regions where no box follows them: no grounded tokens then.
+        boxes = [] if self.train and self.cfg.crop_scale < 1.0 else [
+            (r.phrase, fraction_box(r.bbox, image.size)) for r in regions]
+        groups = self.sequences(captions, questions, rng, boxes)
         if (self.train and self.cfg.hflip > 0 and rng.random() < self.cfg.hflip
                 and not mentions_side([*captions, *(t for q in questions for t in (q.question, *q.answers))])):
             image = ImageOps.mirror(image)
+            groups = [[(ids, prompt_len, [(p, (1 - x1, y0, 1 - x0, y1)) for p, (x0, y0, x1, y1) in grounded])
+                       for ids, prompt_len, grounded in group] for group in groups]
         return self.transform(image), groups, index
 
 
@@ -121,11 +127,12 @@ class RecordDataset(Dataset):
                 self.skipped.add()
                 log.warning("skipped %s: %s", record.where, e)
                 continue
-            return self.sampler(image, record.captions, record.questions, i)
+            return self.sampler(image, record.captions, record.questions, i, record.regions)
         raise VLMError("no readable image in the data source")
 
-    def sequences(self, index: int) -> list[list[tuple[list[int], int]]]:
-        """Item ``index`` without its image (training from cached features)."""
+    def sequences(self, index: int) -> list[list[Sequence]]:
+        """Item ``index`` without its image (training from cached features; its regions are not read then, as
+        their boxes need the image's size)."""
         record = self.records[index]
         return self.sampler.sequences(record.captions, record.questions,
                                       np.random.default_rng(self.sampler.seed(index)))
@@ -154,7 +161,7 @@ class Mixture(Dataset):
         dataset, i = self._locate(index)
         return dataset.references(i)
 
-    def sequences(self, index: int) -> list[list[tuple[list[int], int]]]:
+    def sequences(self, index: int) -> list[list[Sequence]]:
         dataset, i = self._locate(index)
         return dataset.sequences(i)
 

@@ -167,12 +167,10 @@ def _deletion_probs(captioner: Captioner, phrases: Sequence[_Phrase], order: np.
     out = np.zeros((len(phrases), len(fractions)))
     with torch.no_grad():
         image_kv, grid = model.encode(pixels)
-        N = grid[0] * grid[1]
-        null = np.arange(N, image_kv[0][0].shape[2])  # a null patch (decoder.null_patch) is never deleted
+        N = image_kv[0][0].shape[2]
         for j, fraction in enumerate(fractions):
             keep = np.sort(order[:, round(fraction * N):], axis=1)  # (S, N - k) patches left
-            keep = np.concatenate([keep, np.broadcast_to(null, (len(keep), len(null)))], axis=1)
-            index = torch.as_tensor(keep, device=ids.device)[:, None, :, None]  # (S, 1, N - k [+ 1], 1)
+            index = torch.as_tensor(keep, device=ids.device)[:, None, :, None]  # (S, 1, N - k, 1)
             kv = [tuple(t.gather(2, index.expand(-1, t.shape[1], -1, t.shape[3])) for t in pair)
                   for pair in image_kv]
             probs = model.decode(kv, grid, ids).logits.softmax(-1)  # (S, T, V)

@@ -33,8 +33,6 @@ def decode_with_attention(model: VisionLanguageModel, pixels: Tensor, ids: Tenso
                           ) -> tuple[Tensor, list[Tensor], list[Tensor], tuple[int, int]]:
     """Teacher-forced logits (S, T, V) for ids (S, T), one sequence per image, with every layer's self- and
     cross-attention weights (S, H, T, T) and (S, H, T, N) kept in the autograd graph, and the grid (h, w).
-    With ``decoder.null_patch`` the cross-attention has one more key, the null patch, last: gradients need the
-    weights whole, and the maps take the first N = h * w.
 
     The same computation as `VisionLanguageModel.forward` (tests check the logits agree), written out so that
     the self-attention weights, which the decoder does not return, are available too.
@@ -91,8 +89,7 @@ def layer_maps(model: VisionLanguageModel, pixels: Tensor, ids: Tensor, queries:
         return _chefer(model, pixels, ids, queries)
     with torch.no_grad():
         _, self_w, cross_w, grid = decode_with_attention(model, pixels, ids)
-    N = grid[0] * grid[1]  # the patches, without a null patch
-    cross = [w[..., :N].mean(1) if head is None else w[:, head, ..., :N] for w in cross_w]  # L x (S, T, N)
+    cross = [w.mean(1) if head is None else w[:, head] for w in cross_w]  # L x (S, T, N)
     parts = torch.stack(cross if method == "raw" else _rollout(self_w, cross))  # (L, S, T, N)
     return [parts[:, s, list(q)] for s, q in enumerate(queries)], grid
 
@@ -145,7 +142,7 @@ def _chefer(model: VisionLanguageModel, pixels: Tensor, ids: Tensor, queries: Se
     S, T = ids.shape
     with torch.enable_grad():
         logits, self_w, cross_w, grid = decode_with_attention(model, pixels, ids)
-        N = grid[0] * grid[1]  # the patches, without a null patch
+        N = cross_w[0].shape[-1]
         L = len(cross_w)
         if not positions:
             return [logits.new_zeros(L, 0, N) for _ in queries], grid
@@ -162,7 +159,7 @@ def _chefer(model: VisionLanguageModel, pixels: Tensor, ids: Tensor, queries: Se
         a_self = (grads[layer] * self_w[layer].detach()).clamp_min(0).mean(2)  # (P, S, T, T)
         r_ti = r_ti + a_self @ r_ti
         r_tt = r_tt + a_self @ r_tt
-        a_cross = (grads[L + layer] * cross_w[layer].detach())[..., :N].clamp_min(0).mean(2)  # (P, S, T, N)
+        a_cross = (grads[L + layer] * cross_w[layer].detach()).clamp_min(0).mean(2)  # (P, S, T, N)
         r_ti[layer] = r_ti[layer] + _normalise_residual(r_tt) @ a_cross
     index = {q: p for p, q in enumerate(positions)}
     maps = [torch.stack([r_ti[:, index[q], s, q] for q in qs], 1) if qs else r_ti.new_zeros(L, 0, N)

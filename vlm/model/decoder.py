@@ -154,20 +154,14 @@ class TextDecoder(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.ln_f = nn.LayerNorm(cfg.width)
-        self.null = nn.Parameter(torch.empty(1, 1, cfg.width)) if cfg.null_patch else None
         nn.init.normal_(self.tok_emb.weight, std=0.02)
         nn.init.normal_(self.pos_emb.weight, std=0.02)
-        if self.null is not None:
-            nn.init.normal_(self.null, std=0.02)
 
     def image_keys_values(self, memory: Tensor) -> list[KeysValues]:
         """Cross-attention keys/values of every layer from patch features (B, N, D), computed once.
 
-        They are made contiguous here, once, so that no generation step reads them through strides. With
-        ``null_patch``, the null feature is the last of the N + 1 keys.
+        They are made contiguous here, once, so that no generation step reads them through strides.
         """
-        if self.null is not None:
-            memory = torch.cat([memory, self.null.to(memory.dtype).expand(memory.shape[0], -1, -1)], dim=1)
         return [tuple(t.contiguous() for t in block.cross_attn.keys_values(memory)) for block in self.blocks]
 
     def new_cache(self, batch: int, like: Tensor) -> KVCache:
@@ -183,8 +177,7 @@ class TextDecoder(nn.Module):
         cache: KVCache | None = None,
         need_weights: bool = False,
     ) -> tuple[Tensor, list[Tensor] | None]:
-        """Logits (S, T, V) for token ids (S, T), and each layer's cross-attention (S, H, T, N) on request
-        (over the N patches only: the null patch's weight is left out).
+        """Logits (S, T, V) for token ids (S, T), and each layer's cross-attention (S, H, T, N) on request.
 
         image_kv holds B images' keys/values (B, H, N, hd); the S = k * B sequences are image-major:
         sequence s reads image s // k. Without a cache and mask, self-attention is causal over ids. With a
@@ -207,6 +200,4 @@ class TextDecoder(nn.Module):
         if cache is not None:
             cache.advance(T)
         logits = self.ln_f(x) @ self.tok_emb.weight.t()  # (S, T, V)
-        if not need_weights:
-            return logits, None
-        return logits, (weights if self.null is None else [w[..., :-1] for w in weights])
+        return logits, (weights if need_weights else None)

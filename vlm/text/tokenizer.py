@@ -6,6 +6,7 @@ The loss covers only what follows the prompt (the caption, or the answer) and th
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -79,6 +80,17 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids
+
+    def phrase_tokens(self, text: str, phrase: str) -> list[list[int]]:
+        """For each whole-word, case-insensitive occurrence of phrase in text, the indices of the tokens of
+        ``encode(text)`` that cover it (from the tokenizer's character offsets, so word-level and BPE alike)."""
+        offsets = self.hf.encode(text, add_special_tokens=False).offsets
+        spans = []
+        for m in re.finditer(rf"(?<!\w){re.escape(phrase.strip())}(?!\w)", text, flags=re.IGNORECASE):
+            tokens = [i for i, (a, b) in enumerate(offsets) if a < m.end() and b > m.start()]
+            if tokens:
+                spans.append(tokens)
+        return spans
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=True)

@@ -58,7 +58,8 @@ class CaptionModule(L.LightningModule):
         """Weighted mean of the per-task token cross-entropies, and per-task losses and token accuracies.
 
         Each image is encoded once. Every task's loss is its mean over that task's learned tokens, so a
-        short answer is not drowned by long captions; ``optim.task_weights`` then mixes the tasks.
+        short answer is not drowned by long captions; ``optim.task_weights`` then mixes the tasks. With
+        ``optim.grounding_weight``, the grounding loss of the batch's grounded tokens is added (`mass_in_boxes`).
         """
         if batch.features:
             image_kv, grid = self.model.encode_features(batch.images)
@@ -66,9 +67,9 @@ class CaptionModule(L.LightningModule):
             image_kv, grid = self.model.encode(batch.images)
         smoothing = self.optim_cfg.label_smoothing if self.training else 0.0
         weights = self.optim_cfg.task_weights
-        loss, total_weight, logs = 0.0, 0.0, {}
+        loss, total_weight, extra, logs = 0.0, 0.0, 0.0, {}
         max_length = self.model_cfg.decoder.max_length
-        for task, ids, labels in zip(batch.tasks, batch.ids, batch.labels, strict=True):
+        for i, (task, ids, labels) in enumerate(zip(batch.tasks, batch.ids, batch.labels, strict=True)):
             if ids.shape[1] > max_length:  # longer texts are cut to what the decoder can read
                 if not self._warned_long:
                     warnings.warn(f"texts longer than decoder.max_length {max_length} tokens are truncated",
@@ -78,14 +79,24 @@ class CaptionModule(L.LightningModule):
             learned = labels != IGNORE_INDEX
             if not learned.any():  # nothing left to learn in this group (its answers were cut off)
                 continue
-            logits = self.model.decode(image_kv, grid, ids).logits  # (S, T, V)
+            where, boxes = batch.grounded[i] if batch.grounded else (ids.new_empty(0, 2), None)
+            where_kept = where[:, 1] < ids.shape[1]  # a token cut off with its text is not grounded either
+            grounded = self.optim_cfg.grounding_weight > 0 and bool(where_kept.any())
+            out = self.model.decode(image_kv, grid, ids, need_weights=grounded)
+            logits = out.logits  # (S, T, V)
+            if grounded:
+                layers = self.model_cfg.attention_layers or range(self.model_cfg.decoder.depth)
+                mass = mass_in_boxes(out.cross_attentions, layers, where[where_kept], boxes[where_kept], grid)
+                grounding = -mass.clamp(min=1e-6).log().mean()
+                logs["grounding_loss"], logs["grounding_mass"] = grounding.detach(), mass.detach().mean()
+                extra = extra + self.optim_cfg.grounding_weight * grounding
             task_loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
                                         label_smoothing=smoothing)
             logs[f"{task}_loss"] = task_loss.detach()
             logs[f"{task}_token_acc"] = (logits.argmax(-1) == labels)[learned].float().mean()
             loss = loss + weights[task] * task_loss
             total_weight += weights[task]
-        return loss / total_weight, logs
+        return loss / total_weight + extra, logs
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
         loss, logs = self._loss(batch)
@@ -146,6 +157,32 @@ class CaptionModule(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def box_coverage(boxes: Tensor, grid: tuple[int, int]) -> Tensor:
+    """(G, h * w): the share of each patch's area that lies inside each box (G, 4), given as `Box` fractions."""
+    h, w = grid
+
+    def overlap(lo: Tensor, hi: Tensor, n: int) -> Tensor:  # (G, n): share of each of n equal cells in [lo, hi]
+        edges = torch.arange(n + 1, device=boxes.device, dtype=boxes.dtype) / n
+        return (torch.minimum(hi[:, None], edges[1:]) - torch.maximum(lo[:, None], edges[:-1])).clamp(min=0) * n
+
+    rows, cols = overlap(boxes[:, 1], boxes[:, 3], h), overlap(boxes[:, 0], boxes[:, 2], w)
+    return (rows[:, :, None] * cols[:, None, :]).flatten(1)
+
+
+def mass_in_boxes(cross_attentions: list[Tensor], layers, where: Tensor, boxes: Tensor, grid: tuple[int, int]
+                  ) -> Tensor:
+    """(G,) share of each grounded token's map inside its box, each patch counted by its share inside.
+
+    The map is the one `vlm attend` draws: the cross-attention (S, H, T, N) of the position that predicts the
+    token, heads and the given layers averaged; where (G, 2) holds [sequence row, position]. The grounding loss,
+    -log of this share, is attention supervision in the manner of Liu et al. 2017 ("Attention Correctness in
+    Neural Image Captioning").
+    """
+    rows, positions = where.unbind(1)
+    maps = torch.stack([cross_attentions[layer][rows, :, positions].mean(1) for layer in layers]).mean(0)  # (G, N)
+    return (maps.float() * box_coverage(boxes.to(maps.device), grid)).sum(-1)
 
 
 def adamw(params, fused: bool = True, **kwargs) -> torch.optim.AdamW:
