@@ -67,7 +67,7 @@ class CaptionModule(L.LightningModule):
             image_kv, grid = self.model.encode(batch.images)
         smoothing = self.optim_cfg.label_smoothing if self.training else 0.0
         weights = self.optim_cfg.task_weights
-        loss, total_weight, extra, logs = 0.0, 0.0, 0.0, {}
+        loss, total_weight, grounding_term, logs = 0.0, 0.0, 0.0, {}
         max_length = self.model_cfg.decoder.max_length
         for i, (task, ids, labels) in enumerate(zip(batch.tasks, batch.ids, batch.labels, strict=True)):
             if ids.shape[1] > max_length:  # longer texts are cut to what the decoder can read
@@ -89,14 +89,14 @@ class CaptionModule(L.LightningModule):
                 mass = mass_in_boxes(out.cross_attentions, layers, where[where_kept], boxes[where_kept], grid)
                 grounding = -mass.clamp(min=1e-6).log().mean()
                 logs["grounding_loss"], logs["grounding_mass"] = grounding.detach(), mass.detach().mean()
-                extra = extra + self.optim_cfg.grounding_weight * grounding
+                grounding_term = grounding_term + self.optim_cfg.grounding_weight * grounding
             task_loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
                                         label_smoothing=smoothing)
             logs[f"{task}_loss"] = task_loss.detach()
             logs[f"{task}_token_acc"] = (logits.argmax(-1) == labels)[learned].float().mean()
             loss = loss + weights[task] * task_loss
             total_weight += weights[task]
-        return loss / total_weight + extra, logs
+        return loss / total_weight + grounding_term, logs
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
         loss, logs = self._loss(batch)
