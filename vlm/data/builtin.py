@@ -29,9 +29,9 @@ warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 
 IGNORE_INDEX = -100
 TASKS = ("caption", "vqa")  # the order of an item's sequence groups
-Box = tuple[float, float, float, float]
+UnitBox = tuple[float, float, float, float]
 """(x0, y0, x1, y1) as fractions of the image's width and height."""
-Grounded = list[tuple[int, Box]]
+Grounded = list[tuple[int, UnitBox]]
 """Of each caption token that belongs to a named region's phrase: the input position that predicts it, and the box."""
 Sequence = tuple[list[int], int, Grounded]
 """Token ids, prompt length (not learned), grounded positions."""
@@ -56,7 +56,7 @@ class Batch:
     tasks: list[str]
     """Per group its task: "caption" or "vqa"."""
     grounded: list[tuple[Tensor, Tensor]] = field(default_factory=list)
-    """Per group (G, 2) [sequence row, input position] of its grounded tokens, and their boxes (G, 4) (`Box`)."""
+    """Per group (G, 2) [sequence row, input position] of its grounded tokens, and their boxes (G, 4) (`UnitBox`)."""
     index: Tensor | None = None
     """(B,) each image's index in its dataset (to gather and de-duplicate results across processes)."""
     features: bool = False
@@ -72,23 +72,24 @@ def scene_texts(num_scenes: int, seed: int) -> list[str]:
     return texts
 
 
-def fraction_box(bbox: tuple[float, float, float, float], size: tuple[int, int]) -> Box:
-    """A pixel box (x, y, w, h) in an image of size (width, height) as a `Box`, clipped to the image."""
+def fraction_box(bbox: tuple[float, float, float, float], size: tuple[int, int]) -> UnitBox:
+    """A pixel box (x, y, w, h) in an image of size (width, height) as a `UnitBox`, clipped to the image."""
     (x, y, w, h), (W, H) = bbox, size
     return (min(max(x / W, 0.0), 1.0), min(max(y / H, 0.0), 1.0),
             min(max((x + w) / W, 0.0), 1.0), min(max((y + h) / H, 0.0), 1.0))
 
 
-def caption_sequence(tokenizer: Tokenizer, caption: str, regions: list[tuple[str, Box]]) -> Sequence:
+def caption_sequence(tokenizer: Tokenizer, caption: str, regions: list[tuple[str, UnitBox]]) -> Sequence:
     """``[BOS] caption [EOS]`` with the positions that predict each region's phrase where the caption names it.
 
     A phrase that two regions share, or that the caption names twice, is left out: which box it means is unknown.
     """
     ids, prompt_len = tokenizer.training_pair(tokenizer.caption_prompt(), caption)
-    names = Counter(" ".join(phrase.lower().split()) for phrase, _ in regions)
+    names = [" ".join(phrase.lower().split()) for phrase, _ in regions]
+    count = Counter(names)
     grounded: Grounded = []
-    for phrase, box in regions:
-        if names[" ".join(phrase.lower().split())] > 1:
+    for (phrase, box), name in zip(regions, names, strict=True):
+        if count[name] > 1:
             continue
         spans = tokenizer.phrase_tokens(caption, phrase)
         if len(spans) == 1:  # token i of the caption sits at prompt_len + i; the position before predicts it

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, WeightedRando
 from torchdata.stateful_dataloader import StatefulDataLoader  # resumable: it saves its position
 
 from vlm.config import DataConfig, SourceConfig
-from vlm.data.builtin import Box, Item, Sequence, _draw, caption_sequence, collate, fraction_box, question_sequence
+from vlm.data.builtin import Item, Sequence, UnitBox, _draw, caption_sequence, collate, fraction_box, question_sequence
 from vlm.data.images import load_image
 from vlm.data.records import Question, Record, Region, Report, detect_format, read_records
 from vlm.errors import VLMError
@@ -62,7 +62,7 @@ class Sampler:
         return int(torch.randint(2**31, ())) if self.train else index
 
     def sequences(self, captions: list[str], questions: list[Question], rng: np.random.Generator,
-                  regions: list[tuple[str, Box]] = ()) -> list[list[Sequence]]:
+                  regions: list[tuple[str, UnitBox]] = ()) -> list[list[Sequence]]:
         """The item's groups: caption sequences (grounded where they name a region), then question-answer ones."""
         tok = self.tokenizer
         caption_seqs = [caption_sequence(tok, captions[i], list(regions))

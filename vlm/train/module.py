@@ -160,7 +160,7 @@ class CaptionModule(L.LightningModule):
 
 
 def box_coverage(boxes: Tensor, grid: tuple[int, int]) -> Tensor:
-    """(G, h * w): the share of each patch's area that lies inside each box (G, 4), given as `Box` fractions."""
+    """(G, h * w): the share of each patch's area inside each box (G, 4), a `vlm.data.builtin.UnitBox`."""
     h, w = grid
 
     def overlap(lo: Tensor, hi: Tensor, n: int) -> Tensor:  # (G, n): share of each of n equal cells in [lo, hi]
