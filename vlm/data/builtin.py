@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -33,9 +33,9 @@ UnitBox = tuple[float, float, float, float]
 """(x0, y0, x1, y1) as fractions of the image's width and height."""
 Grounded = list[tuple[int, UnitBox]]
 """Of each caption token that belongs to a named region's phrase: the input position that predicts it, and the box."""
-Sequence = tuple[list[int], int, Grounded]
+TrainingSequence = tuple[list[int], int, Grounded]
 """Token ids, prompt length (not learned), grounded positions."""
-Item = tuple[Tensor, list[list[Sequence]], int]
+Item = tuple[Tensor, list[list[TrainingSequence]], int]
 """A dataset item: image tensor, groups of sequences per task, the item's index."""
 
 
@@ -79,7 +79,8 @@ def fraction_box(bbox: tuple[float, float, float, float], size: tuple[int, int])
             min(max((x + w) / W, 0.0), 1.0), min(max((y + h) / H, 0.0), 1.0))
 
 
-def caption_sequence(tokenizer: Tokenizer, caption: str, regions: list[tuple[str, UnitBox]]) -> Sequence:
+def caption_sequence(tokenizer: Tokenizer, caption: str, regions: Sequence[tuple[str, UnitBox]]
+                     ) -> TrainingSequence:
     """``[BOS] caption [EOS]`` with the positions that predict each region's phrase where the caption names it.
 
     A phrase that two regions share, or that the caption names twice, is left out: which box it means is unknown.
@@ -97,7 +98,7 @@ def caption_sequence(tokenizer: Tokenizer, caption: str, regions: list[tuple[str
     return ids, prompt_len, grounded
 
 
-def question_sequence(tokenizer: Tokenizer, question: str, answer: str) -> Sequence:
+def question_sequence(tokenizer: Tokenizer, question: str, answer: str) -> TrainingSequence:
     """``[BOS] question [SEP] answer [EOS]``, learning the answer."""
     return *tokenizer.training_pair(tokenizer.question_prompt(question), answer), []
 
@@ -127,7 +128,7 @@ class SceneDataset(Dataset):
         return {"captions": list(scene.captions),
                 "questions": [{"question": q.question, "answers": [q.answer], "kind": q.kind} for q in scene.questions]}
 
-    def sequences(self, index: int) -> list[list[Sequence]]:
+    def sequences(self, index: int) -> list[list[TrainingSequence]]:
         """Item ``index`` without its image (training from cached features)."""
         return self[index][1]
 

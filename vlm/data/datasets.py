@@ -10,7 +10,7 @@ import json
 import logging
 import multiprocessing
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 
 import lightning as L
@@ -22,7 +22,16 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, WeightedRando
 from torchdata.stateful_dataloader import StatefulDataLoader  # resumable: it saves its position
 
 from vlm.config import DataConfig, SourceConfig
-from vlm.data.builtin import Item, Sequence, UnitBox, _draw, caption_sequence, collate, fraction_box, question_sequence
+from vlm.data.builtin import (
+    Item,
+    TrainingSequence,
+    UnitBox,
+    _draw,
+    caption_sequence,
+    collate,
+    fraction_box,
+    question_sequence,
+)
 from vlm.data.images import load_image
 from vlm.data.records import Question, Record, Region, Report, detect_format, read_records
 from vlm.errors import VLMError
@@ -62,17 +71,17 @@ class Sampler:
         return int(torch.randint(2**31, ())) if self.train else index
 
     def sequences(self, captions: list[str], questions: list[Question], rng: np.random.Generator,
-                  regions: list[tuple[str, UnitBox]] = ()) -> list[list[Sequence]]:
+                  regions: Sequence[tuple[str, UnitBox]] = ()) -> list[list[TrainingSequence]]:
         """The item's groups: caption sequences (grounded where they name a region), then question-answer ones."""
         tok = self.tokenizer
-        caption_seqs = [caption_sequence(tok, captions[i], list(regions))
+        caption_seqs = [caption_sequence(tok, captions[i], regions)
                         for i in _draw(rng, len(captions), self.cfg.captions_per_image)] if captions else []
         question_seqs = [question_sequence(tok, questions[i].question, questions[i].answer)
                          for i in _draw(rng, len(questions), self.cfg.questions_per_image)] if questions else []
         return [caption_seqs, question_seqs]
 
     def __call__(self, image: Image.Image, captions: list[str], questions: list[Question], index: int,
-                 regions: list[Region] = ()) -> Item:
+                 regions: Sequence[Region] = ()) -> Item:
         rng = np.random.default_rng(self.seed(index))
         # The random crop moves the regions where no box follows them: no grounded tokens then.
         boxes = [] if self.train and self.cfg.crop_scale < 1.0 else [
@@ -130,7 +139,7 @@ class RecordDataset(Dataset):
             return self.sampler(image, record.captions, record.questions, i, record.regions)
         raise VLMError("no readable image in the data source")
 
-    def sequences(self, index: int) -> list[list[Sequence]]:
+    def sequences(self, index: int) -> list[list[TrainingSequence]]:
         """Item ``index`` without its image (training from cached features; its regions are not read then, as
         their boxes need the image's size)."""
         record = self.records[index]
@@ -161,7 +170,7 @@ class Mixture(Dataset):
         dataset, i = self._locate(index)
         return dataset.references(i)
 
-    def sequences(self, index: int) -> list[list[Sequence]]:
+    def sequences(self, index: int) -> list[list[TrainingSequence]]:
         dataset, i = self._locate(index)
         return dataset.sequences(i)
 
