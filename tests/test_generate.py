@@ -63,6 +63,19 @@ def test_every_option_gives_the_same_result_with_and_without_the_cache(tiny_mode
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", OPTIONS)
+def test_returning_attention_leaves_tokens_and_scores_unchanged(tiny_model, tokenizer, name):
+    images = torch.randn(3, 3, 64, 64)
+    plain = _run(tiny_model, tokenizer, images, _prompts(tokenizer), **OPTIONS[name])
+    mapped = _run(tiny_model, tokenizer, images, _prompts(tokenizer), return_attention=True, **OPTIONS[name])
+    assert plain.attentions is None
+    assert mapped.tokens == plain.tokens
+    assert mapped.scores == plain.scores  # exactly: the maps are computed once decoding ends
+    for attn, tokens in zip(mapped.attentions, mapped.tokens, strict=True):
+        assert attn.shape[0] == len(tokens)
+        torch.testing.assert_close(attn.sum(-1), torch.ones(attn.shape[:-1]))
+
+
 @pytest.mark.parametrize("options", [dict(beam_size=3), dict(sample=True, seed=0)], ids=["beam", "sample"])
 def test_returned_attention_is_that_of_the_kept_sequence_read_again(tiny_model, tokenizer, options):
     images, prompt = torch.randn(2, 3, 64, 64), tokenizer.caption_prompt()

@@ -1,7 +1,9 @@
 """One multi-head attention for causal self-attention and image cross-attention.
 
-Two paths compute the same thing: the fused ``scaled_dot_product_attention`` kernel (training and plain
-generation) and an explicit softmax path that also returns the attention weights (grounding).
+Two paths compute the same thing: the fused ``scaled_dot_product_attention`` kernel (training and
+generation) and an explicit softmax path that also returns the attention weights (grounding, training with
+a grounding loss). Generation computes weights only once decoding ends, from the inputs it kept, with the
+explicit path's own ``queries`` and ``weights``.
 
 Dimensions: B batch, H heads, T queries (text), S keys (text or image patches), D width, hd = D // H.
 """
@@ -40,6 +42,20 @@ class Attention(nn.Module):
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, H, S, hd)
         return k, v
 
+    def queries(self, x: Tensor) -> Tensor:
+        """Project queries x (B, T, D) to (B, H, T, hd)."""
+        B, T, _ = x.shape
+        return self.q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def weights(self, q: Tensor, k: Tensor, mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        """The explicit path's attention weights (B, H, T, S) of queries q (B, H, T, hd) over keys k (B, H, S, hd)."""
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, T, S)
+        if is_causal:
+            mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return scores.softmax(dim=-1)
+
     def forward(
         self,
         x: Tensor,
@@ -56,16 +72,11 @@ class Attention(nn.Module):
         weights (B, H, T, S), whose rows sum to 1.
         """
         B, T, D = x.shape
-        q = self.q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        q = self.queries(x)  # (B, H, T, hd)
         dropout = self.dropout if self.training else 0.0
         weights = None
         if need_weights:
-            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, T, S)
-            if is_causal:
-                mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril()
-            if mask is not None:
-                scores = scores.masked_fill(~mask, float("-inf"))
-            weights = scores.softmax(dim=-1)
+            weights = self.weights(q, k, mask, is_causal)
             y = F.dropout(weights, dropout, self.training) @ v  # (B, H, T, hd)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)

@@ -120,7 +120,8 @@ class Block(nn.Module):
         cache: KVCache | None,
         layer: int,
         need_weights: bool,
-    ) -> tuple[Tensor, Tensor | None]:
+    ) -> tuple[Tensor, Tensor | None, Tensor]:
+        """x (S, T, D) -> x, the cross-attention's input (S, T, D), and on request its weights (S, H, T, N)."""
         h = self.ln_self(x)
         k, v = self.self_attn.keys_values(h)  # (S, H, T, hd)
         if cache is not None:
@@ -133,14 +134,14 @@ class Block(nn.Module):
         S, T, D = x.shape
         B = image_kv[0].shape[0]
         per_image = S // B
-        queries = self.ln_cross(x).reshape(B, per_image * T, D)
-        c, weights = self.cross_attn(queries, *image_kv, need_weights=need_weights)
+        cross_input = self.ln_cross(x)  # (S, T, D)
+        c, weights = self.cross_attn(cross_input.reshape(B, per_image * T, D), *image_kv, need_weights=need_weights)
         x = x + self.drop(c.reshape(S, T, D))
         if weights is not None and per_image > 1:  # (B, H, per_image * T, N) -> (S, H, T, N)
             H, N = weights.shape[1], weights.shape[-1]
             weights = weights.view(B, H, per_image, T, N).transpose(1, 2).reshape(S, H, T, N)
         x = x + self.drop(self.mlp(self.ln_mlp(x)))
-        return x, weights
+        return x, weights, cross_input
 
 
 class TextDecoder(nn.Module):
@@ -176,8 +177,10 @@ class TextDecoder(nn.Module):
         self_mask: Tensor | None = None,
         cache: KVCache | None = None,
         need_weights: bool = False,
-    ) -> tuple[Tensor, list[Tensor] | None]:
-        """Logits (S, T, V) for token ids (S, T), and each layer's cross-attention (S, H, T, N) on request.
+        need_cross_inputs: bool = False,
+    ) -> tuple[Tensor, list[Tensor] | None, list[Tensor] | None]:
+        """Logits (S, T, V) for token ids (S, T), and on request each layer's cross-attention weights (S, H, T, N)
+        and cross-attention inputs (S, T, D): the normalised text states its queries are projected from.
 
         image_kv holds B images' keys/values (B, H, N, hd); the S = k * B sequences are image-major:
         sequence s reads image s // k. Without a cache and mask, self-attention is causal over ids. With a
@@ -193,11 +196,22 @@ class TextDecoder(nn.Module):
                                  f"{self.cfg.max_length}")
             positions = torch.arange(start, start + T, device=ids.device).expand(S, T)
         x = self.drop(self.tok_emb(ids) + self.pos_emb(positions))  # (S, T, D)
-        weights = []
+        weights, cross_inputs = [], []
         for layer, block in enumerate(self.blocks):
-            x, w = block(x, image_kv[layer], self_mask, cache, layer, need_weights)
+            x, w, h = block(x, image_kv[layer], self_mask, cache, layer, need_weights)
             weights.append(w)
+            cross_inputs.append(h)
         if cache is not None:
             cache.advance(T)
         logits = self.ln_f(x) @ self.tok_emb.weight.t()  # (S, T, V)
-        return logits, (weights if need_weights else None)
+        return logits, (weights if need_weights else None), (cross_inputs if need_cross_inputs else None)
+
+    def cross_attention_weights(self, cross_inputs: list[Tensor], image_kv: list[KeysValues]) -> list[Tensor]:
+        """Each layer's cross-attention weights (B, H, T, N) from its inputs (B, T, D), one sequence per image.
+
+        Generation keeps these inputs at every step (its attention is the fused kernel, which returns no
+        weights) and computes the weights here, once, for the tokens it keeps. The parameters must be whole:
+        under FSDP, generation runs inside ``full_parameters``.
+        """
+        return [block.cross_attn.weights(block.cross_attn.queries(h), kv[0])
+                for block, h, kv in zip(self.blocks, cross_inputs, image_kv, strict=True)]

@@ -4,7 +4,9 @@ Each image is encoded, and its cross-attention keys/values projected, once. Prom
 are left-padded; padded positions are masked out and position ids count real tokens only, so a batch
 gives the same tokens as one image at a time. Sampling draws each image's noise from its own seeded
 generator, so a sampled caption depends on its image, prompt and seed, not on the rest of the batch. On
-request, the cross-attention of every generated token (of the beam that was kept) is returned.
+request, the cross-attention of every generated token (of the beam that was kept) is returned: each step
+keeps its cross-attention inputs, and the weights are computed from them once decoding ends, so the tokens
+are exactly those of generation without maps.
 
 Dimensions: B images, K beams, R = B * K rows, P prompt length, T generated, L layers, H heads,
 N patches, V vocabulary.
@@ -165,16 +167,16 @@ def generate(
     V = model.vocab_size
     only_pad = torch.full((V,), float("-inf"), device=device)  # a finished row's next-token log-probabilities:
     only_pad[pad_id] = 0.0  # padding at no cost, so it keeps its score
-    step_attn, parents = [], []  # per step: (R, L, H, N) weights of the rows before reordering, (R,) parents
+    step_inputs, parents = [], []  # per step: (R, L, D) cross-attention inputs before reordering, (R,) parents
     cache = model.decoder.new_cache(R, like=image_kv[0][0]) if use_cache else None
 
     for t in range(T):
         end = P + t
         start = cache.length if cache is not None else 0  # uncached: rerun the whole sequence
-        logits, weights = model.decoder(
+        logits, _, cross_inputs = model.decoder(
             seq[:, start:end], image_kv, positions=positions[:, start:end],
             self_mask=_self_mask(key_valid, start, end) if padded else None, cache=cache,
-            need_weights=return_attention,
+            need_cross_inputs=return_attention,
         )
         logits = logits[:, -1].float()  # (R, V)
         logp = logits.log_softmax(-1)  # (R, V)
@@ -203,7 +205,7 @@ def generate(
             if cache is not None:
                 cache.reorder(parent)
         if return_attention:
-            step_attn.append(torch.stack([w[:, :, -1] for w in weights], dim=1))  # (R, L, H, N)
+            step_inputs.append(torch.stack([h[:, -1] for h in cross_inputs], dim=1))  # (R, L, D)
             parents.append(parent)
         seq[:, end] = token
         lengths = lengths + (~finished).long()
@@ -213,7 +215,7 @@ def generate(
 
     final = scores / lengths.clamp(min=1).float() ** length_penalty
     best = final.view(B, K).argmax(-1) + image_offset[:, 0]  # (B,) row of each kept beam
-    attn = _trace_attention(step_attn, parents, best) if return_attention else None  # (B, T, L, H, N)
+    attn = _kept_attention(model, image_kv, step_inputs, parents, best) if return_attention else None
     tokens, kept_scores, attentions = [], [], []
     for i, row in enumerate(best.tolist()):
         n = int(lengths[row]) - int(finished[row])  # drop the end token
@@ -225,15 +227,19 @@ def generate(
                       attentions=attentions if return_attention else None)
 
 
-def _trace_attention(step_attn: list[Tensor], parents: list[Tensor | None], rows: Tensor) -> Tensor:
-    """(len(rows), T, L, H, N): each step's cross-attention along the beam history ending at each row.
+def _kept_attention(model: VisionLanguageModel, image_kv: list, step_inputs: list[Tensor],
+                    parents: list[Tensor | None], rows: Tensor) -> Tensor:
+    """(B, T, L, H, N): the cross-attention of every token of the kept sequences, rows (B,), one per image.
 
-    Step t's token of row r was predicted by row parents[t][r] (r itself without beams), whose weights
-    step_attn[t] holds; following the parents backwards gives every earlier token's row.
+    Step t's token of row r was predicted by row parents[t][r] (r itself without beams), whose cross-attention
+    inputs step_inputs[t] holds; following the parents backwards gives every earlier token's row. The weights
+    are computed from those inputs once, at the end, so no step pays for them.
     """
     out = []
-    for weights, parent in zip(reversed(step_attn), reversed(parents), strict=True):
+    for inputs, parent in zip(reversed(step_inputs), reversed(parents), strict=True):
         if parent is not None:
             rows = parent[rows]
-        out.append(weights[rows])
-    return torch.stack(out[::-1], dim=1)
+        out.append(inputs[rows])  # (B, L, D)
+    kept = torch.stack(out[::-1], dim=2)  # (B, L, T, D)
+    weights = model.decoder.cross_attention_weights(list(kept.unbind(1)), image_kv)  # L x (B, H, T, N)
+    return torch.stack(weights, dim=1).permute(0, 3, 1, 2, 4).contiguous()  # (B, T, L, H, N)

@@ -50,7 +50,7 @@ class VisionLanguageModel(nn.Module):
         """Teacher-forced logits for token ids (S, T): k = S // B sequences per image, image-major."""
         if ids.shape[0] % image_kv[0][0].shape[0]:
             raise ValueError(f"{ids.shape[0]} sequences do not split evenly over {image_kv[0][0].shape[0]} images")
-        logits, weights = self.decoder(ids, image_kv, need_weights=need_weights)
+        logits, weights, _ = self.decoder(ids, image_kv, need_weights=need_weights)
         return VLMOutput(logits=logits, grid=grid, cross_attentions=weights)
 
     def forward(self, images: Tensor, ids: Tensor, need_weights: bool = False) -> VLMOutput:

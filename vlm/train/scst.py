@@ -97,7 +97,7 @@ def rollout(model: VisionLanguageModel, image_kv: list[KeysValues], prompt: list
     tokens = torch.full((R, T), pad_id, dtype=torch.long, device=device)
     finished = torch.zeros(R, dtype=torch.bool, device=device)
     for t in range(T):
-        logits, _ = model.decoder(ids, image_kv, cache=cache)
+        logits, _, _ = model.decoder(ids, image_kv, cache=cache)
         logits = logits[:, -1].float()  # (R, V)
         if greedy:
             token = logits.argmax(-1)
