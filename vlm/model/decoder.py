@@ -121,7 +121,7 @@ class Block(nn.Module):
         layer: int,
         need_weights: bool,
     ) -> tuple[Tensor, Tensor | None, Tensor]:
-        """x (S, T, D) -> x, the cross-attention's input (S, T, D), and on request its weights (S, H, T, N)."""
+        """x (S, T, D) -> x, the cross-attention weights (S, H, T, N) on request, and its input (S, T, D)."""
         h = self.ln_self(x)
         k, v = self.self_attn.keys_values(h)  # (S, H, T, hd)
         if cache is not None:
