@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from vlm.model.decoder import KeysValues
 from vlm.model.vlm import VisionLanguageModel
 
 
@@ -227,7 +228,7 @@ def generate(
                       attentions=attentions if return_attention else None)
 
 
-def _kept_attention(model: VisionLanguageModel, image_kv: list, step_inputs: list[Tensor],
+def _kept_attention(model: VisionLanguageModel, image_kv: list[KeysValues], step_inputs: list[Tensor],
                     parents: list[Tensor | None], rows: Tensor) -> Tensor:
     """(B, T, L, H, N): the cross-attention of every token of the kept sequences, rows (B,), one per image.
 
