@@ -26,22 +26,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
-import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _bench import add_json_option, alternate, paired_overhead, report, sync, timed
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vlm.config import DecoderConfig, EncoderConfig, ModelConfig  # noqa: E402
+from vlm.config import DecoderConfig, DecodingConfig, EncoderConfig, ModelConfig  # noqa: E402
 from vlm.model.generate import generate  # noqa: E402
 from vlm.model.vlm import VisionLanguageModel  # noqa: E402
 from vlm.train.module import adamw  # noqa: E402
@@ -112,52 +111,12 @@ class Side:
         self.model.eval()
         with self.autocast():
             if self.name == "ours":
-                return generate(self.model, images, [[BOS]] * images.shape[0], eos_id=EOS, pad_id=PAD,
-                                max_new_tokens=new_tokens, min_new_tokens=new_tokens, beam_size=beams,
-                                return_attention=attention)
+                image_kv, _ = self.model.encode(images)
+                return generate(self.model, image_kv, [[BOS]] * images.shape[0], eos_id=EOS, pad_id=PAD,
+                                config=DecodingConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                                      beam_size=beams), return_attention=attention)
             return self.model.generate(images, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                        num_beams=beams, do_sample=False)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device: torch.device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
-
-
-def alternate(fns: dict, reps: int, device: torch.device) -> dict[str, float]:
-    """Median seconds of each callable, run in turn (the order rotating) after one warm-up each."""
-    names = list(fns)
-    for name in names:
-        fns[name]()
-    times = {name: [] for name in names}
-    for r in range(reps):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            times[name].append(timed(fns[name], device))
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def paired_overhead(plain, extra, reps: int, device: torch.device) -> float:
-    """Median over reps of extra's time over plain's, each pair run back to back (the order alternating), minus 1.
-
-    A ratio within each pair cancels the machine's drift, which medians of the two sides taken apart do not.
-    """
-    plain(), extra()
-    ratios = []
-    for r in range(reps):
-        if r % 2:
-            e, p = timed(extra, device), timed(plain, device)
-        else:
-            p, e = timed(plain, device), timed(extra, device)
-        ratios.append(e / p)
-    return statistics.median(ratios) - 1
 
 
 def matmul_peak(device: torch.device, reps: int) -> float:
@@ -287,7 +246,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=24, help="caption tokens per training sequence")
     parser.add_argument("--new-tokens", type=int, default=20, help="tokens generated per image")
     parser.add_argument("--beams", type=int, default=3, help="beam size of the beam-search measurement")
-    parser.add_argument("--out", default="runs/bench/speed.json", help="JSON results file")
+    add_json_option(parser, "speed")
     parser.add_argument("--memory-probe", choices=["ours", "hf"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -353,21 +312,15 @@ def main() -> None:
     ceilings = {f"{m}_vs_hf": images_per_call[m] / results["hf"][m] / least_seconds[m] for m in higher_better}
     import transformers
 
-    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": args.threads,
-               "torch": torch.__version__, "transformers": transformers.__version__, "device": args.device,
-               "matmul_peak_gflop_per_s": peak / 1e9, "decoder_weight_read_ms": weight_read * 1e3,
-               "decoder_weight_sum_ms": weight_sum * 1e3, "load_average_1min": os.getloadavg()[0]}
+    machine = {"transformers": transformers.__version__, "matmul_peak_gflop_per_s": peak / 1e9,
+               "decoder_weight_read_ms": weight_read * 1e3, "decoder_weight_sum_ms": weight_sum * 1e3}
     if device.type == "cuda":
-        machine["card"] = torch.cuda.get_device_name()
         machine["dtype"] = "bf16 autocast"
     config = {**DIMS, "batch": args.batch, "caption_length": args.length, "new_tokens": args.new_tokens,
               "beams": args.beams, "reps": args.reps, "dropout": 0.0, "optimizer": type(ours.optimizer).__name__,
               "optimizer_impl": "fused" if ours.optimizer.defaults.get("fused") else "foreach"}
-    report = {"machine": machine, "config": config, "results": results, "ratios": ratios,
-              "roofline_ratio_ceilings": ceilings}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    out = report(args.json, config, results, ratios, threads=args.threads, device=args.device, machine_extra=machine,
+                 roofline_ratio_ceilings=ceilings)
 
     print(f"{'metric':44} {'ours':>10} {'hf':>10} {'ours/hf':>8} {'ceiling':>8}")
     memory = [m for m in ("train_peak_memory_mb", "train_peak_tensor_memory_mb") if m in results["ours"]]
@@ -381,7 +334,7 @@ def main() -> None:
     print(f"matmul peak {peak / 1e9:.1f} GFLOP/s; decoder weights read in {weight_read * 1e3:.2f} ms by one-row "
           f"products, {weight_sum * 1e3:.2f} ms by plain sums; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    print(f"wrote {out}")
+    print(out)
 
 
 if __name__ == "__main__":

@@ -10,16 +10,13 @@ over --reps repetitions after one warm-up each (the compiled one's warm-up is th
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _bench import add_json_option, alternate, report
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -31,7 +28,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     parser.add_argument("--reps", type=int, default=5, help="timed steps per side")
-    parser.add_argument("--out", default="runs/bench/compile.json", help="JSON results file")
+    add_json_option(parser, "compile")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -49,30 +46,16 @@ def main() -> None:
     start = time.perf_counter()
     step(models["compiled"])
     compile_s = time.perf_counter() - start
-    step(models["eager"])
-    times = {name: [] for name in models}
-    for r in range(args.reps):
-        for name in (list(models) if r % 2 == 0 else list(models)[::-1]):
-            start = time.perf_counter()
-            step(models[name])
-            times[name].append(time.perf_counter() - start)
-    seconds = {name: statistics.median(t) for name, t in times.items()}
+    seconds = alternate({name: (lambda m=model: step(m)) for name, model in models.items()}, args.reps)
     results = {"first_compiled_step_s": compile_s, **{f"{n}_step_s": s for n, s in seconds.items()}}
-    report = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "threads": args.threads, "torch": torch.__version__, "device": "cpu",
-                    "load_average_1min": os.getloadavg()[0]},
-        "config": {"model": "default", "images": 64, "sequences": 64 * 7, "tokens": 20, "reps": args.reps},
-        "results": results,
-        "ratios": {"compiled_steps_per_s_vs_eager": seconds["eager"] / seconds["compiled"]},
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    out = report(args.json, config={"model": "default", "images": 64, "sequences": 64 * 7, "tokens": 20,
+                                    "reps": args.reps},
+                 results=results, ratios={"compiled_steps_per_s_vs_eager": seconds["eager"] / seconds["compiled"]},
+                 threads=args.threads)
     print(f"first compiled step (compiling): {compile_s:.0f} s")
     print(f"{'step':10} {'eager':>8} {'compiled':>9}")
     print(f"{'seconds':10} {seconds['eager']:8.3f} {seconds['compiled']:9.3f}")
-    print(f"wrote {out}")
+    print(out)
 
 
 if __name__ == "__main__":

@@ -6,15 +6,13 @@ built once beforehand. Reports seconds per epoch (first batch to end of epoch, m
 repetitions), the one-off cache build time, and the largest difference between the two loss curves (the same
 maps and the same batches: they should be equal).
 
-    python scripts/feature_cache.py [--images 192] [--repeats 3] [--encoder resnet50]
+    python scripts/feature_cache.py [--images 192] [--repeats 3] [--encoder resnet50] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -22,6 +20,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from _bench import add_json_option, report
 
 from vlm.config import DataConfig, DecoderConfig, EncoderConfig, ModelConfig, OptimConfig, SourceConfig
 from vlm.data.datasets import SourceData, SourceDataModule
@@ -72,7 +71,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--encoder", default="resnet50")
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--out", default="runs/bench/feature_cache.json")
+    add_json_option(parser, "feature_cache")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     work = Path(tempfile.mkdtemp(prefix="vlm_cache_bench_"))
@@ -103,23 +102,19 @@ def main() -> None:
             curves[side] = losses
     diff = max(abs(a - b) for a, b in zip(curves["images"], curves["cache"], strict=True))
     med = {k: statistics.median(v) for k, v in times.items()}
-    result = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "device": "cpu"},
-        "config": {"encoder": args.encoder, "image_size": args.image_size, "images": args.images, "batch_size": 32,
-                   "repeats": args.repeats, "steps_per_epoch": len(curves["images"])},
-        "results": {"epoch_s_images": med["images"], "epoch_s_cache": med["cache"], "cache_build_s": build_s,
-                    "epochs_per_s_images": 1 / med["images"], "epochs_per_s_cache": 1 / med["cache"],
-                    "max_loss_difference": diff, "losses_images": curves["images"], "losses_cache": curves["cache"]},
-        "ratios": {"epochs_per_s_cache_vs_images": med["images"] / med["cache"]},
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    path = report(
+        args.json, threads=torch.get_num_threads(),
+        config={"encoder": args.encoder, "image_size": args.image_size, "images": args.images, "batch_size": 32,
+                "repeats": args.repeats, "steps_per_epoch": len(curves["images"])},
+        results={"epoch_s_images": med["images"], "epoch_s_cache": med["cache"], "cache_build_s": build_s,
+                 "epochs_per_s_images": 1 / med["images"], "epochs_per_s_cache": 1 / med["cache"],
+                 "max_loss_difference": diff, "losses_images": curves["images"], "losses_cache": curves["cache"]},
+        ratios={"epochs_per_s_cache_vs_images": med["images"] / med["cache"]})
     print(f"{'side':10s} {'s/epoch':>9s}")
     print(f"{'images':10s} {med['images']:9.2f}")
     print(f"{'cache':10s} {med['cache']:9.2f}   (built once in {build_s:.2f} s)")
     print(f"speed-up {med['images'] / med['cache']:.1f}x; loss curves differ by at most {diff:.2e}")
-    print(args.out)
+    print(path)
 
 
 if __name__ == "__main__":

@@ -9,24 +9,23 @@ the map's peak (of the bilinearly upsampled map) lies inside the object's box. F
 decoder layers and of heads (averaged, or one head; chefer always averages) is scored on separate selection scenes
 (held-out scenes after the scored ones) and the best one is then scored on the scored scenes, which the choice
 never sees; so are all layers with heads averaged (the default) and, for the chosen maps, the peak taken at the
-centre of the argmax patch instead. Target (issue 5): the best method >= 0.90. Writes runs/bench/grounding.json;
-the path is printed last.
+centre of the argmax patch instead. Target (issue 5): the best method >= 0.90. Writes
+benchmarks/results/grounding.json (--json); the path is printed last.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
-import platform
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from _bench import add_json_option, report
 
 from vlm import load as load_model
+from vlm.config import MapConfig
 from vlm.data.scenes import make_scene
 from vlm.eval.grounding import GroundingCase, deletion_curves, grounding_scores, phrase_maps, pointing_by_choice
 from vlm.grounding.maps import peak
@@ -43,7 +42,7 @@ def _cases(captioner, start: int, count: int) -> list[GroundingCase]:
 
 def _misses(captioner, cases: list[GroundingCase], method: str, layers: list[int], head: int | None) -> dict:
     """How far the missed peaks are from their boxes (pixels): near misses say the map is too coarse."""
-    maps = phrase_maps(captioner, cases, method, layers, head)
+    maps = phrase_maps(captioner, cases, MapConfig(method, layers, head))
     regions = [(box, case) for case in cases for _, box in case.regions]
     size = captioner.model.cfg.encoder.image_size
     distances = []
@@ -64,10 +63,10 @@ def main() -> None:
     parser.add_argument("--select-scenes", type=int, default=200,
                         help="Held-out scenes after the scored ones, used only to choose each method's layers, head.")
     parser.add_argument("--deletion-scenes", type=int, default=100, help="Scored scenes for the deletion curves.")
-    parser.add_argument("--json", default="runs/bench/grounding.json")
+    add_json_option(parser, "grounding")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
-    started, load = time.perf_counter(), os.getloadavg()[0]
+    started = time.perf_counter()
 
     captioner = load_model(args.model, device="cpu")
     scored = _cases(captioner, 0, args.num_scenes)
@@ -80,38 +79,36 @@ def main() -> None:
     for method in METHODS:
         start = time.perf_counter()
         heads = [None] if method == "chefer" else [None, *range(num_heads)]
-        choices = [(layers, head) for head in heads for layers in subsets]
-        picked = pointing_by_choice(captioner, selection, method, choices)
+        choices = [MapConfig(method, layers, head) for head in heads for layers in subsets]
+        picked = pointing_by_choice(captioner, selection, choices)
         best = max(range(len(choices)), key=picked.__getitem__)  # the first of equals: heads averaged first
-        layers, head = choices[best]
-        on_scored = pointing_by_choice(captioner, scored, method, choices)
+        chosen = choices[best]
+        on_scored = pointing_by_choice(captioner, scored, choices)
         results[method] = {
-            "layers": layers, "head": head, "selection_pointing_game": picked[best],
-            **grounding_scores(captioner, scored, method, layers, head),
-            "patch_centre_pointing_game": pointing_by_choice(captioner, scored, method, [(layers, head)], False)[0],
-            "default": grounding_scores(captioner, scored, method, list(range(num_layers))),
-            "by_choice": [{"layers": c[0], "head": c[1], "selection_pointing_game": p, "pointing_game": q}
+            "layers": chosen.layers, "head": chosen.head, "selection_pointing_game": picked[best],
+            **grounding_scores(captioner, scored, chosen),
+            "patch_centre_pointing_game": pointing_by_choice(captioner, scored, [chosen], False)[0],
+            "default": grounding_scores(captioner, scored, MapConfig(method, list(range(num_layers)))),
+            "by_choice": [{"layers": c.layers, "head": c.head, "selection_pointing_game": p, "pointing_game": q}
                           for c, p, q in zip(choices, picked, on_scored, strict=True)],
-            "deletion": deletion_curves(captioner, scored[:args.deletion_scenes], method, layers, head),
+            "deletion": deletion_curves(captioner, scored[:args.deletion_scenes], chosen),
             "seconds": time.perf_counter() - start}
 
     best = max(results, key=lambda k: results[k]["selection_pointing_game"])
     results[best]["misses"] = _misses(captioner, scored, best, results[best]["layers"], results[best]["head"])
-    report = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "device": "cpu", "load_average_1min_at_start": load},
-        "config": {"model": args.model, "num_scenes": args.num_scenes, "select_scenes": args.select_scenes,
-                   "deletion_scenes": args.deletion_scenes, "phrases": results[best]["phrases"], "box_fraction": 0.5},
-        "results": results,
-        "best": {"method": best, "layers": results[best]["layers"], "head": results[best]["head"]},
-        "seconds": time.perf_counter() - started,
-        "ratios": {"best_pointing_game_vs_target": results[best]["pointing_game"] / TARGET,
-                   **{f"{m}_deletion_area_vs_random": results[m]["deletion"]["area_attention"]
-                      / results[m]["deletion"]["area_random"] for m in METHODS}},
-    }
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2))
+    seconds = time.perf_counter() - started
+    path = report(
+        args.json,
+        config={"model": args.model, "num_scenes": args.num_scenes, "select_scenes": args.select_scenes,
+                "deletion_scenes": args.deletion_scenes, "phrases": results[best]["phrases"], "box_fraction": 0.5},
+        results=results,
+        ratios={"best_pointing_game_vs_target": results[best]["pointing_game"] / TARGET,
+                **{f"{m}_deletion_area_vs_random": results[m]["deletion"]["area_attention"]
+                   / results[m]["deletion"]["area_random"] for m in METHODS}},
+        threads=torch.get_num_threads(),
+        best={"method": best, "layers": results[best]["layers"], "head": results[best]["head"]},
+        seconds=seconds,
+    )
 
     print(f"{'method':<8} {'layers':<10} {'head':>4} {'select':>6} {'pointing':>8} {'default':>7} {'patch':>6} "
           f"{'mass':>6} {'IoU':>6} {'del.attn':>8} {'del.rand':>8} {'sec':>6}")
@@ -123,7 +120,7 @@ def main() -> None:
               f"{d['area_attention']:>8.3f} {d['area_random']:>8.3f} {r['seconds']:>6.1f}")
     print(f"best (chosen on the selection scenes): {best} layers {results[best]['layers']} head "
           f"{results[best]['head']}, pointing game {results[best]['pointing_game']:.3f} on {args.num_scenes} scenes "
-          f"(target {TARGET}); {report['seconds'] / 60:.1f} min")
+          f"(target {TARGET}); {seconds / 60:.1f} min")
     misses = results[best]["misses"]
     print(f"its misses: {misses['count']}, of which {misses['within_4px']} within 4 px of the box (median "
           f"{misses['median_px']:.1f} px; grid {misses['grid']} over {misses['image_size']} px)")

@@ -4,7 +4,7 @@ Starts `vlm serve` on a free 127.0.0.1 port with the default trained model (runs
 else a tiny random one; each client sends caption and ask requests (alternating) for held-out built-in
 scenes and checks every answer equals the Python API's. The two sides (8 clients at once, then 1 client
 alone) alternate over --reps repetitions; reported: requests/s, p50/p95 latency (median over repetitions),
-failed and wrong answers.
+failed and wrong answers. Writes benchmarks/results/load_check.json (--json); the path is printed last.
 
     .venv/bin/python scripts/load_check.py [--model DIR] [--clients 8] [--requests 50] [--reps 3]
 """
@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
-import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -27,6 +24,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
+from _bench import add_json_option, report
 
 from vlm.api import Captioner, load
 from vlm.config import DecoderConfig, EncoderConfig, ModelConfig
@@ -131,7 +129,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=50, help="requests per client")
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--json", default="runs/bench/load_check.json")
+    add_json_option(parser, "load_check")
     args = parser.parse_args()
 
     model = Path(args.model) if args.model else DEFAULT_MODEL if DEFAULT_MODEL.is_dir() else \
@@ -149,25 +147,21 @@ def main() -> None:
         proc.wait(30)
 
     results = {name: median_side(runs) for name, runs in sides.items()}
-    report = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "cores": os.cpu_count(), "torch": torch.__version__, "device": "cpu",
-                    "load_average_1min_at_end": os.getloadavg()[0]},
-        "config": {"model": str(model), "clients": args.clients, "requests_per_client": args.requests,
-                   "reps": args.reps, "mix": "caption and ask alternating, greedy", "server": "vlm serve, loopback"},
-        "results": results,
-        "ratios": {"requests_per_s_concurrent_vs_single": results["concurrent"]["requests_per_s"]
-                   / results["single"]["requests_per_s"]},
-    }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=2))
+    path = report(
+        args.json,
+        config={"model": str(model), "clients": args.clients, "requests_per_client": args.requests,
+                "reps": args.reps, "mix": "caption and ask alternating, greedy", "server": "vlm serve, loopback"},
+        results=results,
+        ratios={"requests_per_s_concurrent_vs_single": results["concurrent"]["requests_per_s"]
+                / results["single"]["requests_per_s"]},
+    )
 
     print(f"\n{'side':<28}{'req/s':>8}{'p50 ms':>9}{'p95 ms':>9}{'failed':>8}{'wrong':>7}")
     for name, label in (("concurrent", f"{args.clients} clients x {args.requests}"), ("single", "1 client")):
         r = results[name]
         print(f"{label:<28}{r['requests_per_s']:>8.1f}{r['p50_ms']:>9.1f}{r['p95_ms']:>9.1f}{r['failed']:>8}"
               f"{r['wrong']:>7}")
-    print(args.json)
+    print(path)
     if any(r["failed"] or r["wrong"] for r in results.values()):
         sys.exit(1)
 

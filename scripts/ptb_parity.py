@@ -6,7 +6,8 @@ Unicode quotes and dashes, ellipses, emoji, accents, odd spaces) and compares to
 
     python scripts/ptb_parity.py [--n 5000] [--seed 0] [--show 40] [--bmp] [--text STRING ...]
 
-Exits non-zero when any string differs. Needs `java`.
+Exits non-zero when any string differs. Needs `java`. Writes benchmarks/results/ptb_parity.json (--json): the
+counts and the differing strings; the path is printed last.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ from __future__ import annotations
 import argparse
 import random
 import shutil
+import subprocess
 import sys
+
+from _bench import add_json_option, report
 
 from vlm.eval.ptb import ptb_tokenize_lines
 
@@ -88,6 +92,7 @@ def main() -> None:
     parser.add_argument("--show", type=int, default=40, help="differences to print")
     parser.add_argument("--text", nargs="*", default=[], help="probe these strings instead")
     parser.add_argument("--bmp", action="store_true", help="probe every BMP character alone and as a1a, 1a1 (minutes)")
+    add_json_option(parser, "ptb_parity")
     args = parser.parse_args()
     if shutil.which("java") is None:
         sys.exit("java not found: the official PTB tokenizer is a Java program")
@@ -101,7 +106,14 @@ def main() -> None:
     diffs = [(c, o, t) for c, o, t in zip(captions, official, ours, strict=True) if o != t]
     for caption, theirs, ours in diffs[: args.show]:
         print(f"{caption!r}\n  java: {theirs!r}\n  ours: {ours!r}")
+    java = subprocess.run(["java", "-version"], capture_output=True, text=True).stderr.splitlines()[0]
+    path = report(args.json, config={"strings": "text" if args.text else "bmp" if args.bmp else "random",
+                                     "n": args.n, "seed": args.seed},
+                  results={"strings": len(captions), "differing": len(diffs),
+                           "differences": [{"text": c, "java": o, "ours": t} for c, o, t in diffs[: args.show]]},
+                  machine_extra={"java": java})
     print(f"{len(diffs)} of {len(captions)} strings differ from the Java tokenizer")
+    print(path)
     sys.exit(1 if diffs else 0)
 
 

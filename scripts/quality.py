@@ -4,21 +4,20 @@
     python scripts/quality.py --model runs/x/model # scores an existing model
 
 Targets (issue 2): training within 15 minutes on 2 CPU cores, VQA accuracy >= 0.90, caption
-CIDEr-D >= 1.5, pointing-game accuracy >= 0.80. Writes runs/bench/quality.json; the path is printed last.
+CIDEr-D >= 1.5, pointing-game accuracy >= 0.80. Writes benchmarks/results/quality.json (--json); the path
+is printed last.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from _bench import add_json_option, report
 
 from vlm import load
 from vlm.eval.builtin import evaluate_builtin
@@ -31,11 +30,11 @@ def main() -> None:
     parser.add_argument("--model", help="Score this model instead of training the default one.")
     parser.add_argument("--out", default="runs/quality", help="Training output directory.")
     parser.add_argument("--num-scenes", type=int, default=500)
-    parser.add_argument("--json", default="runs/bench/quality.json")
+    add_json_option(parser, "quality")
     parser.add_argument("train_args", nargs="*", help="Extra `vlm train` arguments (after --).")
     args = parser.parse_args()
 
-    train_seconds = None
+    train_seconds = train_steps = None
     model_dir = args.model
     if model_dir is None:
         command = [sys.executable, "-m", "vlm.cli", "train", "--out", args.out, *args.train_args]
@@ -43,12 +42,15 @@ def main() -> None:
         subprocess.run(command, check=True)
         train_seconds = time.perf_counter() - start
         model_dir = str(Path(args.out) / "model")
+        last = torch.load(Path(args.out) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+        train_steps = last["global_step"]  # the recipe stops at max_steps or max_time, whichever comes first
 
     start = time.perf_counter()
     metrics = evaluate_builtin(load(model_dir, device="cpu"), num_scenes=args.num_scenes)
     eval_seconds = time.perf_counter() - start
     results = {
         "train_minutes": None if train_seconds is None else train_seconds / 60,
+        "train_steps": train_steps,
         "eval_seconds": eval_seconds,
         "vqa_accuracy": metrics["vqa"]["accuracy"],
         "CIDEr-D": metrics["caption"]["CIDEr-D"],
@@ -58,16 +60,8 @@ def main() -> None:
         **{k: v for k, v in metrics["vqa"].items() if k != "accuracy"},
         "identical_captions": metrics["caption"]["identical_share"],
     }
-    report = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "cores": os.cpu_count(), "torch": torch.__version__, "device": "cpu"},
-        "config": {"model": model_dir, "num_scenes": args.num_scenes, "train_args": args.train_args},
-        "results": results,
-        "targets": TARGETS,
-        "ratios": {},
-    }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=2))
+    path = report(args.json, config={"model": model_dir, "num_scenes": args.num_scenes, "train_args": args.train_args},
+                  results=results, targets=TARGETS)
 
     print(f"\n{'metric':<24}{'value':>10}{'target':>10}")
     for key, value in results.items():
@@ -75,7 +69,7 @@ def main() -> None:
             continue
         target = TARGETS.get(key)
         print(f"{key:<24}{value:>10.3f}{'' if target is None else f'{target:>10.2f}'}")
-    print(args.json)
+    print(path)
 
 
 if __name__ == "__main__":

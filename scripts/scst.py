@@ -4,16 +4,14 @@
     python scripts/scst.py --init runs/x/model --minutes 10 --baseline mean
 
 Runs `vlm train --config configs/scst.yaml --init MODEL` for a fixed wall time, then scores the starting
-and the final model on the same held-out scenes (vlm/eval/builtin.py). Writes runs/bench/scst.json; the
-path is printed last.
+and the final model on the same held-out scenes (vlm/eval/builtin.py). SCST's reward is pycocoevalcap's
+CIDEr-D with document frequencies from the training references; its samples come from the one decoding
+loop, seeded per image. Writes benchmarks/results/scst.json (--json); the path is printed last.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -21,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from _bench import add_json_option, report
 
 from vlm import load
 from vlm.eval.builtin import evaluate_builtin
@@ -40,7 +39,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=3.0, help="Wall time of SCST fitting.")
     parser.add_argument("--baseline", default="greedy", choices=["greedy", "mean"])
     parser.add_argument("--num-scenes", type=int, default=200, help="Held-out scenes scored before and after.")
-    parser.add_argument("--json", default="runs/bench/scst.json")
+    add_json_option(parser, "scst")
     args = parser.parse_args()
 
     seconds = int(args.minutes * 60)
@@ -55,21 +54,17 @@ def main() -> None:
 
     before = _scores(args.init, args.num_scenes)
     after = _scores(str(Path(args.out) / "model"), args.num_scenes)
-    report = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "cores": os.cpu_count(), "torch": torch.__version__, "device": "cpu"},
-        "config": {"init": args.init, "command": command, "num_scenes": args.num_scenes, "baseline": args.baseline},
-        "results": {"scst_steps": steps, "scst_seconds": train_seconds, "before": before, "after": after},
-        "ratios": {"CIDEr-D_scst_vs_xe": after["CIDEr-D"] / before["CIDEr-D"]},
-    }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=2))
+    path = report(args.json,
+                  config={"init": args.init, "command": command, "num_scenes": args.num_scenes,
+                          "baseline": args.baseline, "minutes": args.minutes},
+                  results={"scst_steps": steps, "scst_seconds": train_seconds, "before": before, "after": after},
+                  ratios={"CIDEr-D_scst_vs_xe": after["CIDEr-D"] / before["CIDEr-D"]})
 
     print(f"\nSCST: {steps} steps in {train_seconds / 60:.1f} min (baseline: {args.baseline})")
     print(f"{'metric (' + str(args.num_scenes) + ' held-out scenes)':<36}{'XE':>8}{'XE+SCST':>10}")
     for key in before:
         print(f"{key:<36}{before[key]:>8.3f}{after[key]:>10.3f}")
-    print(args.json)
+    print(path)
 
 
 if __name__ == "__main__":

@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-bash scripts/setup_browser.sh  # Debian's chromium for tests/test_browser.py (skipped where it cannot be installed)
+bash scripts/setup_tools.sh  # Debian's chromium and Java for the flagship tests that need them
 .venv/bin/python -m pytest tests "$@"

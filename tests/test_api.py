@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from tests.conftest import random_images
 from vlm import Captioner, load
 from vlm.data.scenes import make_scene
 from vlm.errors import VLMError
@@ -67,3 +68,14 @@ def test_save_and_load_round_trip(captioner, scenes, tmp_path):
 def test_overlong_question_is_cut_to_fit(captioner, scenes):
     answer = captioner.ask(scenes[0].image, "is there " + "a red circle and " * 30 + "a cross?")
     assert isinstance(answer[0], str)
+
+
+def test_api_samples_do_not_depend_on_the_batch_size(tiny_model, tokenizer):
+    captioner = Captioner(tiny_model, tokenizer, device="cpu")
+    images = random_images(3)
+    whole = captioner.caption(images, sample=True, seed=5, top_p=0.9)
+    assert captioner.caption(images, sample=True, seed=5, top_p=0.9, batch_size=2) == whole
+    assert captioner.caption(images[1:], sample=True, seed=6, top_p=0.9) == whole[1:]  # image i uses seed + i
+    assert captioner.caption(images, sample=True, seed=5, top_k=1) == captioner.caption(images)
+    with pytest.raises(VLMError, match="temperature"):
+        captioner.caption(images, sample=True, temperature=-1.0)

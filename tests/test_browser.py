@@ -1,38 +1,37 @@
 """End to end in headless Chromium: `vlm serve` with a tiny model, and the HTML evaluation report.
 
-Needs Debian's `chromium` (scripts/setup_browser.sh installs it) and playwright, which drives that browser
+Needs Debian's `chromium` (scripts/setup_tools.sh installs it) and playwright, which drives that browser
 (playwright's own browser download is not reachable here). Screenshots go to $VLM_TEST_ARTIFACTS if set,
 else to a pytest temporary directory; the path is printed.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import tiny_config
+from tests.conftest import ServeProcess, tiny_config
 from vlm.api import Captioner
 from vlm.data.builtin import scene_texts
 from vlm.data.scenes import make_scene
+from vlm.eval.report import write_report
 from vlm.model.vlm import VisionLanguageModel
-from vlm.report import write_report
 from vlm.text.tokenizer import Tokenizer
 
-playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install .[dev])")
+try:
+    from playwright import sync_api as playwright_api
+except ImportError:
+    playwright_api = None
 
 CHROMIUM = os.environ.get("VLM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed and could not be "
-                                                          "(scripts/setup_browser.sh installs it as root)")
+pytestmark = [pytest.mark.flagship,
+              pytest.mark.skipif(playwright_api is None, reason="playwright is not installed (pip install .[dev])"),
+              pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed and could not be "
+                                                          "(scripts/setup_tools.sh installs it as root)")]
 
 WAIT_MS = 45_000  # generous: the machine may be busy
 QUESTION = "what color is the circle?"
@@ -79,40 +78,13 @@ def page(browser):
     page.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(captioner, tmp_path_factory):
-    """`vlm serve` starting in a subprocess; a test calls `ready(server)` once it has done its own setup."""
-    model_dir = captioner.save(tmp_path_factory.mktemp("model"))
-    port = free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "vlm.cli", "serve", "--model", str(model_dir), "--port", str(port)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    yield proc, f"http://127.0.0.1:{port}/"
-    proc.terminate()
-    proc.wait(30)
-
-
-def ready(server, timeout: float = 120) -> str:
-    """The server's URL once /api/health answers."""
-    proc, url = server
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"vlm serve exited with {proc.returncode}: {proc.stdout.read()}")
-        try:
-            with urllib.request.urlopen(url + "api/health", timeout=5) as r:
-                assert json.load(r)["status"] == "ok"
-            return url
-        except OSError:
-            if time.monotonic() > deadline:
-                pytest.fail(f"vlm serve did not answer on {url} within {timeout} s")
-            time.sleep(0.2)
+    """`vlm serve` starting in a subprocess; a test calls `server.ready()` once it has done its own setup."""
+    folder = tmp_path_factory.mktemp("served")
+    server = ServeProcess(captioner.save(folder / "model"), folder / "serve.log")
+    yield server
+    server.stop()
 
 
 def test_page_captions_shows_maps_and_answers(server, captioner, page, artifacts, tmp_path):
@@ -121,7 +93,7 @@ def test_page_captions_shows_maps_and_answers(server, captioner, page, artifacts
     caption = captioner.attend(image).tokens
     answer = captioner.attend(image, question=QUESTION).tokens
 
-    page.goto(ready(server))
+    page.goto(server.ready())
     page.set_input_files("#file", str(tmp_path / "scene.png"))
     page.wait_for_selector('#caption[data-state="done"]')
     tokens = page.locator("#caption .token")
@@ -159,7 +131,7 @@ def test_page_captions_shows_maps_and_answers(server, captioner, page, artifacts
 
 
 def test_page_takes_a_dropped_file_and_shows_a_bad_upload_error(server, page):
-    page.goto(ready(server))
+    page.goto(server.ready())
     dropped = page.evaluate_handle("""(bytes) => {
       const transfer = new DataTransfer();
       transfer.items.add(new File([new Uint8Array(bytes)], "notes.png", { type: "image/png" }));

@@ -9,10 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
-from vlm.cli import _train_parser, main
+from tests.conftest import image_sensitive_model, random_images
+from vlm.api import Captioner, load
+from vlm.cli import COMMANDS, build_parser, main
 from vlm.data.scenes import make_scene
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,6 +72,34 @@ def test_ask_prints_the_answer(trained, images, capsys):
     assert answer["question"] == "how many objects are there?" and isinstance(answer["answer"], str)
 
 
+def test_demo_prints_captions_and_answers_and_writes_scenes_and_overlays(tokenizer, tmp_path, capsys):
+    # The last step of scripts/main.sh, on an exported model whose captions and answers depend on the image.
+    model = Captioner(image_sensitive_model(tokenizer), tokenizer, "cpu").save(tmp_path / "model")
+    out = tmp_path / "demo"
+    assert main(["demo", "--model", str(model), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    captioner = load(model, device="cpu")
+    scenes = [make_scene(i, "val", image_size=64) for i in range(4)]
+    captions, expected = captioner.caption([s.image for s in scenes]), []
+    for i, (scene, caption) in enumerate(zip(scenes, captions, strict=True)):
+        expected.append(f"{out / f'scene{i}.png'}: {caption}")
+        questions = scene.questions[:3]
+        answers = captioner.ask([scene.image] * 3, [q.question for q in questions])
+        expected += [f"    Q: {q.question}  A: {a}  (truth: {q.answer})"
+                     for q, a in zip(questions, answers, strict=True)]
+        assert np.array_equal(np.asarray(Image.open(out / f"scene{i}.png")), np.asarray(scene.image))
+        assert caption and all(answers)
+    assert len(set(captions)) > 1  # the image matters
+    attended = captioner.attend(scenes[0].image)
+    expected.append(f"attention overlays of '{attended.text}': {out / 'attention' / 'grid.png'}")
+    assert printed == expected and len(printed) == 4 * 4 + 1
+    record = json.loads((out / "attention" / "attention.json").read_text())
+    assert record["tokens"] == attended.tokens and len(record["files"]) == len(attended.tokens)
+    np.testing.assert_allclose(record["maps"], attended.maps, atol=1e-5)
+    assert {p.name for p in (out / "attention").iterdir()} == {"attention.json", "grid.png", *record["files"]}
+    assert Image.open(out / "attention" / "grid.png").size[0] > 64
+
+
 @pytest.mark.parametrize("question", [None, "what color is the circle?"])
 def test_attend_writes_overlays_grid_and_json(trained, images, tmp_path, capsys, question):
     args = ["attend", "--model", str(trained / "model"), images[1], "--out", str(tmp_path / "out")]
@@ -103,7 +135,7 @@ def test_print_config_shows_the_resolved_config():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
-    parser = _train_parser()
+    parser = build_parser("vlm train", COMMANDS["train"])
     cfg = parser.instantiate(parser.parse_args(["--config", str(path)]))
     assert cfg.model.decoder.width > 0
 
@@ -159,3 +191,40 @@ def test_a_checkpoint_that_runs_code_is_refused(tmp_path, capsys, monkeypatch):
         pickle.dump({"state_dict": _Exploit(), "hyper_parameters": {}}, f)
     _one_error_line(main(["caption", "--model", str(ckpt), "x.png"]), capsys, "evil.ckpt")
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("spelling", [["--beam_size", "3"], ["--beam-size", "3"], ["--beam", "3"]])
+def test_options_come_from_the_dataclasses_with_their_aliases(spelling):
+    import docstring_parser
+
+    from vlm.config import DecodingConfig, MapConfig
+
+    parser = build_parser("vlm attend", COMMANDS["attend"])
+    args = parser.parse_args(["img.png", "--model", "m", "--out", "o", *spelling, "--no-repeat-ngram", "2",
+                              "--top-k", "5", "--layers", "[1]"])
+    assert (args.beam_size, args.no_repeat_ngram_size, args.top_k, args.layers) == (3, 2, 5, [1])
+    assert args.temperature == DecodingConfig.temperature and args.method == MapConfig.method  # one default each
+    fields = {p.arg_name: p.description for p in docstring_parser.parse_from_object(DecodingConfig).params}
+    assert " ".join(fields["top_k"].split()) in " ".join(parser.format_help().split())  # help: the field's docstring
+
+
+def test_cli_passes_decoding_flags(tiny_model, tokenizer, tmp_path, capsys):
+    captioner = Captioner(tiny_model, tokenizer, device="cpu")
+    model_dir = captioner.save(tmp_path / "model")
+    paths = []
+    for i, image in enumerate(random_images(2)):
+        paths.append(str(tmp_path / f"{i}.png"))
+        image.save(paths[-1])
+    cases = [
+        (["--sample", "--seed", "3", "--top-k", "5", "--temperature", "1.5", "--top-p", "0.9"],
+         dict(sample=True, seed=3, top_k=5, temperature=1.5, top_p=0.9)),
+        (["--beam", "3", "--length-penalty", "1.0", "--no-repeat-ngram", "2"],
+         dict(beam_size=3, length_penalty=1.0, no_repeat_ngram_size=2)),
+    ]
+    for flags, options in cases:
+        assert main(["caption", "--model", str(model_dir), *paths, *flags]) == 0
+        assert capsys.readouterr().out.splitlines() == captioner.caption(paths, **options)
+    assert main(["ask", "--model", str(model_dir), paths[0], "what shape is it?", "--sample", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.strip() == captioner.ask(paths[0], "what shape is it?", sample=True, seed=1)[0]
+    assert main(["caption", "--model", str(model_dir), paths[0], "--sample", "--temperature", "0"]) == 1
+    assert "temperature" in capsys.readouterr().err

@@ -1,22 +1,28 @@
-"""Every shipped config loads and trains one fast_dev_run step, its data pointed at tiny files the test writes;
+"""Every shipped config trains one fast_dev_run step as shipped (strategy, devices, precision, image size), but
+for what cannot exist here (GPUs, network, its data: pointed at tiny files the test writes), listed per config;
 and `vlm train` on datasets on disk (mixed sources, BPE) exports a model and a data report."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import yaml
 
 from tests.conftest import tiny_config
 from vlm.api import Captioner
-from vlm.cli import _train_parser, main
+from vlm.cli import COMMANDS, build_parser, main
 from vlm.data.export import write_shapes
 from vlm.model.vlm import VisionLanguageModel
 
-CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
 @pytest.fixture(scope="module")
@@ -45,34 +51,78 @@ def _tiny_sources(shapes: dict[str, Path], sources: list[dict]) -> list[dict]:
     return out
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
-def test_shipped_config_trains_one_step(config, shapes, tmp_path, tokenizer):
+# What each shipped config sets that cannot exist on this machine (2 CPU cores, no GPU, no network), and so is
+# overridden; everything else runs as shipped (strategy, precision, model, image size, tokenizer, workers, ...)
+# for one training step and one validation batch (fast_dev_run). Besides: pretrained weights are off (no
+# network) and data paths point at `vlm data shapes` files of the same format.
+ONE_CPU = {"trainer.accelerator": "cpu", "trainer.devices": "1"}  # 8 GPUs -> one CPU process (DDP, bf16 kept)
+SMALL_BATCH = {"data.batch_size": "2"}  # a 224 px ViT-B/16 or ResNet-50 step, cheap on 2 CPU cores
+OVERRIDES = {
+    "coco_vit_b16": {**ONE_CPU, **SMALL_BATCH},
+    "cpu_ddp": {},  # 2 CPU processes, as shipped
+    "jsonl": SMALL_BATCH,
+    "multinode": {"trainer.accelerator": "cpu", "trainer.num_nodes": "1"},  # devices: auto, one CPU process
+    "multitask": {**ONE_CPU, **SMALL_BATCH},
+    "scst": {},  # and --init: a tiny untrained model, as SCST starts from a trained one
+    "tiny": {},
+    "vit": {},
+    "vqav2": {**ONE_CPU, **SMALL_BATCH},
+}
+
+
+def test_every_shipped_config_has_its_overrides_listed():
+    assert sorted(OVERRIDES) == [c.stem for c in CONFIGS]
+
+
+def _config_args(config: Path, shapes: dict[str, Path], out: Path) -> list[str]:
     raw = yaml.safe_load(config.read_text()) or {}
-    args = ["--config", str(config), "--out", str(tmp_path / "run"), "--trainer.fast_dev_run", "true",
-            "--data.num_workers", "0", "--data.batch_size", "2", "--model.encoder.pretrained", "false"]
-    encoder = raw.get("model", {}).get("encoder", {})
-    if encoder.get("image_size", 64) > 64:  # big recipes: the same model on 32 px images, to stay fast here
-        args += ["--model.encoder.image_size", "32"]
-        if "vit" in encoder.get("name", ""):
-            args += ["--model.encoder.model_args", json.dumps({**encoder.get("model_args", {}), "img_size": 32})]
+    args = ["--config", str(config), "--out", str(out), "--trainer.fast_dev_run", "true",
+            "--model.encoder.pretrained", "false"]
     data = raw.get("data", {})
     for key in ("sources", "val_sources"):
         if data.get(key):
             args += [f"--data.{key}", json.dumps(_tiny_sources(shapes, data[key]))]
-    if data.get("feature_cache"):
-        args += ["--data.feature_cache", str(tmp_path / "cache.npy")]
-    # GPU and multi-process recipes run their one step in this process on the CPU (a DDP launch from inside
-    # pytest would start pytest again; tests/test_ddp.py runs DDP through `vlm train` subprocesses).
-    args += ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "1",
-             "--trainer.strategy", "auto", "--trainer.precision", "32-true"]
-    if raw.get("scst", {}).get("enabled"):  # a second stage: starts from a (here tiny, untrained) model
+    for key, value in OVERRIDES[config.stem].items():
+        args += [f"--{key}", value]
+    return args
+
+
+@pytest.fixture
+def restored_process_state():
+    """An in-process DDP run (one process) leaves its environment variables, thread count and process group behind;
+    later tests (and the DDP subprocesses they start) must not inherit them."""
+    environ, threads = dict(os.environ), torch.get_num_threads()
+    yield
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(environ)
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c.stem != "cpu_ddp"],
+                         ids=[c.stem for c in CONFIGS if c.stem != "cpu_ddp"])
+def test_shipped_config_trains_one_step(config, shapes, tmp_path, tokenizer, restored_process_state):
+    args = _config_args(config, shapes, tmp_path / "run")
+    if (yaml.safe_load(config.read_text()) or {}).get("scst", {}).get("enabled"):
         torch.manual_seed(0)
         model = Captioner(VisionLanguageModel(tiny_config(), len(tokenizer)), tokenizer, device="cpu")
-        args += ["--init", str(model.save(tmp_path / "init")), "--scst.df_items", "16"]
-    parser = _train_parser()
+        args += ["--init", str(model.save(tmp_path / "init"))]
+    parser = build_parser("vlm train", COMMANDS["train"])
     parser.parse_args(args)  # every key of the file is known and typed
     assert main(["train", *args]) == 0
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+def test_cpu_ddp_config_trains_one_step_on_two_processes(shapes, tmp_path):
+    """DDP re-launches its command for the second process, so the run is a subprocess."""
+    out = tmp_path / "run"
+    args = _config_args(ROOT / "configs" / "cpu_ddp.yaml", shapes, out)
+    result = subprocess.run([sys.executable, "-m", "vlm.cli", "train", *args], capture_output=True, text=True,
+                            cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in result.stderr
+    assert (out / "model" / "model.safetensors").is_file()
 
 
 def test_train_on_mixed_sources_with_bpe_writes_a_data_report(shapes, tmp_path, capsys):

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from vlm.config import DataConfig
-from vlm.data.builtin import IGNORE_INDEX, SceneDataset, caption_sequence, collate
+from vlm.data.batch import IGNORE_INDEX, caption_sequence, collate
+from vlm.data.builtin import SceneDataset
 from vlm.data.scenes import COLORS, SHAPES, make_scene
 
 
@@ -32,25 +33,25 @@ def test_scene_texts_agree_with_its_objects(index):
         # the object's colour dominates the centre of its box
         pixel = np.asarray(scene.image)[int(y + h / 2), int(x + w / 2)]
         assert np.abs(pixel.astype(int) - COLORS[o.color]).max() < 40
-    kinds = {q.kind for q in scene.questions}
+    kinds = {q.question_type for q in scene.questions}
     assert {"size", "count", "exist"} <= kinds
     for q in scene.questions:
-        if q.kind == "spatial":
+        if q.question_type == "spatial":
             obj = next(o for o in objects if f"{o.color} {o.shape}" in q.question)
             assert q.answer == ("left" if obj.center_x < 32 else "right")
         if q.question == "how many objects are there?":
             assert q.answer == str(len(objects))
-        if q.kind == "exist":
+        if q.question_type == "exist":
             color, shape = q.question.rstrip("?").split()[-2:]
             assert q.answer == ("yes" if any(o.color == color and o.shape == shape for o in objects) else "no")
 
 
 def test_question_kinds_cover_all_six_and_binary_answers_are_balanced():
     questions = [q for i in range(300) for q in make_scene(i, "val").questions]
-    assert {q.kind for q in questions} == {"color", "shape", "size", "count", "exist", "spatial"}
-    yes_no = [q.answer for q in questions if q.kind == "exist"]
+    assert {q.question_type for q in questions} == {"color", "shape", "size", "count", "exist", "spatial"}
+    yes_no = [q.answer for q in questions if q.question_type == "exist"]
     assert 0.4 < yes_no.count("yes") / len(yes_no) < 0.6
-    sides = [q.answer for q in questions if q.kind == "spatial"]
+    sides = [q.answer for q in questions if q.question_type == "spatial"]
     assert set(sides) == {"left", "right"} and 0.4 < sides.count("left") / len(sides) < 0.6
 
 

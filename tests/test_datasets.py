@@ -12,7 +12,7 @@ from PIL import Image
 
 from vlm.cli import main
 from vlm.config import DataConfig, SourceConfig
-from vlm.data.builtin import caption_sequence, collate, question_sequence
+from vlm.data.batch import caption_sequence, collate, question_sequence
 from vlm.data.datasets import Mixture, RecordDataset, Sampler, ShardDataset, SourceData, mixture_weights
 from vlm.data.export import answer_type, write_shapes
 from vlm.data.records import Region, detect_format, read_records
@@ -231,3 +231,18 @@ def test_streamed_and_file_sources_make_training_batches(shapes, tokenizer):
     assert batch.images.shape == (4, 3, 8, 8) and batch.tasks == ["caption", "vqa"]
     assert batch.ids[1].shape[0] == 8  # two question rows per image, empty ones for shard images without questions
     assert data.val_dataloader() == []
+
+
+def test_flat_records_round_trip_exactly_and_the_data_keeps_them_flat(shapes):
+    from vlm.data.datasets import FlatRecords
+
+    vqa = SourceConfig(str(shapes["questions"]), images=str(shapes["images"]), annotations=str(shapes["annotations"]))
+    jsonl = SourceConfig(str(shapes["jsonl"]))  # captions, questions and regions
+    for source in (vqa, jsonl):
+        records, _ = read_records(source)
+        flat = FlatRecords(records)
+        assert len(flat) == NUM and list(flat) == records and flat[-1] == records[-1] and flat[3] == records[3]
+        with pytest.raises(IndexError):
+            flat[NUM]
+    data = SourceData([vqa, jsonl], strict=True)
+    assert all(isinstance(r, FlatRecords) for r in data.records)

@@ -1,4 +1,5 @@
-"""Training on 2 CPU processes (gloo): `vlm train` under DDP and FSDP, validation metrics, resuming.
+"""Training on 2 CPU processes (gloo): `vlm train` under DDP and FSDP, validation metrics, resuming, and the
+weights of DDP and FSDP training equal to one process's on the same global batches.
 
 Lightning's DDP launcher re-runs the launching script in each process, so each run is a subprocess of
 its own; the runs are tiny (a few steps) to stay fast.
@@ -30,7 +31,8 @@ def ddp_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ddp")
     result = run("-m", "vlm.cli", "train", "--config", TINY, "--out", str(out), "--trainer.devices", "2",
                  "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--data.val_scenes", "7",
-                 "--val.samples", "1", "--trainer.log_every_n_steps", "2")
+                 "--val.samples", "1", "--trainer.log_every_n_steps", "2",
+                 "--data.batch_log", str(out / "batches.jsonl"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == f"exported model: {out / 'model'}"
     return out
@@ -89,19 +91,16 @@ def _train_args(out: Path, strategy: str, *extra: str) -> tuple[str, ...]:
 
 
 def _interrupted_run(out: Path, strategy: str, *first: str) -> Path:
-    """2 of tiny's 4 steps (their last.ckpt kept as part.ckpt), then `--resume last` to the end."""
+    """2 of tiny's 4 steps (their last.ckpt kept as part.ckpt), then `--resume last` to the end, logging its
+    batches to resumed.jsonl."""
     result = run(*_train_args(out, strategy, "--trainer.max_steps", "2", *first))
     assert result.returncode == 0, result.stderr[-3000:]
     shutil.copy(out / "checkpoints" / "last.ckpt", out / "part.ckpt")
-    result = run(*_train_args(out, strategy, "--val.generate", "false", "--resume", "last"))
+    result = run(*_train_args(out, strategy, "--val.generate", "false", "--resume", "last", "--data.batch_log",
+                              str(out / "resumed.jsonl")))
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == f"exported model: {out / 'model'}"
     return out
-
-
-@pytest.fixture(scope="module")
-def ddp_resumed(tmp_path_factory) -> Path:
-    return _interrupted_run(tmp_path_factory.mktemp("ddp_resumed"), "ddp", "--val.generate", "false")
 
 
 @pytest.fixture(scope="module")
@@ -119,11 +118,16 @@ def _optimizer_steps(ckpt: dict) -> set[int]:
     return {int(s["step"]) for s in ckpt["optimizer_states"][0]["state"].values()}
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_resumed_two_process_run_ends_like_the_uninterrupted_one(strategy, ddp_run, request):
-    """A run stopped at step 2 and resumed ends at the uninterrupted run's step with the optimiser and schedule
-    continued (an optimiser reset would count 2 steps, not 4)."""
-    out = request.getfixturevalue(f"{strategy}_resumed")
+def test_resumed_fsdp_run_continues_like_the_uninterrupted_one(fsdp_resumed, ddp_run):
+    """An FSDP run stopped at step 2 and resumed runs only steps 2 and 3, on the batches of an uninterrupted run
+    (DDP's: the same order and draws), and ends at its step with the optimiser and schedule continued (an
+    optimiser reset would count 2 steps, not 4). Killed and resumed DDP runs: tests/test_resume.py."""
+    out = fsdp_resumed
+    lines = [json.loads(line) for line in (out / "resumed.jsonl").read_text().splitlines()]
+    expected = [json.loads(line) for line in (ddp_run / "batches.jsonl").read_text().splitlines()]
+    assert sorted((line["step"], line["rank"]) for line in lines) == [(2, 0), (2, 1), (3, 0), (3, 1)]
+    assert sorted(lines, key=lambda x: (x["step"], x["rank"])) == \
+        sorted((x for x in expected if x["step"] >= 2), key=lambda x: (x["step"], x["rank"]))
     part, resumed, full = _load(out / "part.ckpt"), _load(out / "checkpoints" / "last.ckpt"), \
         _load(ddp_run / "checkpoints" / "last.ckpt")
     assert part["global_step"] == 2 and _optimizer_steps(part) == {2}
@@ -133,12 +137,58 @@ def test_resumed_two_process_run_ends_like_the_uninterrupted_one(strategy, ddp_r
     assert len(resumed["optimizer_states"][0]["state"]) == len(full["optimizer_states"][0]["state"])
 
 
-def test_fsdp_trains_the_same_weights_as_ddp(ddp_resumed, fsdp_resumed):
-    """Two steps sharded (FSDP2, gloo) and two steps data-parallel from the same seed give the same model."""
-    fsdp, ddp = _load(fsdp_resumed / "part.ckpt")["state_dict"], _load(ddp_resumed / "part.ckpt")["state_dict"]
-    assert fsdp.keys() == ddp.keys()
-    for name in fsdp:
-        torch.testing.assert_close(fsdp[name], ddp[name], rtol=1e-3, atol=1e-4, msg=name)
+@pytest.fixture(scope="module")
+def equivalence(tmp_path_factory, tokenizer) -> dict[str, dict]:
+    """tests/ddp_equivalence.py's runs: 3 steps at lr 1e-3 on one process and, on two, DDP, FSDP and unsynced DDP."""
+    out = tmp_path_factory.mktemp("equivalence")
+    (out / "tokenizer.json").write_text(tokenizer.to_str())
+    script = str(ROOT / "tests" / "ddp_equivalence.py")
+    single = subprocess.Popen([sys.executable, script, str(out), "single"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    result = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, str(out),
+                 "distributed")
+    _, error = single.communicate(timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert single.returncode == 0, error[-3000:]
+    return {name: _load(out / f"{name}.pt") for name in ("single", "ddp", "fsdp", "unsynced")}
+
+
+def _distance(a: dict, b: dict) -> float:
+    """The largest difference of any weight."""
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def _gap(run: dict, reference: dict) -> float:
+    """The largest difference of run's final weights from reference's, relative to reference's largest update.
+
+    Both start from the same weights, and reference's 3 steps at lr 1e-3 really train (each weight moves ~2e-3).
+    """
+    update = _distance(reference["final"], reference["init"])
+    assert update > 1e-3
+    assert _distance(run["init"], reference["init"]) == 0
+    return _distance(run["final"], reference["final"]) / update
+
+
+def test_two_process_ddp_trains_the_weights_of_one_process_on_the_global_batch(equivalence):
+    """Each process's batch holds a different number of learned (and grounded) tokens: the loss's means are over
+    the global batch's tokens (and the logged train/loss is the global batch's); gradient averaging makes the rest.
+    The same check fails for DDP that does not average gradients."""
+    single, ddp, unsynced = equivalence["single"], equivalence["ddp"], equivalence["unsynced"]
+    counts = ddp["counts"]  # per step, per process: caption, vqa and grounded tokens
+    assert len(counts) == 3 and all(rank0 != rank1 for rank0, rank1 in counts)
+    assert [[sum(c) for c in zip(*step, strict=True)] for step in counts] == \
+        [step[0] for step in single["counts"]]  # the same global batches
+    assert ddp["losses"] == pytest.approx(single["losses"], rel=1e-9)
+    assert _gap(ddp, single) < 1e-6  # float64: ~1e-10 measured
+    assert unsynced["losses"][0] == ddp["losses"][0] and _gap(unsynced, single) > 0.1  # the control
+
+
+def test_fsdp_trains_the_weights_of_ddp(equivalence):
+    """FSDP2 (sharded parameters, gradients reduce-scattered) trains as DDP and one process do."""
+    fsdp = equivalence["fsdp"]
+    assert fsdp["losses"] == pytest.approx(equivalence["ddp"]["losses"], rel=1e-9)
+    assert _gap(fsdp, equivalence["ddp"]) < 1e-6 and _gap(fsdp, equivalence["single"]) < 1e-6
 
 
 def test_fsdp_validation_generation_equals_one_process_and_exports_a_loadable_model(fsdp_resumed):

@@ -9,7 +9,8 @@ from safetensors.torch import save_file
 
 from tests.conftest import tiny_config
 from vlm.config import DataConfig, OptimConfig
-from vlm.data.builtin import SceneDataset, collate
+from vlm.data.batch import collate
+from vlm.data.builtin import SceneDataset
 from vlm.data.features import CachedDataset, build_cache
 from vlm.data.transforms import image_transform
 from vlm.model.encoder import ImageEncoder

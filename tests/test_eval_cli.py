@@ -68,8 +68,9 @@ def test_eval_scores_a_results_file_like_the_metric_functions(shapes, tmp_path, 
     predictions = {image_id: captions[1].upper() + "!" for image_id, captions in refs.items()}
     results = tmp_path / "results.json"
     results.write_text(json.dumps([{"image_id": k, "caption": v} for k, v in predictions.items()]))
+    # Scoring a results file needs no images.
     code, metrics, err = _run(capsys, "--results", str(results), "--data", str(shapes / "captions.json"),
-                              "--images", str(shapes / "images"), "--out", str(tmp_path / "o"), "--java", "false")
+                              "--out", str(tmp_path / "o"), "--java", "false")
     assert code == 0, err
     expected, _ = caption_evaluation(predictions, refs)
     assert {k: metrics["caption"][k] for k in expected} == pytest.approx(expected)
@@ -86,8 +87,7 @@ def test_eval_vqa_results_per_answer_type(shapes, tmp_path, capsys) -> None:
     path = tmp_path / "vqa.json"
     path.write_text(json.dumps(results))
     code, metrics, err = _run(capsys, "--results", str(path), "--data", str(shapes / "questions.json"),
-                              "--annotations", str(shapes / "annotations.json"), "--images", str(shapes / "images"),
-                              "--out", str(tmp_path / "o"))
+                              "--annotations", str(shapes / "annotations.json"), "--out", str(tmp_path / "o"))
     assert code == 0, err
     vqa = metrics["vqa"]
     assert vqa["accuracy/yes/no"] == 1.0 and vqa["accuracy/other"] == 0.0 and vqa["questions"] == len(questions)

@@ -1,14 +1,12 @@
-"""Decoding options of generate(): each agrees with and without the cache, and does what it says."""
+"""vlm/model/generate.py: each decoding option agrees with and without the cache and does what it says; batched
+equals one image at a time; the returned attention is one map per generated token, of the kept sequence."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from PIL import Image
 
-from vlm import Captioner
-from vlm.cli import main
-from vlm.errors import VLMError
+from vlm.config import DecodingConfig
 from vlm.model.generate import generate
 
 OPTIONS = {
@@ -20,12 +18,16 @@ OPTIONS = {
     "sample_temperature_top_k": dict(sample=True, temperature=1.5, top_k=5, seed=1),
     "sample_top_p_no_repeat": dict(sample=True, top_p=0.8, no_repeat_ngram_size=2, seed=2),
     "min_new_tokens": dict(min_new_tokens=5),
+    "sample_k_per_image": dict(sample=True, num_samples=3, top_k=20, seed=3),
 }
 
 
-def _run(model, tokenizer, images, prompts, **kw):
-    kw.setdefault("max_new_tokens", 8)
-    return generate(model, images, prompts, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, **kw)
+def _run(model, tokenizer, images, prompts, use_cache=True, return_attention=False, **options):
+    options.setdefault("max_new_tokens", 8)
+    with torch.no_grad():
+        image_kv, _ = model.encode(images)
+    return generate(model, image_kv, prompts, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                    config=DecodingConfig(**options), use_cache=use_cache, return_attention=return_attention)
 
 
 def _prompts(tokenizer):  # of different lengths, so the batch is left-padded
@@ -88,16 +90,52 @@ def test_returned_attention_is_that_of_the_kept_sequence_read_again(tiny_model, 
         torch.testing.assert_close(attn, again.permute(2, 1, 0, 3), atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["sample_temperature_top_k", "sample_top_p_no_repeat", "beam_no_repeat"])
+@pytest.mark.parametrize("name", ["sample_temperature_top_k", "sample_top_p_no_repeat", "beam_no_repeat",
+                                  "sample_k_per_image"])
 def test_batched_equals_one_image_at_a_time(tiny_model, tokenizer, name):
     images, prompts = torch.randn(3, 3, 64, 64), _prompts(tokenizer)
     options = dict(OPTIONS[name])
     seed = options.pop("seed", None)
+    k = options.get("num_samples", 1)
     batched = _run(tiny_model, tokenizer, images, prompts, seed=seed, **options)
-    for i in range(3):  # image i of a batch samples with seed + i
+    assert len(batched.tokens) == 3 * k
+    for i in range(3):  # image i of a batch samples with seed + i, its k samples all from that seed
         single = _run(tiny_model, tokenizer, images[i:i + 1], prompts[i:i + 1],
                       seed=None if seed is None else [seed + i], **options)
+        assert single.tokens == batched.tokens[i * k:(i + 1) * k]
+    if k > 1:  # an image's samples are k draws, not one draw repeated
+        assert all(len({tuple(t) for t in batched.tokens[i * k:(i + 1) * k]}) > 1 for i in range(3))
+
+
+def test_beam_of_one_is_greedy_and_beam_scores_are_no_worse(tiny_model, tokenizer):
+    images = torch.randn(4, 3, 64, 64)
+    prompts = [tokenizer.caption_prompt()] * 4
+    greedy = _run(tiny_model, tokenizer, images, prompts, max_new_tokens=12)
+    assert _run(tiny_model, tokenizer, images, prompts, beam_size=1, max_new_tokens=12).tokens == greedy.tokens
+    beam = _run(tiny_model, tokenizer, images, prompts, beam_size=4, max_new_tokens=12)
+    assert all(b >= g - 1e-4 for b, g in zip(beam.scores, greedy.scores, strict=True))
+
+
+def test_batched_generation_equals_one_image_at_a_time(tiny_model, tokenizer):
+    images = torch.randn(3, 3, 64, 64)
+    prompts = [tokenizer.question_prompt("is there a red circle?"), tokenizer.caption_prompt(),
+               tokenizer.question_prompt("what shape is the small blue object?")]  # different lengths
+    batched = _run(tiny_model, tokenizer, images, prompts, return_attention=True, max_new_tokens=12)
+    for i in range(3):
+        single = _run(tiny_model, tokenizer, images[i:i + 1], prompts[i:i + 1], return_attention=True,
+                      max_new_tokens=12)
         assert single.tokens[0] == batched.tokens[i]
+        torch.testing.assert_close(single.attentions[0], batched.attentions[i], atol=1e-5, rtol=1e-4)
+
+
+def test_returned_attention_has_one_map_per_generated_token(tiny_model, tokenizer):
+    images = torch.randn(2, 3, 64, 64)
+    gen = _run(tiny_model, tokenizer, images, [tokenizer.caption_prompt()] * 2, return_attention=True,
+               max_new_tokens=12)
+    h, w = tiny_model.encoder(images)[1]
+    for tokens, attn in zip(gen.tokens, gen.attentions, strict=True):
+        assert attn.shape == (len(tokens), 2, 4, h * w)  # (T, L, H, N)
+        torch.testing.assert_close(attn.sum(-1), torch.ones(attn.shape[:-1]))
 
 
 def test_a_seed_reproduces_a_sample_and_other_seeds_differ(tiny_model, tokenizer):
@@ -128,8 +166,8 @@ def test_sampled_first_tokens_follow_the_filtered_distribution(tiny_model, token
         logits = tiny_model(image, torch.tensor([prompt])).logits[0, -1]  # (V,)
     top = (logits / temperature).topk(top_k)
     expected = top.values.softmax(-1)
-    gen = _run(tiny_model, tokenizer, image.expand(n, -1, -1, -1), [prompt] * n, max_new_tokens=1, sample=True,
-               temperature=temperature, top_k=top_k, seed=0)
+    gen = _run(tiny_model, tokenizer, image, [prompt], max_new_tokens=1, sample=True, num_samples=n,
+               temperature=temperature, top_k=top_k, seed=0)  # n draws for one image
     first = torch.tensor([t[0] if t else tokenizer.eos_id for t in gen.tokens])
     assert set(first.tolist()) <= set(top.indices.tolist())
     observed = torch.stack([(first == i).float().mean() for i in top.indices])
@@ -182,42 +220,3 @@ def test_a_larger_length_penalty_never_picks_a_shorter_beam(tiny_model, tokenize
 def test_bad_options_are_refused_by_name(tiny_model, tokenizer, bad, message):
     with pytest.raises(ValueError, match=message):
         _run(tiny_model, tokenizer, torch.randn(1, 3, 64, 64), [tokenizer.caption_prompt()], **bad)
-
-
-def _images(n: int) -> list[Image.Image]:
-    g = torch.Generator().manual_seed(0)
-    return [Image.fromarray(torch.randint(0, 256, (64, 64, 3), generator=g, dtype=torch.uint8).numpy())
-            for _ in range(n)]
-
-
-def test_api_samples_do_not_depend_on_the_batch_size(tiny_model, tokenizer):
-    captioner = Captioner(tiny_model, tokenizer, device="cpu")
-    images = _images(3)
-    whole = captioner.caption(images, sample=True, seed=5, top_p=0.9)
-    assert captioner.caption(images, sample=True, seed=5, top_p=0.9, batch_size=2) == whole
-    assert captioner.caption(images[1:], sample=True, seed=6, top_p=0.9) == whole[1:]  # image i uses seed + i
-    assert captioner.caption(images, sample=True, seed=5, top_k=1) == captioner.caption(images)
-    with pytest.raises(VLMError, match="temperature"):
-        captioner.caption(images, sample=True, temperature=-1.0)
-
-
-def test_cli_passes_decoding_flags(tiny_model, tokenizer, tmp_path, capsys):
-    captioner = Captioner(tiny_model, tokenizer, device="cpu")
-    model_dir = captioner.save(tmp_path / "model")
-    paths = []
-    for i, image in enumerate(_images(2)):
-        paths.append(str(tmp_path / f"{i}.png"))
-        image.save(paths[-1])
-    cases = [
-        (["--sample", "--seed", "3", "--top-k", "5", "--temperature", "1.5", "--top-p", "0.9"],
-         dict(sample=True, seed=3, top_k=5, temperature=1.5, top_p=0.9)),
-        (["--beam", "3", "--length-penalty", "1.0", "--no-repeat-ngram", "2"],
-         dict(beam_size=3, length_penalty=1.0, no_repeat_ngram_size=2)),
-    ]
-    for flags, options in cases:
-        assert main(["caption", "--model", str(model_dir), *paths, *flags]) == 0
-        assert capsys.readouterr().out.splitlines() == captioner.caption(paths, **options)
-    assert main(["ask", "--model", str(model_dir), paths[0], "what shape is it?", "--sample", "--seed", "1"]) == 0
-    assert capsys.readouterr().out.strip() == captioner.ask(paths[0], "what shape is it?", sample=True, seed=1)[0]
-    assert main(["caption", "--model", str(model_dir), paths[0], "--sample", "--temperature", "0"]) == 1
-    assert "temperature" in capsys.readouterr().err

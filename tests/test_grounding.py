@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from tests.conftest import tiny_config
 from vlm.api import Captioner
+from vlm.config import MapConfig
 from vlm.data.scenes import make_scene
 from vlm.errors import VLMError
-from vlm.eval.grounding import GroundingCase, deletion_curves, grounding_scores, pointing_by_choice
+from vlm.eval.grounding import GroundingCase, deletion_curves, grounding_scores, phrase_maps, pointing_by_choice
 from vlm.grounding.ground import ground
 from vlm.grounding.maps import box_from_map, iou, peak, pointing_hit
-from vlm.grounding.methods import decode_with_attention, token_maps
+from vlm.grounding.methods import token_maps
+from vlm.model.vlm import VisionLanguageModel
 
 TEXT = "a small red circle to the left of a large blue square"
 
@@ -32,16 +36,19 @@ def _inputs(captioner: Captioner, n: int = 2):
     return images, pixels, torch.tensor([seq] * n)
 
 
-def test_decode_with_attention_matches_the_model(captioner) -> None:
+def test_the_decoder_pass_with_weights_gives_the_fused_pass_logits(captioner) -> None:
     _, pixels, ids = _inputs(captioner)
-    logits, self_w, cross_w, grid = decode_with_attention(captioner.model, pixels, ids)
+    model = captioner.model
     with torch.no_grad():
-        out = captioner.model(pixels, ids, need_weights=True)
-    torch.testing.assert_close(logits, out.logits, atol=1e-5, rtol=1e-5)
-    for ours, theirs in zip(cross_w, out.cross_attentions, strict=True):
-        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
-    assert grid == out.grid and self_w[0].shape == (2, 4, ids.shape[1], ids.shape[1])
-    assert torch.allclose(self_w[0].triu(1), torch.zeros(())), "self-attention must be causal"
+        image_kv, _ = model.encode(pixels)
+        fused = model.decoder(ids, image_kv)
+        explicit = model.decoder(ids, image_kv, need_weights=True, need_self_weights=True)
+    assert fused.self_attentions is None and fused.cross_attentions is None
+    torch.testing.assert_close(explicit.logits, fused.logits, atol=1e-5, rtol=1e-5)
+    T, N = ids.shape[1], image_kv[0][0].shape[2]
+    assert [w.shape for w in explicit.cross_attentions] == [(2, 4, T, N)] * 2
+    assert [w.shape for w in explicit.self_attentions] == [(2, 4, T, T)] * 2
+    assert torch.allclose(explicit.self_attentions[0].triu(1), torch.zeros(())), "self-attention must be causal"
 
 
 def test_raw_maps_are_the_cross_attention_of_the_predicting_position(captioner) -> None:
@@ -54,6 +61,23 @@ def test_raw_maps_are_the_cross_attention_of_the_predicting_position(captioner) 
     np.testing.assert_allclose(np.stack(maps), expected.numpy(), atol=1e-6)
     one_head = captioner.text_maps(images, [TEXT] * 2, layers=[1], head=3)
     np.testing.assert_allclose(one_head[0], attn[1, 0, 3, :n].reshape(n, *maps[0].shape[1:]).numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["raw", "rollout"])
+def test_the_training_callbacks_maps_are_those_of_attend(tokenizer, method) -> None:
+    from vlm.train.callbacks import GenerationMetrics
+
+    torch.manual_seed(0)
+    model = VisionLanguageModel(replace(tiny_config(), attention_layers=[1]), len(tokenizer)).eval()  # not all
+    captioner = Captioner(model, tokenizer, device="cpu")
+    image = make_scene(0, "val", 0, 64).image
+    maps = MapConfig(method)
+    ((ids, logged),) = GenerationMetrics(maps=maps).sample_maps(model, tokenizer, captioner.transform(image)[None])
+    attended = captioner.attend(image, maps=maps)
+    every_layer = captioner.attend(image, maps=MapConfig(method, layers=[0, 1])).maps
+    assert ids and tokenizer.decode(ids) == attended.text
+    assert np.abs(every_layer - attended.maps).max() > 1e-3  # the layers chosen matter
+    np.testing.assert_allclose(logged, attended.maps, atol=1e-6)
 
 
 def test_rollout_of_the_last_layer_alone_is_its_raw_attention(captioner) -> None:
@@ -71,8 +95,12 @@ def test_chefer_in_the_last_layer_is_the_positive_gradient_times_attention(capti
     # reduces to R_ti[t] = Rbar_tt[t, t] * mean over heads of (dlogit/dA * A)^+ at row t, with Rbar_tt[t, t] in
     # [1, 2] (the identity plus the row-normalised self-relevancy): checked with autograd on the model itself.
     _, pixels, ids = _inputs(captioner, 1)
-    q = 4
-    (maps,), _ = token_maps(captioner.model, pixels, ids, [[q]], method="chefer", layers=[-1])
+    q, seq = 4, ids[0].tolist()
+    with torch.no_grad():
+        image_kv, grid = captioner.model.encode(pixels)
+    (maps,) = token_maps(captioner.model, image_kv, grid, [seq[:q + 1]], [seq[q + 1:q + 2]],
+                         MapConfig(method="chefer", layers=[-1]))  # position q's map
+    maps = maps.reshape(1, -1)
     captured = []  # the weights the last cross-attention really used, (1, H, T, N)
     hook = captioner.model.decoder.blocks[-1].cross_attn.register_forward_hook(
         lambda module, inputs, output: captured.append(output[1]))
@@ -122,7 +150,7 @@ def test_grounding_scores_count_hits_mass_and_iou(captioner, monkeypatch) -> Non
     case = GroundingCase(scene.image, [(o.phrase, o.box) for o in scene.objects], scene.captions[0])
     target = scene.objects[0]
 
-    def peaked(images, texts, layers=None, method="raw", head=None, questions=None, per_layer=False):
+    def peaked(images, texts, maps=None, questions=None, per_layer=False):
         # In both layers, every token attends to the grid cell under the first object's centre.
         n = len(captioner.tokenizer.encode(texts[0]))
         maps = np.full((2, n, 8, 8), 1e-3)
@@ -146,12 +174,83 @@ def test_deletion_curves_start_equal_and_stay_probabilities(captioner) -> None:
     assert result["area_attention"] == pytest.approx(np.mean(result["curve_attention"]))
 
 
+def _one_patch_captioner(tokenizer, word: str, target: int, reads_image: bool) -> Captioner:
+    """A 1-layer, 1-head model set by hand whose only use of the image is the patch ``target``.
+
+    The patch features are their position codes alone (the encoder's projection is zeroed), every query
+    attends to ``target`` (its key is the query's direction), and a patch's value is +c * word's embedding for
+    ``target`` and -c * it for every other patch: p(word) is high while ``target`` is kept and near 0 once
+    it is deleted. Self-attention and the MLP add nothing. With ``reads_image=False`` the cross-attention's
+    output is the constant that reading ``target`` gives, so nothing about the image reaches the logits.
+    """
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = VisionLanguageModel(replace(cfg, decoder=replace(cfg.decoder, depth=1, num_heads=1)), len(tokenizer))
+    model.eval()
+    block, D = model.decoder.blocks[0], cfg.decoder.width
+    (word_id,) = tokenizer.encode(word)
+    with torch.no_grad():
+        model.encoder.proj[1].weight.zero_()
+        model.encoder.proj[1].bias.zero_()
+        features = model.encoder(torch.zeros(1, 3, 64, 64))[0][0]  # (N, D): the same for every image
+        dots = features @ features[target]  # largest at target: all features have the same norm
+        second = dots[torch.arange(len(dots)) != target].max()
+        threshold, gap = (dots[target] + second) / 2, dots[target] - second
+        model.decoder.tok_emb.weight.normal_()
+        model.decoder.ln_f.weight.fill_(0.15)  # logits within a few units: probabilities away from 0 and 1
+        direction = model.decoder.tok_emb.weight[word_id] / model.decoder.tok_emb.weight[word_id].norm()
+        block.self_attn.proj.weight.zero_()
+        block.self_attn.proj.bias.zero_()
+        block.mlp[2].weight.zero_()
+        block.mlp[2].bias.zero_()
+        cross = block.cross_attn
+        cross.q.weight.zero_()
+        cross.q.bias.copy_(features[target] * 50 * D**0.5 / gap)  # scores 50 apart: all weight on target
+        scale = 200 / gap  # values +-100 along the word's embedding
+        cross.kv.weight.copy_(torch.cat([torch.eye(D), scale * torch.outer(direction, features[target])]))
+        cross.kv.bias.copy_(torch.cat([torch.zeros(D), -scale * threshold * direction]))
+        if reads_image:
+            cross.proj.weight.copy_(torch.eye(D))
+            cross.proj.bias.zero_()
+        else:  # the same output as while target is read, whatever the image
+            cross.proj.weight.zero_()
+            cross.proj.bias.copy_(100 * direction)
+    return Captioner(model, tokenizer, device="cpu")
+
+
+def _one_word_cases(n: int) -> list[GroundingCase]:
+    return [GroundingCase(make_scene(i, "val", 0, 64).image, [("red", (0, 0, 8, 8))]) for i in range(n)]
+
+
+def test_deleting_the_one_patch_a_model_reads_drops_its_probability_at_once(tokenizer) -> None:
+    captioner = _one_patch_captioner(tokenizer, "red", target=27, reads_image=True)
+    (attention_map,) = phrase_maps(captioner, _one_word_cases(1))
+    assert attention_map.ravel().argmax() == 27 and attention_map.max() > 0.99  # the map shows what it reads
+    result = deletion_curves(captioner, _one_word_cases(8))
+    attended, random = result["curve_attention"], result["curve_random"]
+    assert attended[0] == pytest.approx(random[0]) and attended[0] > 0.5  # nothing deleted: the word is likely
+    assert max(attended[1:]) < 0.01 * attended[0]  # the first deletion step takes the patch, and the word with it
+    assert np.all(np.diff(random) < 1e-6)  # once deleted, it stays deleted
+    assert random[1] > 0.5 * random[0] and random[-1] < 0.5 * random[0]  # in random order it goes at some step
+    assert result["area_attention"] < 0.4 * result["area_random"]
+
+
+def test_a_model_that_ignores_the_image_shows_no_deletion_effect(tokenizer) -> None:
+    captioner = _one_patch_captioner(tokenizer, "red", target=27, reads_image=False)
+    result = deletion_curves(captioner, _one_word_cases(8))
+    attended, random = result["curve_attention"], result["curve_random"]
+    assert 0.5 < attended[0] < 1  # as likely as with the patch read
+    np.testing.assert_allclose(attended, attended[0], rtol=1e-6)
+    np.testing.assert_allclose(random, attended[0], rtol=1e-6)
+    assert result["area_attention"] == pytest.approx(result["area_random"], rel=1e-6)
+
+
 def test_ground_writes_only_inside_out_and_returns_a_box(captioner, tmp_path) -> None:
     image = make_scene(0, "val", 0, 64).image.resize((128, 96))
     path = tmp_path / "in.png"
     image.save(path)
     out = tmp_path / "out"
-    result = ground(captioner, str(path), "a red circle", method="rollout", out_dir=out)
+    result = ground(captioner, str(path), "a red circle", MapConfig(method="rollout"), out_dir=out)
     json.dumps(result)
     x, y, w, h = result["box"]
     assert 0 <= x and 0 <= y and w > 0 and h > 0 and x + w <= 128.01 and y + h <= 96.01
@@ -174,7 +273,7 @@ def test_peak_of_the_upsampled_map_or_at_the_patch_centre() -> None:
 def test_pointing_by_choice_equals_grounding_scores_of_each_choice(captioner) -> None:
     scenes = [make_scene(i, "val", 0, 64) for i in range(3)]
     cases = [GroundingCase(s.image, [(o.phrase, o.box) for o in s.objects], s.captions[0]) for s in scenes]
-    choices = [([0], None), ([1], 2), (None, 2)]  # rollout: layer 0 is carried through layer 1's self-attention
-    got = pointing_by_choice(captioner, cases, "rollout", choices)
-    assert got == [grounding_scores(captioner, cases, "rollout", layers, head)["pointing_game"]
-                   for layers, head in choices]
+    # rollout: layer 0 is carried through layer 1's self-attention
+    choices = [MapConfig("rollout", [0]), MapConfig("rollout", [1], 2), MapConfig("rollout", None, 2)]
+    got = pointing_by_choice(captioner, cases, choices)
+    assert got == [grounding_scores(captioner, cases, choice)["pointing_game"] for choice in choices]

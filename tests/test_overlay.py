@@ -6,19 +6,22 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from vlm.data.boxes import fraction_box
 from vlm.grounding import (
     combine,
-    mass_in_box,
     overlay,
     peak,
+    pixel_mass_in_box,
     pointing_hit,
     safe_name,
     token_grid,
     upsample,
     write_attention,
 )
+from vlm.train.module import grid_mass_in_boxes
 
 # (image size (W, H), grid (h, w)): non-square, exact and non-integer pixels-per-cell ratios.
 GEOMETRIES = [((64, 48), (6, 8)), ((70, 45), (5, 7)), ((48, 64), (4, 4))]
@@ -90,12 +93,12 @@ def test_mass_in_box_one_hot(size: tuple[int, int], grid: tuple[int, int], cell:
     x, y, w, h = cell_box(size, grid, cell)
     # Bilinear upsampling spreads a cell's mass at most one cell further: its 3x3 neighbourhood holds it all.
     neighbourhood = (x - w, y - h, 3 * w, 3 * h)
-    assert mass_in_box(map_, neighbourhood, size) == pytest.approx(1.0)
-    assert mass_in_box(map_, (0, 0, *size), size) == pytest.approx(1.0)
-    own = mass_in_box(map_, (x, y, w, h), size)
+    assert pixel_mass_in_box(map_, neighbourhood, size) == pytest.approx(1.0)
+    assert pixel_mass_in_box(map_, (0, 0, *size), size) == pytest.approx(1.0)
+    own = pixel_mass_in_box(map_, (x, y, w, h), size)
     assert own > 0.5
     others = [
-        mass_in_box(map_, cell_box(size, grid, (r, c)), size)
+        pixel_mass_in_box(map_, cell_box(size, grid, (r, c)), size)
         for r in range(grid[0])
         for c in range(grid[1])
         if (r, c) != (cell[0] % grid[0], cell[1] % grid[1])
@@ -105,8 +108,27 @@ def test_mass_in_box_one_hot(size: tuple[int, int], grid: tuple[int, int], cell:
 
 def test_mass_in_box_uniform_and_empty() -> None:
     size = (64, 48)
-    assert mass_in_box(np.ones((6, 8)), (0, 0, 32, 48), size) == pytest.approx(0.5)
-    assert mass_in_box(np.zeros((6, 8)), (0, 0, 32, 48), size) == 0.0
+    assert pixel_mass_in_box(np.ones((6, 8)), (0, 0, 32, 48), size) == pytest.approx(0.5)
+    assert pixel_mass_in_box(np.zeros((6, 8)), (0, 0, 32, 48), size) == 0.0
+
+
+def test_grid_and_pixel_mass_in_box_agree_for_a_box_on_patch_boundaries() -> None:
+    """The loss's share on the grid equals the benchmark's on upsampled pixels when the box lies on patch
+    boundaries and the map is the same on both sides of each of its edges (bilinear upsampling then moves as much
+    mass into the box as out of it)."""
+    (h, w), size = (6, 8), (80, 48)  # cells of 10 x 8 pixels
+    (r0, r1), (c0, c1) = (1, 4), (2, 6)  # the box: cell rows 1-3, cell columns 2-5
+    map_ = np.random.default_rng(0).uniform(0.1, 1.0, (h, w))
+    map_[r0 - 1], map_[r1] = map_[r0], map_[r1 - 1]
+    map_[:, c0 - 1], map_[:, c1] = map_[:, c0], map_[:, c1 - 1]
+    map_ /= map_.sum()  # an attention map: its weights sum to 1
+    box = (c0 * 10, r0 * 8, (c1 - c0) * 10, (r1 - r0) * 8)
+    pixel = pixel_mass_in_box(map_, box, size)
+    assert abs(pixel - (r1 - r0) * (c1 - c0) / (h * w)) > 0.01  # not the area's share: the map is not uniform
+    attention = [torch.tensor(map_).view(1, 1, 1, h * w)]  # one layer's (sequences, heads, positions, patches)
+    boxes = torch.tensor([fraction_box(box, size)], dtype=torch.float64)
+    grid = grid_mass_in_boxes(attention, [0], torch.tensor([[0, 0]]), boxes, (h, w))
+    assert grid.item() == pytest.approx(pixel, abs=1e-12)
 
 
 def test_combine_is_mean_over_leading_axis() -> None:

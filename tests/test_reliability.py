@@ -42,6 +42,16 @@ class RunsCode:
         return os.system, (f"touch {shlex.quote(str(self.marker))}",)
 
 
+def write_code_running_checkpoint(path: Path, marker: Path, zipped: bool) -> Path:
+    """A checkpoint whose unpickling creates ``marker``: torch.save's zip format, or a bare pickle."""
+    if zipped:
+        torch.save({"state_dict": RunsCode(marker)}, path)
+    else:
+        with open(path, "wb") as fh:
+            pickle.dump({"state_dict": RunsCode(marker), "hyper_parameters": {}}, fh)
+    return path
+
+
 @pytest.fixture(scope="module")
 def captioner(tokenizer) -> Captioner:
     """A tiny untrained model whose short max_length keeps generation (never ended by [EOS]) quick."""
@@ -71,11 +81,8 @@ def f(tmp_path_factory, captioner) -> SimpleNamespace:
     files.truncated.write_bytes(files.image.read_bytes()[:200])
     files.bomb = d / "bomb.png"  # declares 10^10 pixels
     files.bomb.write_bytes(png_bytes(100_000, 100_000, 1, 0, bytes(12_500), rows=4))
-    files.evil = d / "evil.ckpt"
-    with open(files.evil, "wb") as fh:
-        pickle.dump({"state_dict": RunsCode(files.marker), "hyper_parameters": {}}, fh)
-    files.evil_zip = d / "evil_zip.ckpt"
-    torch.save({"state_dict": RunsCode(files.marker)}, files.evil_zip)
+    files.evil = write_code_running_checkpoint(d / "evil.ckpt", files.marker, zipped=False)
+    files.evil_zip = write_code_running_checkpoint(d / "evil_zip.ckpt", files.marker, zipped=True)
     files.ckpt = d / "good.ckpt"
     torch.save(_checkpoint(captioner), files.ckpt)
     files.jsonl = d / "data.jsonl"
@@ -188,16 +195,32 @@ def test_a_mismatched_or_broken_checkpoint_is_one_line(f, captioner, tmp_path, c
     assert "\n" not in str(info.value) and str(path) in str(info.value)
 
 
-@pytest.mark.parametrize("name", ["evil", "evil_zip"])
-def test_a_checkpoint_that_runs_code_is_refused_and_the_code_does_not_run(f, name):
-    path = getattr(f, name)
-    with pytest.raises(VLMError, match=rf"{name}\.ckpt: refused to unpickle: a checkpoint may hold only tensors"):
-        load(path, device="cpu")
-    assert not f.marker.exists()
-    with pytest.raises(pickle.UnpicklingError):  # the same file unpickled without care does run code
-        with open(path, "rb") as fh:
-            torch.load(fh, weights_only=True)
-    assert not f.marker.exists()
+PLAIN_TORCH_LOAD = """
+import sys, torch
+for path in sys.argv[1:]:
+    try:
+        torch.load(path, weights_only=False)
+    except Exception:
+        pass  # a bare pickle is no torch checkpoint: torch.load fails, after unpickling it
+"""
+
+
+def test_a_checkpoint_that_runs_code_is_refused_and_the_code_does_not_run(f, tmp_path, capsys):
+    # Copies with their own markers (f.marker must never exist), which plain torch.load must create below.
+    files = {zipped: (write_code_running_checkpoint(tmp_path / f"evil{i}.ckpt", tmp_path / f"ran{i}", zipped),
+                      tmp_path / f"ran{i}") for i, zipped in enumerate((False, True))}
+    for path, marker in files.values():
+        refused = rf"{re.escape(str(path))}: refused to unpickle: a checkpoint may hold only tensors"
+        with pytest.raises(VLMError, match=refused):
+            load(path, device="cpu")
+        assert main(["caption", "--model", str(path), str(f.image)]) == 1
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and re.match(f"vlm caption: error: {refused}", err), err
+        assert not marker.exists()
+    # The positive control: unpickled without care, in a fresh process, the same files do run their code.
+    subprocess.run([sys.executable, "-c", PLAIN_TORCH_LOAD, *(str(path) for path, _ in files.values())],
+                   capture_output=True, timeout=300)
+    assert all(marker.exists() for _, marker in files.values())
 
 
 # ---------------------------------------------------------------- text

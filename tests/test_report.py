@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlm.report import write_report
+from vlm.eval.report import write_report
 
 METRICS = {"caption": {"CIDEr-D": 1.2345678, "BLEU-4": 0.5}, "vqa": {"overall": 0.75}, "scenes": 3}
 

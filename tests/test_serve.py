@@ -1,4 +1,5 @@
-"""The web app's endpoints in-process: answers equal the Python API's, bad requests get one-line 4xx JSON."""
+"""The web app's endpoints in-process: answers equal the Python API's, bad requests get one-line 4xx JSON; and
+`vlm serve` as a real process answering HTTP on loopback."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -15,8 +17,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 import vlm.serve
-from vlm.api import Captioner
+from tests.conftest import ServeProcess, image_sensitive_model
+from vlm.api import Captioner, load
 from vlm.cli import main
+from vlm.config import DecodingConfig
 from vlm.data.scenes import make_scene
 from vlm.errors import VLMError
 from vlm.grounding.methods import METHODS
@@ -142,6 +146,10 @@ def big_noise_png() -> bytes:
     ("/api/attend", "scene", {"question": " \t"}, 400, "question"),
     ("/api/attend", "scene", {"method": "nonsense"}, 422, "method 'nonsense'"),
     ("/api/ground", "scene", {"text": ""}, 422, "field 'text'"),
+    ("/api/caption", "scene", {"beam": "2", "beam_size": "2"}, 422, "beam_size is given twice"),
+    ("/api/caption", "scene", {"sample": "true", "beam_size": "2"}, 422, "beam_size 1 with sample"),
+    ("/api/caption", "scene", {"num_samples": "9"}, 422, "field 'num_samples'"),
+    ("/api/ground", "scene", {"text": "red", "method": "chefer", "head": "0"}, 422, "chefer"),
 ])
 def test_bad_requests_get_one_line_4xx(client, scenes, path, files, data, status, says):
     files = upload(scenes[0]) if files == "scene" else files
@@ -149,6 +157,22 @@ def test_bad_requests_get_one_line_4xx(client, scenes, path, files, data, status
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert says in error and "\n" not in error and "Traceback" not in error
+
+
+def test_form_fields_are_the_decoding_and_map_options(client, captioner, scenes):
+    sampled = dict(sample=True, top_k=5, temperature=1.5, seed=3, num_samples=2, max_new_tokens=6)
+    r = client.post("/api/caption", files=upload(scenes[1]), data={k: str(v) for k, v in sampled.items()})
+    expected = captioner.caption(scenes[1], **sampled)
+    assert len(expected) == 2 and r.json() == {"caption": expected[0], "samples": expected}
+    assert expected != captioner.caption(scenes[1], **{**sampled, "seed": 4})  # the seed matters
+    beam = client.post("/api/caption", files=upload(scenes[1]), data={"beam_size": "3"}).json()["caption"]
+    assert beam == client.post("/api/caption", files=upload(scenes[1]), data={"beam": "3"}).json()["caption"]
+    assert beam == captioner.caption(scenes[1], beam_size=3)[0]
+    body = client.post("/api/ground", files=upload(scenes[0]),
+                       data={"text": "a red circle", "layers": ["1"], "head": "2", "overlays": "false"}).json()
+    expected = captioner.text_maps([scenes[0]], ["a red circle"], layers=[1], head=2)[0]
+    assert not np.allclose(expected, captioner.text_maps([scenes[0]], ["a red circle"])[0], atol=1e-3)
+    np.testing.assert_allclose(np.array(body["maps"]), expected, atol=1e-5)
 
 
 def test_unknown_route_is_json_404(client):
@@ -198,26 +222,33 @@ def test_worker_batches_the_jobs_that_queued(tiny_model, tokenizer, scenes):
     captioner = BlockingCaptioner(tiny_model, tokenizer, device="cpu")
     worker = ModelWorker(captioner)
     try:
-        first = worker.submit("caption", image=scenes[0], beam_size=1)
+        first = worker.submit("caption", image=scenes[0], decoding=DecodingConfig())
         assert captioner.started.wait(30)
-        asks = [worker.submit("ask", image=scenes[i], question=QUESTIONS[i % 3], beam_size=1) for i in range(4)]
-        captions = [worker.submit("caption", image=scenes[i], beam_size=1) for i in range(3)]
+        asks = [worker.submit("ask", image=scenes[i], question=QUESTIONS[i % 3], decoding=DecodingConfig())
+                for i in range(4)]
+        captions = [worker.submit("caption", image=scenes[i], decoding=DecodingConfig()) for i in range(3)]
+        sampled = [worker.submit("caption", image=scenes[i], decoding=DecodingConfig(sample=True, seed=seed))
+                   for i, seed in ((0, 3), (1, 3), (0, 4))]
         captioner.release.set()
         answers = [f.result(30) for f in asks]
         texts = [f.result(30) for f in [first, *captions]]
+        drawn = [f.result(30) for f in sampled]
     finally:
         worker.close()
-    assert list(worker.batches) == [("caption", 1), ("ask", 4), ("caption", 3)]
-    assert answers == [captioner.ask(scenes[i], QUESTIONS[i % 3])[0] for i in range(4)]
-    assert texts == [captioner.caption(scenes[i])[0] for i in (0, 0, 1, 2)]
+    # Only jobs whose whole DecodingConfig is equal share a batch; each keeps its own seed in it.
+    assert list(worker.batches) == [("caption", 1), ("ask", 4), ("caption", 3), ("caption", 2), ("caption", 1)]
+    assert answers == [captioner.ask(scenes[i], QUESTIONS[i % 3]) for i in range(4)]
+    assert texts == [captioner.caption(scenes[i]) for i in (0, 0, 1, 2)]
+    assert drawn == [captioner.caption(scenes[i], sample=True, seed=seed) for i, seed in ((0, 3), (1, 3), (0, 4))]
+    assert drawn[0] != drawn[2]  # the seed matters
 
 
 def test_one_bad_job_does_not_fail_its_batch(captioner, scenes):
     worker = ModelWorker(captioner)
     try:
-        good = worker.submit("ask", image=scenes[0], question=QUESTIONS[0], beam_size=1)
-        bad = worker.submit("ask", image="/no/such/image.png", question=QUESTIONS[0], beam_size=1)
-        assert good.result(30) == captioner.ask(scenes[0], QUESTIONS[0])[0]
+        good = worker.submit("ask", image=scenes[0], question=QUESTIONS[0], decoding=DecodingConfig())
+        bad = worker.submit("ask", image="/no/such/image.png", question=QUESTIONS[0], decoding=DecodingConfig())
+        assert good.result(30) == captioner.ask(scenes[0], QUESTIONS[0])
         with pytest.raises(Exception, match="no such image"):
             bad.result(30)
     finally:
@@ -243,3 +274,36 @@ def test_static_files_are_package_data():
     shipped = {p for pattern in globs["vlm.serve"] for p in root.glob(pattern) if p.is_file()}
     assert {"index.html", "app.js", "style.css"} <= {p.name for p in shipped}
     assert shipped == {p for p in (root / "static").rglob("*") if p.is_file()}
+
+
+# ---------------------------------------------------------------- `vlm serve` as a real process
+
+
+@pytest.fixture(scope="module")
+def served(tokenizer, tmp_path_factory):
+    """The URL of `vlm serve` running a tiny model in its own process, and the same model loaded here."""
+    folder = tmp_path_factory.mktemp("served")
+    model_dir = Captioner(image_sensitive_model(tokenizer), tokenizer, "cpu").save(folder / "model")
+    server = ServeProcess(model_dir, folder / "serve.log")
+    try:
+        yield server.ready(), load(model_dir, device="cpu")
+    finally:
+        server.stop()
+
+
+def test_vlm_serve_answers_http_on_loopback_as_the_python_api(served, scenes):
+    url, captioner = served
+    with httpx.Client(base_url=url, timeout=120) as http:
+        page = http.get("/")
+        assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+        caption = http.post("/api/caption", files=upload(scenes[1]))
+        assert caption.status_code == 200 and caption.json() == {"caption": captioner.caption(scenes[1])[0]}
+        assert caption.json()["caption"] not in ("", captioner.caption(scenes[1].transpose(0))[0])  # sees the image
+        answer = http.post("/api/ask", files=upload(scenes[1]), data={"question": QUESTIONS[1]})
+        assert answer.json() == {"question": QUESTIONS[1], "answer": captioner.ask(scenes[1], QUESTIONS[1])[0]}
+        attended = http.post("/api/attend", files=upload(scenes[2]), data={"overlays": "false"})
+        expected = captioner.attend(scenes[2])
+        assert attended.status_code == 200 and attended.json()["tokens"] == expected.tokens
+        np.testing.assert_allclose(np.array(attended.json()["maps"]), expected.maps, atol=1e-6)
+        bad = http.post("/api/caption", files={"image": ("notes.png", b"not an image", "image/png")})
+        assert bad.status_code == 400 and "notes.png" in bad.json()["error"]

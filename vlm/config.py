@@ -70,7 +70,8 @@ class SourceConfig:
     images: str | None = None
     """Image folder (COCO, Karpathy, VQA); JSONL image paths are relative to the JSONL file unless this is set."""
     annotations: str | None = None
-    """VQA v2 annotations JSON (the answers) that goes with the questions file in ``path``."""
+    """VQA v2 annotations JSON (the answers) that goes with the questions file in ``path``; or, with COCO
+    captions in ``path``, the instances JSON of the same images (its boxes become regions)."""
     split: str | None = None
     """Karpathy split: train (includes restval), val or test."""
     weight: float = 1.0
@@ -119,6 +120,10 @@ class DataConfig:
     """Images per batch (each carries captions_per_image + questions_per_image sequences)."""
     num_workers: int = 1
     """Data loader worker processes."""
+    batch_log: str | None = None
+    """Append one JSON line per training step and process to this file: the batch's sample indices and
+    fingerprints of its texts and pixels (vlm.train.checkpoints.BatchLog), e.g. to check that a resumed run sees
+    the same samples as an uninterrupted one."""
     seed: int = 0
     """Seed of the built-in scene generator."""
 
@@ -185,6 +190,93 @@ class TrainerConfig:
     """Seed for weights and data order."""
 
 
+CAPTION_TOKENS, ANSWER_TOKENS = 30, 8  # max_new_tokens when it is None: a caption, an answer to a question
+METHODS = ("raw", "rollout", "chefer")  # MapConfig.method's values (vlm.grounding.methods says what each does)
+
+
+@dataclass
+class DecodingConfig:
+    """How text is generated: greedy (the default), beam search or sampling (`vlm.model.generate`)."""
+
+    max_new_tokens: int | None = None
+    """Longest generated text in tokens, the end token included; None: 30 for a caption, 8 for an answer."""
+    min_new_tokens: int = 0
+    """The end token is forbidden before this many tokens."""
+    beam_size: int = 1
+    """Beam size (1: greedy or sampling). Alias: ``--beam`` on the command line, ``beam`` in vlm serve."""
+    length_penalty: float = 0.0
+    """Beam search ranks its hypotheses by score / length ** length_penalty."""
+    no_repeat_ngram_size: int = 0
+    """No n-gram of this size occurs twice among the generated tokens (0: off)."""
+    sample: bool = False
+    """Draw each token from the model's distribution instead of taking the most likely."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_k: int = 0
+    """Sample among the k most likely tokens (0: all)."""
+    top_p: float = 1.0
+    """Sample within the smallest set of tokens holding this much probability mass."""
+    num_samples: int = 1
+    """Sequences sampled per image (with sample), image after image; one image's draws share its seed."""
+    seed: int | list[int] | None = None
+    """Seed of the sampling: image i uses seed + i (whatever the batch), or one seed per image; None: random."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """ValueError naming the first option out of range."""
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.beam_size < 1:
+            raise ValueError(f"beam_size must be at least 1, got {self.beam_size}")
+        if self.sample and self.beam_size > 1:
+            raise ValueError("sampling draws one sequence per image: use beam_size 1 with sample")
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be at least 1, got {self.num_samples}")
+        if self.num_samples > 1 and not self.sample:
+            raise ValueError(f"num_samples {self.num_samples} needs sample (greedy and beam give one sequence)")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be 0 (off) or positive, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.no_repeat_ngram_size < 0:
+            raise ValueError(f"no_repeat_ngram_size must be 0 (off) or positive, got {self.no_repeat_ngram_size}")
+        if self.min_new_tokens < 0:
+            raise ValueError(f"min_new_tokens must be 0 or positive, got {self.min_new_tokens}")
+
+    def token_budget(self, answer: bool = False) -> int:
+        """max_new_tokens, or its default for a caption (30) or an answer (8)."""
+        if self.max_new_tokens is not None:
+            return self.max_new_tokens
+        return ANSWER_TOKENS if answer else CAPTION_TOKENS
+
+
+@dataclass
+class MapConfig:
+    """How a token's map over the image is made from the decoder's attention (`vlm.grounding.methods`)."""
+
+    method: Literal["raw", "rollout", "chefer"] = "raw"
+    """raw cross-attention, rollout through the decoder, or chefer (gradient-weighted relevancy)."""
+    layers: list[int] | None = None
+    """Decoder layers whose cross-attention makes the map, e.g. [2]; None: the model's attention_layers (else
+    all layers)."""
+    head: int | None = None
+    """One cross-attention head instead of the mean over heads (raw and rollout); None: the mean."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """ValueError for an unknown method or a head with chefer (layer and head ranges need the model)."""
+        if self.method not in METHODS:
+            raise ValueError(f"grounding method {self.method!r} is not one of {', '.join(METHODS)}")
+        if self.head is not None and self.method == "chefer":
+            raise ValueError("the chefer method averages the heads by definition; it takes no head")
+
+
 @dataclass
 class ValConfig:
     generate: bool = True
@@ -194,6 +286,8 @@ class ValConfig:
     """Val images logged with their generated caption and per-token attention overlays."""
     collapse_share: float = 0.5
     """Warn when at least this share of the val captions is one and the same sentence."""
+    maps: MapConfig = field(default_factory=MapConfig)
+    """How the logged samples' token maps are made (the same function and options as ``vlm attend``)."""
 
 
 @dataclass

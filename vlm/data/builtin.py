@@ -1,66 +1,51 @@
-"""Training and validation batches from the built-in scenes.
-
-An item is one image with several token sequences (captions and question-answer pairs); the batch
-encodes each image once and decodes all its sequences.
-"""
+"""Training and validation items from the built-in scenes, in the layout of `vlm.data.batch`."""
 
 from __future__ import annotations
 
+import math
 import warnings
-from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from functools import partial
 
 import lightning as L
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from vlm.config import DataConfig
+from vlm.data.batch import Item, TrainingSequence, caption_sequence, collate, question_sequence
+from vlm.data.boxes import fraction_box
 from vlm.data.scenes import make_scene
 from vlm.text.tokenizer import Tokenizer
 
 # torchdata's StatefulDataLoader calls a deprecated torch function on every iteration; the warning is not ours.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 
-IGNORE_INDEX = -100
-TASKS = ("caption", "vqa")  # the order of an item's sequence groups
-UnitBox = tuple[float, float, float, float]
-"""(x0, y0, x1, y1) as fractions of the image's width and height."""
-Grounded = list[tuple[int, UnitBox]]
-"""Of each caption token that belongs to a named region's phrase: the input position that predicts it, and the box."""
-TrainingSequence = tuple[list[int], int, Grounded]
-"""Token ids, prompt length (not learned), grounded positions."""
-Item = tuple[Tensor, list[list[TrainingSequence]], int]
-"""A dataset item: image tensor, groups of sequences per task, the item's index."""
+Key = int | tuple[int, int]
+"""What a dataset is indexed with: an index (validation: always the same draws), or in training (index, epoch)
+from `TrainOrder`, whose draws (texts, flip, crop) are seeded by the run's seed, the epoch and the index."""
 
 
-@dataclass
-class Batch:
-    """Images and the token sequences that read them: a group of captions and a group of questions.
+def split_key(key: Key) -> tuple[int, int | None]:
+    """(index, epoch) of a dataset key; the epoch is None for a plain index."""
+    return (int(key[0]), int(key[1])) if isinstance(key, tuple) else (int(key), None)
 
-    Within a group every image has the same number k of sequences, image-major (sequence s reads image
-    s // k), so each image is encoded once and its patches are attended by all its sequences at once.
-    """
 
-    images: Tensor
-    """(B, 3, H, W)"""
-    ids: list[Tensor]
-    """Per group (k * B, T) decoder inputs, right-padded."""
-    labels: list[Tensor]
-    """Per group (k * B, T) next tokens; IGNORE_INDEX on prompts and padding."""
-    tasks: list[str]
-    """Per group its task: "caption" or "vqa"."""
-    grounded: list[tuple[Tensor, Tensor]] = field(default_factory=list)
-    """Per group (G, 2) [sequence row, input position] of its grounded tokens, and their boxes (G, 4) (`UnitBox`)."""
-    index: Tensor | None = None
-    """(B,) each image's index in its dataset (to gather and de-duplicate results across processes)."""
-    features: bool = False
-    """True when ``images`` holds the encoder trunk's cached maps (B, C, h, w) instead of pixels."""
+def rekey(key: Key, index: int) -> Key:
+    """``key`` with another index (the same epoch, if any): an item of a part of a dataset, or a replacement."""
+    _, epoch = split_key(key)
+    return index if epoch is None else (index, epoch)
+
+
+def draw_rng(seed: int, key: Key) -> np.random.Generator:
+    """The generator of one item's random draws: a function of (seed, epoch, index) in training, so a resumed run
+    or another worker process draws exactly what the uninterrupted run drew; of the index alone otherwise."""
+    index, epoch = split_key(key)
+    return np.random.default_rng(index if epoch is None else (seed, epoch, index))
 
 
 def scene_texts(num_scenes: int, seed: int) -> list[str]:
@@ -72,37 +57,6 @@ def scene_texts(num_scenes: int, seed: int) -> list[str]:
     return texts
 
 
-def fraction_box(bbox: tuple[float, float, float, float], size: tuple[int, int]) -> UnitBox:
-    """A pixel box (x, y, w, h) in an image of size (width, height) as a `UnitBox`, clipped to the image."""
-    (x, y, w, h), (W, H) = bbox, size
-    return (min(max(x / W, 0.0), 1.0), min(max(y / H, 0.0), 1.0),
-            min(max((x + w) / W, 0.0), 1.0), min(max((y + h) / H, 0.0), 1.0))
-
-
-def caption_sequence(tokenizer: Tokenizer, caption: str, regions: Sequence[tuple[str, UnitBox]]
-                     ) -> TrainingSequence:
-    """``[BOS] caption [EOS]`` with the positions that predict each region's phrase where the caption names it.
-
-    A phrase that two regions share, or that the caption names twice, is left out: which box it means is unknown.
-    """
-    ids, prompt_len = tokenizer.training_pair(tokenizer.caption_prompt(), caption)
-    names = [" ".join(phrase.lower().split()) for phrase, _ in regions]
-    count = Counter(names)
-    grounded: Grounded = []
-    for (phrase, box), name in zip(regions, names, strict=True):
-        if count[name] > 1:
-            continue
-        spans = tokenizer.phrase_tokens(caption, phrase)
-        if len(spans) == 1:  # token i of the caption sits at prompt_len + i; the position before predicts it
-            grounded += [(prompt_len - 1 + i, box) for i in spans[0]]
-    return ids, prompt_len, grounded
-
-
-def question_sequence(tokenizer: Tokenizer, question: str, answer: str) -> TrainingSequence:
-    """``[BOS] question [SEP] answer [EOS]``, learning the answer."""
-    return *tokenizer.training_pair(tokenizer.question_prompt(question), answer), []
-
-
 def _draw(rng: np.random.Generator, n: int, k: int) -> list[int]:
     """k indices below n: without repeats while k <= n, then every index and the rest at random."""
     if k <= n:
@@ -110,13 +64,54 @@ def _draw(rng: np.random.Generator, n: int, k: int) -> list[int]:
     return [*range(n), *rng.choice(n, k - n).tolist()]
 
 
+class TrainOrder(DistributedSampler):
+    """The training order, split over the DDP processes: a function of (seed, epoch) alone. Yields `Key`s
+    (index, epoch), so every draw of an item is seeded too.
+
+    A permutation per epoch, or with ``weights`` (one per sample) draws with replacement by weight. Every
+    process gets ceil(n / processes) keys, padded with repeats like torch's DistributedSampler, in batches of
+    ``batch_size`` (an incomplete last batch is dropped).
+
+    The epoch and the position within it are the sampler's state, which torchdata's StatefulDataLoader stores in
+    the checkpoint, so a resumed run continues the same order: it is restored before the loader starts (Lightning
+    sets the epoch only after that, and leaves a DistributedSampler in place under DDP).
+    """
+
+    def __init__(self, size: int, seed: int, batch_size: int, weights: Tensor | None = None):
+        distributed = dist.is_available() and dist.is_initialized()
+        super().__init__(range(size), num_replicas=dist.get_world_size() if distributed else 1,
+                         rank=dist.get_rank() if distributed else 0, shuffle=True, seed=seed)
+        self.batch_size, self.weights = batch_size, weights
+        self.yielded, self._resume_at = 0, 0  # keys of this epoch given out by this process; where to resume
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        n = len(self.dataset)
+        order = (torch.randperm(n, generator=g) if self.weights is None
+                 else torch.multinomial(self.weights, n, replacement=True, generator=g)).tolist()
+        order = (order * math.ceil(self.total_size / n))[: self.total_size]
+        self.yielded, self._resume_at = self._resume_at, 0
+        for index in order[self.rank : self.total_size : self.num_replicas][self.yielded :]:
+            self.yielded += 1
+            yield index, self.epoch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "yielded": self.yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if self.num_samples - state["yielded"] < self.batch_size:  # written after the epoch's last batch
+            self.epoch, self._resume_at = state["epoch"] + 1, 0
+        else:
+            self.epoch, self._resume_at = state["epoch"], state["yielded"]
+
+
 class SceneDataset(Dataset):
     """Scene i of a split -> (image tensor, groups of (token ids, prompt length)), sampling which texts."""
 
     def __init__(self, split: str, cfg: DataConfig, tokenizer: Tokenizer, transform: Callable[[Image.Image], Tensor],
-                 image_size: int):
+                 image_size: int, seed: int = 0):
         self.split, self.cfg, self.tokenizer, self.transform = split, cfg, tokenizer, transform
-        self.image_size = image_size
+        self.image_size, self.seed = image_size, seed
         self.num_scenes = cfg.train_scenes if split == "train" else cfg.val_scenes
 
     def __len__(self) -> int:
@@ -126,18 +121,18 @@ class SceneDataset(Dataset):
         """Scene ``index``'s texts to score generations against: all captions, and each question's answers."""
         scene = make_scene(index, self.split, self.cfg.seed, self.image_size)
         return {"captions": list(scene.captions),
-                "questions": [{"question": q.question, "answers": [q.answer], "kind": q.kind} for q in scene.questions]}
+                "questions": [{"question": q.question, "answers": list(q.answers), "kind": q.question_type}
+                              for q in scene.questions]}
 
-    def sequences(self, index: int) -> list[list[TrainingSequence]]:
-        """Item ``index`` without its image (training from cached features)."""
-        return self[index][1]
+    def sequences(self, key: Key) -> list[list[TrainingSequence]]:
+        """Item ``key`` without its image (training from cached features)."""
+        return self[key][1]
 
-    def __getitem__(self, index: int) -> Item:
+    def __getitem__(self, key: Key) -> Item:
         """The image and its sequences in two groups: captions, then question-answer pairs."""
+        index, _ = split_key(key)
         scene = make_scene(index, self.split, self.cfg.seed, self.image_size)
-        # Training draws fresh texts every epoch; validation always the same ones.
-        seed = int(torch.randint(2**31, ())) if self.split == "train" else index
-        rng = np.random.default_rng(seed)
+        rng = draw_rng(self.seed, key)  # training draws fresh texts every epoch; validation always the same ones
         tok, size = self.tokenizer, scene.image.size
         regions = [(o.phrase, fraction_box(o.box, size)) for o in scene.objects]
         captions = [caption_sequence(tok, scene.captions[i], regions)
@@ -147,51 +142,27 @@ class SceneDataset(Dataset):
         return self.transform(scene.image), [captions, questions], index
 
 
-def collate(items: list[Item], pad_id: int, features: bool = False) -> Batch:
-    """Stack images (or cached features); pad each group of sequences (captions, questions) to its own longest."""
-    images = torch.stack([image for image, _, _ in items])
-    batch = Batch(images, [], [], [], index=torch.tensor([index for _, _, index in items]), features=features)
-    for task, group in zip(TASKS, zip(*(groups for _, groups, _ in items), strict=True), strict=True):
-        k = max(len(per_image) for per_image in group)
-        if k == 0:
-            continue
-        # Every image needs k sequences; an image with fewer (e.g. no questions) gets empty rows that learn nothing.
-        seqs = [seq for per_image in group for seq in [*per_image, *[([pad_id], 1, [])] * (k - len(per_image))]]
-        T = max(len(s) for s, _, _ in seqs) - 1
-        ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-        labels = torch.full((len(seqs), T), IGNORE_INDEX, dtype=torch.long)
-        for row, (s, prompt_len, _) in enumerate(seqs):
-            s = torch.tensor(s)
-            ids[row, : len(s) - 1] = s[:-1]
-            labels[row, prompt_len - 1 : len(s) - 1] = s[prompt_len:]  # learn what follows the prompt
-        grounded = [(row, position, box) for row, (_, _, g) in enumerate(seqs) for position, box in g]
-        batch.ids.append(ids)
-        batch.labels.append(labels)
-        batch.tasks.append(task)
-        batch.grounded.append((torch.tensor([g[:2] for g in grounded], dtype=torch.long).reshape(-1, 2),
-                               torch.tensor([g[2] for g in grounded], dtype=torch.float32).reshape(-1, 4)))
-    return batch
-
-
 class SceneDataModule(L.LightningDataModule):
+    """The built-in scenes; ``seed`` (the run's, ``trainer.seed``) sets the training order and draws."""
+
     def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, transform: Callable[[Image.Image], Tensor],
-                 image_size: int):
+                 image_size: int, seed: int = 0):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.seed = cfg, seed
         self.pad_id = tokenizer.pad_id
-        self.train_set = SceneDataset("train", cfg, tokenizer, transform, image_size)
+        self.train_set = SceneDataset("train", cfg, tokenizer, transform, image_size, seed)
         self.val_set = SceneDataset("val", cfg, tokenizer, transform, image_size)
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, sampler: TrainOrder | None = None) -> DataLoader:
         # Stateful: a checkpoint records the data position, so a resumed run continues the same batches.
         return StatefulDataLoader(
-            dataset, batch_size=self.cfg.batch_size, shuffle=shuffle, num_workers=self.cfg.num_workers,
-            collate_fn=partial(collate, pad_id=self.pad_id), drop_last=shuffle,
+            dataset, batch_size=self.cfg.batch_size, sampler=sampler, num_workers=self.cfg.num_workers,
+            collate_fn=partial(collate, pad_id=self.pad_id), drop_last=sampler is not None,
             persistent_workers=self.cfg.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        return self._loader(self.train_set, TrainOrder(len(self.train_set), self.seed, self.cfg.batch_size))
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        return self._loader(self.val_set)

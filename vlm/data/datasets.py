@@ -1,7 +1,7 @@
 """Training and validation data from datasets on disk (records) and WebDataset shards, mixed by weight.
 
-An item is the same as the built-in scenes' (`vlm.data.builtin.Item`): the image tensor, its caption and
-question-answer sequences, and its index; `vlm.data.builtin.collate` batches both kinds.
+An item is the same as the built-in scenes' (`vlm.data.batch.Item`): the image tensor, its caption and
+question-answer sequences, and its index; `vlm.data.batch.collate` batches both kinds.
 """
 
 from __future__ import annotations
@@ -9,29 +9,26 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import pickle
+import random
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from functools import partial
+from itertools import islice
 
 import lightning as L
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, IterableDataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torchdata.stateful_dataloader import StatefulDataLoader  # resumable: it saves its position
 
 from vlm.config import DataConfig, SourceConfig
-from vlm.data.builtin import (
-    Item,
-    TrainingSequence,
-    UnitBox,
-    _draw,
-    caption_sequence,
-    collate,
-    fraction_box,
-    question_sequence,
-)
+from vlm.data.batch import Item, TrainingSequence, caption_sequence, collate, question_sequence
+from vlm.data.boxes import FractionBox, fraction_box
+from vlm.data.builtin import Key, TrainOrder, _draw, draw_rng, rekey, split_key
 from vlm.data.images import load_image
 from vlm.data.records import Question, Record, Region, Report, detect_format, read_records
 from vlm.errors import VLMError
@@ -60,18 +57,33 @@ def references(record: Record) -> dict:
                            "question_id": q.question_id} for q in record.questions]}
 
 
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """torch's and Python's global generators (which timm's random crop draws from) seeded for the duration, then
+    restored."""
+    state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(state)
+
+
 class Sampler:
-    """Turns one image and its texts into an item: draws the sequences, flips only when no text says left/right."""
+    """Turns one image and its texts into an item: draws the sequences, flips only when no text says left/right.
 
-    def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, transform: Transform, train: bool):
-        self.cfg, self.tokenizer, self.transform, self.train = cfg, tokenizer, transform, train
+    Every draw (texts, flip, crop) comes from `draw_rng` of the item's key: in training (index, epoch) from
+    `TrainOrder` with the run's ``seed``, so each epoch draws afresh and a resumed run draws what the
+    uninterrupted one did; validation keys are plain indices, always drawing the same.
+    """
 
-    def seed(self, index: int) -> int:
-        """Training draws fresh texts (and flips) every epoch; validation always the same ones."""
-        return int(torch.randint(2**31, ())) if self.train else index
+    def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, transform: Transform, train: bool, seed: int = 0):
+        self.cfg, self.tokenizer, self.transform, self.train, self.seed = cfg, tokenizer, transform, train, seed
 
     def sequences(self, captions: list[str], questions: list[Question], rng: np.random.Generator,
-                  regions: Sequence[tuple[str, UnitBox]] = ()) -> list[list[TrainingSequence]]:
+                  regions: Sequence[tuple[str, FractionBox]] = ()) -> list[list[TrainingSequence]]:
         """The item's groups: caption sequences (grounded where they name a region), then question-answer ones."""
         tok = self.tokenizer
         caption_seqs = [caption_sequence(tok, captions[i], regions)
@@ -80,9 +92,9 @@ class Sampler:
                          for i in _draw(rng, len(questions), self.cfg.questions_per_image)] if questions else []
         return [caption_seqs, question_seqs]
 
-    def __call__(self, image: Image.Image, captions: list[str], questions: list[Question], index: int,
+    def __call__(self, image: Image.Image, captions: list[str], questions: list[Question], key: Key,
                  regions: Sequence[Region] = ()) -> Item:
-        rng = np.random.default_rng(self.seed(index))
+        rng = draw_rng(self.seed, key)
         # The random crop moves the regions where no box follows them: no grounded tokens then.
         boxes = [] if self.train and self.cfg.crop_scale < 1.0 else [
             (r.phrase, fraction_box(r.bbox, image.size)) for r in regions]
@@ -92,7 +104,8 @@ class Sampler:
             image = ImageOps.mirror(image)
             groups = [[(ids, prompt_len, [(p, (1 - x1, y0, 1 - x0, y1)) for p, (x0, y0, x1, y1) in grounded])
                        for ids, prompt_len, grounded in group] for group in groups]
-        return self.transform(image), groups, index
+        with seeded(int(rng.integers(2**63))) if self.train else nullcontext():
+            return self.transform(image), groups, split_key(key)[0]
 
 
 class SkipCounter:
@@ -109,13 +122,55 @@ class SkipCounter:
         return self.value.value
 
 
-class RecordDataset(Dataset):
-    """Records of one file-based source -> items. An unreadable image stops (strict) or is skipped and counted."""
+def image_size(path: str) -> tuple[int, int]:
+    """(width, height) of an image file as `load_image` gives it (EXIF rotation applied), without decoding it
+    (PNG excepted: PIL decodes it to find its EXIF)."""
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+            turned = im.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
+    except Exception as e:  # not an image, truncated, missing: PIL raises many kinds of error
+        raise VLMError(f"{path}: cannot read image ({e.__class__.__name__}: {e})") from None
+    return (height, width) if turned else (width, height)
 
-    def __init__(self, records: list[Record], sampler: Sampler, strict: bool, skipped: SkipCounter | None = None):
+
+class FlatRecords(Sequence[Record]):
+    """Records kept as one numpy byte buffer of their pickles and an array of where each ends (detectron2's way of
+    storing a dataset list).
+
+    Data-loader workers are forked: they share the main process's memory until they write to it, and reading a
+    Python object writes its reference count (and the garbage collector walks every container), so over an epoch
+    a list of records would be copied into every worker. The buffer is two objects, read without writing: its
+    pages stay shared. Indexing unpickles a fresh `Record`.
+    """
+
+    def __init__(self, records: Iterable[Record]):
+        pickles = [pickle.dumps(r, protocol=pickle.HIGHEST_PROTOCOL) for r in records]
+        self._ends = np.cumsum([len(b) for b in pickles], dtype=np.int64)
+        self._buffer = np.frombuffer(b"".join(pickles), dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, index: int) -> Record:
+        index = range(len(self._ends))[index]  # negative indices count from the end; out of range: IndexError
+        start = int(self._ends[index - 1]) if index else 0
+        return pickle.loads(self._buffer[start:int(self._ends[index])])
+
+    def __iter__(self) -> Iterator[Record]:
+        return (self[i] for i in range(len(self)))
+
+
+class RecordDataset(Dataset):
+    """Records of one file-based source -> items. An unreadable image stops (strict) or is skipped and counted.
+
+    The records are kept as `FlatRecords` (given so, or converted), which forked data-loader workers share."""
+
+    def __init__(self, records: Sequence[Record], sampler: Sampler, strict: bool, skipped: SkipCounter | None = None):
         if not records:
             raise VLMError("a data source has no usable records")
-        self.records, self.sampler, self.strict = records, sampler, strict
+        self.records = records if isinstance(records, FlatRecords) else FlatRecords(records)
+        self.sampler, self.strict = sampler, strict
         self.skipped = skipped or SkipCounter()
 
     def __len__(self) -> int:
@@ -124,7 +179,8 @@ class RecordDataset(Dataset):
     def references(self, index: int) -> dict:
         return references(self.records[index])
 
-    def __getitem__(self, index: int) -> Item:
+    def __getitem__(self, key: Key) -> Item:
+        index, _ = split_key(key)
         for offset in range(len(self.records)):
             i = (index + offset) % len(self.records)
             record = self.records[i]
@@ -136,15 +192,18 @@ class RecordDataset(Dataset):
                 self.skipped.add()
                 log.warning("skipped %s: %s", record.where, e)
                 continue
-            return self.sampler(image, record.captions, record.questions, i, record.regions)
+            return self.sampler(image, record.captions, record.questions, rekey(key, i), record.regions)
         raise VLMError("no readable image in the data source")
 
-    def sequences(self, index: int) -> list[list[TrainingSequence]]:
-        """Item ``index`` without its image (training from cached features; its regions are not read then, as
-        their boxes need the image's size)."""
-        record = self.records[index]
-        return self.sampler.sequences(record.captions, record.questions,
-                                      np.random.default_rng(self.sampler.seed(index)))
+    def sequences(self, key: Key) -> list[list[TrainingSequence]]:
+        """Item ``key`` without its image (training from cached features): the same draws, regions included (their
+        boxes need only the image's size, read from the file's header)."""
+        record = self.records[split_key(key)[0]]
+        boxes = []
+        if record.regions:
+            size = image_size(record.image)
+            boxes = [(r.phrase, fraction_box(r.bbox, size)) for r in record.regions]
+        return self.sampler.sequences(record.captions, record.questions, draw_rng(self.sampler.seed, key), boxes)
 
 
 class Mixture(Dataset):
@@ -161,18 +220,19 @@ class Mixture(Dataset):
         k = int(np.searchsorted(self.offsets, index, side="right")) - 1
         return self.datasets[k], index - int(self.offsets[k])
 
-    def __getitem__(self, index: int) -> Item:
+    def __getitem__(self, key: Key) -> Item:
+        index, _ = split_key(key)
         dataset, i = self._locate(index)
-        image, groups, _ = dataset[i]
+        image, groups, _ = dataset[rekey(key, i)]
         return image, groups, index
 
     def references(self, index: int) -> dict:
         dataset, i = self._locate(index)
         return dataset.references(i)
 
-    def sequences(self, index: int) -> list[list[TrainingSequence]]:
-        dataset, i = self._locate(index)
-        return dataset.sequences(i)
+    def sequences(self, key: Key) -> list[list[TrainingSequence]]:
+        dataset, i = self._locate(split_key(key)[0])
+        return dataset.sequences(rekey(key, i))
 
 
 def mixture_weights(sizes: list[int], weights: list[float]) -> Tensor:
@@ -202,10 +262,25 @@ def shard_sample(sample: dict, where: str) -> tuple[bytes, list[str], list[Quest
     return image, captions, questions
 
 
+def reader_share(shards: list[str], reader: int, readers: int) -> tuple[list[str], int, int]:
+    """What reader ``reader`` of ``readers`` reads: its shards, and which of their samples it keeps (the j-th
+    sample read when j % parts == part).
+
+    With at least as many shards as readers, reader r reads whole shards r, r + readers, ...; with fewer, the
+    readers share the shards round-robin and those sharing one split its samples. Either way every sample is read
+    by exactly one reader per pass.
+    """
+    if len(shards) >= readers:
+        return shards[reader::readers], 0, 1
+    shard = reader % len(shards)
+    return [shards[shard]], reader // len(shards), len(range(shard, readers, len(shards)))
+
+
 class ShardDataset(IterableDataset):
     """WebDataset tar shards (local paths, URLs or brace patterns) streamed without unpacking.
 
-    Shards are split across processes (DDP ranks) and data-loader workers, and read again and again in training.
+    Shards are split across the readers, DDP ranks times data-loader workers (`reader_share`), and read again and
+    again in training.
     """
 
     def __init__(self, source: SourceConfig, sampler: Sampler, strict: bool, skipped: SkipCounter | None = None,
@@ -213,19 +288,21 @@ class ShardDataset(IterableDataset):
         self.source, self.sampler, self.strict, self.repeat, self.seed = source, sampler, strict, repeat, seed
         self.skipped = skipped or SkipCounter()
 
-    def samples(self) -> Iterator[tuple[str, dict]]:
-        """(where, raw sample) of every sample of every shard this process and worker reads."""
+    def samples(self, reader: int = 0, readers: int = 1) -> Iterator[tuple[str, dict]]:
+        """(where, raw sample) of every sample reader ``reader`` of ``readers`` reads (all of them by default)."""
         import webdataset as wds
 
-        pipeline = wds.WebDataset(self.source.path, shardshuffle=False, nodesplitter=wds.split_by_node,
-                                  workersplitter=wds.split_by_worker, empty_check=False)
-        for sample in pipeline:
-            yield f"{sample.get('__url__', self.source.path)}: {sample['__key__']}", sample
+        shards, part, parts = reader_share(wds.shardlists.expand_urls(self.source.path), reader, readers)
+        for j, sample in enumerate(wds.tariterators.tarfile_samples({"url": url} for url in shards)):
+            if j % parts == part:
+                yield f"{sample.get('__url__', self.source.path)}: {sample['__key__']}", sample
 
     def __iter__(self) -> Iterator[Item]:
+        reader, readers = _stream_position()
         count = 0
         while True:
-            for where, sample in self.samples():
+            before = count
+            for where, sample in self.samples(reader, readers):
                 try:
                     data, captions, questions = shard_sample(sample, where)
                     image = load_image(data, name=where)
@@ -235,10 +312,14 @@ class ShardDataset(IterableDataset):
                     self.skipped.add()
                     log.warning("skipped %s", e)
                     continue
-                yield self.sampler(image, captions, questions, count)
+                yield self.sampler(image, captions, questions, (count, 0))  # a reader's count runs on over passes
                 count += 1
             if not self.repeat:
                 return
+            if count == before:  # another pass would find nothing either: stop instead of looping forever
+                raise VLMError(f"{self.source.path}: reader {reader} of {readers} (DDP processes x data-loader "
+                               "workers) got no usable sample; a shard has fewer samples than the readers sharing "
+                               "it, or all were skipped. Use fewer data.num_workers or more shards")
 
 
 def _stream_position() -> tuple[int, int]:
@@ -262,7 +343,7 @@ class RecordStream(IterableDataset):
         for epoch in range(2**62):
             order = np.random.default_rng((self.seed, epoch)).permutation(len(self.dataset))
             for i in order[reader::readers]:
-                yield self.dataset[int(i)]
+                yield self.dataset[(int(i), epoch)]
 
 
 class StreamMixture(IterableDataset):
@@ -298,11 +379,13 @@ def shard_texts(source: SourceConfig, limit: int) -> list[str]:
 
 
 class SourceData:
-    """The records of file-based sources, read once (with their reports) and shared by the tokenizer and the data."""
+    """The records of file-based sources, read once (with their reports) and shared by the tokenizer and the data.
+
+    Each source's records are kept as `FlatRecords` (the lists that read them are freed), and shards as None."""
 
     def __init__(self, sources: list[SourceConfig], strict: bool):
         self.sources = sources
-        self.records: list[list[Record] | None] = []
+        self.records: list[FlatRecords | None] = []
         self.reports: list[Report] = []
         for source in sources:
             if detect_format(source) == "webdataset":
@@ -315,7 +398,8 @@ class SourceData:
                                    + (f" ({report.problems[0]}, ...)" if report.problems else ""))
                 for problem in report.problems:
                     log.warning("skipped %s", problem)
-                self.records.append(records)
+                self.records.append(FlatRecords(records))
+                del records
                 self.reports.append(report)
 
     def texts(self, limit: int) -> list[str]:
@@ -324,7 +408,7 @@ class SourceData:
             if records is None:
                 texts += shard_texts(source, limit - len(texts))
             else:
-                texts += [t for r in records for t in record_texts(r)][: limit - len(texts)]
+                texts += islice((t for r in records for t in record_texts(r)), limit - len(texts))
             if len(texts) >= limit:
                 break
         return texts
@@ -336,14 +420,15 @@ class SourceData:
 
 
 class SourceDataModule(L.LightningDataModule):
-    """Training data mixed from sources by weight; validation from file-based sources."""
+    """Training data mixed from sources by weight; validation from file-based sources. ``seed`` (the run's,
+    ``trainer.seed``) sets the training order and draws of file-based data."""
 
     def __init__(self, cfg: DataConfig, train: SourceData, val: SourceData | None, tokenizer: Tokenizer,
-                 train_transform: Transform, val_transform: Transform):
+                 train_transform: Transform, val_transform: Transform, seed: int = 0):
         super().__init__()
-        self.cfg, self.pad_id = cfg, tokenizer.pad_id
+        self.cfg, self.pad_id, self.seed = cfg, tokenizer.pad_id, seed
         self.skipped = SkipCounter()
-        sampler = Sampler(cfg, tokenizer, train_transform, train=True)
+        sampler = Sampler(cfg, tokenizer, train_transform, train=True, seed=seed)
         if any(r is None for r in train.records):  # shards stream: every source becomes a stream, mixed by weight
             streams = [ShardDataset(s, sampler, cfg.strict, self.skipped, seed=cfg.seed) if r is None
                        else RecordStream(RecordDataset(r, sampler, cfg.strict, self.skipped), cfg.seed)
@@ -362,17 +447,15 @@ class SourceDataModule(L.LightningDataModule):
             val_sampler = Sampler(cfg, tokenizer, val_transform, train=False)
             self.val_set = Mixture([RecordDataset(r, val_sampler, cfg.strict, self.skipped) for r in val.records])
 
-    def _loader(self, dataset: Dataset, sampler=None, shuffle: bool = False, drop_last: bool = False) -> DataLoader:
-        return StatefulDataLoader(dataset, batch_size=self.cfg.batch_size, sampler=sampler, shuffle=shuffle,
+    def _loader(self, dataset: Dataset, sampler: TrainOrder | None = None) -> DataLoader:
+        return StatefulDataLoader(dataset, batch_size=self.cfg.batch_size, sampler=sampler,
                                   num_workers=self.cfg.num_workers, collate_fn=partial(collate, pad_id=self.pad_id),
-                                  drop_last=drop_last, persistent_workers=self.cfg.num_workers > 0)
+                                  drop_last=sampler is not None, persistent_workers=self.cfg.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         if self.weights is None:  # streamed
             return self._loader(self.train_set)
-        generator = torch.Generator().manual_seed(self.cfg.seed)
-        sampler = WeightedRandomSampler(self.weights, num_samples=len(self.weights), generator=generator)
-        return self._loader(self.train_set, sampler=sampler, drop_last=True)
+        return self._loader(self.train_set, TrainOrder(len(self.weights), self.seed, self.cfg.batch_size, self.weights))
 
     def val_dataloader(self) -> DataLoader | list:
         return [] if self.val_set is None else self._loader(self.val_set)

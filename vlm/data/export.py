@@ -60,7 +60,7 @@ def write_shapes(out: str | Path, num_images: int, split: str = "val", seed: int
         for q in scene.questions:
             qid = len(questions) + 1
             questions.append({"image_id": image_id, "question": q.question, "question_id": qid})
-            annotations.append({"question_id": qid, "image_id": image_id, "question_type": q.kind,
+            annotations.append({"question_id": qid, "image_id": image_id, "question_type": q.question_type,
                                 "answer_type": answer_type(q.answer), "multiple_choice_answer": q.answer,
                                 "answers": [{"answer": q.answer, "answer_confidence": "yes", "answer_id": k + 1}
                                             for k in range(10)]})

@@ -1,13 +1,16 @@
 """Feature cache for frozen encoders: the trunk's maps computed once into a memory-mapped file.
 
 Training then reads each image's map (B, C, h, w) from the file instead of loading, transforming and encoding
-the image; only the projection and the decoder learn. The cache is valid for one encoder and one dataset: a
-small JSON file beside it records both, and a cache that does not match is computed again.
+the image; only the projection and the decoder learn. The cache is valid for one encoder and one set of images: a
+small JSON file beside it records their fingerprint (the trunk's weights, each image file, the transform), and a
+cache that does not match is computed again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 from functools import partial
 from pathlib import Path
@@ -16,30 +19,69 @@ import lightning as L
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader  # resumable: it saves its position
 
-from vlm.data.builtin import Item, collate
+from vlm.data.batch import Item, collate
+from vlm.data.builtin import Key, SceneDataset, TrainOrder, split_key
+from vlm.data.datasets import Mixture, RecordDataset
 from vlm.errors import VLMError
+
+log = logging.getLogger(__name__)
+
+
+def _trunk_digest(encoder: nn.Module) -> str:
+    """A digest of every weight and buffer of the trunk (BatchNorm statistics too), name by name."""
+    digest = hashlib.sha256()
+    for name, tensor in encoder.trunk.state_dict().items():
+        digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _data_fingerprint(dataset: Dataset) -> dict:
+    """What decides each cached row: its image and the transform. Of the built-in scenes, their generating
+    parameters; of records, each row's image file (path, size in bytes, modification time) in order. The texts are
+    not cached (each epoch draws them from the records), so they are not part of it."""
+    if isinstance(dataset, SceneDataset):
+        return {"scenes": dataset.split, "seed": dataset.cfg.seed, "image_size": dataset.image_size,
+                "items": len(dataset), "transform": repr(dataset.transform)}
+    if not isinstance(dataset, Mixture | RecordDataset):
+        raise VLMError(f"data.feature_cache: cannot tell when a cache of {type(dataset).__name__} is stale")
+    parts = dataset.datasets if isinstance(dataset, Mixture) else [dataset]
+    digest = hashlib.sha256()
+    for record in (record for part in parts for record in part.records):
+        try:
+            stat = os.stat(record.image)
+            digest.update(f"{record.image}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        except OSError:  # a missing image is skipped (or stops the run) when the cache is built
+            digest.update(f"{record.image}\0missing\n".encode())
+    return {"images": digest.hexdigest(), "items": len(dataset),
+            "transform": sorted({repr(part.sampler.transform) for part in parts})}
 
 
 def _fingerprint(encoder: nn.Module, dataset: Dataset) -> dict:
-    """What the cached maps depend on: the encoder config, its trunk weights (a checksum) and the dataset."""
-    with torch.no_grad():
-        checksum = float(sum(p.double().sum() for p in encoder.trunk.parameters()))
-    return {"encoder": repr(encoder.cfg), "trunk_checksum": checksum, "items": len(dataset),
-            "dataset": type(dataset).__name__}
+    """What the cached maps depend on: the encoder (config, trunk weights and buffers), the images, the transform."""
+    return {"encoder": repr(encoder.cfg), "trunk": _trunk_digest(encoder), "data": _data_fingerprint(dataset)}
 
 
 @torch.no_grad()
 def build_cache(path: str | Path, dataset: Dataset, encoder: nn.Module, batch_size: int = 64,
                 num_workers: int = 0) -> np.memmap:
-    """Every item's trunk map of ``dataset`` in a float32 memory-mapped .npy file at ``path`` (reused when valid)."""
+    """Every item's trunk map of ``dataset`` in a float32 memory-mapped .npy file at ``path``, reused while its
+    fingerprint (`_fingerprint`) matches and computed again otherwise (which of the two is logged)."""
     path = Path(path)
     meta_path = path.with_suffix(path.suffix + ".json")
     fingerprint = _fingerprint(encoder, dataset)
-    if path.exists() and meta_path.exists() and json.loads(meta_path.read_text()) == fingerprint:
-        return np.load(path, mmap_mode="r")
+    if path.exists() and meta_path.exists():
+        recorded = json.loads(meta_path.read_text())
+        if recorded == fingerprint:
+            log.info("feature cache %s: reused", path)
+            return np.load(path, mmap_mode="r")
+        changed = sorted(k for k in fingerprint if recorded.get(k) != fingerprint[k])
+        log.info("feature cache %s: stale (%s changed), computing it again", path, ", ".join(changed))
+    else:
+        log.info("feature cache %s: computing it", path)
     path.parent.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     was_training = encoder.training
@@ -75,10 +117,11 @@ class CachedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> Item:
+    def __getitem__(self, key: Key) -> Item:
         if self._cache is None:
             self._cache = np.load(self.cache_path, mmap_mode="r")
-        return torch.from_numpy(np.array(self._cache[index])), self.dataset.sequences(index), index
+        index, _ = split_key(key)
+        return torch.from_numpy(np.array(self._cache[index])), self.dataset.sequences(key), index
 
     def references(self, index: int) -> dict:
         return self.dataset.references(index)
@@ -113,12 +156,10 @@ class CachedFeatures(L.LightningDataModule):
     def _loader(self, split: str, dataset: Dataset, train: bool) -> DataLoader:
         cfg = self.data.cfg
         weights = getattr(self.data, "weights", None)  # sources mixed by weight keep their mixture
-        sampler = None
-        if train and weights is not None:
-            sampler = WeightedRandomSampler(weights, len(weights), generator=torch.Generator().manual_seed(cfg.seed))
+        sampler = TrainOrder(len(dataset), self.data.seed, cfg.batch_size, weights) if train else None
         return StatefulDataLoader(
             CachedDataset(dataset, self._path(split)), batch_size=cfg.batch_size, sampler=sampler,
-            shuffle=train and sampler is None, drop_last=train, num_workers=cfg.num_workers,
+            drop_last=train, num_workers=cfg.num_workers,
             collate_fn=partial(collate, pad_id=self.data.pad_id, features=True), persistent_workers=cfg.num_workers > 0,
         )
 

@@ -3,7 +3,8 @@
 Formats (``SourceConfig.format``; "auto" tells them apart from the file):
 
 - ``coco``: COCO captions (``captions_*.json``) or instances (``instances_*.json``, boxes become regions named by
-  their category) through pycocotools, with the image folder.
+  their category) through pycocotools, with the image folder; ``annotations`` may name the instances file of the
+  same images, whose boxes then become the regions of the captioned images.
 - ``karpathy``: the ``dataset_coco.json`` split file (also Flickr8k/30k); ``split`` picks train (with restval),
   val or test from the file's own split field.
 - ``vqa``: VQA v2 questions JSON (``path``) and annotations JSON (``annotations``) with the image folder; all ten
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlm.config import SourceConfig
+from vlm.data.boxes import PixelBox
 from vlm.errors import VLMError
 
 __all__ = ["Question", "Record", "Region", "Report", "SourceConfig", "detect_format", "read_records"]
@@ -39,8 +41,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 @dataclass
 class Region:
     phrase: str
-    bbox: tuple[float, float, float, float]
-    """(x, y, w, h) in pixels of the original image."""
+    bbox: PixelBox
+    """In pixels of the original image."""
 
 
 @dataclass
@@ -51,10 +53,17 @@ class Question:
     question_id: int | str | None = None
     answer_type: str | None = None
     """VQA v2's "yes/no", "number" or "other", when known."""
+    question_type: str | None = None
+    """What the question asks about, when known: the built-in scenes' "color", "shape", "size", "count", "exist"
+    or "spatial"."""
+    target: str | None = None
+    """The training target the file names, when it names one (VQA v2's normalised ``multiple_choice_answer``)."""
 
     @property
     def answer(self) -> str:
-        """The most frequent answer (the first among equals): the training target."""
+        """The training target: the file's own when given, else the most frequent answer (the first among equals)."""
+        if self.target:
+            return self.target
         return Counter(self.answers).most_common(1)[0][0]
 
 
@@ -124,11 +133,11 @@ def read_records(source: SourceConfig, strict: bool = True, check_images: bool =
     report = Report()
     problem = _Problems(strict, report)
     if fmt == "coco":
-        records = _read_coco(source, problem)
+        records = _read_coco(source, problem, check_images)
     elif fmt == "karpathy":
-        records = _read_karpathy(source, problem)
+        records = _read_karpathy(source, problem, check_images)
     elif fmt == "vqa":
-        records = _read_vqa(source, problem)
+        records = _read_vqa(source, problem, check_images)
     elif fmt == "jsonl":
         records = _read_jsonl(source, problem)
     else:
@@ -157,8 +166,11 @@ def _read_json(path: str | os.PathLike):
         raise VLMError(f"{path}: is a directory, expected an annotation file") from None
 
 
-def _image_dir(source: SourceConfig) -> Path:
+def _image_dir(source: SourceConfig, required: bool) -> Path | None:
+    """The image folder; None when none is given and the images are not needed (scoring a results file)."""
     if source.images is None:
+        if not required:
+            return None
         raise VLMError(f"{source.path}: give the image folder (images) for this format")
     folder = Path(source.images)
     if not folder.is_dir():
@@ -174,18 +186,28 @@ def _clean(text, where: str, what: str, problem: _Problems) -> str | None:
     return " ".join(text.split())
 
 
-def _read_coco(source: SourceConfig, problem: _Problems) -> list[Record]:
+def _coco_index(path: str):
+    """A pycocotools index of one COCO annotation file, fed the parsed file: read once, with our clear errors."""
     from pycocotools.coco import COCO
 
-    coco = COCO()  # fed the parsed file: a large annotation file is read once, with our clear errors
-    coco.dataset = _read_json(source.path)
+    coco = COCO()
+    coco.dataset = _read_json(path)
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         try:
             coco.createIndex()
         except (KeyError, TypeError, AttributeError) as e:
-            raise VLMError(f"{source.path}: not a COCO annotation file ({e.__class__.__name__}: {e})") from None
-    folder = _image_dir(source)
-    categories = {c["id"]: c["name"] for c in coco.dataset.get("categories", [])}
+            raise VLMError(f"{path}: not a COCO annotation file ({e.__class__.__name__}: {e})") from None
+    return coco
+
+
+def _read_coco(source: SourceConfig, problem: _Problems, check_images: bool) -> list[Record]:
+    """Captions and/or boxes of ``path``; the boxes of an ``annotations`` file (the instances of the same images,
+    as COCO ships them apart from the captions) become regions too."""
+    indexes = {path: _coco_index(path) for path in (source.path, source.annotations) if path}
+    categories = {path: {c["id"]: c["name"] for c in index.dataset.get("categories", [])}
+                  for path, index in indexes.items()}
+    folder = _image_dir(source, check_images)
+    coco = indexes[source.path]
     records = []
     for image_id in sorted(coco.imgs):
         info = coco.imgs[image_id]
@@ -193,25 +215,27 @@ def _read_coco(source: SourceConfig, problem: _Problems) -> list[Record]:
         if "file_name" not in info:
             problem(f"{where}: no file_name")
             continue
-        record = Record(str(folder / info["file_name"]), image_id, where=where)
-        for ann in coco.imgToAnns.get(image_id, []):
-            if "caption" in ann:
-                text = _clean(ann["caption"], f"{where} annotation {ann.get('id')}", "caption", problem)
-                if text:
-                    record.captions.append(text)
-            elif "bbox" in ann:
-                name = categories.get(ann.get("category_id"))
-                if name is None:
-                    problem(f"{where} annotation {ann.get('id')}: unknown category_id {ann.get('category_id')}")
-                    continue
-                record.regions.append(Region(name, tuple(float(v) for v in ann["bbox"])))
+        record = Record(str(Path(folder or "", info["file_name"])), image_id, where=where)
+        for path, index in indexes.items():
+            for ann in index.imgToAnns.get(image_id, []):
+                at = f"{path}: image {image_id} annotation {ann.get('id')}"
+                if "caption" in ann:
+                    text = _clean(ann["caption"], at, "caption", problem)
+                    if text:
+                        record.captions.append(text)
+                elif "bbox" in ann:
+                    name = categories[path].get(ann.get("category_id"))
+                    if name is None:
+                        problem(f"{at}: unknown category_id {ann.get('category_id')}")
+                        continue
+                    record.regions.append(Region(name, tuple(float(v) for v in ann["bbox"])))
         records.append(record)
     return records
 
 
-def _read_karpathy(source: SourceConfig, problem: _Problems) -> list[Record]:
+def _read_karpathy(source: SourceConfig, problem: _Problems, check_images: bool) -> list[Record]:
     data = _read_json(source.path)
-    folder = _image_dir(source)
+    folder = _image_dir(source, check_images)
     splits = {"train": {"train", "restval"}, "val": {"val"}, "test": {"test"},
               None: {"train", "restval", "val", "test"}}
     if source.split not in splits:
@@ -224,7 +248,7 @@ def _read_karpathy(source: SourceConfig, problem: _Problems) -> list[Record]:
         if "filename" not in image:
             problem(f"{where}: no filename")
             continue
-        path = folder / image.get("filepath", "") / image["filename"]
+        path = Path(folder or "", image.get("filepath", ""), image["filename"])
         captions = [t for s in image.get("sentences", [])
                     if (t := _clean(s.get("raw"), where, "sentence", problem))]
         records.append(Record(str(path), image.get("cocoid", image.get("imgid", n)), captions, where=where))
@@ -232,11 +256,17 @@ def _read_karpathy(source: SourceConfig, problem: _Problems) -> list[Record]:
 
 
 def _image_index(folder: Path) -> dict[str, Path]:
-    """File stem -> path of every image in a folder (VQA names images by id only)."""
-    return {p.stem: p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+    """File stem -> path of every image in a folder, also under the stem's last "_" part (VQA names images by id
+    only, and the test-dev2015 questions' images are COCO_test2015_<id>.jpg)."""
+    index: dict[str, Path] = {}
+    for path in folder.iterdir():
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            index[path.stem] = path
+            index.setdefault(path.stem.rsplit("_", 1)[-1], path)
+    return index
 
 
-def _read_vqa(source: SourceConfig, problem: _Problems) -> list[Record]:
+def _read_vqa(source: SourceConfig, problem: _Problems, check_images: bool) -> list[Record]:
     questions = _read_json(source.path)
     if "questions" not in questions:
         raise VLMError(f"{source.path}: not a VQA questions file (no 'questions')")
@@ -245,9 +275,12 @@ def _read_vqa(source: SourceConfig, problem: _Problems) -> list[Record]:
         annotations = _read_json(source.annotations)
         if "annotations" not in annotations:
             raise VLMError(f"{source.annotations}: not a VQA annotations file (no 'annotations')")
-        answers = {a["question_id"]: a for a in annotations["annotations"]}
-    folder = _image_dir(source)
-    index = _image_index(folder)
+        for n, a in enumerate(annotations["annotations"]):
+            if not isinstance(a, dict) or "question_id" not in a:
+                raise VLMError(f"{source.annotations}: annotations[{n}] has no question_id")
+            answers[a["question_id"]] = a
+    folder = _image_dir(source, check_images)
+    index = _image_index(folder) if folder else {}
     subtype = questions.get("data_subtype", "")
     by_image: dict = {}
     for n, q in enumerate(questions["questions"]):
@@ -260,18 +293,30 @@ def _read_vqa(source: SourceConfig, problem: _Problems) -> list[Record]:
         if source.annotations and ann is None:
             problem(f"{where}: question_id {qid} has no annotation in {source.annotations}")
             continue
-        given = [a["answer"] for a in ann["answers"]] if ann else []
+        given = [a.get("answer") if isinstance(a, dict) else None for a in ann.get("answers", [])] if ann else []
+        if not all(isinstance(a, str) for a in given):
+            problem(f"{where}: question_id {qid}: each of 'answers' must be an object with a string 'answer'")
+            continue
         if ann and not [a for a in given if a.strip()]:
             problem(f"{where}: question_id {qid} has no answers")
             continue
         if image_id not in by_image:
-            stems = (f"COCO_{subtype}_{image_id:012d}" if isinstance(image_id, int) else None,
-                     f"{image_id:012d}" if isinstance(image_id, int) else None, str(image_id))
-            path = next((index[s] for s in stems if s in index), folder / f"COCO_{subtype}_{image_id}.jpg")
+            padded = f"{image_id:012d}" if isinstance(image_id, int) else str(image_id)
+            official = f"COCO_{subtype}_{padded}"  # the file name in the official COCO folders
+            stem = next((s for s in (official, padded, str(image_id)) if s in index), None)
+            path = index[stem] if stem else Path(folder or "", f"{official}.jpg")
             by_image[image_id] = Record(str(path), image_id, where=where)
         by_image[image_id].questions.append(
-            Question(text, given, qid, ann.get("answer_type") if ann else None))
+            Question(text, given, qid, ann.get("answer_type") if ann else None,
+                     target=_target(ann.get("multiple_choice_answer") if ann else None)))
     return list(by_image.values())
+
+
+def _target(answer) -> str | None:
+    """VQA v2's ``multiple_choice_answer`` (the most frequent answer after the official normalisation), if given."""
+    if not isinstance(answer, str):
+        return None
+    return " ".join(answer.split()) or None
 
 
 def _read_jsonl(source: SourceConfig, problem: _Problems) -> list[Record]:

@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw
 
+from vlm.data.boxes import PixelBox
+from vlm.data.records import Question
+
 COLORS = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -36,8 +39,7 @@ class SceneObject:
     color: str
     shape: str
     size: str
-    box: tuple[float, float, float, float]
-    """(x, y, w, h) in pixels, COCO layout."""
+    box: PixelBox
 
     @property
     def phrase(self) -> str:
@@ -46,13 +48,6 @@ class SceneObject:
     @property
     def center_x(self) -> float:
         return self.box[0] + self.box[2] / 2
-
-
-@dataclass
-class Question:
-    question: str
-    answer: str
-    kind: str
 
 
 @dataclass
@@ -138,20 +133,22 @@ def questions_for(objects: list[SceneObject], rng: np.random.Generator, image_si
     o = objects[int(rng.integers(len(objects)))]
     name = _unique_name(o, objects)
     if name is not None:
-        qs.append(Question(f"what color is the {name}?", o.color, "color"))
+        qs.append(Question(f"what color is the {name}?", [o.color], question_type="color"))
     name = o.color if sum(p.color == o.color for p in objects) == 1 else f"{o.size} {o.color}"
     if sum(p.color == o.color and p.size == o.size for p in objects) == 1:
-        qs.append(Question(f"what shape is the {name} object?", o.shape, "shape"))
-    qs.append(Question(f"what size is the {o.color} {o.shape}?", o.size, "size"))
+        qs.append(Question(f"what shape is the {name} object?", [o.shape], question_type="shape"))
+    qs.append(Question(f"what size is the {o.color} {o.shape}?", [o.size], question_type="size"))
     what = rng.choice(["all", "color", "shape"])
     if what == "all":
-        qs.append(Question("how many objects are there?", str(len(objects)), "count"))
+        qs.append(Question("how many objects are there?", [str(len(objects))], question_type="count"))
     elif what == "color":
         c = str(rng.choice(list(COLORS)))
-        qs.append(Question(f"how many {c} objects are there?", str(sum(p.color == c for p in objects)), "count"))
+        qs.append(Question(f"how many {c} objects are there?",
+                           [str(sum(p.color == c for p in objects))], question_type="count"))
     else:
         s = str(rng.choice(SHAPES))
-        qs.append(Question(f"how many {PLURALS[s]} are there?", str(sum(p.shape == s for p in objects)), "count"))
+        qs.append(Question(f"how many {PLURALS[s]} are there?",
+                           [str(sum(p.shape == s for p in objects))], question_type="count"))
     present = {(p.color, p.shape) for p in objects}
     if rng.random() < 0.5:
         c, s = o.color, o.shape
@@ -159,12 +156,14 @@ def questions_for(objects: list[SceneObject], rng: np.random.Generator, image_si
         absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
         c, s = absent[int(rng.integers(len(absent)))]
     article = "an" if c == "orange" else "a"
-    qs.append(Question(f"is there {article} {c} {s}?", "yes" if (c, s) in present else "no", "exist"))
+    qs.append(Question(f"is there {article} {c} {s}?",
+                       ["yes" if (c, s) in present else "no"], question_type="exist"))
     sided = [p for p in objects if abs(p.center_x - image_size / 2) > 0.1 * image_size]
     if sided:
         p = sided[int(rng.integers(len(sided)))]
         side = "left" if p.center_x < image_size / 2 else "right"
-        qs.append(Question(f"is the {p.color} {p.shape} on the left or on the right?", side, "spatial"))
+        qs.append(Question(f"is the {p.color} {p.shape} on the left or on the right?",
+                           [side], question_type="spatial"))
     return qs
 
 

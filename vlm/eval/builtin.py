@@ -2,46 +2,47 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from vlm.api import Captioner
+from vlm.config import DecodingConfig, MapConfig
 from vlm.data.scenes import make_scene
 from vlm.eval.caption import caption_scores, diversity
 from vlm.eval.grounding import GroundingCase, grounding_scores
 from vlm.eval.vqa import vqa_scores
 
 
-def evaluate_builtin(captioner: Captioner, num_scenes: int = 500, seed: int = 0, beam_size: int = 1,
-                     batch_size: int = 64, layers: Sequence[int] | None = None, method: str = "raw",
-                     head: int | None = None) -> dict[str, Any]:
+def evaluate_builtin(captioner: Captioner, num_scenes: int = 500, seed: int = 0,
+                     decoding: DecodingConfig | None = None, maps: MapConfig | None = None,
+                     batch_size: int = 64) -> dict[str, Any]:
     """Caption CIDEr-D, BLEU-4 and ROUGE-L, VQA accuracy per question kind, and grounding scores.
 
     Grounding (`vlm.eval.grounding`): each object's phrase in the first reference caption (which names every
     object) is fed through the decoder; pointing game (the peak of the phrase's map inside the object's box),
-    mass in box and box IoU. ``method``, ``layers`` and ``head`` say how the maps are made.
+    mass in box and box IoU. ``decoding`` says how captions and answers are generated, ``maps`` how the maps are
+    made.
     """
     size = captioner.model.cfg.encoder.image_size
     scenes = [make_scene(i, "val", seed, size) for i in range(num_scenes)]
     images = [s.image for s in scenes]
 
-    captions = captioner.caption(images, beam_size=beam_size, batch_size=batch_size)
+    captions = captioner.caption(images, decoding, batch_size=batch_size)
     caption_metrics = caption_scores(dict(enumerate(captions)), {i: s.captions for i, s in enumerate(scenes)})
 
     qa = [(i, q) for i, s in enumerate(scenes) for q in s.questions]
-    answers = captioner.ask([images[i] for i, _ in qa], [q.question for _, q in qa], beam_size=beam_size,
-                            batch_size=batch_size)
+    answers = captioner.ask([images[i] for i, _ in qa], [q.question for _, q in qa], decoding, batch_size=batch_size)
     vqa = vqa_scores(dict(enumerate(answers)), {k: [q.answer] for k, (_, q) in enumerate(qa)},
-                     {k: q.kind for k, (_, q) in enumerate(qa)})
+                     {k: q.question_type for k, (_, q) in enumerate(qa)})
 
     cases = [GroundingCase(s.image, [(o.phrase, o.box) for o in s.objects], s.captions[0]) for s in scenes]
-    grounding = grounding_scores(captioner, cases, method, layers, head)
+    maps = maps or MapConfig()
+    grounding = grounding_scores(captioner, cases, maps)
 
     return {
         "scenes": num_scenes,
         "caption": {"CIDEr-D": caption_metrics["CIDEr-D"], "BLEU-4": caption_metrics["BLEU-4"],
                     "ROUGE-L": caption_metrics["ROUGE-L"], **diversity(captions)},
         "vqa": vqa,
-        "grounding": {"method": method, **grounding},
+        "grounding": {"method": maps.method, **grounding},
         "examples": [{"caption": c, "references": s.captions[:2]} for c, s in zip(captions[:3], scenes, strict=False)],
     }

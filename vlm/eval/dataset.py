@@ -14,6 +14,7 @@ from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
+from vlm.config import DecodingConfig
 from vlm.data.records import Record
 from vlm.errors import VLMError
 from vlm.eval.caption import caption_evaluation, diversity, java_metrics
@@ -29,15 +30,15 @@ def question_key(record: Record, index: int) -> Hashable:
     return question.question_id if question.question_id is not None else f"{record.image_id}:{index}"
 
 
-def predict(captioner, records: Sequence[Record], beam_size: int = 1, batch_size: int = 64,
+def predict(captioner, records: Sequence[Record], decoding: DecodingConfig | None = None, batch_size: int = 64,
             ) -> tuple[list[dict], list[dict]]:
     """Caption every record that has reference captions and answer every question."""
     captioned = [r for r in records if r.captions]
-    captions = captioner.caption([r.image for r in captioned], beam_size=beam_size, batch_size=batch_size)
+    captions = captioner.caption([r.image for r in captioned], decoding, batch_size=batch_size)
     caption_results = [{"image_id": r.image_id, "caption": c} for r, c in zip(captioned, captions, strict=True)]
     asked = [(r, i) for r in records for i in range(len(r.questions))]
     answers = captioner.ask([r.image for r, _ in asked], [r.questions[i].question for r, i in asked],
-                            beam_size=beam_size, batch_size=batch_size) if asked else []
+                            decoding, batch_size=batch_size) if asked else []
     vqa_results = [{"question_id": question_key(r, i), "answer": a} for (r, i), a in zip(asked, answers, strict=True)]
     return caption_results, vqa_results
 
@@ -92,6 +93,10 @@ def score(records: Sequence[Record], caption_results: list[dict], vqa_results: l
     if vqa_results:
         questions = {question_key(r, i): (r, q) for r in records for i, q in enumerate(r.questions)}
         answers = _by_key(vqa_results, "question_id", "answer", questions, "answer")
+        unanswered = next((k for k in answers if not questions[k][1].answers), None)
+        if unanswered is not None:
+            raise VLMError(f"question_id {unanswered!r} has no human answers to score against (VQA needs the "
+                           "annotations file: --annotations)")
         truth = {k: questions[k][1].answers for k in answers}
         types = {k: questions[k][1].answer_type or "unknown" for k in answers}
         metrics["vqa"] = {**vqa_scores(answers, truth, types), "questions": len(answers)}

@@ -15,10 +15,12 @@ import numpy as np
 import torch
 
 from vlm.api import Captioner
+from vlm.config import MapConfig
+from vlm.data.boxes import PixelBox
 from vlm.data.images import ImageLike, load_image
 from vlm.errors import VLMError
-from vlm.grounding.maps import Box, box_from_map, combine, iou, mass_in_box, pointing_hit
-from vlm.grounding.methods import check_layers, combine_layers
+from vlm.grounding.maps import box_from_map, combine, iou, pixel_mass_in_box, pointing_hit
+from vlm.grounding.methods import chosen_layers, combine_layers
 
 DELETION_FRACTIONS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
 
@@ -26,8 +28,8 @@ DELETION_FRACTIONS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
 @dataclass
 class GroundingCase:
     image: ImageLike
-    regions: list[tuple[str, Box]]
-    """(phrase, (x, y, w, h) box in pixels of the image)."""
+    regions: list[tuple[str, PixelBox]]
+    """(phrase, its box)."""
     text: str | None = None
 
 
@@ -38,7 +40,7 @@ class _Phrase:
     size: tuple[int, int]
     text: str
     span: tuple[int, int]  # the phrase's token positions in the text
-    box: Box
+    box: PixelBox
 
 
 def _find(seq: list[int], sub: list[int]) -> int | None:
@@ -60,14 +62,12 @@ def _phrases(captioner: Captioner, cases: Sequence[GroundingCase]) -> list[_Phra
     return out
 
 
-def _phrase_layer_maps(captioner: Captioner, phrases: Sequence[_Phrase], method: str,
-                       head: int | None) -> list[np.ndarray]:
+def _phrase_layer_maps(captioner: Captioner, phrases: Sequence[_Phrase], maps: MapConfig) -> list[np.ndarray]:
     """Each phrase's tokens' per-layer parts (L, len(phrase), h, w); each (case, text) is decoded once."""
     keys = list(dict.fromkeys((p.case, p.text) for p in phrases))
     first = {key: next(p for p in phrases if (p.case, p.text) == key) for key in keys}
-    maps = captioner.text_maps([first[k].image for k in keys], [k[1] for k in keys], method=method, head=head,
-                               per_layer=True)
-    by_key = dict(zip(keys, maps, strict=True))
+    parts = captioner.text_maps([first[k].image for k in keys], [k[1] for k in keys], maps, per_layer=True)
+    by_key = dict(zip(keys, parts, strict=True))
     return [by_key[(p.case, p.text)][:, p.span[0]:p.span[1]] for p in phrases]
 
 
@@ -79,55 +79,53 @@ def _combine(parts: np.ndarray, method: str, layers: Sequence[int]) -> np.ndarra
 
 
 def _layers(captioner: Captioner, layers: Sequence[int] | None) -> list[int]:
-    model = captioner.model
     try:
-        return check_layers(layers or model.cfg.attention_layers or range(len(model.decoder.blocks)),
-                            len(model.decoder.blocks))
+        return chosen_layers(captioner.model, layers)
     except ValueError as e:
         raise VLMError(str(e)) from None
 
 
-def phrase_maps(captioner: Captioner, cases: Sequence[GroundingCase], method: str = "raw",
-                layers: Sequence[int] | None = None, head: int | None = None) -> list[np.ndarray]:
-    """The (h, w) map of each region's phrase, in order: its tokens' maps, made by ``method``, averaged."""
+def phrase_maps(captioner: Captioner, cases: Sequence[GroundingCase], maps: MapConfig | None = None,
+                ) -> list[np.ndarray]:
+    """The (h, w) map of each region's phrase, in order: its tokens' maps, made as ``maps`` says, averaged."""
+    maps = maps or MapConfig()
     phrases = _phrases(captioner, cases)
-    chosen = _layers(captioner, layers)
-    return [_combine(parts, method, chosen) for parts in _phrase_layer_maps(captioner, phrases, method, head)]
+    chosen = _layers(captioner, maps.layers)
+    return [_combine(parts, maps.method, chosen) for parts in _phrase_layer_maps(captioner, phrases, maps)]
 
 
-def grounding_scores(captioner: Captioner, cases: Sequence[GroundingCase], method: str = "raw",
-                     layers: Sequence[int] | None = None, head: int | None = None,
+def grounding_scores(captioner: Captioner, cases: Sequence[GroundingCase], maps: MapConfig | None = None,
                      box_fraction: float = 0.5) -> dict[str, float]:
     """Pointing game (the map's peak inside the box), share of map mass inside the box, and IoU of the map's box
     (`box_from_map` at ``box_fraction`` of the peak) with the true box, averaged over all phrases."""
     phrases = _phrases(captioner, cases)
     if not phrases:
         raise VLMError("no regions to ground")
-    maps = phrase_maps(captioner, cases, method, layers, head)
-    hits = [pointing_hit(m, p.box, p.size) for p, m in zip(phrases, maps, strict=True)]
-    masses = [mass_in_box(m, p.box, p.size) for p, m in zip(phrases, maps, strict=True)]
-    ious = np.array([iou(box_from_map(m, p.size, box_fraction), p.box) for p, m in zip(phrases, maps, strict=True)])
+    found = phrase_maps(captioner, cases, maps)
+    hits = [pointing_hit(m, p.box, p.size) for p, m in zip(phrases, found, strict=True)]
+    masses = [pixel_mass_in_box(m, p.box, p.size) for p, m in zip(phrases, found, strict=True)]
+    ious = np.array([iou(box_from_map(m, p.size, box_fraction), p.box) for p, m in zip(phrases, found, strict=True)])
     return {"pointing_game": float(np.mean(hits)), "mass_in_box": float(np.mean(masses)), "iou": float(ious.mean()),
             "iou>=0.5": float(np.mean(ious >= 0.5)), "phrases": len(phrases)}
 
 
-def pointing_by_choice(captioner: Captioner, cases: Sequence[GroundingCase], method: str,
-                       choices: Sequence[tuple[Sequence[int] | None, int | None]],
+def pointing_by_choice(captioner: Captioner, cases: Sequence[GroundingCase], choices: Sequence[MapConfig],
                        upsampled: bool = True) -> list[float]:
-    """Pointing-game accuracy of each (layers, head) choice of how the maps are made, decoding every text once per
-    head (see `layer_maps`); ``upsampled=False`` takes the peak at the centre of the argmax grid cell."""
+    """Pointing-game accuracy of each choice of how the maps are made, decoding every text once per (method, head)
+    (layers are combined from per-layer parts, `vlm.grounding.methods.token_maps`); ``upsampled=False`` takes the
+    peak at the centre of the argmax grid cell."""
     phrases = _phrases(captioner, cases)
     if not phrases:
         raise VLMError("no regions to ground")
-    chosen = [(_layers(captioner, layers), head) for layers, head in choices]
-    parts = {head: _phrase_layer_maps(captioner, phrases, method, head) for head in dict.fromkeys(h for _, h in chosen)}
-    return [float(np.mean([pointing_hit(_combine(part, method, layers), p.box, p.size, upsampled)
-                           for p, part in zip(phrases, parts[head], strict=True)]))
-            for layers, head in chosen]
+    layers = [_layers(captioner, c.layers) for c in choices]
+    parts = {(c.method, c.head): _phrase_layer_maps(captioner, phrases, c)
+             for c in {(c.method, c.head): c for c in choices}.values()}
+    return [float(np.mean([pointing_hit(_combine(part, c.method, chosen), p.box, p.size, upsampled)
+                           for p, part in zip(phrases, parts[(c.method, c.head)], strict=True)]))
+            for c, chosen in zip(choices, layers, strict=True)]
 
 
-def deletion_curves(captioner: Captioner, cases: Sequence[GroundingCase], method: str = "raw",
-                    layers: Sequence[int] | None = None, head: int | None = None,
+def deletion_curves(captioner: Captioner, cases: Sequence[GroundingCase], maps: MapConfig | None = None,
                     fractions: Sequence[float] = DELETION_FRACTIONS, seed: int = 0,
                     batch_size: int = 64) -> dict[str, object]:
     """Faithfulness: the phrase's probability as its most-attended patches are deleted first, against random order.
@@ -138,13 +136,13 @@ def deletion_curves(captioner: Captioner, cases: Sequence[GroundingCase], method
     "area_attention" than "area_random".
     """
     phrases = _phrases(captioner, cases)
-    maps = phrase_maps(captioner, cases, method, layers, head)
+    found = phrase_maps(captioner, cases, maps)
     rng = np.random.default_rng(seed)
     curves = {"attention": [], "random": []}
     for start in range(0, len(phrases), batch_size):
         chunk = phrases[start:start + batch_size]
-        orders = {"attention": [np.argsort(-maps[start + i].ravel(), kind="stable") for i in range(len(chunk))],
-                  "random": [rng.permutation(maps[start + i].size) for i in range(len(chunk))]}
+        orders = {"attention": [np.argsort(-found[start + i].ravel(), kind="stable") for i in range(len(chunk))],
+                  "random": [rng.permutation(found[start + i].size) for i in range(len(chunk))]}
         for name, order in orders.items():
             curves[name].append(_deletion_probs(captioner, chunk, np.stack(order), fractions))
     result = {name: np.concatenate(c).mean(0) for name, c in curves.items()}  # (fractions,)

@@ -1,7 +1,10 @@
 """The official VQA v2 accuracy: answer normalisation and the leave-one-out "3 humans agree" score.
 
-Follows the definition of the VQA API's `vqaEval.py` (processPunctuation + processDigitArticle, then
-min(#matching humans / 3, 1) averaged over the leave-one-out subsets of the human answers).
+Reimplements `vqaEval.py` of GT-Vision-Lab's VQA API (PythonEvaluationTools, master): the prediction gets
+processPunctuation + processDigitArticle, the human answers only processPunctuation and only when they disagree,
+then min(#matching other humans / 3, 1) is averaged over the answers left out in turn. (Checked against that
+source: the prediction is normalised whatever the humans said; some third-party copies do it only when they
+disagree.) Questions with fewer than ten answers use our documented `few_answers_accuracy` rule instead.
 """
 
 from __future__ import annotations
@@ -149,27 +152,34 @@ NUMBER_WORDS: dict[str, str] = {
     "ten": "10",
 }
 ARTICLES = frozenset({"a", "an", "the"})
-PUNCTUATION = ';/[]"{}()=+\\_-><@`,?!'  # each character is one mark
+PUNCTUATION = ';/[]"{}()=+\\_-><@`,?!'  # each character is one mark, in the official order
 # Official periodStrip is "(?!<=\d)(\.)(?!\d)": its first group is a lookahead (not a lookbehind) that always
 # holds before a ".", so it removes every period not followed by a digit ("yes." -> "yes", "3.5" stays).
 _PERIOD_STRIP = re.compile(r"\.(?!\d)")
+# The official call is periodStrip.sub("", text, re.UNICODE): the flag lands in `count`, so only the first 32
+# periods of an answer are removed.
+_PERIOD_STRIP_COUNT = int(re.UNICODE)
 _COMMA_STRIP = re.compile(r"\d,\d")  # a digit-grouping comma anywhere ("1,000") deletes all punctuation
 # The official metric counts a prediction right once this many humans gave the same answer.
 _HUMANS_FOR_FULL_CREDIT = 3
+OFFICIAL_ANSWER_COUNT = 10
+"""Questions with at least this many human answers (VQA v2, VizWiz, TextVQA, OK-VQA) are scored exactly as the
+official script; fewer answers use `few_answers_accuracy`."""
 
 
-def _process_punctuation(text: str) -> str:
+def process_punctuation(text: str) -> str:
     """Official processPunctuation: delete or space out punctuation, then strip sentence periods.
 
     A mark is deleted when it touches a space somewhere in the text (or the text has a "1,000"-style number),
-    otherwise replaced by a space, so "black/white" -> "black white" but "yes !" -> "yes ".
+    otherwise replaced by a space, so "black/white" -> "black white" but "yes !" -> "yes ", and "yes?" -> "yes "
+    (the space is kept: nothing strips it).
     """
     out = text
     has_digit_comma = _COMMA_STRIP.search(text) is not None
     for mark in PUNCTUATION:
         touches_space = f"{mark} " in text or f" {mark}" in text
         out = out.replace(mark, "" if touches_space or has_digit_comma else " ")
-    return _PERIOD_STRIP.sub("", out)
+    return _PERIOD_STRIP.sub("", out, count=_PERIOD_STRIP_COUNT)
 
 
 def _process_digit_article(text: str) -> str:
@@ -179,33 +189,56 @@ def _process_digit_article(text: str) -> str:
 
 
 def normalize_answer(answer: str) -> str:
-    """Normalise an answer as the official VQA evaluation does: "Two dogs." -> "2 dogs", "isnt" -> "isn't".
+    """Normalise an answer as the official VQA evaluation normalises a prediction: "Two dogs." -> "2 dogs".
 
-    Newlines/tabs become spaces, then punctuation handling, lowercasing, number words to digits, article
-    removal and contraction restoration are applied in the official order.
+    Newlines/tabs become spaces and the ends are stripped, then punctuation handling, lowercasing, number words
+    to digits, article removal and contraction restoration ("isnt" -> "isn't") in the official order.
     """
     text = answer.replace("\n", " ").replace("\t", " ").strip()
-    return _process_digit_article(_process_punctuation(text))
+    return _process_digit_article(process_punctuation(text))
+
+
+def official_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """The official `vqaEval.py` score of one prediction against its human answers (GT-Vision-Lab's
+    PythonEvaluationTools), quirks included.
+
+    The prediction is always fully normalised (`normalize_answer`). The human answers are used as given when
+    they all agree, and otherwise only punctuation-processed (`process_punctuation`): their case and articles
+    stay, and "yes?" becomes "yes " (which then matches no normalised prediction). Each answer entry is left out
+    in turn (one entry, not every equal string) and the prediction scores min(1, #matching other entries / 3);
+    the result is the mean over the entries. With ten answers: 4+ matches -> 1.0, 3 -> 0.9, 2 -> 0.6, 1 -> 0.3.
+    """
+    predicted = normalize_answer(prediction)
+    truth = [process_punctuation(a) for a in answers] if len(set(answers)) > 1 else list(answers)
+    total = sum(answer == predicted for answer in truth)
+    subset_scores = [min(1, (total - (answer == predicted)) / _HUMANS_FOR_FULL_CREDIT) for answer in truth]
+    return float(sum(subset_scores)) / len(subset_scores)
+
+
+def few_answers_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """Our rule for questions with 1 to 9 human answers, where the official formula is not meant to apply (it
+    scores a lone answer 0 and caps agreeing answers below 1): min(1, #matching answers / min(3, #answers)).
+
+    Both sides are fully normalised (`normalize_answer`), since such data are rarely pre-normalised: a single
+    answer is an exact match after normalisation, two answers give 0.5 per match, three or more the official
+    "3 humans agree" credit without the leave-one-out.
+    """
+    predicted = normalize_answer(prediction)
+    matches = sum(normalize_answer(answer) == predicted for answer in answers)
+    return min(1.0, matches / min(_HUMANS_FOR_FULL_CREDIT, len(answers)))
 
 
 def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """Official VQA accuracy of one predicted answer against the human answers of its question.
+    """VQA accuracy of one predicted answer against the human answers of its question, in [0, 1].
 
-    For each human answer left out in turn, the prediction scores min(#matches among the others / 3, 1); the
-    result is the mean over these subsets (with the usual 10 answers: 3+ matches -> 1.0, 2 -> 0.6, 1 -> 0.3).
-    Both sides are fully normalised (the official script only punctuation-processes the ground truth, which
-    the VQA v2 release ships already normalised). Fewer than 10 answers still use leave-one-out; a single
-    answer leaves no one to compare against, so it is scored as exact match: 1.0 if it matches, else 0.0.
+    With `OFFICIAL_ANSWER_COUNT` (10) or more answers: exactly the official script (`official_accuracy`);
+    with fewer: `few_answers_accuracy`.
     """
     if not answers:
         raise ValueError("no ground-truth answers")
-    predicted = normalize_answer(prediction)
-    matches = [normalize_answer(answer) == predicted for answer in answers]
-    if len(matches) == 1:
-        return float(matches[0])
-    total = sum(matches)
-    subset_scores = [min((total - left_out) / _HUMANS_FOR_FULL_CREDIT, 1.0) for left_out in matches]
-    return sum(subset_scores) / len(subset_scores)
+    if len(answers) >= OFFICIAL_ANSWER_COUNT:
+        return official_accuracy(prediction, answers)
+    return few_answers_accuracy(prediction, answers)
 
 
 def vqa_scores(

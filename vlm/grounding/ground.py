@@ -5,26 +5,37 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
+import numpy as np
 from PIL import ImageDraw
 
-from vlm.api import Captioner
+from vlm.config import MapConfig
 from vlm.data.images import ImageLike, load_image
 from vlm.errors import VLMError
 from vlm.grounding.maps import box_from_map, combine, peak
 from vlm.grounding.overlay import overlay
+from vlm.text.tokenizer import Tokenizer
 
 GROUND_FILE = "ground.png"
 
 
-def ground(captioner: Captioner, image: ImageLike, phrase: str, method: str = "raw",
-           layers: Sequence[int] | None = None, head: int | None = None, threshold: float = 0.5,
-           out_dir: str | os.PathLike | None = None) -> dict:
+class TextMapper(Protocol):
+    """What `ground` needs of a captioner (`vlm.api.Captioner` is one; grounding sits below the API)."""
+
+    tokenizer: Tokenizer
+
+    def text_maps(self, images: Sequence[ImageLike], texts: Sequence[str],
+                  maps: MapConfig | None = None) -> list[np.ndarray]: ...
+
+
+def ground(captioner: TextMapper, image: ImageLike, phrase: str, maps: MapConfig | None = None,
+           threshold: float = 0.5, out_dir: str | os.PathLike | None = None) -> dict:
     """The phrase's box ``[x, y, w, h]`` (pixels of the image), peak and tokens, as a JSON-ready dict.
 
-    The map is the mean of the phrase tokens' maps; the box encloses the connected region around its peak where
-    the map is at least ``threshold`` of the peak. With ``out_dir``, the overlay with the box drawn is written to
-    ``out_dir/ground.png`` (only there).
+    The map is the mean of the phrase tokens' maps (each made as ``maps`` says); the box encloses the connected
+    region around its peak where the map is at least ``threshold`` of the peak. With ``out_dir``, the overlay with
+    the box drawn is written to ``out_dir/ground.png`` (only there).
     """
     if not phrase.strip():
         raise VLMError("phrase: empty")
@@ -34,11 +45,12 @@ def ground(captioner: Captioner, image: ImageLike, phrase: str, method: str = "r
     tokens = captioner.tokenizer.tokens(captioner.tokenizer.encode(phrase))
     if not tokens:
         raise VLMError(f"phrase {phrase!r} has no tokens")
-    (maps,) = captioner.text_maps([pil], [phrase], layers, method, head)
-    phrase_map = combine(maps)
+    maps = maps or MapConfig()
+    (token_maps,) = captioner.text_maps([pil], [phrase], maps)
+    phrase_map = combine(token_maps)
     box = box_from_map(phrase_map, pil.size, threshold)
     x, y = peak(phrase_map, pil.size)
-    result = {"phrase": phrase, "tokens": tokens, "method": method, "box": [round(v, 2) for v in box],
+    result = {"phrase": phrase, "tokens": tokens, "method": maps.method, "box": [round(v, 2) for v in box],
               "peak": [x, y], "image_size": list(pil.size), "grid": list(phrase_map.shape)}
     if out_dir is not None:
         out = Path(out_dir)

@@ -4,14 +4,14 @@ A *map* is a non-negative float array of shape ``(h, w)`` over the patch grid (r
 was resized (not cropped) to the model input, so the grid covers the whole image: cell ``(r, c)``
 covers pixels ``x in [c*W/w, (c+1)*W/w)`` and ``y in [r*H/h, (r+1)*H/h)`` for an image of size
 ``(W, H)``. Pixel coordinates are continuous, pixel ``(i, j)`` (row, col) spanning ``[j, j+1) x [i, i+1)``,
-which matches the COCO ``(x, y, w, h)`` box layout used by the grounding metrics below.
+which matches the `PixelBox` ``(x, y, w, h)`` that the grounding metrics below take.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-Box = tuple[float, float, float, float]
+from vlm.data.boxes import PixelBox
 
 
 def _as_map(map_: np.ndarray) -> np.ndarray:
@@ -52,7 +52,7 @@ def resize(map_: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinearly resize a grid map to pixel resolution ``(H, W)`` for ``size=(W, H)``, without normalising.
 
     Separable interpolation as two small matrix products; values keep their scale so that mass ratios
-    (see :func:`mass_in_box`) stay meaningful.
+    (see :func:`pixel_mass_in_box`) stay meaningful.
     """
     arr = _as_map(map_)
     width, height = _check_size(size)
@@ -87,14 +87,14 @@ def peak(map_: np.ndarray, size: tuple[int, int], upsampled: bool = True) -> tup
     return float(col) + 0.5, float(row) + 0.5
 
 
-def pointing_hit(map_: np.ndarray, box: Box, size: tuple[int, int], upsampled: bool = True) -> bool:
+def pointing_hit(map_: np.ndarray, box: PixelBox, size: tuple[int, int], upsampled: bool = True) -> bool:
     """Pointing game: whether the map's `peak` lies inside ``box = (x, y, w, h)`` (edges inclusive)."""
     px, py = peak(map_, size, upsampled)
     x, y, w, h = (float(v) for v in box)
     return x <= px <= x + w and y <= py <= y + h
 
 
-def _box_mask(box: Box, height: int, width: int) -> np.ndarray:
+def _box_mask(box: PixelBox, height: int, width: int) -> np.ndarray:
     """Boolean ``(H, W)`` mask of the pixels whose centres lie inside ``box`` (edges inclusive)."""
     x, y, w, h = (float(v) for v in box)
     xs = np.arange(width, dtype=np.float64) + 0.5
@@ -104,11 +104,16 @@ def _box_mask(box: Box, height: int, width: int) -> np.ndarray:
     return in_y[:, None] & in_x[None, :]
 
 
-def mass_in_box(map_: np.ndarray, box: Box, size: tuple[int, int]) -> float:
-    """Share of the upsampled attention mass inside ``box = (x, y, w, h)``, in ``[0, 1]``.
+def pixel_mass_in_box(map_: np.ndarray, box: PixelBox, size: tuple[int, int]) -> float:
+    """Share of the upsampled attention mass inside ``box = (x, y, w, h)``, in ``[0, 1]``: the benchmark's measure.
 
     The map is resized without min-max normalisation and divided by its total, so the result is the
     fraction of attention that falls on the box. A map with no mass yields 0.
+
+    The grounding loss measures on the patch grid instead (`vlm.train.module.grid_mass_in_boxes`: each patch counted
+    by its share of area inside the box), which is exact and differentiable where this is neither; this one scores
+    the map as it is drawn over the image. The two agree when the box lies on patch boundaries and the map does not
+    change across them (tests/test_overlay.py); bilinear upsampling otherwise moves some mass over the box's edges.
     """
     up = np.clip(resize(map_, size), 0.0, None)
     total = float(up.sum())
@@ -125,7 +130,7 @@ def combine(maps: np.ndarray) -> np.ndarray:
     return arr.mean(axis=0)
 
 
-def box_from_map(map_: np.ndarray, size: tuple[int, int], fraction: float = 0.5, resolution: int = 128) -> Box:
+def box_from_map(map_: np.ndarray, size: tuple[int, int], fraction: float = 0.5, resolution: int = 128) -> PixelBox:
     """A box ``(x, y, w, h)`` in pixels around the map's peak: the bounding box of the connected region
     (4-neighbour) of the peak where the upsampled map is at least ``fraction`` of its maximum.
 
@@ -152,7 +157,7 @@ def box_from_map(map_: np.ndarray, size: tuple[int, int], fraction: float = 0.5,
     return float(x0), float(y0), float((cols.max() + 1) * sx - x0), float((rows.max() + 1) * sy - y0)
 
 
-def iou(a: Box, b: Box) -> float:
+def iou(a: PixelBox, b: PixelBox) -> float:
     """Intersection over union of two ``(x, y, w, h)`` boxes."""
     ix = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
     iy = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))

@@ -1,7 +1,9 @@
 """How a token's map over the image is made: raw cross-attention, decoder rollout, or Chefer et al.'s relevancy.
 
-Every method reads a teacher-forced pass of prompt + text through the decoder and gives, for each text token, a
-map (h, w) over the patch grid from the query position that predicts it:
+`token_maps` is the one way to make maps (the API, the CLI, vlm serve, vlm eval and the training callback call it
+with a `vlm.config.MapConfig`). Every method reads the weights of one teacher-forced pass of prompt + text through
+the decoder (`TextDecoder.forward` with the weights requested) and gives, for each text token, a map (h, w) over
+the patch grid from the query position that predicts it:
 
 - ``raw``: the cross-attention weights of the chosen layers, heads averaged (or one chosen head).
 - ``rollout``: attention rollout through the decoder. Image information enters at each chosen layer's
@@ -24,74 +26,62 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from vlm.config import METHODS, MapConfig
+from vlm.model.decoder import KeysValues
 from vlm.model.vlm import VisionLanguageModel
 
-METHODS = ("raw", "rollout", "chefer")
+__all__ = ["METHODS", "check_layers", "chosen_layers", "combine_layers", "token_maps"]
 
 
-def decode_with_attention(model: VisionLanguageModel, pixels: Tensor, ids: Tensor,
-                          ) -> tuple[Tensor, list[Tensor], list[Tensor], tuple[int, int]]:
-    """Teacher-forced logits (S, T, V) for ids (S, T), one sequence per image, with every layer's self- and
-    cross-attention weights (S, H, T, T) and (S, H, T, N) kept in the autograd graph, and the grid (h, w).
+def token_maps(model: VisionLanguageModel, image_kv: list[KeysValues], grid: tuple[int, int],
+               prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], config: MapConfig | None = None,
+               *, per_layer: bool = False) -> list[Tensor]:
+    """The one way to make maps: each target's token maps (len(target), h, w), made as ``config`` says, when
+    the decoder reads prompt + target against its image (image_kv holds one image per prompt).
 
-    The same computation as `VisionLanguageModel.forward` (tests check the logits agree), written out so that
-    the self-attention weights, which the decoder does not return, are available too.
+    A token's map comes from the position that predicts it. With ``per_layer``, each layer's own part
+    (L, len(target), h, w) instead (``config.layers`` unused): every method is linear in the cross-attention
+    layers it uses (for rollout and chefer, a layer's part is its cross-attention carried through the later
+    layers' self-attention), so `combine_layers` makes any choice of layers from them as a cheap sum.
     """
-    image_kv, grid = model.encode(pixels)
-    dec = model.decoder
-    S, T = ids.shape
-    positions = torch.arange(T, device=ids.device).expand(S, T)
-    x = dec.drop(dec.tok_emb(ids) + dec.pos_emb(positions))  # (S, T, D)
-    self_weights, cross_weights = [], []
-    for block, kv in zip(dec.blocks, image_kv, strict=True):
-        h = block.ln_self(x)
-        a, w_self = block.self_attn(h, *block.self_attn.keys_values(h), is_causal=T > 1, need_weights=True)
-        x = x + block.drop(a)
-        c, w_cross = block.cross_attn(block.ln_cross(x), *kv, need_weights=True)
-        x = x + block.drop(c)
-        x = x + block.drop(block.mlp(block.ln_mlp(x)))
-        self_weights.append(w_self)
-        cross_weights.append(w_cross)
-    logits = dec.ln_f(x) @ dec.tok_emb.weight.t()  # (S, T, V)
-    return logits, self_weights, cross_weights, grid
-
-
-def token_maps(model: VisionLanguageModel, pixels: Tensor, ids: Tensor, queries: Sequence[Sequence[int]],
-               method: str = "raw", layers: Sequence[int] | None = None, head: int | None = None,
-               ) -> tuple[list[Tensor], tuple[int, int]]:
-    """Maps (len(queries[s]), N) for each sequence s of ids (S, T), one row per query position listed.
-
-    A query position q is the position whose output predicts token ids[s, q + 1]. ``layers`` chooses the decoder
-    layers whose cross-attention enters the map (default: the model's ``attention_layers``, else all); ``head``
-    one cross-attention head instead of their mean (raw and rollout only).
-    """
-    chosen = check_layers(layers or model.cfg.attention_layers or range(len(model.decoder.blocks)),
-                          len(model.decoder.blocks))
-    per_layer, grid = layer_maps(model, pixels, ids, queries, method, head)
-    return [combine_layers(m, method, chosen) for m in per_layer], grid
-
-
-def layer_maps(model: VisionLanguageModel, pixels: Tensor, ids: Tensor, queries: Sequence[Sequence[int]],
-               method: str = "raw", head: int | None = None) -> tuple[list[Tensor], tuple[int, int]]:
-    """Each layer's own part (L, len(queries[s]), N) of the maps of `token_maps`; `combine_layers` sums them.
-
-    Every method is linear in the cross-attention layers it uses (for rollout and chefer, a layer's part is its
-    cross-attention carried through the later layers' self-attention), so any choice of layers is a cheap sum.
-    """
-    if method not in METHODS:
-        raise ValueError(f"grounding method {method!r} is not one of {', '.join(METHODS)}")
+    config = config or MapConfig()
+    config.validate()
     num_heads = model.decoder.blocks[0].cross_attn.num_heads
-    if head is not None and not -num_heads <= head < num_heads:
-        raise ValueError(f"attention head {head} out of range: the decoder has {num_heads} heads")
-    if head is not None and method == "chefer":
-        raise ValueError("the chefer method averages the heads by definition; it takes no head")
-    if method == "chefer":
-        return _chefer(model, pixels, ids, queries)
+    if config.head is not None and not -num_heads <= config.head < num_heads:
+        raise ValueError(f"attention head {config.head} out of range: the decoder has {num_heads} heads")
+    if len(prompts) != len(targets) or len(prompts) != image_kv[0][0].shape[0]:
+        raise ValueError(f"{len(prompts)} prompts and {len(targets)} targets for {image_kv[0][0].shape[0]} images")
+    seqs = [[*p, *t] for p, t in zip(prompts, targets, strict=True)]
+    device = image_kv[0][0].device
+    ids = torch.zeros(len(seqs), max(len(s) for s in seqs), dtype=torch.long, device=device)  # (S, T)
+    for row, seq in enumerate(seqs):  # right padding: causal attention never reads it
+        ids[row, :len(seq)] = torch.tensor(seq, device=device)
+    queries = [range(len(p) - 1, len(p) - 1 + len(t)) for p, t in zip(prompts, targets, strict=True)]
+    if config.method == "chefer":
+        parts = _chefer(model, image_kv, ids, queries)
+    else:
+        parts = _attention_parts(model, image_kv, ids, queries, config.method, config.head)
+    if not per_layer:
+        chosen = chosen_layers(model, config.layers)
+        parts = [combine_layers(p, config.method, chosen) for p in parts]
+    return [p.float().reshape(*p.shape[:-1], *grid) for p in parts]
+
+
+def chosen_layers(model: VisionLanguageModel, layers: Sequence[int] | None) -> list[int]:
+    """The decoder layers whose cross-attention makes a map: ``layers``, else the model's ``attention_layers``,
+    else all."""
+    return check_layers(layers or model.cfg.attention_layers or range(len(model.decoder.blocks)),
+                        len(model.decoder.blocks))
+
+
+def _attention_parts(model: VisionLanguageModel, image_kv: list[KeysValues], ids: Tensor,
+                     queries: Sequence[Sequence[int]], method: str, head: int | None) -> list[Tensor]:
+    """Each layer's part (L, len(queries[s]), N) of the raw or rollout maps of each sequence s."""
     with torch.no_grad():
-        _, self_w, cross_w, grid = decode_with_attention(model, pixels, ids)
-    cross = [w.mean(1) if head is None else w[:, head] for w in cross_w]  # L x (S, T, N)
-    parts = torch.stack(cross if method == "raw" else _rollout(self_w, cross))  # (L, S, T, N)
-    return [parts[:, s, list(q)] for s, q in enumerate(queries)], grid
+        out = model.decoder(ids, image_kv, need_weights=True, need_self_weights=method == "rollout")
+    cross = [w.mean(1) if head is None else w[:, head] for w in out.cross_attentions]  # L x (S, T, N)
+    parts = torch.stack(cross if method == "raw" else _rollout(out.self_attentions, cross))  # (L, S, T, N)
+    return [parts[:, s, list(q)] for s, q in enumerate(queries)]
 
 
 def combine_layers(parts: Tensor, method: str, chosen: Sequence[int]) -> Tensor:
@@ -136,16 +126,17 @@ def _normalise_residual(r_tt: Tensor) -> Tensor:
     return off / off.sum(-1, keepdim=True).clamp_min(1e-12) + eye
 
 
-def _chefer(model: VisionLanguageModel, pixels: Tensor, ids: Tensor, queries: Sequence[Sequence[int]],
-            ) -> tuple[list[Tensor], tuple[int, int]]:
+def _chefer(model: VisionLanguageModel, image_kv: list[KeysValues], ids: Tensor, queries: Sequence[Sequence[int]],
+            ) -> list[Tensor]:
     positions = sorted({q for qs in queries for q in qs})
     S, T = ids.shape
     with torch.enable_grad():
-        logits, self_w, cross_w, grid = decode_with_attention(model, pixels, ids)
+        out = model.decoder(ids, image_kv, need_weights=True, need_self_weights=True)
+        logits, self_w, cross_w = out.logits, out.self_attentions, out.cross_attentions
         N = cross_w[0].shape[-1]
         L = len(cross_w)
         if not positions:
-            return [logits.new_zeros(L, 0, N) for _ in queries], grid
+            return [logits.new_zeros(L, 0, N).detach() for _ in queries]
         at = torch.tensor(positions, device=ids.device)
         targets = logits[:, at].gather(-1, ids[:, at + 1, None])[..., 0]  # (S, P): each position's next-token logit
         # One batched backward pass: row p of grad_outputs asks for the gradient of position p's logit (of every
@@ -164,4 +155,4 @@ def _chefer(model: VisionLanguageModel, pixels: Tensor, ids: Tensor, queries: Se
     index = {q: p for p, q in enumerate(positions)}
     maps = [torch.stack([r_ti[:, index[q], s, q] for q in qs], 1) if qs else r_ti.new_zeros(L, 0, N)
             for s, qs in enumerate(queries)]
-    return [m.detach() for m in maps], grid
+    return [m.detach() for m in maps]

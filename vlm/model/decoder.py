@@ -6,6 +6,8 @@ L layers, V vocabulary.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -120,17 +122,21 @@ class Block(nn.Module):
         cache: KVCache | None,
         layer: int,
         need_weights: bool,
-    ) -> tuple[Tensor, Tensor | None, Tensor]:
-        """x (S, T, D) -> x, the cross-attention weights (S, H, T, N) on request, and its input (S, T, D)."""
+        need_self_weights: bool,
+    ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
+        """x (S, T, D) -> x, the self-attention weights (S, H, T, T_all) when need_self_weights, the
+        cross-attention weights (S, H, T, N) when need_weights (else None), and the cross-attention input (S, T, D).
+        """
         h = self.ln_self(x)
         k, v = self.self_attn.keys_values(h)  # (S, H, T, hd)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (S, H, T_all, hd) with all earlier positions
         is_causal = self_mask is None and k.shape[2] == x.shape[1] and x.shape[1] > 1
-        a, _ = self.self_attn(h, k, v, mask=self_mask, is_causal=is_causal)
+        a, self_weights = self.self_attn(h, k, v, mask=self_mask, is_causal=is_causal, need_weights=need_self_weights)
         x = x + self.drop(a)
         # Cross-attention needs no mask, so the k sequences of each image are one query sequence of k * T
-        # tokens against that image's patches: no keys/values are copied per sequence.
+        # tokens against that image's patches: no keys/values are copied per sequence. The block calls the
+        # cross_attn module (not its parts), so FSDP gathers its parameters around the call.
         S, T, D = x.shape
         B = image_kv[0].shape[0]
         per_image = S // B
@@ -141,7 +147,22 @@ class Block(nn.Module):
             H, N = weights.shape[1], weights.shape[-1]
             weights = weights.view(B, H, per_image, T, N).transpose(1, 2).reshape(S, H, T, N)
         x = x + self.drop(self.mlp(self.ln_mlp(x)))
-        return x, weights, cross_input
+        return x, self_weights, weights, cross_input
+
+
+@dataclass
+class DecoderOutput:
+    """What one decoder pass returns; the lists hold one tensor per layer, or are None when not requested."""
+
+    logits: Tensor
+    """(S, T, V) next-token logits."""
+    self_attentions: list[Tensor] | None = None
+    """(S, H, T, T_all) causal self-attention weights (need_self_weights), in the autograd graph (Chefer's rule)."""
+    cross_attentions: list[Tensor] | None = None
+    """(S, H, T, N) cross-attention weights over the image patches (need_weights), in the autograd graph."""
+    cross_inputs: list[Tensor] | None = None
+    """(S, T, D) normalised text states the cross-attention queries come from (need_cross_inputs): generation
+    keeps them and computes weights once decoding ends."""
 
 
 class TextDecoder(nn.Module):
@@ -177,10 +198,12 @@ class TextDecoder(nn.Module):
         self_mask: Tensor | None = None,
         cache: KVCache | None = None,
         need_weights: bool = False,
+        need_self_weights: bool = False,
         need_cross_inputs: bool = False,
-    ) -> tuple[Tensor, list[Tensor] | None, list[Tensor] | None]:
-        """Logits (S, T, V) for token ids (S, T), and on request each layer's cross-attention weights (S, H, T, N)
-        and cross-attention inputs (S, T, D): the normalised text states its queries are projected from.
+    ) -> DecoderOutput:
+        """Logits for token ids (S, T), and on request every layer's cross-attention weights (need_weights),
+        self-attention weights (need_self_weights) and cross-attention inputs (need_cross_inputs). Weights come
+        from the explicit attention path, in the autograd graph; the rest runs the fused kernel.
 
         image_kv holds B images' keys/values (B, H, N, hd); the S = k * B sequences are image-major:
         sequence s reads image s // k. Without a cache and mask, self-attention is causal over ids. With a
@@ -196,15 +219,17 @@ class TextDecoder(nn.Module):
                                  f"{self.cfg.max_length}")
             positions = torch.arange(start, start + T, device=ids.device).expand(S, T)
         x = self.drop(self.tok_emb(ids) + self.pos_emb(positions))  # (S, T, D)
-        weights, cross_inputs = [], []
+        self_weights, cross_weights, cross_inputs = [], [], []
         for layer, block in enumerate(self.blocks):
-            x, w, h = block(x, image_kv[layer], self_mask, cache, layer, need_weights)
-            weights.append(w)
+            x, w_self, w_cross, h = block(x, image_kv[layer], self_mask, cache, layer, need_weights, need_self_weights)
+            self_weights.append(w_self)
+            cross_weights.append(w_cross)
             cross_inputs.append(h)
         if cache is not None:
             cache.advance(T)
         logits = self.ln_f(x) @ self.tok_emb.weight.t()  # (S, T, V)
-        return logits, (weights if need_weights else None), (cross_inputs if need_cross_inputs else None)
+        return DecoderOutput(logits, self_weights if need_self_weights else None,
+                             cross_weights if need_weights else None, cross_inputs if need_cross_inputs else None)
 
     def cross_attention_weights(self, cross_inputs: list[Tensor], image_kv: list[KeysValues]) -> list[Tensor]:
         """Each layer's cross-attention weights (B, H, T, N) from its inputs (B, T, D), one sequence per image.

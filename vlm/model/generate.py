@@ -1,15 +1,17 @@
-"""Batched generation with a KV cache: greedy, sampling (temperature, top-k, top-p) and beam search.
+"""The one decoding loop, batched with a KV cache: greedy, sampling (temperature, top-k, top-p) and beam search.
 
-Each image is encoded, and its cross-attention keys/values projected, once. Prompts of different lengths
-are left-padded; padded positions are masked out and position ids count real tokens only, so a batch
-gives the same tokens as one image at a time. Sampling draws each image's noise from its own seeded
-generator, so a sampled caption depends on its image, prompt and seed, not on the rest of the batch. On
+Its options are a `vlm.config.DecodingConfig`. The caller encodes each image once (``model.encode``, or
+``model.encode_features`` from a feature cache) and passes every layer's cross-attention keys/values, which
+the image's beams or samples share. Prompts of different lengths are left-padded; padded positions are masked
+out and position ids count real tokens only, so a batch gives the same tokens as one image at a time.
+Sampling draws each image's noise from its own seeded generator, so a sampled caption depends on its image,
+prompt and seed, not on the rest of the batch; k samples of an image all come from its generator. On
 request, the cross-attention of every generated token (of the beam that was kept) is returned: each step
 keeps its cross-attention inputs, and the weights are computed from them once decoding ends, so the tokens
 are exactly those of generation without maps.
 
-Dimensions: B images, K beams, R = B * K rows, P prompt length, T generated, L layers, H heads,
-N patches, V vocabulary.
+Dimensions: B images, K beams or samples per image, R = B * K rows, P prompt length, T generated, L layers,
+H heads, N patches, V vocabulary.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from vlm.config import DecodingConfig
 from vlm.model.decoder import KeysValues
 from vlm.model.vlm import VisionLanguageModel
 
@@ -27,13 +30,14 @@ from vlm.model.vlm import VisionLanguageModel
 @dataclass
 class Generation:
     tokens: list[list[int]]
-    """Generated token ids per image, without the end token."""
+    """Generated token ids of each sequence (one per image, or num_samples per image, image after image),
+    without the end token."""
     scores: list[float]
     """Sum of the model's token log-probabilities of each kept sequence (the end token included)."""
-    grid: tuple[int, int]
-    """(h, w) patch grid of the cross-attention maps."""
+    ended: list[bool]
+    """Whether each sequence stopped at the end token (False: it reached max_new_tokens or max_length)."""
     attentions: list[Tensor] | None = None
-    """Per image (T, L, H, N): each generated token's cross-attention in every layer and head."""
+    """Per sequence (T, L, H, N): each generated token's cross-attention in every layer and head."""
 
 
 def _self_mask(key_valid: Tensor, start: int, end: int) -> Tensor:
@@ -87,68 +91,40 @@ def _generators(seed: int | Sequence[int] | None, B: int, device: torch.device) 
     return [torch.Generator(device=device).manual_seed(s) for s in seeds]
 
 
-def _check(beam_size: int, sample: bool, temperature: float, top_k: int, top_p: float,
-           no_repeat_ngram_size: int, min_new_tokens: int) -> None:
-    if beam_size < 1:
-        raise ValueError(f"beam_size must be at least 1, got {beam_size}")
-    if sample and beam_size > 1:
-        raise ValueError("sampling draws one sequence per image: use beam_size 1 with sample")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be 0 (off) or positive, got {top_k}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if no_repeat_ngram_size < 0:
-        raise ValueError(f"no_repeat_ngram_size must be 0 (off) or positive, got {no_repeat_ngram_size}")
-    if min_new_tokens < 0:
-        raise ValueError(f"min_new_tokens must be 0 or positive, got {min_new_tokens}")
-
-
 @torch.no_grad()
 def generate(
     model: VisionLanguageModel,
-    images: Tensor,
+    image_kv: list[KeysValues],
     prompts: list[list[int]],
     *,
     eos_id: int,
     pad_id: int,
-    max_new_tokens: int = 30,
-    min_new_tokens: int = 0,
-    beam_size: int = 1,
-    length_penalty: float = 0.0,
-    no_repeat_ngram_size: int = 0,
-    sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    seed: int | Sequence[int] | None = None,
+    config: DecodingConfig | None = None,
     use_cache: bool = True,
     return_attention: bool = False,
-    features: bool = False,
 ) -> Generation:
-    """Continue each image's prompt until the end token: greedy, sampled, or by beam search.
+    """Continue each image's prompt until the end token: greedy, sampled, or by beam search (``config``).
 
-    min_new_tokens: the end token is forbidden before this many tokens. Beam hypotheses are ranked at the
-    end by score / length ** length_penalty. no_repeat_ngram_size n > 0: no n-gram occurs twice among
-    the generated tokens. sample: draw each token from the model's distribution at this temperature,
-    restricted to the top_k tokens (0: all) and to the smallest set of probability mass top_p; seed
-    (image i uses seed + i, or one seed per image) makes the draws reproducible. features: ``images``
-    holds the encoder trunk's maps (B, C, h, w) from a feature cache instead of pixels.
+    image_kv: every decoder layer's cross-attention keys/values of B images (`VisionLanguageModel.encode`, or
+    ``encode_features`` from a feature cache), computed once by the caller and shared by the image's beams or
+    samples. With ``config.num_samples`` k, each image gets k sampled sequences, image after image, all drawn
+    from the image's own seeded generator. Beam hypotheses are ranked at the end by
+    score / length ** length_penalty.
     """
-    _check(beam_size, sample, temperature, top_k, top_p, no_repeat_ngram_size, min_new_tokens)
-    B, K = images.shape[0], beam_size
+    config = config or DecodingConfig()
+    config.validate()
+    B = image_kv[0][0].shape[0]
+    K = config.beam_size if config.beam_size > 1 else config.num_samples  # rows per image
     if len(prompts) != B:
         raise ValueError(f"{len(prompts)} prompts for {B} images")
-    device = images.device
-    encode = model.encode_features if features else model.encode
-    image_kv, grid = encode(images)  # per layer (B, H, N, hd), once per image, shared by its K beams
+    device = image_kv[0][0].device
     R = B * K
     P = max(len(p) for p in prompts)
-    T = min(max_new_tokens, model.cfg.decoder.max_length - P)
+    T = min(config.token_budget(), model.cfg.decoder.max_length - P)
     if T < 1:
         raise ValueError(f"prompt of {P} tokens leaves no room in max_length {model.cfg.decoder.max_length}")
-    generators = _generators(seed, B, device) if sample else []
+    sample, beam = config.sample, config.beam_size > 1
+    generators = _generators(config.seed, B, device) if sample else []
 
     seq = torch.full((B, P + T), pad_id, dtype=torch.long, device=device)  # prompt then generated
     key_valid = torch.ones(B, P + T, dtype=torch.bool, device=device)
@@ -160,7 +136,7 @@ def generate(
     padded = not bool(key_valid.all())
 
     scores = torch.zeros(R, device=device)
-    if K > 1:
+    if beam:
         scores.view(B, K)[:, 1:] = float("-inf")  # all beams start identical: expand only the first
     finished = torch.zeros(R, dtype=torch.bool, device=device)
     lengths = torch.zeros(R, dtype=torch.long, device=device)
@@ -174,23 +150,23 @@ def generate(
     for t in range(T):
         end = P + t
         start = cache.length if cache is not None else 0  # uncached: rerun the whole sequence
-        logits, _, cross_inputs = model.decoder(
+        out = model.decoder(
             seq[:, start:end], image_kv, positions=positions[:, start:end],
             self_mask=_self_mask(key_valid, start, end) if padded else None, cache=cache,
             need_cross_inputs=return_attention,
         )
-        logits = logits[:, -1].float()  # (R, V)
+        logits = out.logits[:, -1].float()  # (R, V)
         logp = logits.log_softmax(-1)  # (R, V)
-        if no_repeat_ngram_size:
-            logp = logp.masked_fill(_repeated_ngrams(seq[:, P:end], no_repeat_ngram_size, V), float("-inf"))
-        if t < min_new_tokens:
+        if config.no_repeat_ngram_size:
+            logp = logp.masked_fill(_repeated_ngrams(seq[:, P:end], config.no_repeat_ngram_size, V), float("-inf"))
+        if t < config.min_new_tokens:
             logp[:, eos_id] = float("-inf")
         logp = torch.where(finished[:, None], only_pad, logp)  # a finished row continues with free padding
-        if K == 1:
+        if not beam:
             if sample:
                 # Gumbel-max: argmax(log p / temperature + Gumbel noise) is a draw from the filtered distribution.
-                sampling = _filter(logp / temperature, top_k, top_p)
-                noise = torch.stack([torch.rand(V, generator=g, device=device) for g in generators])  # (B, V)
+                sampling = _filter(logp / config.temperature, config.top_k, config.top_p)
+                noise = torch.cat([torch.rand(K, V, generator=g, device=device) for g in generators])  # (R, V)
                 token = (sampling - (-noise.log()).log()).argmax(-1)  # (R,)
                 token_logp = logp.gather(1, token[:, None])[:, 0]
             else:
@@ -206,7 +182,7 @@ def generate(
             if cache is not None:
                 cache.reorder(parent)
         if return_attention:
-            step_inputs.append(torch.stack([h[:, -1] for h in cross_inputs], dim=1))  # (R, L, D)
+            step_inputs.append(torch.stack([h[:, -1] for h in out.cross_inputs], dim=1))  # (R, L, D)
             parents.append(parent)
         seq[:, end] = token
         lengths = lengths + (~finished).long()
@@ -214,23 +190,28 @@ def generate(
         if bool(finished.all()):
             break
 
-    final = scores / lengths.clamp(min=1).float() ** length_penalty
-    best = final.view(B, K).argmax(-1) + image_offset[:, 0]  # (B,) row of each kept beam
-    attn = _kept_attention(model, image_kv, step_inputs, parents, best) if return_attention else None
-    tokens, kept_scores, attentions = [], [], []
-    for i, row in enumerate(best.tolist()):
+    if beam:
+        final = scores / lengths.clamp(min=1).float() ** config.length_penalty
+        kept = final.view(B, K).argmax(-1) + image_offset[:, 0]  # (B,) row of each kept beam
+    else:
+        kept = torch.arange(R, device=device)  # every greedy or sampled row
+    attn = _kept_attention(model, image_kv, step_inputs, parents, kept, K) if return_attention else None
+    tokens, kept_scores, ended, attentions = [], [], [], []
+    for i, row in enumerate(kept.tolist()):
         n = int(lengths[row]) - int(finished[row])  # drop the end token
         tokens.append(seq[row, P:P + n].tolist())
         kept_scores.append(float(scores[row]))
+        ended.append(bool(finished[row]))
         if attn is not None:
             attentions.append(attn[i, :n])
-    return Generation(tokens=tokens, scores=kept_scores, grid=grid,
+    return Generation(tokens=tokens, scores=kept_scores, ended=ended,
                       attentions=attentions if return_attention else None)
 
 
 def _kept_attention(model: VisionLanguageModel, image_kv: list[KeysValues], step_inputs: list[Tensor],
-                    parents: list[Tensor | None], rows: Tensor) -> Tensor:
-    """(B, T, L, H, N): the cross-attention of every token of the kept sequences, rows (B,), one per image.
+                    parents: list[Tensor | None], rows: Tensor, per_image: int) -> Tensor:
+    """(S, T, L, H, N): the cross-attention of every token of the kept sequences, rows (S,); row r reads image
+    r // per_image.
 
     Step t's token of row r was predicted by row parents[t][r] (r itself without beams), whose cross-attention
     inputs step_inputs[t] holds; following the parents backwards gives every earlier token's row. The weights
@@ -241,6 +222,8 @@ def _kept_attention(model: VisionLanguageModel, image_kv: list[KeysValues], step
         if parent is not None:
             rows = parent[rows]
         out.append(inputs[rows])  # (B, L, D)
-    kept = torch.stack(out[::-1], dim=2)  # (B, L, T, D)
-    weights = model.decoder.cross_attention_weights(list(kept.unbind(1)), image_kv)  # L x (B, H, T, N)
-    return torch.stack(weights, dim=1).permute(0, 3, 1, 2, 4).contiguous()  # (B, T, L, H, N)
+    kept = torch.stack(out[::-1], dim=2)  # (S, L, T, D)
+    images = rows // per_image  # (S,)
+    kv = [(k[images], v[images]) for k, v in image_kv]  # per layer (S, H, N, hd)
+    weights = model.decoder.cross_attention_weights(list(kept.unbind(1)), kv)  # L x (S, H, T, N)
+    return torch.stack(weights, dim=1).permute(0, 3, 1, 2, 4).contiguous()  # (S, T, L, H, N)

@@ -24,7 +24,9 @@ class VLMOutput:
     grid: tuple[int, int]
     """(h, w) patch grid of the images."""
     cross_attentions: list[Tensor] | None = None
-    """Per layer (S, H, T, N) cross-attention weights, when requested."""
+    """Per layer (S, H, T, N) cross-attention weights, when requested (need_weights)."""
+    self_attentions: list[Tensor] | None = None
+    """Per layer (S, H, T, T) self-attention weights, when requested (need_self_weights)."""
 
 
 class VisionLanguageModel(nn.Module):
@@ -46,12 +48,13 @@ class VisionLanguageModel(nn.Module):
         return self.decoder.image_keys_values(memory), grid
 
     def decode(self, image_kv: list[KeysValues], grid: tuple[int, int], ids: Tensor,
-               need_weights: bool = False) -> VLMOutput:
-        """Teacher-forced logits for token ids (S, T): k = S // B sequences per image, image-major."""
+               need_weights: bool = False, need_self_weights: bool = False) -> VLMOutput:
+        """Teacher-forced logits for token ids (S, T): k = S // B sequences per image, image-major; on request
+        each layer's cross- and self-attention weights (`TextDecoder.forward`)."""
         if ids.shape[0] % image_kv[0][0].shape[0]:
             raise ValueError(f"{ids.shape[0]} sequences do not split evenly over {image_kv[0][0].shape[0]} images")
-        logits, weights, _ = self.decoder(ids, image_kv, need_weights=need_weights)
-        return VLMOutput(logits=logits, grid=grid, cross_attentions=weights)
+        out = self.decoder(ids, image_kv, need_weights=need_weights, need_self_weights=need_self_weights)
+        return VLMOutput(out.logits, grid, out.cross_attentions, out.self_attentions)
 
     def forward(self, images: Tensor, ids: Tensor, need_weights: bool = False) -> VLMOutput:
         """Encode images (B, 3, H, W) once and decode token ids (S, T), S = k * B, against them."""

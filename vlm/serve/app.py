@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
 import io
+from collections.abc import Callable
 from contextlib import asynccontextmanager
+from dataclasses import fields
 from pathlib import Path
-from typing import Annotated, Any
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import numpy as np
-from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -23,6 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from vlm.api import Captioner
+from vlm.config import DecodingConfig, MapConfig
 from vlm.data.images import pixel_limit
 from vlm.errors import VLMError
 from vlm.grounding.methods import METHODS
@@ -37,7 +42,6 @@ DISPLAY_MAX_SIDE = 384  # overlays larger than this cost time and bytes, and a b
 MAX_TEXT = 2000
 
 ImageField = Annotated[UploadFile, File(description="The image file.")]
-Beam = Annotated[int, Form(ge=1, le=8, description="Beam size (1: greedy).")]
 
 
 def create_app(captioner: Captioner, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
@@ -105,29 +109,31 @@ def create_app(captioner: Captioner, *, max_upload_bytes: int = DEFAULT_MAX_UPLO
         return {"methods": list(METHODS), "default": METHODS[0]}
 
     @app.post("/api/caption")
-    async def caption(image: ImageField, beam: Beam = 1) -> dict:
-        return {"caption": await run("caption", image=await image_of(image), beam_size=beam)}
+    async def caption(image: ImageField, decoding: Decoding) -> dict:
+        """The caption; with num_samples > 1, "caption" is the first of the sampled "samples"."""
+        return _texts("caption", await run("caption", image=await image_of(image), decoding=decoding))
 
     @app.post("/api/ask")
-    async def ask(image: ImageField, question: Annotated[str, Form(max_length=MAX_TEXT)], beam: Beam = 1) -> dict:
-        answer = await run("ask", image=await image_of(image), question=question, beam_size=beam)
-        return {"question": question, "answer": answer}
+    async def ask(image: ImageField, question: Annotated[str, Form(max_length=MAX_TEXT)], decoding: Decoding) -> dict:
+        """The answer; with num_samples > 1, "answer" is the first of the sampled "samples"."""
+        answers = await run("ask", image=await image_of(image), question=question, decoding=decoding)
+        return {"question": question} | _texts("answer", answers)
 
     @app.post("/api/attend")
-    async def attend(image: ImageField, question: Annotated[str | None, Form(max_length=MAX_TEXT)] = None,
-                     method: Annotated[str | None, Form()] = None, beam: Beam = 1,
+    async def attend(image: ImageField, decoding: Decoding, maps: Maps,
+                     question: Annotated[str | None, Form(max_length=MAX_TEXT)] = None,
                      overlays: Annotated[bool, Form()] = True) -> dict:
-        method = _method(method)
-        result = await run("attend", image=await image_of(image), question=question, beam_size=beam, method=method)
-        body = {"text": result.text, "question": question, "method": method}
+        result = await run("attend", image=await image_of(image), question=question, decoding=decoding, maps=maps)
+        body = {"text": result.text, "question": question, "method": maps.method}
         return body | await run_in_threadpool(_maps_body, result.image, result.tokens, result.maps, overlays)
 
     @app.post("/api/ground")
-    async def ground(image: ImageField, text: Annotated[str, Form(min_length=1, max_length=MAX_TEXT)],
-                     method: Annotated[str | None, Form()] = None, overlays: Annotated[bool, Form()] = True) -> dict:
-        pil, method = await image_of(image), _method(method)
-        tokens, maps = await run("ground", image=pil, text=text, method=method)
-        return {"text": text, "method": method} | await run_in_threadpool(_maps_body, pil, tokens, maps, overlays)
+    async def ground(image: ImageField, text: Annotated[str, Form(min_length=1, max_length=MAX_TEXT)], maps: Maps,
+                     overlays: Annotated[bool, Form()] = True) -> dict:
+        pil = await image_of(image)
+        tokens, token_maps = await run("ground", image=pil, text=text, maps=maps)
+        return {"text": text, "method": maps.method} | await run_in_threadpool(_maps_body, pil, tokens, token_maps,
+                                                                              overlays)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
@@ -138,13 +144,45 @@ def create_app(captioner: Captioner, *, max_upload_bytes: int = DEFAULT_MAX_UPLO
     return app
 
 
-def _method(method: str | None) -> str:
-    """The grounding method asked for (default: the first of `vlm.grounding.methods.METHODS`), checked."""
-    if method is None:
-        return METHODS[0]
-    if method not in METHODS:
-        raise UploadError(422, f"method {method!r} is not one of {', '.join(METHODS)}")
-    return method
+def _texts(name: str, texts: list[str]) -> dict:
+    return {name: texts[0], "samples": texts} if len(texts) > 1 else {name: texts[0]}
+
+
+def _form(cls: type, aliases: dict[str, str]) -> Callable[..., Any]:
+    """A FastAPI dependency that reads each field of the dataclass ``cls`` from an optional form field of the same
+    name (or of an alias) and returns the dataclass: the form takes exactly its options, names and defaults. A value
+    out of range is a 422 that names it; ``BOUNDS`` caps what one request may cost."""
+    hints = get_type_hints(cls)
+    names = {f.name: f.name for f in fields(cls)} | aliases  # form name -> field
+
+    def annotation(field: str) -> Any:
+        hint = hints[field]
+        kinds = [t for t in get_args(hint) if t is not type(None)] if get_origin(hint) in (Union, UnionType) else [hint]
+        kind = str if get_origin(kinds[0]) is Literal else kinds[0]  # a seed is one int here; the method a name
+        low, high = BOUNDS.get(field, (None, None))
+        return Annotated[kind | None, Form(ge=low, le=high)]
+
+    def read(**given: Any) -> Any:
+        values: dict[str, Any] = {}
+        for name, value in given.items():
+            if value is not None:
+                if names[name] in values:
+                    raise UploadError(422, f"field {name!r}: {names[name]} is given twice")
+                values[names[name]] = value
+        try:
+            return cls(**values)
+        except ValueError as e:  # e.g. sampling with beam_size > 1, an unknown map method
+            raise UploadError(422, str(e)) from None
+
+    read.__signature__ = inspect.Signature([inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                                              annotation=annotation(field))
+                                            for name, field in names.items()])
+    return read
+
+
+BOUNDS = {"beam_size": (1, 8), "num_samples": (1, 8), "max_new_tokens": (1, None)}  # per request: model time
+Decoding = Annotated[DecodingConfig, Depends(_form(DecodingConfig, {"beam": "beam_size"}))]
+Maps = Annotated[MapConfig, Depends(_form(MapConfig, {}))]
 
 
 def _maps_body(image: Image.Image, tokens: list[str], maps: np.ndarray, overlays: bool) -> dict:

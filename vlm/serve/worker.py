@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections import defaultdict, deque
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from vlm.api import Captioner, clean_text
+from vlm.api import Captioner
+from vlm.config import DecodingConfig, MapConfig
+from vlm.text.clean import clean_text
 
 
 @dataclass
 class Job:
-    """A request for the model thread: ``kind`` is caption, ask, attend or ground."""
+    """A request for the model thread: ``kind`` is caption, ask, attend or ground; ``args`` are the keyword
+    arguments of its `Captioner` method for one image, with ``decoding`` (a DecodingConfig) for caption, ask and
+    attend, and ``maps`` (a MapConfig) for attend and ground."""
 
     kind: str
     args: dict[str, Any]
@@ -25,9 +29,11 @@ class Job:
 class ModelWorker:
     """Runs every model call on one thread, so the model is never used by two requests at once.
 
-    Jobs that arrive while the model is busy are taken together: caption jobs with the same beam size go into
-    one ``Captioner.caption`` call, ask jobs into one ``Captioner.ask`` call (batched generation gives the same
-    tokens as one image at a time); attend and ground jobs run one by one.
+    A caption or ask job's result is its list of texts (num_samples of them, one unless it sampled several).
+    Jobs that arrive while the model is busy are taken together: caption jobs whose whole DecodingConfig is
+    equal go into one ``Captioner.caption`` call, ask jobs likewise into one ``Captioner.ask`` call (batched
+    generation gives the same tokens as one image at a time, and each job's image keeps its own seed); attend
+    and ground jobs run one by one.
     """
 
     def __init__(self, captioner: Captioner, max_batch: int = 16):
@@ -79,9 +85,9 @@ class ModelWorker:
     def _execute(self, group: list[Job]) -> None:
         kind, c = group[0].kind, self.captioner
         calls: dict[str, Callable[[list[Job]], list[Any]]] = {
-            "caption": lambda js: c.caption([j.args["image"] for j in js], beam_size=js[0].args["beam_size"]),
-            "ask": lambda js: c.ask([j.args["image"] for j in js], [j.args["question"] for j in js],
-                                    beam_size=js[0].args["beam_size"]),
+            "caption": lambda js: _per_job(js, c.caption([j.args["image"] for j in js], _batched(js))),
+            "ask": lambda js: _per_job(js, c.ask([j.args["image"] for j in js], [j.args["question"] for j in js],
+                                                 _batched(js))),
             "attend": lambda js: [c.attend(**js[0].args)],
             "ground": lambda js: [_ground(c, **js[0].args)],
         }
@@ -100,16 +106,33 @@ class ModelWorker:
 
 
 def _groups(jobs: list[Job]) -> list[list[Job]]:
-    """Caption and ask jobs grouped by (kind, beam size), in order of arrival; the other jobs alone."""
-    groups: dict[tuple, list[Job]] = defaultdict(list)
-    for i, job in enumerate(jobs):
-        key = (job.kind, job.args["beam_size"]) if job.kind in ("caption", "ask") else (job.kind, i)
-        groups[key].append(job)
-    return list(groups.values())
+    """Caption and ask jobs grouped by kind and equal DecodingConfig, in order of arrival; the other jobs alone."""
+    groups: list[list[Job]] = []
+    for job in jobs:
+        same = next((g for g in groups if job.kind in ("caption", "ask") and g[0].kind == job.kind
+                     and g[0].args["decoding"] == job.args["decoding"]), None)
+        if same is None:
+            groups.append([job])
+        else:
+            same.append(job)
+    return groups
 
 
-def _ground(captioner: Captioner, image: Any, text: str, method: str) -> tuple[list[str], Any]:
+def _batched(jobs: list[Job]) -> DecodingConfig:
+    """The group's DecodingConfig for one call over all its images: a seed given as one int becomes that seed
+    for every image, as each job would have had alone."""
+    decoding: DecodingConfig = jobs[0].args["decoding"]
+    return replace(decoding, seed=[decoding.seed] * len(jobs)) if isinstance(decoding.seed, int) else decoding
+
+
+def _per_job(jobs: list[Job], texts: list[str]) -> list[list[str]]:
+    """The group's texts split by job: each job's num_samples texts (one, unless it sampled several)."""
+    k = jobs[0].args["decoding"].num_samples
+    return [texts[i * k:(i + 1) * k] for i in range(len(jobs))]
+
+
+def _ground(captioner: Captioner, image: Any, text: str, maps: MapConfig) -> tuple[list[str], Any]:
     """The tokens of ``text`` and the map of each when the decoder reads it as the image's caption."""
-    maps = captioner.text_maps([image], [text], method=method)[0]
+    maps = captioner.text_maps([image], [text], maps)[0]
     tokens = captioner.tokenizer.tokens(captioner.tokenizer.encode(clean_text(text)))[:maps.shape[0]]
     return tokens, maps

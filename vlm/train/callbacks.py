@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 from torch import Tensor
 
+from vlm.config import DecodingConfig, MapConfig
 from vlm.eval.caption import caption_scores, diversity, tokenize_caption
 from vlm.eval.vqa import vqa_scores
+from vlm.grounding.methods import token_maps
 from vlm.grounding.overlay import token_grid
 from vlm.model.generate import generate
 from vlm.train.sharding import full_parameters
@@ -60,10 +63,13 @@ class GenerationMetrics(Callback):
     ``index``.
     """
 
-    def __init__(self, samples: int = 4, collapse_share: float = 0.5, max_caption_tokens: int = 30,
-                 max_answer_tokens: int = 8):
+    def __init__(self, samples: int = 4, collapse_share: float = 0.5, decoding: DecodingConfig | None = None,
+                 maps: MapConfig | None = None):
         self.samples, self.collapse_share = samples, collapse_share
-        self.max_caption_tokens, self.max_answer_tokens = max_caption_tokens, max_answer_tokens
+        self.decoding = decoding or DecodingConfig()
+        """How captions and answers are generated (default greedy; an answer's token budget is its own)."""
+        self.maps = maps or MapConfig()
+        """How the sample images' token maps are made: as `vlm attend` makes them with the same MapConfig."""
         self.metrics: dict[str, float] = {}
         """The last validation's metrics (the same on every process)."""
         self._captions: dict[int, str] = {}
@@ -90,9 +96,10 @@ class GenerationMetrics(Callback):
 
     def _generate(self, model: Any, tok: Any, dataset: Any, images: Tensor, indices: list[int],
                   features: bool) -> None:
-        """Greedy captions of the images and answers to each of their questions."""
-        captions = generate(model, images, [tok.caption_prompt()] * len(indices), eos_id=tok.eos_id,
-                            pad_id=tok.pad_id, max_new_tokens=self.max_caption_tokens, features=features)
+        """Captions of the images and answers to each of their questions."""
+        image_kv, _ = model.encode_features(images) if features else model.encode(images)
+        kw = dict(eos_id=tok.eos_id, pad_id=tok.pad_id)
+        captions = generate(model, image_kv, [tok.caption_prompt()] * len(indices), config=self.decoding, **kw)
         rows, prompts, keys = [], [], []
         for row, index in enumerate(indices):
             self._captions[index] = tok.decode(captions.tokens[row])
@@ -101,8 +108,10 @@ class GenerationMetrics(Callback):
                 prompts.append(_question_prompt(tok, question["question"], model.cfg.decoder.max_length))
                 keys.append((index, q))
         if rows:
-            answers = generate(model, images[rows], prompts, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                               max_new_tokens=self.max_answer_tokens, features=features)
+            index = torch.tensor(rows, device=images.device)
+            answer_kv = [(k[index], v[index]) for k, v in image_kv]  # each question reads its image's keys/values
+            answering = replace(self.decoding, max_new_tokens=self.decoding.token_budget(answer=True))
+            answers = generate(model, answer_kv, prompts, config=answering, **kw)
             self._answers.update({key: tok.decode(t) for key, t in zip(keys, answers.tokens, strict=True)})
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -133,33 +142,44 @@ class GenerationMetrics(Callback):
             warnings.warn(message, stacklevel=1)
             log.warning(message)
         if self.samples:
+            # trainer.log_dir is a collective under DDP (rank 0's, broadcast): every process asks, rank 0 writes.
+            folder = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
             with full_parameters(pl_module.model):  # every process gathers; rank 0 draws
                 if trainer.is_global_zero and self._images:
-                    self._log_samples(trainer, pl_module, captions)
+                    self._log_samples(trainer, pl_module, captions, folder)
 
     @torch.no_grad()
-    def _log_samples(self, trainer: L.Trainer, pl_module: L.LightningModule, captions: dict[int, str]) -> None:
-        """Each sample image with its generated caption and per-token attention overlays."""
+    def _log_samples(self, trainer: L.Trainer, pl_module: L.LightningModule, captions: dict[int, str],
+                     folder: Path) -> None:
+        """Each sample image with its generated caption and per-token attention overlays (to TensorBoard, or
+        PNG files in ``folder``)."""
         model, tok = pl_module.model, pl_module.tokenizer
         indices = sorted(self._images)
         images = torch.stack([self._images[i] for i in indices]).to(pl_module.device)
-        gen = generate(model, images, [tok.caption_prompt()] * len(indices), eos_id=tok.eos_id,
-                       pad_id=tok.pad_id, max_new_tokens=self.max_caption_tokens, return_attention=True)
         step = trainer.global_step
-        for index, pixels, ids, attn in zip(indices, images, gen.tokens, gen.attentions, strict=True):
+        for index, pixels, (ids, maps) in zip(indices, images, self.sample_maps(model, tok, images), strict=True):
             text = tok.decode(ids)
-            maps = attn.float().mean(dim=(1, 2)).reshape(-1, *gen.grid).cpu().numpy()  # (T, h, w)
             shown = slice(0, MAX_PANELS)  # a rambling caption would make a huge, slow figure
             grid = token_grid(_to_pil(pixels, model.encoder.trunk), tok.tokens(ids)[shown], maps[shown], title=text)
             if isinstance(trainer.logger, TensorBoardLogger):
                 trainer.logger.experiment.add_image(f"samples/{index}", np.asarray(grid), step, dataformats="HWC")
                 trainer.logger.experiment.add_text(f"samples/{index}", text, step)
             else:  # CSV or no logger: PNG files and a captions file beside the metrics
-                folder = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
                 folder.mkdir(parents=True, exist_ok=True)
                 grid.save(folder / f"step{step:06d}_item{index}.png")
                 with open(folder / "captions.tsv", "a", encoding="utf-8") as f:
                     f.write(f"{step}\t{index}\t{text}\n")
+
+
+    def sample_maps(self, model: Any, tok: Any, images: Tensor) -> list[tuple[list[int], np.ndarray]]:
+        """Each image's generated caption (token ids) and its tokens' maps (T, h, w), made by the one map function
+        with this callback's MapConfig, exactly as `Captioner.attend` makes them."""
+        image_kv, grid = model.encode(images)
+        prompt = tok.caption_prompt()
+        gen = generate(model, image_kv, [prompt] * len(images), eos_id=tok.eos_id, pad_id=tok.pad_id,
+                       config=self.decoding)
+        maps = token_maps(model, image_kv, grid, [prompt] * len(images), gen.tokens, self.maps)
+        return [(ids, m.cpu().numpy()) for ids, m in zip(gen.tokens, maps, strict=True)]
 
 
 def _val_dataset(trainer: L.Trainer, dataloader_idx: int) -> Any:

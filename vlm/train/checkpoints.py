@@ -4,19 +4,31 @@ Lightning writes a checkpoint through a buffer but neither syncs it to disk nor 
 atomically on every filesystem; a SIGKILL or power loss could leave a truncated ``last.ckpt``. Here a
 checkpoint goes to a temporary file in the same folder, is fsynced, then ``os.replace``d over the target,
 so the target is always either the old or the new complete checkpoint.
+
+A resumed run repeats the uninterrupted one exactly: the checkpoint holds the weights, optimiser, schedule and
+the training loader's position (torchdata's StatefulDataLoader with `vlm.data.builtin.TrainOrder`, whose order
+is a function of the seed and the epoch); each item's draws are seeded by (seed, epoch, index)
+(`vlm.data.builtin.draw_rng`), and torch's generator (dropout, SCST's sampling) by (seed, step, process) at
+every step (`StepSeed`). `BatchLog` records what each step saw, to check it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
+import lightning as L
+import numpy as np
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from vlm.data.batch import Batch
 from vlm.errors import VLMError
 
 
@@ -75,3 +87,41 @@ def resume_path(resume: str, out: str | os.PathLike, sharded: bool = False) -> P
         written = "fsdp" if ckpt.get("sharded", False) else "a strategy other than fsdp"
         raise VLMError(f"{path}: written under {written}; resume it with the same kind of trainer.strategy")
     return path
+
+
+class StepSeed(Callback):
+    """Seeds torch's generator (CPU and GPUs) from (seed, global step, process rank) before every training step,
+    so random layers (dropout) and sampling draw the same after a resume as in the uninterrupted run, and each
+    process of a DDP run draws its own."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        entropy = (self.seed, trainer.global_step, trainer.global_rank)
+        torch.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]))
+
+
+class BatchLog(Callback):
+    """``data.batch_log``: appends one JSON line per training step and process to a file: the step, the process
+    rank, the batch's dataset indices, and fingerprints (SHA-1, 16 hex digits) of its token sequences (which
+    texts were drawn) and of its pixels (flip, crop). Two runs saw the same data when their lines are equal."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Batch,
+                             batch_idx: int) -> None:
+        texts = hashlib.sha1()
+        for ids, labels in zip(batch.ids, batch.labels, strict=True):
+            texts.update(f"{tuple(ids.shape)}".encode() + ids.cpu().numpy().tobytes() + labels.cpu().numpy().tobytes())
+        line = {"step": trainer.global_step, "rank": trainer.global_rank, "index": batch.index.tolist(),
+                "texts": texts.hexdigest()[:16],
+                "images": hashlib.sha1(batch.images.float().cpu().numpy().tobytes()).hexdigest()[:16]}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:  # one write per line: lines of several processes do not interleave
+            os.write(fd, (json.dumps(line) + "\n").encode())
+        finally:
+            os.close(fd)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlm.config import ModelConfig, OptimConfig, model_config_from_dict
-from vlm.data.builtin import IGNORE_INDEX, TASKS, Batch
+from vlm.data.batch import IGNORE_INDEX, TASKS, Batch
 from vlm.errors import VLMError
 from vlm.model.vlm import VisionLanguageModel
 from vlm.text.tokenizer import Tokenizer
@@ -54,21 +54,24 @@ class CaptionModule(L.LightningModule):
         if self.device_mesh is not None:
             shard_model(self.model, self.device_mesh["data_parallel"])
 
-    def _loss(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+    def _loss(self, batch: Batch, across_processes: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
         """Weighted mean of the per-task token cross-entropies, and per-task losses and token accuracies.
 
         Each image is encoded once. Every task's loss is its mean over that task's learned tokens, so a
         short answer is not drowned by long captions; ``optim.task_weights`` then mixes the tasks. With
-        ``optim.grounding_weight``, the grounding loss of the batch's grounded tokens is added (`mass_in_boxes`).
+        ``optim.grounding_weight``, the mean grounding loss of the grounded tokens is added (`grid_mass_in_boxes`).
+
+        ``across_processes`` (data-parallel training): the means are over the tokens of every process's batch
+        (the counts summed over processes) and this process's part is scaled by the number of processes, so the
+        gradients that DDP and FSDP average are those of the global batch's loss, as one process would take them.
+        The logged losses and accuracies are this process's own means.
         """
         if batch.features:
             image_kv, grid = self.model.encode_features(batch.images)
         else:
             image_kv, grid = self.model.encode(batch.images)
-        smoothing = self.optim_cfg.label_smoothing if self.training else 0.0
-        weights = self.optim_cfg.task_weights
-        loss, total_weight, grounding_term, logs = 0.0, 0.0, 0.0, {}
         max_length = self.model_cfg.decoder.max_length
+        groups = []  # (task, ids, labels, grounded [row, position], their boxes)
         for i, (task, ids, labels) in enumerate(zip(batch.tasks, batch.ids, batch.labels, strict=True)):
             if ids.shape[1] > max_length:  # longer texts are cut to what the decoder can read
                 if not self._warned_long:
@@ -76,34 +79,49 @@ class CaptionModule(L.LightningModule):
                                   stacklevel=2)
                     self._warned_long = True
                 ids, labels = ids[:, :max_length], labels[:, :max_length]
+            where, boxes = batch.grounded[i] if batch.grounded and self.optim_cfg.grounding_weight > 0 else \
+                (ids.new_empty(0, 2), ids.new_empty(0, 4, dtype=torch.float))
+            kept = where[:, 1] < ids.shape[1]  # a token cut off with its text is not grounded either
+            groups.append((task, ids, labels, where[kept], boxes[kept]))
+        # Learned tokens of each task (TASKS order), then grounded tokens: one reduction over processes.
+        counts = torch.zeros(len(TASKS) + 1, dtype=torch.long, device=batch.images.device)
+        for task, _, labels, where, _ in groups:
+            counts[TASKS.index(task)] += (labels != IGNORE_INDEX).sum()
+            counts[-1] += len(where)
+        scale = 1
+        if across_processes:
+            counts, scale = self.trainer.strategy.reduce(counts, reduce_op="sum"), self.trainer.world_size
+        weights = self.optim_cfg.task_weights
+        total_weight = sum(weights[task] for task, count in zip(TASKS, counts[:-1].tolist(), strict=True) if count)
+        smoothing = self.optim_cfg.label_smoothing if self.training else 0.0
+        loss, grounding, logs = 0.0, 0.0, {}  # grounding: the sum of the grounded tokens' losses
+        for task, ids, labels, where, boxes in groups:
             learned = labels != IGNORE_INDEX
             if not learned.any():  # nothing left to learn in this group (its answers were cut off)
                 continue
-            where, boxes = batch.grounded[i] if batch.grounded else (ids.new_empty(0, 2), None)
-            where_kept = where[:, 1] < ids.shape[1]  # a token cut off with its text is not grounded either
-            grounded = self.optim_cfg.grounding_weight > 0 and bool(where_kept.any())
+            grounded = len(where) > 0
             out = self.model.decode(image_kv, grid, ids, need_weights=grounded)
             logits = out.logits  # (S, T, V)
             if grounded:
                 layers = self.model_cfg.attention_layers or range(self.model_cfg.decoder.depth)
-                mass = mass_in_boxes(out.cross_attentions, layers, where[where_kept], boxes[where_kept], grid)
-                grounding = -mass.clamp(min=1e-6).log().mean()
-                logs["grounding_loss"], logs["grounding_mass"] = grounding.detach(), mass.detach().mean()
-                grounding_term = grounding_term + self.optim_cfg.grounding_weight * grounding
+                mass = grid_mass_in_boxes(out.cross_attentions, layers, where, boxes, grid)
+                token_grounding = -mass.clamp(min=1e-6).log()
+                logs["grounding_loss"], logs["grounding_mass"] = token_grounding.detach().mean(), mass.detach().mean()
+                grounding = grounding + token_grounding.sum()
             task_loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                                        label_smoothing=smoothing)
-            logs[f"{task}_loss"] = task_loss.detach()
+                                        label_smoothing=smoothing, reduction="sum")
+            logs[f"{task}_loss"] = task_loss.detach() / learned.sum()
             logs[f"{task}_token_acc"] = (logits.argmax(-1) == labels)[learned].float().mean()
-            loss = loss + weights[task] * task_loss
-            total_weight += weights[task]
+            loss = loss + weights[task] * task_loss * scale / counts[TASKS.index(task)]
+        grounding_term = self.optim_cfg.grounding_weight * grounding * scale / counts[-1].clamp(min=1)
         return loss / total_weight + grounding_term, logs
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
-        loss, logs = self._loss(batch)
+        loss, logs = self._loss(batch, across_processes=self.trainer.world_size > 1)
         if skip_nonfinite(self, loss, self.optim_cfg.nonfinite_skips):
             self.log("train/nonfinite_skipped", float(self.nonfinite_skipped))
             return None  # no backward, no optimizer step
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the processes' mean: the global batch's loss
         self.log_dict({f"train/{k}": v for k, v in logs.items()})
         now = time.perf_counter()
         if self._tick is not None:
@@ -160,7 +178,7 @@ class CaptionModule(L.LightningModule):
 
 
 def box_coverage(boxes: Tensor, grid: tuple[int, int]) -> Tensor:
-    """(G, h * w): the share of each patch's area inside each box (G, 4), a `vlm.data.builtin.UnitBox`."""
+    """(G, h * w): the share of each patch's area inside each box (G, 4), a `vlm.data.boxes.FractionBox`."""
     h, w = grid
 
     def overlap(lo: Tensor, hi: Tensor, n: int) -> Tensor:  # (G, n): share of each of n equal cells in [lo, hi]
@@ -171,18 +189,23 @@ def box_coverage(boxes: Tensor, grid: tuple[int, int]) -> Tensor:
     return (rows[:, :, None] * cols[:, None, :]).flatten(1)
 
 
-def mass_in_boxes(cross_attentions: list[Tensor], layers, where: Tensor, boxes: Tensor, grid: tuple[int, int]
-                  ) -> Tensor:
+def grid_mass_in_boxes(cross_attentions: list[Tensor], layers, where: Tensor, boxes: Tensor, grid: tuple[int, int]
+                       ) -> Tensor:
     """(G,) share of each grounded token's map inside its box, each patch counted by its share inside.
 
     The map is the one `vlm attend` draws: the cross-attention (S, H, T, N) of the position that predicts the
     token, heads and the given layers averaged; where (G, 2) holds [sequence row, position]. The grounding loss,
     -log of this share, is attention supervision in the manner of Liu et al. 2017 ("Attention Correctness in
     Neural Image Captioning").
+
+    The benchmark's `vlm.grounding.maps.pixel_mass_in_box` measures on the map upsampled to the image's pixels
+    instead; the loss stays on the grid the model attends over, where the share is exact, cheap and differentiable.
+    The two agree when the box lies on patch boundaries and the map does not change across them.
     """
     rows, positions = where.unbind(1)
     maps = torch.stack([cross_attentions[layer][rows, :, positions].mean(1) for layer in layers]).mean(0)  # (G, N)
-    return (maps.float() * box_coverage(boxes.to(maps.device), grid)).sum(-1)
+    # The coverage is float32: bfloat16 maps are summed in float32, float64 ones stay float64.
+    return (maps * box_coverage(boxes.to(maps.device), grid)).sum(-1)
 
 
 def adamw(params, fused: bool = True, **kwargs) -> torch.optim.AdamW:
@@ -195,13 +218,3 @@ def adamw(params, fused: bool = True, **kwargs) -> torch.optim.AdamW:
             pass
     return torch.optim.AdamW(params, **kwargs)
 
-
-def state_from_checkpoint(path: str) -> tuple[dict, dict, str]:
-    """(model state dict, model config dict, tokenizer JSON) from a Lightning checkpoint, safely."""
-    with warnings.catch_warnings():  # torch's remarks on pickle protocols; a refusal still raises
-        warnings.simplefilter("ignore")
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    hp = ckpt["hyper_parameters"]
-    prefix = "model."
-    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    return state, hp["model"], hp["tokenizer"]

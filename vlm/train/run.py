@@ -10,16 +10,17 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
-from vlm.api import Captioner
+from vlm.checkpoint import load_model, save_model
 from vlm.config import TrainConfig
 from vlm.data.builtin import SceneDataModule, scene_texts
 from vlm.data.datasets import SourceData, SourceDataModule
 from vlm.data.features import CachedFeatures
 from vlm.data.transforms import image_transform
 from vlm.errors import VLMError
+from vlm.model.vlm import VisionLanguageModel
 from vlm.text.tokenizer import Tokenizer
 from vlm.train.callbacks import GenerationMetrics
-from vlm.train.checkpoints import AtomicCheckpointIO, resume_path
+from vlm.train.checkpoints import AtomicCheckpointIO, BatchLog, StepSeed, resume_path
 from vlm.train.module import CaptionModule
 from vlm.train.scst import SCSTModule
 from vlm.train.sharding import FSDPStrategy, unsharded
@@ -52,16 +53,18 @@ def train(cfg: TrainConfig, out: str | Path, resume: str | None = None, init: st
     else:
         texts = scene_texts(TOKENIZER_SCENES, data_cfg.seed)
     tok_cfg = data_cfg.tokenizer
-    start = Captioner.load(init, device="cpu") if init else None
-    tokenizer = start.tokenizer if start else Tokenizer.train(texts, tok_cfg.kind, tok_cfg.vocab_size,
-                                                              tok_cfg.min_frequency)
+    if init:
+        start, tokenizer = load_model(init)
+    else:
+        start, tokenizer = None, Tokenizer.train(texts, tok_cfg.kind, tok_cfg.vocab_size, tok_cfg.min_frequency)
     module = build_module(cfg, tokenizer, start)
     trunk, size = module.model.encoder.trunk, module.model.cfg.encoder.image_size
     if data_cfg.sources:
         data = SourceDataModule(data_cfg, train_data, val_data, tokenizer,
-                                image_transform(trunk, size, data_cfg.crop_scale), image_transform(trunk, size))
+                                image_transform(trunk, size, data_cfg.crop_scale), image_transform(trunk, size),
+                                cfg.trainer.seed)
     else:
-        data = SceneDataModule(data_cfg, tokenizer, image_transform(trunk, size), size)
+        data = SceneDataModule(data_cfg, tokenizer, image_transform(trunk, size), size, cfg.trainer.seed)
     if data_cfg.feature_cache:
         data = CachedFeatures(data, module.model.encoder, data_cfg.feature_cache, cfg.model.encoder.trainable)
     report = data_report(cfg, tokenizer, texts, train_data if data_cfg.sources else None,
@@ -74,9 +77,11 @@ def train(cfg: TrainConfig, out: str | Path, resume: str | None = None, init: st
     trainer_args.pop("seed")
     if sharded:  # FSDP2, on GPUs and CPUs alike (vlm.train.sharding)
         trainer_args["strategy"] = FSDPStrategy()
-    callbacks = [checkpoints, LearningRateMonitor()]
+    callbacks = [checkpoints, LearningRateMonitor(), StepSeed(cfg.trainer.seed)]
+    if data_cfg.batch_log:
+        callbacks.append(BatchLog(data_cfg.batch_log))
     if cfg.val.generate:
-        callbacks.insert(0, GenerationMetrics(cfg.val.samples, cfg.val.collapse_share))
+        callbacks.insert(0, GenerationMetrics(cfg.val.samples, cfg.val.collapse_share, maps=cfg.val.maps))
     # check_val_every_n_epoch=None: val_check_interval counts training batches across epochs, so data smaller
     # than one interval still validates.
     trainer = L.Trainer(**trainer_args, default_root_dir=out, callbacks=callbacks, num_sanity_val_steps=0,
@@ -89,20 +94,20 @@ def train(cfg: TrainConfig, out: str | Path, resume: str | None = None, init: st
         return None
     report["skipped_while_loading"] = int(data.skipped) if hasattr(data, "skipped") else 0
     (out / "data_report.json").write_text(json.dumps(report, indent=2))
-    return Captioner(model, tokenizer, device="cpu").save(out / "model")
+    return save_model(model, tokenizer, out / "model")
 
 
-def build_module(cfg: TrainConfig, tokenizer: Tokenizer, start: Captioner | None) -> CaptionModule:
+def build_module(cfg: TrainConfig, tokenizer: Tokenizer, start: VisionLanguageModel | None) -> CaptionModule:
     """Cross-entropy or SCST module; with ``start``, its model config and weights."""
     if cfg.scst.enabled and start is None:
         raise VLMError("scst.enabled needs --init MODEL: a cross-entropy model or checkpoint to start from")
-    model_cfg = start.model.cfg if start else cfg.model
+    model_cfg = start.cfg if start is not None else cfg.model
     if cfg.scst.enabled:
         module = SCSTModule.create(model_cfg, cfg.optim, tokenizer, cfg.scst)
     else:
         module = CaptionModule.create(model_cfg, cfg.optim, tokenizer)
-    if start:
-        module.model.load_state_dict(start.model.state_dict())
+    if start is not None:
+        module.model.load_state_dict(start.state_dict())
     return module
 
 

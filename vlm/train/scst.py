@@ -6,110 +6,83 @@ reward of the image's other samples ("mean", Luo 2020). The loss is the policy g
 ``-(reward - baseline) * log p(caption)``, averaged over the sampled tokens; a caption better than the
 baseline has its probability raised, a worse one lowered.
 
-CIDEr-D's document frequencies come from the reference captions of the first ``scst.df_items`` training
-items, the same on every process, so rewards do not depend on how the data is split across GPUs.
+Samples and the greedy caption come from `vlm.model.generate.generate`, the one decoding loop; an image's k
+samples are drawn from its own generator, seeded by the step and the image's dataset index. CIDEr-D is
+pycocoevalcap's scorer, with document frequencies from the reference captions of the first ``scst.df_items``
+training items, the same on every process, so rewards do not depend on how the data is split across GPUs.
 
 Dimensions: B images, K samples per image, R = B * K rows, T tokens, V vocabulary.
 """
 
 from __future__ import annotations
 
-import math
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict
 
 import torch
+from pycocoevalcap.cider.cider_scorer import CiderScorer
 from torch import Tensor
 
-from vlm.config import ModelConfig, OptimConfig, SCSTConfig
-from vlm.data.builtin import Batch
+from vlm.config import DecodingConfig, ModelConfig, OptimConfig, SCSTConfig
+from vlm.data.batch import Batch
 from vlm.errors import VLMError
 from vlm.eval.caption import tokenize_caption
 from vlm.model.decoder import KeysValues
-from vlm.model.vlm import VisionLanguageModel
+from vlm.model.generate import Generation, generate
 from vlm.text.tokenizer import Tokenizer
 from vlm.train.guards import skip_nonfinite
 from vlm.train.module import CaptionModule
+from vlm.train.sharding import full_parameters
 
 NGRAMS, SIGMA = 4, 6.0  # CIDEr-D's n-gram order and length-penalty width, as in the COCO toolkit
 
 
-def _ngram_counts(words: list[str]) -> Counter:
-    return Counter(tuple(words[i:i + n]) for n in range(1, NGRAMS + 1) for i in range(len(words) - n + 1))
+class _Frequencies(dict):
+    """Document frequencies that read 0 for an unseen n-gram without storing it (the scorer looks up every
+    n-gram of every caption, and the table is kept for the whole run)."""
+
+    def __missing__(self, gram: tuple[str, ...]) -> float:
+        return 0.0
+
+
+class _Corpus(list):
+    """The scored items, whose length is the size of the corpus the document frequencies came from: CiderScorer
+    takes log(len(crefs)) as the corpus size in its idf."""
+
+    def __init__(self, items: list, documents: int):
+        super().__init__(items)
+        self.documents = documents
+
+    def __len__(self) -> int:
+        return self.documents
 
 
 class CiderD:
     """CIDEr-D with document frequencies fixed from a reference corpus (one list of captions per item).
 
-    Computes exactly what pycocoevalcap's Cider computes (clipped tf-idf cosine per n-gram order, Gaussian
-    length penalty, x10), but the idf comes from the given corpus instead of the captions being scored.
+    The score is pycocoevalcap's ``CiderScorer`` (the one `vlm eval` reports as CIDEr-D: clipped tf-idf
+    cosine per n-gram order, Gaussian length penalty of sigma 6, x10); only the idf comes from the given
+    corpus instead of from the captions being scored.
     """
 
     def __init__(self, corpus: Sequence[Sequence[str]]):
         if not corpus:
             raise ValueError("CIDEr-D needs a non-empty reference corpus")
-        self.document_frequency: Counter = Counter()
+        scorer = CiderScorer(n=NGRAMS, sigma=SIGMA)
         for refs in corpus:
-            self.document_frequency.update({g for ref in refs for g in _ngram_counts(tokenize_caption(ref).split())})
-        self.log_documents = math.log(float(len(corpus)))
+            scorer.cook_append(None, [tokenize_caption(r) for r in refs])
+        scorer.compute_doc_freq()
+        self.document_frequency = _Frequencies(scorer.document_frequency)
+        self.documents = len(corpus)
 
-    def _vector(self, counts: Counter) -> tuple[list[dict], list[float], int]:
-        vec: list[dict] = [{} for _ in range(NGRAMS)]
-        norm = [0.0] * NGRAMS
-        length = 0
-        for gram, tf in counts.items():
-            n = len(gram) - 1
-            vec[n][gram] = tf * (self.log_documents - math.log(max(1.0, self.document_frequency[gram])))
-            norm[n] += vec[n][gram] ** 2
-            if n == 1:  # the toolkit measures length in bigrams; kept for parity
-                length += tf
-        return vec, [math.sqrt(x) for x in norm], length
-
-    def score(self, caption: str, references: Sequence[str]) -> float:
-        """CIDEr-D of one caption against its references."""
-        vec, norm, length = self._vector(_ngram_counts(tokenize_caption(caption).split()))
-        total = 0.0
-        for ref in references:
-            vec_ref, norm_ref, length_ref = self._vector(_ngram_counts(tokenize_caption(ref).split()))
-            penalty = math.exp(-((length - length_ref) ** 2) / (2 * SIGMA**2))
-            for n in range(NGRAMS):
-                val = sum(min(w, vec_ref[n].get(g, 0.0)) * vec_ref[n].get(g, 0.0) for g, w in vec[n].items())
-                if norm[n] != 0 and norm_ref[n] != 0:
-                    val /= norm[n] * norm_ref[n]
-                total += val * penalty
-        return total / NGRAMS / len(references) * 10.0
-
-
-@torch.no_grad()
-def rollout(model: VisionLanguageModel, image_kv: list[KeysValues], prompt: list[int], k: int, *, eos_id: int,
-            pad_id: int, max_new_tokens: int, greedy: bool = False, temperature: float = 1.0,
-            generator: torch.Generator | None = None) -> Tensor:
-    """k captions per image continuing one shared prompt: (R, T) tokens, image-major, end token included,
-    padding after it. Multinomial sampling (or greedy), with the KV cache; image keys/values are not copied.
-    """
-    B = image_kv[0][0].shape[0]
-    R = B * k
-    device = image_kv[0][0].device
-    T = min(max_new_tokens, model.cfg.decoder.max_length - len(prompt))  # the end token included, as generate
-    cache = model.decoder.new_cache(R, like=image_kv[0][0])
-    ids = torch.tensor(prompt, device=device).expand(R, -1)  # (R, P): one prompt, no padding needed
-    tokens = torch.full((R, T), pad_id, dtype=torch.long, device=device)
-    finished = torch.zeros(R, dtype=torch.bool, device=device)
-    for t in range(T):
-        logits, _, _ = model.decoder(ids, image_kv, cache=cache)
-        logits = logits[:, -1].float()  # (R, V)
-        if greedy:
-            token = logits.argmax(-1)
-        else:
-            token = torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator).squeeze(1)
-        token = token.masked_fill(finished, pad_id)
-        tokens[:, t] = token
-        finished |= token == eos_id
-        if bool(finished.all()):
-            return tokens[:, :t + 1]
-        ids = token[:, None]  # (R, 1)
-    return tokens
+    def scores(self, captions: Sequence[str], references: Sequence[Sequence[str]]) -> list[float]:
+        """CIDEr-D of each caption against its own references."""
+        scorer = CiderScorer(n=NGRAMS, sigma=SIGMA)
+        for caption, refs in zip(captions, references, strict=True):
+            scorer.cook_append(tokenize_caption(caption), [tokenize_caption(r) for r in refs])
+        scorer.document_frequency = self.document_frequency
+        scorer.crefs = _Corpus(scorer.crefs, self.documents)
+        return [float(s) for s in scorer.compute_cider()]
 
 
 def sequence_mask(tokens: Tensor, eos_id: int) -> Tensor:
@@ -149,21 +122,29 @@ class SCSTModule(CaptionModule):
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
         cfg, tok = self.scst_cfg, self.tokenizer
         dataset = self.trainer.train_dataloader.dataset
-        references = [dataset.references(i)["captions"] for i in batch.index.tolist()]
+        indices = batch.index.tolist()
+        references = [dataset.references(i)["captions"] for i in indices]
         encode = self.model.encode_features if batch.features else self.model.encode  # feature cache or images
         image_kv, grid = encode(batch.images)
         prompt = tok.caption_prompt()
-        kw = dict(eos_id=tok.eos_id, pad_id=tok.pad_id, max_new_tokens=cfg.max_new_tokens)
         k = cfg.samples
-        tokens = rollout(self.model, image_kv, prompt, k, temperature=cfg.temperature, **kw)  # (R, T)
-        rewards = self._rewards(tokens, references, k)  # (R,)
-        if cfg.baseline == "greedy":
-            greedy = rollout(self.model, image_kv, prompt, 1, greedy=True, **kw)  # (B, T')
+        # Each image's samples come from its own generator, seeded by the step and the image's dataset index, so
+        # they do not depend on the batch or on how the data is split across processes.
+        seeds = [(torch.initial_seed() + self.global_step * len(dataset) + i) % 2**63 for i in indices]
+        sampling = DecodingConfig(max_new_tokens=cfg.max_new_tokens, sample=True, temperature=cfg.temperature,
+                                  num_samples=k, seed=seeds)
+        with full_parameters(self.model):  # generation's step count differs between processes
+            samples = self._generate(image_kv, prompt, sampling)
+            greedy = (self._generate(image_kv, prompt, DecodingConfig(max_new_tokens=cfg.max_new_tokens))
+                      if cfg.baseline == "greedy" else None)
+        rewards = self._rewards(samples, references, k)  # (R,)
+        if greedy is not None:
             baseline = self._rewards(greedy, references, 1).repeat_interleave(k)  # (R,)
             self.log("train/greedy_reward", baseline.mean())
         else:  # mean of the image's other samples
             per_image = rewards.view(-1, k)
             baseline = ((per_image.sum(1, keepdim=True) - per_image) / (k - 1)).view(-1)
+        tokens = tokens_with_end(samples, tok.eos_id, tok.pad_id, image_kv[0][0].device)  # (R, T): end token included
         mask = sequence_mask(tokens, tok.eos_id)
         ids = torch.cat([torch.tensor(prompt, device=tokens.device).expand(len(tokens), -1), tokens[:, :-1]], 1)
         logits = self.model.decode(image_kv, grid, ids).logits[:, len(prompt) - 1:]  # (R, T, V): predict tokens
@@ -175,9 +156,22 @@ class SCSTModule(CaptionModule):
         self.log("train/reward", rewards.mean(), prog_bar=True)
         return loss
 
-    def _rewards(self, tokens: Tensor, references: list[list[str]], k: int) -> Tensor:
-        """CIDEr-D of each row's caption against its image's references (row r reads image r // k)."""
-        mask = sequence_mask(tokens, self.tokenizer.eos_id)
-        texts = [self.tokenizer.decode(row[m].tolist()) for row, m in zip(tokens, mask, strict=True)]
-        scores = [self.cider.score(text, references[r // k]) for r, text in enumerate(texts)]
-        return torch.tensor(scores, device=tokens.device)
+    def _generate(self, image_kv: list[KeysValues], prompt: list[int], decoding: DecodingConfig) -> Generation:
+        B = image_kv[0][0].shape[0]
+        return generate(self.model, image_kv, [prompt] * B, eos_id=self.tokenizer.eos_id,
+                        pad_id=self.tokenizer.pad_id, config=decoding)
+
+    def _rewards(self, gen: Generation, references: list[list[str]], k: int) -> Tensor:
+        """CIDEr-D of each generated caption against its image's references (sequence r reads image r // k)."""
+        texts = [self.tokenizer.decode(t) for t in gen.tokens]
+        scores = self.cider.scores(texts, [references[r // k] for r in range(len(texts))])
+        return torch.tensor(scores, device=self.device)
+
+
+def tokens_with_end(gen: Generation, eos_id: int, pad_id: int, device: torch.device) -> Tensor:
+    """(R, T) generated tokens, each with its end token when it ended, padded after it."""
+    rows = [t + [eos_id] if ended else t for t, ended in zip(gen.tokens, gen.ended, strict=True)]
+    tokens = torch.full((len(rows), max(1, max(map(len, rows)))), pad_id, dtype=torch.long, device=device)
+    for r, row in enumerate(rows):
+        tokens[r, :len(row)] = torch.tensor(row, dtype=torch.long, device=device)
+    return tokens

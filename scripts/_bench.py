@@ -1,0 +1,139 @@
+"""What every benchmark under scripts/ shares: the machine, the commit, side-by-side timing, the JSON report.
+
+    from _bench import add_json_option, alternate, report    # scripts/ is on sys.path when a script runs
+
+    parser = argparse.ArgumentParser()
+    add_json_option(parser, "speed")                         # --json, default benchmarks/results/speed.json
+    ...
+    seconds = alternate({"ours": run_ours, "theirs": run_theirs}, reps=5)
+    path = report(args.json, config={...}, results={...}, ratios={...}, threads=args.threads)
+    print(path)                                              # the report's path is printed last
+
+The report is `{"commit", "command", "date", "machine", "config", "results", "ratios", ...}` as
+/work/shared/BENCHMARKS.md describes; the machine's load average is read at the start and at the end of
+the run, since other work on a shared machine slows what is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:  # no git: the report says commit null
+        return ""
+
+
+# Read when a script starts: the work it measures is that of the checkout at the start, whatever happens after.
+_LOAD_AT_START = os.getloadavg()
+_COMMIT_AT_START = {"commit": _git("rev-parse", "--short", "HEAD") or None,
+                    "dirty": bool(_git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def add_json_option(parser: argparse.ArgumentParser, name: str) -> None:
+    """Add --json, the report's path, defaulting to benchmarks/results/NAME.json (the committed evidence)."""
+    parser.add_argument("--json", default=os.path.relpath(RESULTS / f"{name}.json"),
+                        help="where to write the JSON report (default: %(default)s)")
+
+
+def commit() -> dict:
+    """The checked-out commit (short hash) and whether tracked files differed from it, read when the run started."""
+    return dict(_COMMIT_AT_START)
+
+
+def machine(threads: int | None = None, device: str = "cpu", **extra) -> dict:
+    """CPU, cores, torch threads, library versions, device (the card's name on CUDA) and load averages."""
+    import torch
+
+    info = {"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": threads or torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__, "device": device,
+            "load_average_at_start": [round(x, 2) for x in _LOAD_AT_START],
+            "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}
+    if device.startswith("cuda"):
+        info["card"] = torch.cuda.get_device_name()
+    return {**info, **extra}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def sync(device: str = "cpu") -> None:
+    if str(device).startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], device: str = "cpu") -> float:
+    """Seconds one call takes (the device synchronised before and after)."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def alternate(fns: dict[str, Callable[[], object]], reps: int, device: str = "cpu") -> dict[str, float]:
+    """Median seconds of each callable, run in turn (the order rotating) after one warm-up each.
+
+    Alternating the sides within each repetition spreads the machine's drift over all of them alike.
+    """
+    names = list(fns)
+    for name in names:
+        fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(reps):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(timed(fns[name], device))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def paired_overhead(plain: Callable[[], object], extra: Callable[[], object], reps: int, device: str = "cpu") -> float:
+    """Median over reps of extra's time over plain's, each pair run back to back (the order alternating), minus 1.
+
+    A ratio within each pair cancels the machine's drift, which medians of the two sides taken apart do not.
+    """
+    plain(), extra()
+    ratios = []
+    for r in range(reps):
+        if r % 2:
+            e, p = timed(extra, device), timed(plain, device)
+        else:
+            p, e = timed(plain, device), timed(extra, device)
+        ratios.append(e / p)
+    return statistics.median(ratios) - 1
+
+
+def report(path: str | Path, config: dict, results: dict, ratios: dict | None = None, *,
+           threads: int | None = None, device: str = "cpu", machine_extra: dict | None = None, **sections) -> Path:
+    """Write the JSON report (commit, command, machine, config, results, ratios, other sections); return its path."""
+    data = {**commit(), "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine(threads, device, **(machine_extra or {})),
+            "config": config, "results": results, "ratios": ratios or {}, **sections}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path

@@ -1,0 +1,302 @@
+"""Write docs/results.md from the benchmark reports under benchmarks/results/: one section per report found.
+
+    .venv/bin/python scripts/results_page.py      # after re-running benchmarks; commit the page with the reports
+
+Each section gives the command that wrote the report (as recorded in it), what is measured, the figures, the
+commit, the date and the machine (with its load average), and links the JSON. A benchmark without a report
+gets no section, so the page never cites evidence that is not in the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+PAGE = ROOT / "docs" / "results.md"
+
+INTRO = """# Measured results
+
+Every figure on this page comes from a script under `scripts/`, run from the repository root, which writes a JSON
+report to [`benchmarks/results/`](../benchmarks/results/); the reports are committed beside this page, and
+`scripts/results_page.py` writes this page from them. A report records the command line, the commit it ran on
+(the short `git rev-parse HEAD` when the run started; "+ uncommitted changes" when tracked files differed from
+it), the date, and the machine: CPU, cores, torch threads, library versions, device (the card's name on a GPU)
+and the load average at the start and at the end of the run. To re-measure, run a section's command, then
+`.venv/bin/python scripts/results_page.py`.
+
+Unless a section says otherwise the machine is this project's development machine: 2 cores of an AMD EPYC
+(x86-64, AVX2, no bf16 instructions, no GPU). It is shared, so the load average (runnable processes: 2 means
+both cores busy) says how much else ran. Timings of two sides are taken side by side in one process, alternating
+the sides over several repetitions and reporting medians (`scripts/_bench.py`), so that ratios survive the
+machine's drift better than absolute figures do.
+"""
+
+
+def fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool) or isinstance(value, int):
+        return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# --- one renderer per report: what is measured, then the figures -------------------------------------------------
+
+QUALITY_TARGETS = {"train_minutes": "<= 15", "vqa_accuracy": ">= 0.90", "CIDEr-D": ">= 1.5", "pointing_game": ">= 0.80"}
+QUALITY_LABELS = {"train_minutes": "`vlm train` wall time, start to exported model (min)",
+                  "train_steps": "training steps reached (of 800)",
+                  "vqa_accuracy": "VQA accuracy (official metric)", "CIDEr-D": "caption CIDEr-D (greedy)",
+                  "BLEU-4": "caption BLEU-4 (greedy)", "pointing_game": "pointing game (all layers, heads averaged)",
+                  "mass_in_box": "attention mass inside the object's box",
+                  "identical_captions": "share of identical captions"}
+
+
+def quality(report: dict) -> str:
+    r = report["results"]
+    rows = [[label, fmt(r[k]), QUALITY_TARGETS.get(k, "")] for k, label in QUALITY_LABELS.items()
+            if r.get(k) is not None]
+    rows += [[f"&nbsp;&nbsp; VQA {k.split('/', 1)[-1]}", fmt(v), ""] for k, v in r.items()
+             if k not in QUALITY_LABELS and k != "eval_seconds" and isinstance(v, float)]
+    c = report["config"]
+    extra = f" plus `{' '.join(c['train_args'])}`" if c["train_args"] else ""
+    trained = ("`vlm train` with the default recipe (built-in scenes, at most 800 steps or 14 minutes of fitting)"
+               f"{extra}" if r.get("train_minutes") is not None else f"The model `{c['model']}`")
+    about = (f"{trained}, scored on {c['num_scenes']} held-out scenes. The pointing game feeds the "
+             "first reference caption (which names every object) through the decoder and averages the maps of each "
+             "object phrase's tokens; a hit is a peak inside the object's box. The references are templated, so "
+             "CIDEr-D is far higher than on natural captions: it says the model names the right objects in the "
+             "right order. The step count reached depends on the machine's speed.")
+    return about + "\n\n" + table(["metric", "measured", "target"], rows)
+
+
+def grounding(report: dict) -> str:
+    rows = []
+    for method, r in report["results"].items():
+        d = r["deletion"]
+        head = "heads averaged" if r["head"] is None else f"head {r['head']}"
+        rows.append([method, f"{r['layers']}, {head}", fmt(r["selection_pointing_game"]), fmt(r["pointing_game"]),
+                     fmt(r["default"]["pointing_game"]), fmt(r["patch_centre_pointing_game"]), fmt(r["mass_in_box"]),
+                     fmt(r["iou"]), f"{fmt(d['area_attention'])} / {fmt(d['area_random'])}"])
+    c = report["config"]
+    best = report["best"]["method"]
+    misses = report["results"][best].get("misses")
+    about = (f"{c['num_scenes']} held-out scenes ({c['phrases']:,} object phrases) scored with the model "
+             f"`{c['model']}`. For each method, every choice of decoder layers and heads is scored on "
+             f"{c['select_scenes']} other held-out scenes; only the best choice there is scored on the scored scenes. "
+             "The pointing game takes the peak of the bilinearly upsampled map; \"patch centre\" takes it at the "
+             "centre of the argmax patch. The deletion areas are under the phrase's probability as the most-attended "
+             f"(or random) patches are removed, on {c['deletion_scenes']} scenes: lower is more faithful. Target: the "
+             "best method >= 0.90.")
+    text = about + "\n\n" + table(["method", "layers, head chosen", "selection", "pointing game",
+                                   "all layers, heads averaged", "patch centre", "mass in box", "box IoU",
+                                   "deletion area, attended / random"], rows)
+    if misses:
+        text += (f"\n\nOf the best maps' {misses['count']} misses, {misses['within_4px']} peak within 4 pixels of the "
+                 f"box (median {misses['median_px']:.1f} px; grid {misses['grid'][0]} x {misses['grid'][1]} over "
+                 f"{misses['image_size']} px).")
+    return text
+
+
+SPEED_TARGETS = {"train_images_per_s": ">= 1.3", "greedy_b1_images_per_s": ">= 3", "beam": ">= 2", "greedy_b": ">= 2",
+                 "train_peak_tensor_memory_mb": "<= 1", "train_peak_memory_mb": "<= 1",
+                 "train_flop_share_of_matmul_peak": ">= 0.60"}
+
+
+def _speed_target(metric: str) -> str:
+    for key, target in SPEED_TARGETS.items():
+        if metric.startswith(key):
+            return target
+    return ""
+
+
+SPEED_LABELS = {"train_images_per_s": "training, images/s", "train_peak_tensor_memory_mb": "peak training-step memory, "
+                "tensors MB", "train_peak_memory_mb": "peak training-step memory, resident MB",
+                "train_flop_share_of_matmul_peak": "training FLOP/s as share of the matmul peak"}
+
+
+def _speed_label(metric: str) -> str:
+    found = re.fullmatch(r"(greedy|beam(\d+))_b(\d+)_images_per_s", metric)
+    if found:
+        decoding = "greedy" if found[1] == "greedy" else f"beam {found[2]}"
+        return f"generation, batch {found[3]} {decoding}, images/s"
+    return SPEED_LABELS.get(metric, metric)
+
+
+def speed(report: dict) -> str:
+    ours, hf = report["results"]["ours"], report["results"]["hf"]
+    ceilings = report.get("roofline_ratio_ceilings", {})
+    rows = []
+    for metric in ours:
+        if metric not in hf or metric.endswith("_gflop") or metric == "params_m":
+            continue
+        ceiling = ceilings.get(f"{metric}_vs_hf")
+        ratio = "" if metric.endswith("share_of_matmul_peak") else fmt(ours[metric] / hf[metric], 2)
+        rows.append([_speed_label(metric), fmt(ours[metric]), fmt(hf[metric]), ratio, fmt(ceiling, 2),
+                     _speed_target(metric)])
+    overheads = [f"{k.replace('_attention_overhead', '').replace('_', ' ')} {v:+.1%}" for k, v in ours.items()
+                 if k.endswith("attention_overhead")]
+    rows.append(["returning attention maps (time added)", " / ".join(overheads), "", "", "", "<= 10%"])
+    c, m = report["config"], report["machine"]
+    about = ("Ours against `transformers.VisionEncoderDecoderModel` (ViT encoder + BERT decoder with cross-attention), "
+             f"both from scratch with the same dimensions ({c['image']} px images, {c['patch']} px patches, width "
+             f"{c['width']}, {c['enc_layers']} + {c['dec_layers']} layers, {c['heads']} heads, MLP {c['mlp']}, "
+             f"vocabulary {c['vocab']}, dropout 0), the same {c['optimizer_impl']} AdamW, batch {c['batch']}, "
+             f"captions of {c['caption_length']} tokens, exactly {c['new_tokens']} generated tokens, medians of "
+             f"{c['reps']} alternating repetitions. Throughputs are images/s; memory is the peak rise over a "
+             "training step (tensors: from torch's memory timeline; resident: `ru_maxrss`, each side in a fresh "
+             "process). The ceiling is a roofline bound on the ratio: HF's time over the least time our work could "
+             f"take, our counted FLOPs at the measured matmul peak ({m['matmul_peak_gflop_per_s']:.0f} GFLOP/s) and, "
+             f"per generated token, at least one read of the decoder weights "
+             f"({m['decoder_weight_read_ms']:.2f} ms with torch's one-row products; a plain sum of them takes "
+             f"{m['decoder_weight_sum_ms']:.2f} ms). Maps' cost is the median of per-pair ratios, plain and with "
+             "maps timed back to back.")
+    return about + "\n\n" + table(["metric", "ours", "HF", "ours / HF", "ceiling", "target"], rows)
+
+
+def compile_(report: dict) -> str:
+    r, c = report["results"], report["config"]
+    about = (f"A training step (forward and backward) of the default model on {c['images']} images x "
+             f"{c['sequences'] // c['images']} sequences of {c['tokens']} tokens, eager against `optim.compile: true` "
+             f"(`torch.compile` of encoder and decoder), medians of {c['reps']} alternating steps.")
+    rows = [["eager step (s)", fmt(r["eager_step_s"])], ["compiled step (s)", fmt(r["compiled_step_s"])],
+            ["compiled steps/s over eager", fmt(report["ratios"]["compiled_steps_per_s_vs_eager"], 2)],
+            ["first compiled step, compiling (s)", fmt(r["first_compiled_step_s"], 0)]]
+    return about + "\n\n" + table(["measured", "value"], rows)
+
+
+def load_check(report: dict) -> str:
+    c = report["config"]
+    rows = []
+    for side, label in (("concurrent", f"{c['clients']} x {c['requests_per_client']}"),
+                        ("single", f"1 x {c['requests_per_client']}")):
+        r = report["results"][side]
+        rows.append([label, fmt(r["requests_per_s"], 1), f"{r['p50_ms']:.0f} ms", f"{r['p95_ms']:.0f} ms",
+                     f"{r['failed'] + r['wrong']} of {r['requests']}"])
+    about = (f"`vlm serve` on loopback with the model `{c['model']}`: {c['clients']} concurrent clients against 1, "
+             f"{c['mix']}, each answer checked against the Python API's; medians over {c['reps']} alternating "
+             "repetitions.")
+    return about + "\n\n" + table(["clients x requests", "requests/s", "p50 latency", "p95 latency",
+                                   "failed or wrong"], rows)
+
+
+def ptb_parity(report: dict) -> str:
+    r, c = report["results"], report["config"]
+    about = ("`vlm/eval/ptb.py`, our pure-Python copy of the Stanford PTBTokenizer as pycocoevalcap runs it, against "
+             f"the official Java program ({report['machine'].get('java', 'java')}) in one JVM run: every hard piece "
+             f"of the probe list alone and {c['n']:,} random mixes of them (seed {c['seed']}: punctuation inside "
+             "words, URLs, e-mails, abbreviations, numbers, currency, contractions, Unicode quotes and dashes, "
+             "emoji, odd spaces), compared token for token.")
+    return about + "\n\n" + table(["strings", "differing from Java"], [[fmt(r["strings"]), f"**{r['differing']}**"]])
+
+
+def generic(report: dict, about: str = "") -> str:
+    """Any other report: its scalar results (two levels deep) and its ratios."""
+    rows = []
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict) and prefix.count(".") < 2:
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        elif isinstance(value, int | float | str | bool) or value is None:
+            rows.append([prefix, fmt(value)])
+
+    walk("", report.get("results", {}))
+    rows += [[f"ratio {k}", fmt(v, 2)] for k, v in report.get("ratios", {}).items()]
+    return (about + "\n\n" if about else "") + table(["measured", "value"], rows)
+
+
+@dataclass
+class Section:
+    name: str  # benchmarks/results/NAME.json
+    title: str
+    render: Callable[[dict], str] | None = None  # None: every scalar result, after ``about``
+    about: str = ""
+
+    def text(self, report: dict) -> str:
+        return self.render(report) if self.render else generic(report, self.about)
+
+
+SECTIONS = [
+    Section("quality", "Quality of the default model", quality),
+    Section("grounding", "Grounding: map methods", grounding),
+    Section("speed", "Speed and memory against transformers", speed),
+    Section("compile", "torch.compile of a training step", compile_),
+    Section("load_check", "Serving under concurrent clients", load_check),
+    Section("ptb_parity", "PTB tokenizer parity with the Java original", ptb_parity),
+    Section("feature_cache", "Feature cache", about="An epoch of training the decoder from cached frozen-trunk maps "
+            "against recomputing the encoder, and whether the two loss curves agree."),
+    Section("memory", "Data-loader memory at COCO scale", about="Proportional memory (PSS) of the process tree over "
+            "an epoch of COCO-sized synthetic annotations with data-loader workers, against the main process alone."),
+    Section("scst", "Self-critical sequence training", about="SCST fitted from `runs/quality/model`, then both models "
+            "scored on the same held-out scenes. SCST trains on captions only; VQA and grounding show that they did "
+            "not degrade."),
+    Section("help_time", "Start-up time of the command line", about="Seconds for `vlm --help` and `vlm caption --help` "
+            "in fresh processes (medians, alternating with a bare `python -c pass`); target under 1.5 s."),
+]
+
+
+def provenance(report: dict, path: Path) -> str:
+    m = report["machine"]
+    dirty = " + uncommitted changes" if report.get("dirty") else ""
+    device = m.get("card") or m.get("device", "cpu")
+    load = (f"load average {m['load_average_at_start'][0]:.1f} at the start, {m['load_average_at_end'][0]:.1f} at the "
+            "end" if "load_average_at_start" in m else "load average not recorded")
+    return (f"Commit `{report.get('commit')}`{dirty}, {report.get('date', '')[:16].replace('T', ' ')} UTC; "
+            f"{m.get('cpu')}, {m.get('cores')} cores, torch threads: {m.get('threads')}, torch {m.get('torch')}, "
+            f"{device}; {load}. Report: [{path.name}](../benchmarks/results/{path.name}).")
+
+
+GRID = """## The attention grid in the README
+
+`assets/attention_grid.png` is `vlm attend`'s `grid.png` for held-out scene 0 with the model that
+`scripts/quality.py` trained (each panel: one generated token's map, heads and layers averaged); redraw it after
+re-running that script:
+
+```bash
+.venv/bin/python -c "from vlm.data.scenes import make_scene; make_scene(0, 'val').image.save('/tmp/scene0.png')"
+.venv/bin/vlm attend --model runs/quality/model /tmp/scene0.png --out /tmp/scene0
+cp /tmp/scene0/grid.png assets/attention_grid.png
+```
+"""
+
+
+def render_page(results: Path) -> str:
+    parts = [INTRO]
+    known = {s.name for s in SECTIONS}
+    others = [Section(p.stem, p.stem.replace("_", " ").capitalize()) for p in sorted(results.glob("*.json"))
+              if p.stem not in known]
+    for section in SECTIONS + others:
+        path = results / f"{section.name}.json"
+        if not path.exists():
+            continue
+        report = json.loads(path.read_text())
+        parts.append(f"## {section.title}\n\n```bash\n{report.get('command', '')}\n```\n\n{section.text(report)}\n\n"
+                     f"{provenance(report, path)}\n")
+    return "\n".join([*parts, GRID])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", default=str(RESULTS), help="folder of JSON reports")
+    parser.add_argument("--out", default=str(PAGE), help="the page to write")
+    args = parser.parse_args()
+    Path(args.out).write_text(render_page(Path(args.results)))
+    print(args.out)
+
+
+if __name__ == "__main__":
+    main()

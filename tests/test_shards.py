@@ -1,0 +1,86 @@
+"""WebDataset shards split over readers (DDP ranks x data-loader workers): every sample once per pass, every
+reader served even with fewer shards than readers, and a clear error instead of a hang when a reader has none."""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+from itertools import islice
+from pathlib import Path
+
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from vlm.config import SourceConfig
+from vlm.data.datasets import ShardDataset
+from vlm.errors import VLMError
+
+TIMEOUT = 60  # seconds a data-loader worker may take per item: a reader that never yields fails, not hangs
+
+
+def _png() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (4, 4), (200, 10, 10)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def write_shards(folder: Path, sizes: list[int]) -> list[str]:
+    """Shards 00000.tar ... with sizes[k] samples each; sample n's caption is "sample n". Returns all captions."""
+    folder.mkdir(parents=True, exist_ok=True)
+    png, captions = _png(), []
+    for k, size in enumerate(sizes):
+        with wds.TarWriter(str(folder / f"{k:05d}.tar")) as sink:
+            for _ in range(size):
+                captions.append(f"sample {len(captions)}")
+                sink.write({"__key__": f"{len(captions):06d}", "png": png, "txt": captions[-1].encode()})
+    return captions
+
+
+def caption_of(image, captions, questions, index):  # the sampler: what identifies the sample
+    return captions[0]
+
+
+def read_as(monkeypatch, dataset: ShardDataset, rank: int, world: int, workers: int, items: int | None = None
+            ) -> list[str]:
+    """What DDP rank ``rank`` of ``world`` reads through a data loader with ``workers`` workers (all of a pass, or
+    its first ``items``). The rank is simulated where the code reads it, torch.distributed; workers fork with it."""
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: rank)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: world)
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers, timeout=TIMEOUT if workers else 0)
+    return list(islice(loader, items))
+
+
+@pytest.mark.parametrize("sizes, pattern", [
+    ([3, 3, 3, 3], "{folder}/{{00000..00003}}.tar"),  # as many shards as readers, divided evenly
+    ([4, 4, 4, 4, 4, 4, 4, 4], "file://{folder}/{{00000..00007}}.tar"),  # two shards per reader
+    ([5, 2, 6], "pipe:cat {folder}/{{00000..00002}}.tar"),  # fewer shards than readers, of other sizes
+    ([9], "{folder}/00000.tar"),  # one shard for four readers
+])
+def test_one_pass_reads_every_sample_exactly_once_across_ranks_and_workers(tmp_path, monkeypatch, sizes, pattern):
+    captions = write_shards(tmp_path / "shards", sizes)
+    dataset = ShardDataset(SourceConfig(pattern.format(folder=tmp_path / "shards")), caption_of, strict=True,
+                           repeat=False)
+    per_rank = [read_as(monkeypatch, dataset, rank, 2, workers=2) for rank in range(2)]
+    assert all(per_rank)  # every rank is served
+    assert Counter(per_rank[0] + per_rank[1]) == Counter(captions)  # each sample exactly once
+    if len(sizes) % 4 == 0 and len(set(sizes)) == 1:  # shards divide evenly: the ranks read equal shares
+        assert len(per_rank[0]) == len(per_rank[1])
+
+
+def test_training_stream_serves_every_reader_of_a_single_shard(tmp_path, monkeypatch):
+    captions = write_shards(tmp_path / "shards", [8])
+    dataset = ShardDataset(SourceConfig(str(tmp_path / "shards" / "00000.tar")), caption_of, strict=True)
+    # Two workers per rank, one shard: before, three of the four readers looped forever without yielding.
+    per_rank = [read_as(monkeypatch, dataset, rank, 2, workers=2, items=8) for rank in range(2)]
+    assert Counter(per_rank[0] + per_rank[1]) == Counter(captions * 2)  # repeated passes, still evenly split
+
+
+def test_a_reader_left_without_samples_is_one_clear_error(tmp_path, monkeypatch):
+    write_shards(tmp_path / "shards", [2])  # two samples for four readers
+    dataset = ShardDataset(SourceConfig(str(tmp_path / "shards" / "00000.tar")), caption_of, strict=True)
+    with pytest.raises(VLMError, match=r"00000.tar: reader [23] of 4 .* got no usable sample"):
+        read_as(monkeypatch, dataset, 1, 2, workers=2, items=4)
