@@ -1,5 +1,6 @@
 """Every shipped config trains one fast_dev_run step as shipped (strategy, devices, precision, image size), but
-for what cannot exist here (GPUs, network, its data: pointed at tiny files the test writes), listed per config;
+for what cannot exist here (GPUs, network, 8 loader workers' cores, its data: pointed at tiny files the test
+writes), listed per config;
 and `vlm train` on datasets on disk (mixed sources, BPE) exports a model and a data report."""
 
 from __future__ import annotations
@@ -57,16 +58,18 @@ def _tiny_sources(shapes: dict[str, Path], sources: list[dict]) -> list[dict]:
 # network) and data paths point at `vlm data shapes` files of the same format.
 ONE_CPU = {"trainer.accelerator": "cpu", "trainer.devices": "1"}  # 8 GPUs -> one CPU process (DDP, bf16 kept)
 SMALL_BATCH = {"data.batch_size": "2"}  # a 224 px ViT-B/16 or ResNet-50 step, cheap on 2 CPU cores
+# 4 or 8 loader workers are sized for a GPU node's CPUs; this machine has 2 cores. The workers still run, 2 of them.
+TWO_WORKERS = {"data.num_workers": "2"}
 OVERRIDES = {
-    "coco_vit_b16": {**ONE_CPU, **SMALL_BATCH},
+    "coco_vit_b16": {**ONE_CPU, **SMALL_BATCH, **TWO_WORKERS},
     "cpu_ddp": {},  # 2 CPU processes, as shipped
-    "jsonl": SMALL_BATCH,
-    "multinode": {"trainer.accelerator": "cpu", "trainer.num_nodes": "1"},  # devices: auto, one CPU process
-    "multitask": {**ONE_CPU, **SMALL_BATCH},
+    "jsonl": {**SMALL_BATCH, **TWO_WORKERS},
+    "multinode": {"trainer.accelerator": "cpu", "trainer.num_nodes": "1", **TWO_WORKERS},  # devices: auto: 1 CPU
+    "multitask": {**ONE_CPU, **SMALL_BATCH, **TWO_WORKERS},
     "scst": {},  # and --init: a tiny untrained model, as SCST starts from a trained one
     "tiny": {},
     "vit": {},
-    "vqav2": {**ONE_CPU, **SMALL_BATCH},
+    "vqav2": {**ONE_CPU, **SMALL_BATCH, **TWO_WORKERS},
 }
 
 
