@@ -242,8 +242,8 @@ SECTIONS = [
     Section("memory", "Data-loader memory at COCO scale", about="Proportional memory (PSS) of the process tree over "
             "an epoch of COCO-sized synthetic annotations with data-loader workers, against the main process alone."),
     Section("scst", "Self-critical sequence training", about="SCST fitted from `runs/quality/model`, then both models "
-            "scored on the same held-out scenes. SCST trains on captions only; VQA and grounding show that they did "
-            "not degrade."),
+            "scored on the same held-out scenes. SCST trains on captions only; VQA accuracy and the pointing game "
+            "show what that costs the other tasks."),
     Section("help_time", "Start-up time of the command line", about="Seconds for `vlm --help` and `vlm caption --help` "
             "in fresh processes (medians, alternating with a bare `python -c pass`); target under 1.5 s."),
 ]
