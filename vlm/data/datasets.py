@@ -63,7 +63,7 @@ def seeded(seed: int) -> Iterator[None]:
     restored."""
     state = random.getstate()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # the CPU generator only: torch.manual_seed would also reseed GPUs
         random.seed(seed)
         try:
             yield
