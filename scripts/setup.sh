@@ -7,4 +7,4 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 # The torch/torchvision pair first, pinned: a CPU-only torch without matching torchvision operators breaks timm.
 .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-.venv/bin/python -m pip install -q -e ".[dev]"
+.venv/bin/python -m pip install -q -e ".[dev,hub,onnx,parquet]"

@@ -33,7 +33,7 @@ class KVCache:
         """Store the new positions' keys/values (S, H, T, hd); return all so far, (S, H, length + T, hd)."""
         end = self.length + k.shape[2]
         if end > self.k.shape[3]:
-            raise ValueError(f"sequence of {end} tokens exceeds the decoder's max_length {self.k.shape[3]}")
+            raise ValueError(f"sequence of {end} tokens exceeds the cache's {self.k.shape[3]} positions")
         keys, values = self.k[layer], self.v[layer]
         keys[:, :, self.length:end] = k
         values[:, :, self.length:end] = v
@@ -186,9 +186,12 @@ class TextDecoder(nn.Module):
         """
         return [tuple(t.contiguous() for t in block.cross_attn.keys_values(memory)) for block in self.blocks]
 
-    def new_cache(self, batch: int, like: Tensor) -> KVCache:
+    def new_cache(self, batch: int, like: Tensor, length: int | None = None) -> KVCache:
+        """An empty cache for batch sequences of at most length tokens (None: max_length). Generation sizes it
+        to prompt + new tokens: a decoder allowing 512 positions would otherwise preallocate all of them."""
+        length = self.cfg.max_length if length is None else min(length, self.cfg.max_length)
         attn = self.blocks[0].self_attn
-        return KVCache(len(self.blocks), batch, attn.num_heads, self.cfg.max_length, attn.head_dim, like)
+        return KVCache(len(self.blocks), batch, attn.num_heads, length, attn.head_dim, like)
 
     def forward(
         self,

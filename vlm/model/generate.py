@@ -145,7 +145,7 @@ def generate(
     only_pad = torch.full((V,), float("-inf"), device=device)  # a finished row's next-token log-probabilities:
     only_pad[pad_id] = 0.0  # padding at no cost, so it keeps its score
     step_inputs, parents = [], []  # per step: (R, L, D) cross-attention inputs before reordering, (R,) parents
-    cache = model.decoder.new_cache(R, like=image_kv[0][0]) if use_cache else None
+    cache = model.decoder.new_cache(R, like=image_kv[0][0], length=P + T) if use_cache else None
 
     for t in range(T):
         end = P + t
