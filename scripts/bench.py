@@ -8,6 +8,11 @@ with the same AdamW; both generate exactly --new-tokens tokens (the end token is
     .venv/bin/python scripts/bench.py                      # CPU, about 5 minutes on 2 cores
     .venv/bin/python scripts/bench.py --device cuda        # bf16 autocast on both sides
 
+ONNX rows (skip with --no-onnx): our model exported (`vlm export --format onnx`: fp32, fp32 with maps, int8) on
+ONNX Runtime with the same threads, decoding with the same loop, against HF eager and against HF's model on ONNX
+Runtime with its key/value cache (`HFOnnxSide`: exported here with torch.onnx, since optimum cannot export a BERT
+decoder with a cache); the ceilings are ours over HF eager, as above (int8 is held to fp32's).
+
 Timings alternate the two sides over --reps repetitions and report medians. The ceiling of each ratio is
 a roofline bound, HF's time over the least time our work could take: for training, our counted FLOPs at the
 measured matmul peak; for generation, the encoder's FLOPs at that peak plus, for each generated token, the
@@ -41,7 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vlm.config import DecoderConfig, DecodingConfig, EncoderConfig, ModelConfig  # noqa: E402
-from vlm.model.generate import generate  # noqa: E402
+from vlm.model.generate import decode, generate  # noqa: E402
 from vlm.model.vlm import VisionLanguageModel  # noqa: E402
 from vlm.train.module import adamw  # noqa: E402
 
@@ -117,6 +122,160 @@ class Side:
                                                       beam_size=beams), return_attention=attention)
             return self.model.generate(images, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                        num_beams=beams, do_sample=False)
+
+
+class OnnxSide:
+    """Our model exported to ONNX (`vlm.deploy.export`) on ONNX Runtime with --threads threads, decoding with the
+    same loop as torch (`vlm.model.generate.decode` with `vlm.deploy.runtime.OrtDecoder`): fp32 without maps,
+    fp32 with maps, int8 (dynamic quantization) without maps."""
+
+    def __init__(self, model: VisionLanguageModel, folder: Path, threads: int):
+        from vlm.deploy.export import export_onnx
+        from vlm.deploy.runtime import OnnxModel
+        from vlm.text.tokenizer import Tokenizer
+
+        data = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bilinear")
+        tokenizer = Tokenizer.train(["a b c"])  # only copied into the export; decoding here reads no text
+        self.models = {}
+        for name, options in {"fp32": {}, "maps": dict(maps=True), "int8": dict(quantize="int8")}.items():
+            export_onnx(model, tokenizer, folder / name, data_config=data, **options)
+            _patch_vocab(folder / name, model.vocab_size)
+            self.models[name] = OnnxModel(folder / name, threads)
+
+    def generate(self, images, new_tokens: int, beams: int = 1, attention: bool = False, variant: str = "fp32"):
+        from vlm.deploy.runtime import OrtDecoder
+
+        onnx = self.models["maps" if attention else variant]
+        encoded, _ = onnx.encode(images)
+        return decode(OrtDecoder(onnx, encoded), [[BOS]] * images.shape[0], eos_id=EOS, pad_id=PAD,
+                      config=DecodingConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, beam_size=beams),
+                      return_attention=attention)
+
+
+class HFOnnxSide:
+    """transformers' model on ONNX Runtime with its key/value cache: the strongest thing an HF user would do.
+
+    optimum cannot export this BERT decoder with a cache (it silently exports one without), and optimum-onnx pins
+    an older transformers, so the graphs are exported here with torch.onnx (TorchScript exporter, opset 17) the way
+    optimum lays them out: the ViT encoder; the decoder's first step, which also returns every layer's
+    cross-attention keys/values; and the decoder step with past, self- and cross-attention caches as inputs. The
+    steps run in our decoding loop (`decode`, with HF's per-beam copies of the encoder output and of the
+    cross-attention cache, reordered with the beams as HF does): a faster loop than HF's generate, so this
+    baseline is, if anything, flattered. Checked against HF eager greedy tokens before timing."""
+
+    def __init__(self, hf, folder: Path, threads: int):
+        import warnings
+
+        import onnxruntime as ort
+        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+        decoder = hf.decoder
+
+        class Encoder(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.hf = hf
+
+            def forward(self, pixels):
+                return self.hf.encoder(pixel_values=pixels).last_hidden_state
+
+        class First(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.decoder = decoder
+
+            def forward(self, ids, states):
+                out = self.decoder(input_ids=ids, encoder_hidden_states=states, use_cache=True,
+                                   cache=EncoderDecoderCache(DynamicCache(), DynamicCache()))
+                own, cross = out.past_key_values.self_attention_cache.layers, \
+                    out.past_key_values.cross_attention_cache.layers
+                return (out.logits[:, -1], *(torch.stack([getattr(x, a) for x in layers])
+                                             for layers in (own, cross) for a in ("keys", "values")))
+
+        class Next(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.decoder = decoder
+
+            def forward(self, ids, states, keys, values, cross_keys, cross_values):
+                cache = EncoderDecoderCache(DynamicCache(list(zip(keys.unbind(0), values.unbind(0), strict=True))),
+                                            DynamicCache(list(zip(cross_keys.unbind(0), cross_values.unbind(0),
+                                                                  strict=True))))
+                out = self.decoder(input_ids=ids, encoder_hidden_states=states, cache=cache, use_cache=True)
+                own = out.past_key_values.self_attention_cache.layers
+                return out.logits[:, -1], torch.stack([x.keys for x in own]), torch.stack([x.values for x in own])
+
+        images = torch.randn(2, 3, DIMS["image"], DIMS["image"])
+        ids = torch.full((2, 1), BOS)
+        rows, cache_axes = {0: "rows"}, {1: "rows", 3: "length"}
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(Encoder().eval(), (images,), folder / "encoder.onnx", dynamo=False, opset_version=17,
+                              input_names=["pixels"], output_names=["states"],
+                              dynamic_axes={"pixels": rows, "states": rows})
+            states = Encoder()(images)
+            torch.onnx.export(First().eval(), (ids, states), folder / "first.onnx", dynamo=False, opset_version=17,
+                              input_names=["ids", "states"], output_names=["logits", "k", "v", "ck", "cv"],
+                              dynamic_axes={"ids": rows, "states": rows, "logits": rows, "k": cache_axes,
+                                            "v": cache_axes, "ck": {1: "rows"}, "cv": {1: "rows"}})
+            past = First()(torch.full((2, 3), BOS), states)[1:]
+            torch.onnx.export(Next().eval(), (ids, states, *past), folder / "next.onnx", dynamo=False,
+                              opset_version=17, input_names=["ids", "states", "pk", "pv", "ck", "cv"],
+                              output_names=["logits", "k", "v"],
+                              dynamic_axes={"ids": rows, "states": rows, "pk": cache_axes, "pv": cache_axes,
+                                            "ck": {1: "rows"}, "cv": {1: "rows"}, "logits": rows, "k": cache_axes,
+                                            "v": cache_axes})
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        self.sessions = {name: ort.InferenceSession(str(folder / f"{name}.onnx"), options)
+                         for name in ("encoder", "first", "next")}
+
+    def generate(self, images, new_tokens: int, beams: int = 1):
+        states = self.sessions["encoder"].run(None, {"pixels": images.numpy()})[0]
+        return decode(_HFOrtDecoder(self.sessions, states), [[BOS]] * images.shape[0], eos_id=EOS, pad_id=PAD,
+                      config=DecodingConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, beam_size=beams))
+
+
+class _HFOrtDecoder:
+    """HF's ONNX decoder steps as a backend of our decoding loop (`vlm.model.generate.DecoderBackend`)."""
+
+    def __init__(self, sessions: dict, states):
+        self.sessions, self.states = sessions, states
+        self.num_images, self.vocab_size, self.max_length = states.shape[0], DIMS["vocab"], DIMS["max_length"]
+        self.device = torch.device("cpu")
+        self.cache: list | None = None
+        self.inputs = {i.name for i in sessions["next"].get_inputs()}
+
+    def start(self, rows: int, length: int, maps: bool) -> None:
+        import numpy as np
+
+        self.rows_states = np.repeat(self.states, rows // self.num_images, axis=0)  # HF expands per beam
+        self.cache = None
+
+    @property
+    def cached(self) -> int:
+        return 0 if self.cache is None else self.cache[0].shape[3]
+
+    def step(self, ids, positions, self_mask):
+        if self.cache is None:
+            logits, *self.cache = self.sessions["first"].run(None, {"ids": ids.numpy(), "states": self.rows_states})
+        else:
+            feed = {"ids": ids.numpy(), "states": self.rows_states, "pk": self.cache[0], "pv": self.cache[1],
+                    "ck": self.cache[2], "cv": self.cache[3]}
+            logits, k, v = self.sessions["next"].run(None, {n: x for n, x in feed.items() if n in self.inputs})
+            self.cache[:2] = k, v
+        return torch.from_numpy(logits), None
+
+    def reorder(self, parent) -> None:
+        index = parent.numpy()
+        self.cache = [c[:, index] for c in self.cache]
+
+
+def _patch_vocab(folder: Path, vocab: int) -> None:
+    """The benchmark's model has DIMS' vocabulary, not the throwaway tokenizer's: say so in config.json."""
+    config = json.loads((folder / "config.json").read_text())
+    config["vocab_size"] = vocab
+    (folder / "config.json").write_text(json.dumps(config))
 
 
 def matmul_peak(device: torch.device, reps: int) -> float:
@@ -246,6 +405,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=24, help="caption tokens per training sequence")
     parser.add_argument("--new-tokens", type=int, default=20, help="tokens generated per image")
     parser.add_argument("--beams", type=int, default=3, help="beam size of the beam-search measurement")
+    parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime rows")
     add_json_option(parser, "speed")
     parser.add_argument("--memory-probe", choices=["ours", "hf"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -276,6 +436,35 @@ def main() -> None:
                              for n, s in sides.items()}, args.reps, device)
         record(metric, seconds, images.shape[0])
     ours = sides["ours"]
+    onnx_rows: dict[str, float] = {}
+    if not args.no_onnx and device.type == "cpu":
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            onnx = OnnxSide(ours.model.eval(), Path(folder), args.threads)
+            hf = sides["hf"]
+            (Path(folder) / "hf").mkdir()
+            hf_onnx = HFOnnxSide(hf.model.eval(), Path(folder) / "hf", args.threads)
+            check = batch[0][:4]
+            eager = hf.generate(check, args.new_tokens)[:, 1:].tolist()  # without the start token
+            agree = hf_onnx.generate(check, args.new_tokens).tokens == eager
+            print(f"HF on ONNX Runtime gives HF eager's greedy tokens: {agree}", flush=True)
+            onnx_rows["hf_onnx_equals_hf_eager"] = agree
+            onnx_cases = [*[(m, i, b, "fp32") for m, i, b in cases], ("greedy_b1_int8_images_per_s", one, 1, "int8")]
+            for metric, images, beams, variant in onnx_cases:
+                seconds = alternate({"onnx": lambda i=images, b=beams, v=variant: onnx.generate(
+                    i, args.new_tokens, b, variant=v), "hf": lambda i=images, b=beams: hf.generate(
+                    i, args.new_tokens, b), "hf_onnx": lambda i=images, b=beams: hf_onnx.generate(
+                    i, args.new_tokens, b)}, args.reps, device)
+                onnx_rows[metric] = images.shape[0] / seconds["onnx"]
+                onnx_rows[metric.replace("images_per_s", "vs_hf")] = seconds["hf"] / seconds["onnx"]
+                onnx_rows[metric.replace("images_per_s", "vs_hf_onnx")] = seconds["hf_onnx"] / seconds["onnx"]
+                onnx_rows[metric.replace("images_per_s", "hf_onnx_images_per_s")] = images.shape[0] / seconds["hf_onnx"]
+                print(f"onnx {metric}: {onnx_rows[metric]:.2f} images/s", flush=True)
+            onnx_rows["greedy_b1_attention_overhead"] = paired_overhead(
+                lambda: onnx.generate(one, args.new_tokens, 1),
+                lambda: onnx.generate(one, args.new_tokens, 1, attention=True), 3 * args.reps, device)
+        results["onnx"] = onnx_rows
     for metric, images, beams in cases:
         results["ours"][metric.replace("images_per_s", "attention_overhead")] = paired_overhead(
             lambda i=images, b=beams: ours.generate(i, args.new_tokens, b),
@@ -310,6 +499,12 @@ def main() -> None:
     # weights at the measured rate, and nothing else cost (see the module docstring).
     images_per_call = {"train_images_per_s": args.batch, **{m: i.shape[0] for m, i, _ in cases}}
     ceilings = {f"{m}_vs_hf": images_per_call[m] / results["hf"][m] / least_seconds[m] for m in higher_better}
+    for m in [m for m in results.get("onnx", {}) if m.endswith("images_per_s") and "hf_onnx" not in m]:
+        # int8 is held to the fp32 greedy ceiling: its weights are read as fp32 would be (a conservative bound)
+        base = "greedy_b1_images_per_s" if "int8" in m else m
+        ratios[f"onnx_{m}_vs_hf"] = results["onnx"][m.replace("images_per_s", "vs_hf")]
+        ratios[f"onnx_{m}_vs_hf_onnx"] = results["onnx"][m.replace("images_per_s", "vs_hf_onnx")]
+        ceilings[f"onnx_{m}_vs_hf"] = images_per_call[base] / results["hf"][base] / least_seconds[base]
     import transformers
 
     machine = {"transformers": transformers.__version__, "matmul_peak_gflop_per_s": peak / 1e9,
@@ -331,6 +526,17 @@ def main() -> None:
     for metric, value in results["ours"].items():
         if metric.endswith("attention_overhead"):
             print(f"{'ours ' + metric:44} {value:+10.1%}")
+    if "onnx" in results:
+        print(f"{'ONNX Runtime rows':44} {'onnx':>10} {'hf_onnx':>10} {'onnx/hf':>8} {'ceiling':>8} "
+              f"{'onnx/hf_onnx':>12}")
+    for metric, value in results.get("onnx", {}).items():
+        if metric.endswith("images_per_s") and "hf_onnx" not in metric:
+            key = f"onnx_{metric}_vs_hf"
+            theirs = results["onnx"][metric.replace("images_per_s", "hf_onnx_images_per_s")]
+            print(f"{'onnx ' + metric:44} {value:10.3f} {theirs:10.3f} {ratios[key]:8.2f} {ceilings[key]:8.2f} "
+                  f"{ratios[key + '_onnx']:12.2f}")
+        elif metric.endswith("attention_overhead"):
+            print(f"{'onnx ' + metric:44} {value:+10.1%}")
     print(f"matmul peak {peak / 1e9:.1f} GFLOP/s; decoder weights read in {weight_read * 1e3:.2f} ms by one-row "
           f"products, {weight_sum * 1e3:.2f} ms by plain sums; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")

@@ -16,6 +16,7 @@ import os
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -23,9 +24,10 @@ import torch
 from _bench import add_json_option, report
 
 from vlm.config import DataConfig, DecoderConfig, EncoderConfig, ModelConfig, OptimConfig, SourceConfig
-from vlm.data.datasets import SourceData, SourceDataModule
+from vlm.data.datasets import SourceData
 from vlm.data.export import write_shapes
-from vlm.data.features import CachedFeatures, build_cache
+from vlm.data.features import build_cache
+from vlm.data.module import DataModule
 from vlm.data.transforms import image_transform
 from vlm.text.tokenizer import Tokenizer
 from vlm.train.module import CaptionModule
@@ -53,9 +55,9 @@ def one_epoch(cfg: ModelConfig, data_cfg: DataConfig, train: SourceData, tokeniz
     L.seed_everything(0, verbose=False)
     module = CaptionModule.create(cfg, OptimConfig(warmup_steps=1), tokenizer)
     transform = image_transform(module.model.encoder.trunk, cfg.encoder.image_size)
-    data = SourceDataModule(data_cfg, train, None, tokenizer, transform, transform)
+    data = DataModule(replace(data_cfg, feature_cache=cache), tokenizer, transform, cfg.encoder.image_size,
+                      train_data=train, encoder=module.model.encoder)
     if cache:
-        data = CachedFeatures(data, module.model.encoder, cache, encoder_trainable=False)
         data.prepare_data()  # built already: this only checks the fingerprint
     epoch = Epoch()
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
@@ -87,7 +89,7 @@ def main() -> None:
     L.seed_everything(0, verbose=False)
     module = CaptionModule.create(cfg, OptimConfig(), tokenizer)
     transform = image_transform(module.model.encoder.trunk, args.image_size)
-    dataset = SourceDataModule(data_cfg, train, None, tokenizer, transform, transform).train_set
+    dataset = DataModule(data_cfg, tokenizer, transform, args.image_size, train_data=train).train_set
     cache = str(work / "features.npy")
     start = time.perf_counter()
     build_cache(Path(cache).with_name("features.train.npy"), dataset, module.model.encoder, batch_size=32)

@@ -2,7 +2,7 @@
 
 Writes synthetic annotations in the official VQA v2 layout at VQA v2 train's scale (434k questions x 10 answers
 over 118k images; every image is one tiny JPEG, hard-linked, so that reading images costs little), reads them as
-training does (`SourceData` -> `SourceDataModule`), and runs one full epoch of the training data loader with 4
+training does (`SourceData` -> `DataModule`), and runs one full epoch of the training data loader with 4
 workers, sampling the proportional set size (PSS: each page divided among the processes sharing it) of the main
 process and its workers. "main alone" is the main process's PSS once the data is built, before the workers start.
 
@@ -101,7 +101,8 @@ def run_side(side: str, files: dict[str, str], fraction: float, workers: int, ba
     from torchvision.transforms.functional import pil_to_tensor
 
     from vlm.config import DataConfig, SourceConfig
-    from vlm.data.datasets import SourceData, SourceDataModule
+    from vlm.data.datasets import SourceData
+    from vlm.data.module import DataModule
     from vlm.text.tokenizer import Tokenizer
 
     start = time.perf_counter()
@@ -111,7 +112,7 @@ def run_side(side: str, files: dict[str, str], fraction: float, workers: int, ba
     if side == "list":
         train.records[0] = list(islice(train.records[0], max(1, round(len(train.records[0]) * fraction))))
     tokenizer = Tokenizer.train(train.texts(50_000))
-    data = SourceDataModule(cfg, train, None, tokenizer, pil_to_tensor, pil_to_tensor)
+    data = DataModule(cfg, tokenizer, pil_to_tensor, 64, train_data=train)  # 64: unused (no boxes, no cache)
     dataset = data.train_set.datasets[0]
     if side == "list":
         dataset.records = train.records[0]  # the storage before: a list of Record objects

@@ -22,7 +22,8 @@ import torch
 from PIL import Image
 
 from vlm.config import DataConfig, DecoderConfig, EncoderConfig, ModelConfig, OptimConfig
-from vlm.data.builtin import SceneDataModule, scene_texts
+from vlm.data.builtin import scene_texts
+from vlm.data.module import DataModule
 from vlm.data.transforms import image_transform
 from vlm.model.vlm import VisionLanguageModel
 from vlm.text.tokenizer import Tokenizer
@@ -58,11 +59,11 @@ def caption_module(tokenizer: Tokenizer, **optim) -> CaptionModule:
     return CaptionModule.create(tiny_config(), OptimConfig(**optim), tokenizer)
 
 
-def scene_data(module: CaptionModule, tokenizer: Tokenizer, **data) -> SceneDataModule:
+def scene_data(module: CaptionModule, tokenizer: Tokenizer, **data) -> DataModule:
     """Built-in scenes for `module` (64 train, 4 val, batches of 4, in-process), with the given DataConfig fields."""
     cfg = DataConfig(**{"train_scenes": 64, "val_scenes": 4, "batch_size": 4, "num_workers": 0,
                         "questions_per_image": 2, **data})
-    return SceneDataModule(cfg, tokenizer, image_transform(module.model.encoder.trunk, 64), 64)
+    return DataModule(cfg, tokenizer, image_transform(module.model.encoder.trunk, 64), 64)
 
 
 def random_images(n: int) -> list[Image.Image]:

@@ -57,24 +57,42 @@ def _tiny_sources(shapes: dict[str, Path], sources: list[dict]) -> list[dict]:
 # for one training step and one validation batch (fast_dev_run). Besides: pretrained weights are off (no
 # network) and data paths point at `vlm data shapes` files of the same format.
 ONE_CPU = {"trainer.accelerator": "cpu", "trainer.devices": "1"}  # 8 GPUs -> one CPU process (DDP, bf16 kept)
-SMALL_BATCH = {"data.batch_size": "2"}  # a 224 px ViT-B/16 or ResNet-50 step, cheap on 2 CPU cores
+# Every config: batches of 2 images, sized for 2 CPU cores (a 224 px ViT-B/16 step; the one validation batch
+# generates a caption and answers for each image). The batch size changes no code path.
+# One of them drawn as the sample image with its token overlays.
+SMALL_BATCH = {"data.batch_size": "2", "val.samples": "1"}
+# multitask and vqav2 build coco_vit_b16's model (asserted below), which trains as shipped in coco_vit_b16's run:
+# they train a small ViT of the same timm name instead, each on its own data, tokenizer and tasks.
+SAME_MODEL_AS_COCO = {"model.encoder.image_size": "32",
+                      "model.encoder.model_args": '{"img_size": 32, "embed_dim": 64, "depth": 4, "num_heads": 2}',
+                      "model.decoder.width": "64", "model.decoder.depth": "1"}
 # 4 or 8 loader workers are sized for a GPU node's CPUs; this machine has 2 cores. The workers still run, 2 of them.
 TWO_WORKERS = {"data.num_workers": "2"}
 OVERRIDES = {
-    "coco_vit_b16": {**ONE_CPU, **SMALL_BATCH, **TWO_WORKERS},
+    "coco_vit_b16": {**ONE_CPU, **TWO_WORKERS},
     "cpu_ddp": {},  # 2 CPU processes, as shipped
-    "jsonl": {**SMALL_BATCH, **TWO_WORKERS},
+    "jsonl": TWO_WORKERS,
     "multinode": {"trainer.accelerator": "cpu", "trainer.num_nodes": "1", **TWO_WORKERS},  # devices: auto: 1 CPU
-    "multitask": {**ONE_CPU, **SMALL_BATCH, **TWO_WORKERS},
+    "multitask": {**ONE_CPU, **TWO_WORKERS, **SAME_MODEL_AS_COCO},
+    "relational": {},
     "scst": {},  # and --init: a tiny untrained model, as SCST starts from a trained one
     "tiny": {},
     "vit": {},
-    "vqav2": {**ONE_CPU, **SMALL_BATCH, **TWO_WORKERS},
+    "vqav2": {**ONE_CPU, **TWO_WORKERS, **SAME_MODEL_AS_COCO},
 }
 
 
 def test_every_shipped_config_has_its_overrides_listed():
     assert sorted(OVERRIDES) == [c.stem for c in CONFIGS]
+
+
+def test_configs_trained_with_a_small_model_build_coco_vit_b16s_model():
+    parser = build_parser("vlm train", COMMANDS["train"])
+    model = {c.stem: parser.parse_args(["--config", str(c)]).get("model") for c in CONFIGS}
+    same = [name for name, overrides in OVERRIDES.items() if overrides.items() >= SAME_MODEL_AS_COCO.items()]
+    assert same == ["multitask", "vqav2"]
+    assert all(model[name] == model["coco_vit_b16"] for name in same)
+    assert model["coco_vit_b16"] != model["tiny"]  # the comparison tells models apart
 
 
 def _config_args(config: Path, shapes: dict[str, Path], out: Path) -> list[str]:
@@ -85,7 +103,7 @@ def _config_args(config: Path, shapes: dict[str, Path], out: Path) -> list[str]:
     for key in ("sources", "val_sources"):
         if data.get(key):
             args += [f"--data.{key}", json.dumps(_tiny_sources(shapes, data[key]))]
-    for key, value in OVERRIDES[config.stem].items():
+    for key, value in {**SMALL_BATCH, **OVERRIDES[config.stem]}.items():
         args += [f"--{key}", value]
     return args
 

@@ -81,7 +81,8 @@ def test_collate_learns_only_what_follows_the_prompt(tokenizer):
 
 
 def test_caption_sequences_ground_each_object_phrase_at_the_positions_that_predict_it(tokenizer):
-    dataset = SceneDataset("val", DataConfig(captions_per_image=5), tokenizer, lambda im: torch.zeros(3, 64, 64), 64)
+    # Input images of 48 x 32 pixels made from the 64 px scenes: the boxes are in the input image's pixels.
+    dataset = SceneDataset("val", DataConfig(captions_per_image=5), tokenizer, lambda im: torch.zeros(3, 32, 48), 64)
     for index in range(20):
         scene = make_scene(index, "val")
         _, (captions, questions), _ = dataset[index]
@@ -91,9 +92,9 @@ def test_caption_sequences_ground_each_object_phrase_at_the_positions_that_predi
             for position, box in grounded:
                 by_box.setdefault(box, []).append(ids[position + 1])  # the token that position predicts
             text = tokenizer.decode(ids[prompt_len:])
-            for o in scene.objects:  # every object the caption names, with its box as fractions of 64 px
+            for o in scene.objects:  # every object the caption names, with its box scaled by 48 / 64 and 32 / 64
                 x, y, w, h = o.box
-                box = (x / 64, y / 64, (x + w) / 64, (y + h) / 64)
+                box = (x * 0.75, y * 0.5, w * 0.75, h * 0.5)
                 named = re.search(rf"\b{o.phrase}\b", text) is not None
                 assert (box in by_box) == named
                 if named:

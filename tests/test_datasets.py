@@ -167,21 +167,23 @@ def test_record_regions_ground_captions_and_follow_a_flip_but_not_a_crop(shapes,
     image = Image.open(record.image).convert("RGB")
     W, H = image.size
 
-    def grounded(**data) -> dict:
-        sampler = Sampler(DataConfig(captions_per_image=1, **data), tokenizer, lambda im: torch.zeros(1), train=True)
+    def grounded(**data) -> dict:  # the model's input images are 40 x 30 pixels: the boxes are in its pixels
+        sampler = Sampler(DataConfig(captions_per_image=1, **data), tokenizer, lambda im: torch.zeros(3, 30, 40),
+                          train=True)
         _, (captions, _), _ = sampler(image, ["a red circle and a blue square"], [], 0,
                                       [Region("red circle", (8, 16, 16, 8)), Region("blue square", (40, 0, 8, 8))])
         return {box: [captions[0][0][p + 1] for p, b in captions[0][2] if b == box] for _, box in captions[0][2]}
 
+    sx, sy = 40 / W, 30 / H
     plain = grounded()
-    assert plain == {(8 / W, 16 / H, 24 / W, 24 / H): tokenizer.encode("red circle"),
-                     (40 / W, 0.0, 48 / W, 8 / H): tokenizer.encode("blue square")}
+    assert plain == {(8 * sx, 16 * sy, 16 * sx, 8 * sy): tokenizer.encode("red circle"),
+                     (40 * sx, 0.0, 8 * sx, 8 * sy): tokenizer.encode("blue square")}
     flipped = grounded(hflip=1.0)  # no side words: always flipped, and the boxes mirror with the image
-    assert flipped == {(1 - 24 / W, 16 / H, 1 - 8 / W, 24 / H): tokenizer.encode("red circle"),
-                       (1 - 48 / W, 0.0, 1 - 40 / W, 8 / H): tokenizer.encode("blue square")}
+    assert flipped == {((W - 24) * sx, 16 * sy, 16 * sx, 8 * sy): tokenizer.encode("red circle"),
+                       ((W - 48) * sx, 0.0, 8 * sx, 8 * sy): tokenizer.encode("blue square")}
     assert grounded(crop_scale=0.5) == {}  # a random crop moves the regions: none are kept
-    dataset = RecordDataset(records, Sampler(DataConfig(captions_per_image=5), tokenizer, lambda im: torch.zeros(1),
-                                             train=False), strict=True)
+    dataset = RecordDataset(records, Sampler(DataConfig(captions_per_image=5), tokenizer,
+                                             lambda im: torch.zeros(3, 64, 64), train=False), strict=True)
     captions = dataset[0][1][0]
     assert max(len(g) for _, _, g in captions) == 2 * len(scene.objects)  # the caption naming every "colour shape"
 
@@ -219,14 +221,13 @@ def test_shards_mix_with_files_by_weight(shapes, tokenizer):
 
 
 def test_streamed_and_file_sources_make_training_batches(shapes, tokenizer):
-    from vlm.data.datasets import SourceDataModule
+    from vlm.data.module import DataModule
 
     sources = [SourceConfig(str(shapes["shards"] / "00000.tar")),
                SourceConfig(str(shapes["questions"]), images=str(shapes["images"]),
                             annotations=str(shapes["annotations"]))]
     cfg = DataConfig(sources=sources, batch_size=4, num_workers=0, questions_per_image=2)
-    transform = lambda im: torch.zeros(3, 8, 8)  # noqa: E731
-    data = SourceDataModule(cfg, SourceData(sources, strict=True), None, tokenizer, transform, transform)
+    data = DataModule(cfg, tokenizer, lambda im: torch.zeros(3, 8, 8), 8)  # reads the sources itself
     batch = next(iter(data.train_dataloader()))
     assert batch.images.shape == (4, 3, 8, 8) and batch.tasks == ["caption", "vqa"]
     assert batch.ids[1].shape[0] == 8  # two question rows per image, empty ones for shard images without questions

@@ -52,15 +52,15 @@ VALIDATE = """
 import json, sys
 import lightning as L
 from vlm.config import DataConfig
-from vlm.data.builtin import SceneDataModule
+from vlm.data.module import DataModule
 from vlm.data.transforms import image_transform
 from vlm.train.callbacks import GenerationMetrics
 from vlm.train.module import CaptionModule
 
 ckpt, devices, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 module = CaptionModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
-data = SceneDataModule(DataConfig(val_scenes=7, batch_size=2, num_workers=0), module.tokenizer,
-                       image_transform(module.model.encoder.trunk, 64), 64)
+data = DataModule(DataConfig(val_scenes=7, batch_size=2, num_workers=0), module.tokenizer,
+                  image_transform(module.model.encoder.trunk, 64), 64)
 metrics = GenerationMetrics(samples=0)
 trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", logger=False,
                     enable_progress_bar=False, enable_model_summary=False, callbacks=[metrics])
@@ -195,7 +195,7 @@ def test_fsdp_validation_generation_equals_one_process_and_exports_a_loadable_mo
 
     from vlm import load
     from vlm.config import DataConfig
-    from vlm.data.builtin import SceneDataModule
+    from vlm.data.module import DataModule
     from vlm.data.transforms import image_transform
     from vlm.train.callbacks import GenerationMetrics
     from vlm.train.module import CaptionModule
@@ -208,8 +208,8 @@ def test_fsdp_validation_generation_equals_one_process_and_exports_a_loadable_mo
     assert events.Tags()["images"] == ["samples/0"]
 
     module = CaptionModule.load_from_checkpoint(fsdp_resumed / "part.ckpt", map_location="cpu", weights_only=True)
-    data = SceneDataModule(DataConfig(val_scenes=7, batch_size=8, num_workers=0), module.tokenizer,
-                           image_transform(module.model.encoder.trunk, 64), 64)
+    data = DataModule(DataConfig(val_scenes=7, batch_size=8, num_workers=0), module.tokenizer,
+                      image_transform(module.model.encoder.trunk, 64), 64)
     metrics = GenerationMetrics(samples=0)
     L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
               callbacks=[metrics]).validate(module, data)

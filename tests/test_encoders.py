@@ -87,7 +87,7 @@ def test_feature_cache_gives_the_same_loss_as_images(tmp_path, tokenizer):
     build_cache(tmp_path / "f.npy", dataset, module.model.encoder, batch_size=4)
     again = build_cache(tmp_path / "f.npy", dataset, module.model.encoder, batch_size=4)  # reused, not rebuilt
     assert again.shape[0] == 6
-    cached = CachedDataset(dataset, tmp_path / "f.npy")
+    cached = CachedDataset(dataset, tmp_path / "f.npy", (64, 64))
     from_images = collate([dataset[i] for i in range(6)], tokenizer.pad_id)
     from_cache = collate([cached[i] for i in range(6)], tokenizer.pad_id, features=True)
     assert all(torch.equal(a, b) for a, b in zip(from_images.ids, from_cache.ids, strict=True))

@@ -95,7 +95,7 @@ def test_cached_features_keep_the_regions_and_the_grounding_loss(tmp_path, modul
     write_shapes(tmp_path / "a", NUM)
     dataset = records_dataset(tmp_path / "a", module, tokenizer)
     build(tmp_path / "f.npy", dataset, module, caplog)
-    cached = CachedDataset(dataset, tmp_path / "f.npy")
+    cached = CachedDataset(dataset, tmp_path / "f.npy", (64, 64))
     from_images = collate([dataset[i] for i in range(NUM)], tokenizer.pad_id)
     from_cache = collate([cached[i] for i in range(NUM)], tokenizer.pad_id, features=True)
     (where, boxes), (cached_where, cached_boxes) = from_images.grounded[0], from_cache.grounded[0]

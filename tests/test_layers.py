@@ -12,13 +12,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "vlm"
 
-LAYERS = [("errors", "config"), ("model", "text"), ("data",), ("grounding", "checkpoint"), ("api",), ("eval",),
-          ("train",), ("serve",), ("cli",)]
+LAYERS = [("errors", "config"), ("model", "text"), ("data",), ("grounding", "checkpoint"), ("deploy", "hub"), ("api",),
+          ("eval",), ("train",), ("predict",), ("serve",), ("cli",)]
 """vlm's parts, lowest first. A module may import its own part and the parts of lower layers, never a part beside
 it or above it. The code argues for this order: the model knows nothing of tokens or data; grounding turns a model's
-attention into maps and checkpoint reads and writes a model, both below the API that combines them for inference;
-evaluation scores a captioner (the API), training reuses evaluation's metrics for validation; vlm serve and the
-command sit on top. The package root (``vlm/__init__.py``) is the API."""
+attention into maps and checkpoint reads and writes a model, both below the API that combines them for inference
+(deploy, between them, exports a model to ONNX and runs such an export on ONNX Runtime; hub, beside it, converts
+Hugging Face captioners into a model);
+evaluation scores a captioner (the API), training reuses evaluation's metrics for validation; prediction over a
+collection (vlm predict) reuses training's Lightning progress; vlm serve and the command sit on top. The package
+root (``vlm/__init__.py``) is the API."""
 
 LAYER = {part: i for i, parts in enumerate(LAYERS) for part in parts}
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-from vlm.data.boxes import fraction_box
 from vlm.grounding import (
     combine,
     overlay,
@@ -126,8 +125,8 @@ def test_grid_and_pixel_mass_in_box_agree_for_a_box_on_patch_boundaries() -> Non
     pixel = pixel_mass_in_box(map_, box, size)
     assert abs(pixel - (r1 - r0) * (c1 - c0) / (h * w)) > 0.01  # not the area's share: the map is not uniform
     attention = [torch.tensor(map_).view(1, 1, 1, h * w)]  # one layer's (sequences, heads, positions, patches)
-    boxes = torch.tensor([fraction_box(box, size)], dtype=torch.float64)
-    grid = grid_mass_in_boxes(attention, [0], torch.tensor([[0, 0]]), boxes, (h, w))
+    boxes = torch.tensor([box], dtype=torch.float64)
+    grid = grid_mass_in_boxes(attention, [0], torch.tensor([[0, 0]]), boxes, (h, w), size)
     assert grid.item() == pytest.approx(pixel, abs=1e-12)
 
 

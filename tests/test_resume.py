@@ -30,8 +30,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from tests.conftest import tiny_config
 from vlm.config import DataConfig, OptimConfig
-from vlm.data.builtin import SceneDataModule, TrainOrder
 from vlm.data.datasets import mixture_weights
+from vlm.data.module import DataModule, TrainOrder
 from vlm.data.transforms import image_transform
 from vlm.train.checkpoints import AtomicCheckpointIO, BatchLog, StepSeed
 from vlm.train.module import CaptionModule
@@ -94,9 +94,9 @@ def _fit(tokenizer, folder: Path, every: int, ckpt: Path | None = None, crash_at
     cfg = tiny_config()
     cfg.decoder.dropout = 0.1
     module = CaptionModule.create(cfg, OptimConfig(warmup_steps=2), tokenizer)
-    data = SceneDataModule(DataConfig(train_scenes=16, val_scenes=2, batch_size=8, num_workers=0,
-                                      captions_per_image=1, questions_per_image=2), tokenizer,
-                           image_transform(module.model.encoder.trunk, 64), 64, seed=0)
+    data = DataModule(DataConfig(train_scenes=16, val_scenes=2, batch_size=8, num_workers=0,
+                                 captions_per_image=1, questions_per_image=2), tokenizer,
+                      image_transform(module.model.encoder.trunk, 64), 64, seed=0)
     trainer = L.Trainer(max_steps=6, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
                         callbacks=[*([_CrashAt(crash_at)] if crash_at else []),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import lightning as L
 import numpy as np
 import pytest
@@ -9,23 +11,24 @@ import torch
 
 from tests.conftest import tiny_config
 from vlm.config import DataConfig, DecodingConfig, OptimConfig
-from vlm.data.builtin import SceneDataModule
+from vlm.data.module import DataModule
 from vlm.data.transforms import image_transform
 from vlm.model.generate import generate
 from vlm.train.module import CaptionModule
 
 
 def test_validation_metrics_from_the_feature_cache_equal_those_from_images(tokenizer, tmp_path):
-    from vlm.data.features import CachedFeatures
     from vlm.train.callbacks import GenerationMetrics
 
     torch.manual_seed(0)
     module = CaptionModule.create(tiny_config(trainable=False), OptimConfig(), tokenizer)
-    data = SceneDataModule(DataConfig(train_scenes=8, val_scenes=6, batch_size=4, num_workers=0), tokenizer,
-                           image_transform(module.model.encoder.trunk, 64), 64)
+    cfg = DataConfig(train_scenes=8, val_scenes=6, batch_size=4, num_workers=0)
+    transform = image_transform(module.model.encoder.trunk, 64)
+    data = DataModule(cfg, tokenizer, transform, 64)
+    cached = DataModule(replace(cfg, feature_cache=str(tmp_path / "features.npy")), tokenizer, transform, 64,
+                        encoder=module.model.encoder)
     results = {}
-    for name, source in (("images", data), ("cache", CachedFeatures(data, module.model.encoder,
-                                                                      str(tmp_path / "features.npy"), False))):
+    for name, source in (("images", data), ("cache", cached)):
         metrics = GenerationMetrics(samples=0, decoding=DecodingConfig(max_new_tokens=10))
         trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                             enable_model_summary=False, callbacks=[metrics])

@@ -41,12 +41,15 @@ def test_no_weight_decay_on_norms_biases_and_embeddings(tokenizer):
 
 
 def test_box_coverage_is_each_patch_share_inside_the_box():
-    boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.25, 0.5, 0.5, 1.0], [0.1, 0.1, 0.2, 0.3]])
-    cover = box_coverage(boxes, (2, 4)).view(3, 2, 4)
+    # (x, y, w, h) pixel boxes in an 80 x 40 input image, whose 2 x 4 patches are 20 px squares
+    boxes = torch.tensor([[0.0, 0, 80, 40], [20, 20, 20, 20], [8, 4, 8, 8], [-20, -20, 40, 40]])
+    cover = box_coverage(boxes, (2, 4), (80, 40)).view(4, 2, 4)
     assert torch.equal(cover[0], torch.ones(2, 4))
     assert torch.equal(cover[1], torch.tensor([[0.0, 0, 0, 0], [0, 1, 0, 0]]))  # exactly one patch
-    # x in [0.1, 0.2] is 0.4 of column 0; y in [0.1, 0.3] is 0.4 of row 0 (rows are 0.5 high)
+    # x in [8, 16] is 0.4 of column 0; y in [4, 12] is 0.4 of row 0
     assert torch.allclose(cover[2], torch.tensor([[0.16, 0, 0, 0], [0, 0, 0, 0]]))
+    # the part outside the image covers nothing: the box covers the first patch only
+    assert torch.equal(cover[3], torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 0]]))
 
 
 def test_loss_mixes_each_tasks_mean_token_loss_by_the_task_weights(tokenizer):
@@ -75,8 +78,8 @@ def test_grounding_loss_is_added_to_the_task_losses_with_its_weight(tokenizer):
     (where, boxes) = batch.grounded[0]
     row, position = where[0].tolist()
     own_map = torch.stack([w[row, :, position] for w in weights]).mean((0, 1))  # (N,)
-    mass = grid_mass_in_boxes(weights, range(len(weights)), where[:1], boxes[:1], grid)
-    assert torch.allclose(mass, (own_map * box_coverage(boxes[:1], grid)[0]).sum())
+    mass = grid_mass_in_boxes(weights, range(len(weights)), where[:1], boxes[:1], grid, (64, 64))
+    assert torch.allclose(mass, (own_map * box_coverage(boxes[:1], grid, (64, 64))[0]).sum())
 
 
 def test_grounding_loss_teaches_maps_to_point_inside_held_out_boxes(tokenizer):
@@ -87,7 +90,7 @@ def test_grounding_loss_teaches_maps_to_point_inside_held_out_boxes(tokenizer):
         transform = image_transform(module.model.encoder.trunk, 64)
         torch.manual_seed(0)
         optimizer = torch.optim.AdamW(module.parameters(), lr=3e-3)
-        for batch in _scene_batches(tokenizer, "train", 8, 60, transform):
+        for batch in _scene_batches(tokenizer, "train", 8, 40, transform):
             loss, _ = module._loss(batch)
             optimizer.zero_grad()
             loss.backward()
@@ -98,7 +101,7 @@ def test_grounding_loss_teaches_maps_to_point_inside_held_out_boxes(tokenizer):
             for batch in _scene_batches(tokenizer, "val", 16, 2, transform):
                 image_kv, grid = module.model.encode(batch.images)
                 weights = module.model.decode(image_kv, grid, batch.ids[0], need_weights=True).cross_attentions
-                masses.append(grid_mass_in_boxes(weights, range(len(weights)), *batch.grounded[0], grid))
+                masses.append(grid_mass_in_boxes(weights, range(len(weights)), *batch.grounded[0], grid, (64, 64)))
         return torch.cat(masses).mean().item()
 
     without, grounded = held_out_mass(0.0), held_out_mass(1.0)

@@ -60,9 +60,21 @@ class Captioner:
         self.transform = image_transform(model.encoder.trunk, model.cfg.encoder.image_size)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> Captioner:
+    def load(cls, path: str | os.PathLike, device: str | torch.device | None = None, runtime: str = "torch",
+             threads: int | None = None) -> Captioner:
         """Load an exported model directory or a Lightning checkpoint (.ckpt), never running its code
-        (`vlm.checkpoint`)."""
+        (`vlm.checkpoint`); with ``runtime="onnx"``, an ONNX export (``vlm export --format onnx``) on ONNX Runtime
+        (`OnnxCaptioner`, CPU, ``threads`` intra-op threads, default all cores)."""
+        if runtime == "onnx":
+            from vlm.deploy.runtime import OnnxModel
+
+            return OnnxCaptioner(*OnnxModel.load(path, threads))
+        if runtime != "torch":
+            raise VLMError(f"runtime: expected torch or onnx, got {runtime!r}")
+        if str(path).startswith("hf:"):  # a Hugging Face captioner, converted in memory (vlm.hub)
+            from vlm.hub import load_hf
+
+            return cls(*load_hf(str(path)), device)
         return cls(*load_model(path), device)
 
     def save(self, out_dir: str | os.PathLike) -> Path:
@@ -85,9 +97,10 @@ class Captioner:
             raise VLMError(str(e)) from None
 
     def caption(self, images: ImageLike | Sequence[ImageLike], decoding: DecodingConfig | None = None,
-                batch_size: int = 64, **options) -> list[str]:
+                batch_size: int = 64, prompt: str | None = None, **options) -> list[str]:
         """One caption per image (a path, bytes, a binary file or a PIL image, or a list of them); with
-        ``num_samples`` k, k captions per image, image after image.
+        ``num_samples`` k, k captions per image, image after image. With a ``prompt`` ("a picture of"), each
+        caption continues it, and the caption returned begins with it.
 
         decoding: how text is generated (`vlm.config.DecodingConfig`; default greedy, at most 30 tokens). Its
         fields may also be given as keywords (``caption(images, beam_size=3)``), over ``decoding``. A sampled
@@ -95,14 +108,20 @@ class Captioner:
         """
         images = _as_list(images)
         decoding = _config(DecodingConfig, decoding, options)
+        start = self.caption_prompt(prompt)
         captions = []
         for i in range(0, len(images), batch_size):
             chunk = images[i:i + batch_size]
             _, image_kv, _ = self._encode(chunk)
-            gen = self._generate(image_kv, [self.tokenizer.caption_prompt()] * len(chunk),
-                                 _from(decoding, i, len(chunk), len(images)))
-            captions += [self.tokenizer.decode(t) for t in gen.tokens]
+            gen = self._generate(image_kv, [start] * len(chunk), _from(decoding, i, len(chunk), len(images)))
+            captions += [self.tokenizer.decode([*start[1:], *t]) for t in gen.tokens]
         return captions
+
+    def caption_prompt(self, prompt: str | None = None) -> list[int]:
+        """The token ids a caption starts from: the start token, then the text prompt's tokens (if any)."""
+        if prompt is not None and not prompt.strip():
+            prompt = None
+        return self.tokenizer.caption_prompt(clean_text(prompt, "prompt") if prompt is not None else None)
 
     def ask(self, images: ImageLike | Sequence[ImageLike], questions: str | Sequence[str],
             decoding: DecodingConfig | None = None, batch_size: int = 64, **options) -> list[str]:
@@ -112,6 +131,7 @@ class Captioner:
         Control characters in a question count as spaces; an empty question is a `VLMError`; one longer than
         half the model's ``max_length`` is cut to fit, with a warning.
         """
+        self._check_answers()
         images, questions = _as_list(images), [questions] if isinstance(questions, str) else list(questions)
         if len(images) != len(questions):
             raise VLMError(f"{len(images)} images but {len(questions)} questions")
@@ -127,9 +147,9 @@ class Captioner:
         return answers
 
     def attend(self, image: ImageLike, question: str | None = None, decoding: DecodingConfig | None = None,
-               maps: MapConfig | None = None, **options) -> Attended:
-        """Caption the image (or answer the question), decoded as in `caption`, and return each generated
-        token's map; the image is encoded once, for both.
+               maps: MapConfig | None = None, prompt: str | None = None, **options) -> Attended:
+        """Caption the image (continuing ``prompt``, if given, as in `caption`) or answer the question, decoded
+        as in `caption`, and return each generated token's map; the image is encoded once, for both.
 
         maps: how a map is made (`vlm.config.MapConfig`: raw cross-attention, rollout through the decoder or
         chefer relevancy; from the given decoder layers, default the model's ``attention_layers``, else all;
@@ -137,20 +157,25 @@ class Captioner:
         ``attend(image, beam_size=3, method="rollout")``.
         """
         if question is not None:
+            if prompt is not None:
+                raise VLMError("give a question or a caption prompt, not both")
+            self._check_answers()
             question = clean_text(question, "question")
         decoding = _config(DecodingConfig, decoding, {k: v for k, v in options.items() if k not in MAP_FIELDS})
         maps = _config(MapConfig, maps, {k: v for k, v in options.items() if k in MAP_FIELDS})
         if decoding.num_samples > 1:
             raise VLMError(f"attend makes one text: num_samples must be 1, got {decoding.num_samples}")
         if question is None:
-            prompt = self.tokenizer.caption_prompt()
+            start = self.caption_prompt(prompt)
+            lead = start[1:]  # the caption's text begins with the prompt's
         else:
-            prompt = self._question_prompts([question])[0]
+            start = self._question_prompts([question])[0]
+            lead = []
             decoding = replace(decoding, max_new_tokens=decoding.token_budget(answer=True))
         (pil,), image_kv, grid = self._encode([image])
-        ids = self._generate(image_kv, [prompt], decoding).tokens[0]
-        (token_maps,) = self._maps(image_kv, grid, [prompt], [ids], maps)  # (T, h, w)
-        return Attended(pil, question, self.tokenizer.decode(ids), self.tokenizer.tokens(ids), token_maps)
+        ids = self._generate(image_kv, [start], decoding).tokens[0]
+        (token_maps,) = self._maps(image_kv, grid, [start], [ids], maps)  # (T, h, w)
+        return Attended(pil, question, self.tokenizer.decode([*lead, *ids]), self.tokenizer.tokens(ids), token_maps)
 
     def text_maps(self, images: Sequence[ImageLike], texts: Sequence[str], maps: MapConfig | None = None,
                   questions: Sequence[str | None] | None = None, per_layer: bool = False, batch_size: int = 64,
@@ -191,6 +216,11 @@ class Captioner:
             raise VLMError(str(e)) from None
         return [m.cpu().numpy() for m in made]
 
+    def _check_answers(self) -> None:
+        if not self.model.cfg.answers_questions:
+            raise VLMError("this model is a captioner and answers no questions (its config's answers_questions is "
+                           "false): caption or attend instead, with a prompt to lead the caption")
+
     def _question_prompts(self, questions: Sequence[str]) -> list[list[int]]:
         """Question prompts, each cut to half the model's max_length (room for the answer); one warning if any is."""
         limit = self.model.cfg.decoder.max_length // 2
@@ -201,6 +231,45 @@ class Captioner:
             warnings.warn(f"{long} question(s) longer than the model's limit of {limit - 2} tokens were truncated",
                           stacklevel=3)
         return [self.tokenizer.cut_prompt(p, limit) for p in prompts]
+
+
+class OnnxCaptioner(Captioner):
+    """A Captioner whose model is an ONNX export on ONNX Runtime (`vlm.deploy.runtime.OnnxModel`): the same API
+    and the same decoding loop (`vlm.model.generate.decode` with the ONNX decoder step), on the CPU.
+
+    Maps are raw cross-attention or rollout, from the export's attention outputs (export with ``--maps``); chefer
+    needs autograd and is refused in one line.
+    """
+
+    def __init__(self, model, tokenizer: Tokenizer):
+        self.device = torch.device("cpu")
+        self.model, self.tokenizer = model, tokenizer
+        preprocessing = torch.nn.Module()  # timm reads the mean, std and interpolation from pretrained_cfg
+        preprocessing.pretrained_cfg = model.facts["data_config"]
+        self.transform = image_transform(preprocessing, model.cfg.encoder.image_size)
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        raise VLMError("an ONNX export is not saved as a torch model: export it from the torch model directory")
+
+    def _encode(self, images: Sequence[ImageLike]) -> tuple[list[Image.Image], Any, tuple[int, int]]:
+        pil = [load_image(im) for im in images]
+        encoded, grid = self.model.encode(torch.stack([self.transform(im) for im in pil]))
+        return pil, encoded, grid
+
+    def _generate(self, image_kv: Any, prompts: list[list[int]], decoding: DecodingConfig) -> Generation:
+        from vlm.deploy.runtime import OnnxBackend
+
+        try:
+            return OnnxBackend(self.model, self.tokenizer).generate(image_kv, prompts, decoding)
+        except ValueError as e:  # as Captioner._generate
+            raise VLMError(str(e)) from None
+
+    def _maps(self, image_kv: Any, grid: tuple[int, int], prompts: Sequence[list[int]],
+              targets: Sequence[list[int]], maps: MapConfig, per_layer: bool = False) -> list[np.ndarray]:
+        try:
+            return [m.numpy() for m in self.model.token_maps(image_kv, prompts, targets, maps, per_layer=per_layer)]
+        except ValueError as e:  # another method than raw, a layer or head out of range
+            raise VLMError(str(e)) from None
 
 
 MAP_FIELDS = {f.name for f in fields(MapConfig)}

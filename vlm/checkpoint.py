@@ -4,7 +4,8 @@ An exported model is a directory of three files:
 
 - ``model.safetensors``: the `VisionLanguageModel` state dict (safetensors: loading runs no code);
 - ``config.json``: ``{"format_version": 1, "vocab_size": V, "model": <ModelConfig as a dict>}``;
-- ``tokenizer.json``: the `tokenizers` tokenizer, with the special tokens of `vlm.text.tokenizer`.
+- ``tokenizer.json``: the `tokenizers` tokenizer, with the special tokens of `vlm.text.tokenizer` (or, for a model
+  imported by `vlm.hub`, its source's tokenizer, whose tokens of each role the config's ``special_tokens`` names).
 
 Version policy. ``format_version`` names the layout of these files and the meaning of their keys, not the
 weights. Adding a `ModelConfig` field with a default that reproduces the old behaviour keeps the version (an old
@@ -79,6 +80,8 @@ def state_from_checkpoint(path: str | os.PathLike) -> tuple[dict, dict, str]:
 
 
 def _load_exported(path: Path) -> tuple[VisionLanguageModel, Tokenizer]:
+    if not (path / WEIGHTS).is_file() and (path / "onnx.json").is_file():
+        raise VLMError(f"{path}: an ONNX export (vlm export): run it with --runtime onnx (load(path, runtime='onnx'))")
     for name in (WEIGHTS, CONFIG, TOKENIZER):
         if not (path / name).is_file():
             raise VLMError(f"{path}: not an exported vlm model (missing {name})")
@@ -91,13 +94,14 @@ def _load_exported(path: Path) -> tuple[VisionLanguageModel, Tokenizer]:
     if config.get("format_version") != FORMAT_VERSION:
         raise VLMError(f"{path / CONFIG}: format_version {config.get('format_version')!r}, "
                        f"this vlm reads {FORMAT_VERSION}")
-    tokenizer = _tokenizer(lambda: Tokenizer.from_file(str(path / TOKENIZER)), path / TOKENIZER)
-    if config.get("vocab_size") != len(tokenizer):
-        raise VLMError(f"{path}: tokenizer has {len(tokenizer)} tokens, config says {config.get('vocab_size')}")
     try:
         model_cfg = model_config_from_dict(config["model"])
     except (KeyError, ValueError, TypeError, AttributeError) as e:
         raise VLMError(f"{path / CONFIG}: bad 'model' section ({_one_line(e)})") from None
+    tokenizer = _tokenizer(lambda: Tokenizer.from_file(str(path / TOKENIZER), model_cfg.special_tokens),
+                           path / TOKENIZER)
+    if config.get("vocab_size") != len(tokenizer):
+        raise VLMError(f"{path}: tokenizer has {len(tokenizer)} tokens, config says {config.get('vocab_size')}")
     try:
         state = load_file(path / WEIGHTS)
     except Exception as e:  # not safetensors, truncated, corrupt header
@@ -125,7 +129,7 @@ def _load_checkpoint(path: Path) -> tuple[VisionLanguageModel, Tokenizer]:
         model_cfg = model_config_from_dict(model_dict)
     except (ValueError, TypeError, AttributeError) as e:
         raise VLMError(f"{path}: bad model config ({_one_line(e)})") from None
-    tokenizer = _tokenizer(lambda: Tokenizer.from_str(tokenizer_json), path)
+    tokenizer = _tokenizer(lambda: Tokenizer.from_str(tokenizer_json, model_cfg.special_tokens), path)
     return _build(model_cfg, tokenizer, state, path), tokenizer
 
 

@@ -54,22 +54,26 @@ def train(config: TrainConfig, *, out: str = "runs/default", resume: str | None 
         print(f"exported model: {model_dir}")
 
 
-def caption(images: list[str], *, model: str, decoding: DecodingConfig, json: bool = False) -> None:
+def caption(images: list[str], *, model: str, decoding: DecodingConfig, json: bool = False,
+            runtime: str = "torch", prompt: str | None = None) -> None:
     """Caption images.
 
     Args:
         images: Image files.
-        model: Exported model directory or Lightning .ckpt.
+        model: Exported model directory, Lightning .ckpt, or hf:NAME_OR_DIR (a Hugging Face captioner).
         json: One JSON object per line.
+        runtime: torch, or onnx: MODEL is an ONNX export (vlm export --format onnx) run on ONNX Runtime.
+        prompt: Text the caption continues, e.g. 'a picture of' (the caption printed begins with it).
     """
     from vlm.api import load
 
-    captions = load(model).caption(images, decoding)
+    captions = load(model, runtime=runtime).caption(images, decoding, prompt=prompt)
     for image, text in zip(images, captions, strict=True):
         print(dumps({"image": image, "caption": text}) if json else text)
 
 
-def ask(image: str, question: str, *, model: str, decoding: DecodingConfig, json: bool = False) -> None:
+def ask(image: str, question: str, *, model: str, decoding: DecodingConfig, json: bool = False,
+        runtime: str = "torch") -> None:
     """Answer a question about an image.
 
     Args:
@@ -77,26 +81,30 @@ def ask(image: str, question: str, *, model: str, decoding: DecodingConfig, json
         question: The question.
         model: Exported model directory or Lightning .ckpt.
         json: Print a JSON object.
+        runtime: torch, or onnx: MODEL is an ONNX export (vlm export --format onnx) run on ONNX Runtime.
     """
     from vlm.api import load
 
-    answer = load(model).ask([image], [question], decoding)[0]
+    answer = load(model, runtime=runtime).ask([image], [question], decoding)[0]
     print(dumps({"image": image, "question": question, "answer": answer}) if json else answer)
 
 
 def attend(image: str, *, model: str, out: str, question: str | None = None, decoding: DecodingConfig,
-           maps: MapConfig) -> None:
+           maps: MapConfig, runtime: str = "torch", prompt: str | None = None) -> None:
     """Write per-token attention overlays for a caption or an answer.
 
     Args:
         image: Image file.
-        model: Exported model directory or Lightning .ckpt.
+        model: Exported model directory, Lightning .ckpt, or hf:NAME_OR_DIR (a Hugging Face captioner).
         out: Output directory.
         question: Answer this question instead of captioning.
+        runtime: torch, or onnx: MODEL is an ONNX export (vlm export --format onnx) run on ONNX Runtime.
+        prompt: Text the caption continues, e.g. 'a picture of' (maps are drawn for the words after it).
     """
     from vlm.api import load
 
-    result = load(model).attend(image, question=question, decoding=decoding, maps=maps)
+    result = load(model, runtime=runtime).attend(image, question=question, decoding=decoding, maps=maps,
+                                                 prompt=prompt)
     written = result.save(out)
     print(result.text)
     print(f"wrote {len(written['files'])} token overlays, grid.png and attention.json to {out}")
@@ -104,7 +112,8 @@ def attend(image: str, *, model: str, out: str, question: str | None = None, dec
 
 def evaluate(*, model: str | None = None, results: str | None = None, data: str | None = None,
              images: str | None = None, format: str = "auto", annotations: str | None = None,
-             split: str | None = None, limit: int | None = None, num_scenes: int = 500, decoding: DecodingConfig,
+             split: str | None = None, limit: int | None = None, num_scenes: int = 500, scenes: str = "shapes",
+             decoding: DecodingConfig,
              maps: MapConfig, java: bool = True, out: str | None = None, report: str | None = None) -> None:
     """Score a model or a results file on a dataset (default: held-out built-in scenes); prints metrics as JSON.
 
@@ -118,6 +127,7 @@ def evaluate(*, model: str | None = None, results: str | None = None, data: str 
         split: Karpathy split: train, val or test.
         limit: Score only the first N images.
         num_scenes: Held-out scenes to score (no --data).
+        scenes: Family of the held-out scenes (no --data): shapes, relational or mixed (data.scenes).
         java: Also run METEOR (and SPICE if installed) when java is found.
         out: With --data: output directory for result files, metrics.json and per_image.csv (default: eval_out);
             without: also write the metrics JSON to this file.
@@ -132,7 +142,7 @@ def evaluate(*, model: str | None = None, results: str | None = None, data: str 
             raise VLMError("--model: needed to score the built-in scenes (or give --results with --data)")
         if num_scenes < 1:
             raise VLMError(f"--num-scenes: expected a positive number of scenes, got {num_scenes}")
-        metrics = evaluate_builtin(load(model), num_scenes=num_scenes, decoding=decoding, maps=maps)
+        metrics = evaluate_builtin(load(model), num_scenes=num_scenes, decoding=decoding, maps=maps, scenes=scenes)
         text = dumps(metrics, indent=2)
         if out:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -150,6 +160,58 @@ def evaluate(*, model: str | None = None, results: str | None = None, data: str 
     for note in (f"{name} {why}" for name, why in metrics.get("caption", {}).get("skipped", {}).items()):
         print(f"note: {note}", file=sys.stderr)
     print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
+
+
+def predict(*, model: str, input: str, out: str, question: list[str] | None = None, task: str | None = None,
+            decoding: DecodingConfig, maps: bool = False, map_config: MapConfig, map_top_k: int = 5,
+            threshold: float = 0.5, batch_size: int = 16, num_workers: int = 1, chunk_size: int = 1000,
+            input_format: str = "auto", format: str = "jsonl", max_pixels: int | None = None,
+            accelerator: str = "auto", devices: str = "auto", num_nodes: int = 1, strategy: str = "auto",
+            precision: str = "32-true", progress_every: int = 50, prompt: str | None = None,
+            runtime: str = "torch", threads: int | None = None) -> None:
+    """Caption and question a whole collection on any number of processes, resumably, with per-token evidence.
+
+    Args:
+        model: Exported model directory or Lightning .ckpt.
+        input: A folder (recursive), a glob, a text file of paths, a JSONL file ("image", optional "key" and
+            "phrases", other fields carried) or WebDataset shards (path, {000..009} pattern, URL).
+        out: Output directory: one file per chunk, manifest.json, errors.jsonl; rerun to resume.
+        question: A question to answer about every image (repeat the option for several).
+        task: caption, questions or both (default: caption, plus the questions when given).
+        maps: Write each token's top patches and a box per phrase (as vlm attend and vlm ground make them).
+        map_top_k: Patches kept per token map.
+        threshold: A phrase's box encloses its peak's region above this fraction of the peak (as vlm ground).
+        batch_size: Images per batch (per process).
+        num_workers: Data-loader workers per process (reading and resizing images).
+        chunk_size: Images per output file for a listed input (a shard input writes one file per shard).
+        input_format: auto, folder, glob, list, jsonl or webdataset.
+        format: jsonl, parquet or webdataset (new shards: images, original alt-text, the new caption as
+            "vlm_caption" in the .json).
+        max_pixels: Largest accepted image, in pixels (default: $VLM_MAX_PIXELS or the loader's limit).
+        accelerator: cpu, gpu, mps or auto.
+        devices: Devices per node (a number, or auto).
+        num_nodes: Machines to run on.
+        strategy: Lightning strategy: auto, ddp, ...
+        precision: Lightning precision, e.g. bf16-mixed.
+        progress_every: Batches between progress lines when stdout is not a terminal.
+        prompt: Text each caption continues, e.g. 'a picture of' (the caption written begins with it).
+        runtime: torch, or onnx: MODEL is an ONNX export (vlm export --format onnx), run on the CPU.
+        threads: ONNX Runtime threads per process (default: the cores shared among the processes).
+    """
+    from vlm.predict import predict as run
+
+    summary = run(model, input, out, questions=question or [], task=task, decoding=decoding, maps=maps,
+                  map_config=map_config, top_k=map_top_k, threshold=threshold, batch_size=batch_size,
+                  num_workers=num_workers, chunk_size=chunk_size, input_format=input_format, format=format,
+                  max_pixels=max_pixels, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
+                  strategy=strategy, precision=precision, progress_every=progress_every, prompt=prompt,
+                  runtime=runtime, threads=threads)
+    if summary is not None:  # the first process
+        errors = f", {summary['errors_this_run']} unreadable (see {Path(out) / 'errors.jsonl'})"
+        print(f"predicted {summary['records_this_run']} images in {summary['chunks_this_run']} chunks"
+              f"{errors if summary['errors_this_run'] else ''}; {summary['chunks_skipped']} chunks already done; "
+              f"{summary['records']} records in {summary['chunks']}/{summary['chunks_total']} chunks in {out}; "
+              f"{summary['images_per_s']} images/s")
 
 
 def ground(image: str, phrase: str, *, model: str, out: str | None = None, maps: MapConfig,
@@ -217,7 +279,8 @@ def serve(*, model: str, host: str = "127.0.0.1", port: int = 8000, max_upload_m
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
-def data_shapes(*, out: str, num_images: int = 100, split: str = "val", image_size: int = 64, seed: int = 0) -> None:
+def data_shapes(*, out: str, num_images: int = 100, split: str = "val", image_size: int = 64, seed: int = 0,
+                scenes: str = "shapes") -> None:
     """Write built-in scenes as COCO captions and instances, VQA v2, Karpathy, JSONL and WebDataset shards.
 
     Args:
@@ -226,10 +289,12 @@ def data_shapes(*, out: str, num_images: int = 100, split: str = "val", image_si
         split: Scene split: train or val.
         image_size: Image side in pixels.
         seed: Scene generator seed.
+        scenes: Scene family: shapes, relational or mixed (data.scenes).
     """
     from vlm.data.export import write_shapes
 
-    for layout, path in write_shapes(out, num_images, split=split, seed=seed, image_size=image_size).items():
+    files = write_shapes(out, num_images, split=split, seed=seed, image_size=image_size, scenes=scenes)
+    for layout, path in files.items():
         print(f"{layout:12s} {path}")
 
 
@@ -264,11 +329,47 @@ def data_validate(path: str, *, images: str | None = None, annotations: str | No
         raise VLMError(f"{report['path']}: {report['problems']} problem(s) found")
 
 
+def import_model(*, from_: str, out: str) -> None:
+    """Import a pretrained captioner from the Hugging Face Hub into an exported vlm model directory.
+
+    Args:
+        from_: hf:NAME (a Hub model, downloaded, e.g. hf:Salesforce/blip-image-captioning-base) or hf:DIR (a local
+            copy): BlipForConditionalGeneration, or VisionEncoderDecoderModel with a ViT encoder and a GPT-2 or
+            BERT decoder.
+        out: Output directory (model.safetensors, config.json, tokenizer.json).
+    """
+    from vlm import hub
+
+    if not from_.startswith(hub.PREFIX):
+        raise VLMError(f"--from: expected {hub.PREFIX}NAME_OR_DIR, got {from_!r}")
+    print(f"exported model: {hub.import_model(from_, out)}")
+
+
 class Group(NamedTuple):
     """A command with subcommands of its own."""
 
     help: str
     commands: dict[str, Callable[..., None]]
+
+
+def export(*, model: str, out: str, format: str = "onnx", maps: bool = False, quantize: str | None = None) -> None:
+    """Export a model for deployment: ONNX encoder and decoder step with its key/value cache, for --runtime onnx.
+
+    Args:
+        model: Exported model directory or Lightning .ckpt.
+        out: Output directory (encoder.onnx, decoder.onnx, onnx.json, config.json, tokenizer.json).
+        format: onnx (the only format).
+        maps: Also output each step's attention weights, for raw and rollout maps (vlm attend --runtime onnx).
+        quantize: int8: ONNX Runtime's dynamic int8 quantization of the linear layers.
+    """
+    from vlm.checkpoint import load_model
+    from vlm.deploy.export import export_onnx
+
+    if format != "onnx":
+        raise VLMError(f"--format: expected onnx, got {format!r}")
+    written = export_onnx(*load_model(model), out, maps=maps, quantize=quantize)
+    print(f"exported {model} to {written} (ONNX, {'int8' if quantize else 'fp32'}, "
+          f"{'with' if maps else 'without'} maps)")
 
 
 COMMANDS: dict[str, Callable[..., None] | Group] = {
@@ -278,6 +379,9 @@ COMMANDS: dict[str, Callable[..., None] | Group] = {
     "attend": attend,
     "eval": evaluate,
     "ground": ground,
+    "predict": predict,
+    "export": export,
+    "import": import_model,
     "demo": demo,
     "serve": serve,
     "data": Group("Write the built-in scenes as datasets, or check a dataset.",
@@ -305,19 +409,25 @@ def usage() -> str:
 
 
 def _option_names(name: str) -> list[str]:
-    dashed = name.replace("_", "-")
-    return [f"--{name}", *([f"--{dashed}"] if dashed != name else []), *ALIASES.get(name, [])]
+    spelt = name.rstrip("_")  # a parameter named for a Python keyword (from_) is the option --from
+    dashed = spelt.replace("_", "-")
+    return [f"--{spelt}", *([f"--{dashed}"] if dashed != spelt else []), *ALIASES.get(name, [])]
 
 
 def _add_option(parser: ArgumentParser | argparse._ArgumentGroup, name: str, hint: typing.Any, default: typing.Any,
-                doc: str | None) -> None:
+                doc: str | None, repeatable: bool = False) -> None:
     """``--name`` (a switch when it is a bool that is off by default, as ``--json``; else it takes a value)."""
+    listed = next((h for h in (hint, *typing.get_args(hint)) if typing.get_origin(h) is list), None) if repeatable \
+        else None
     if hint is bool and default is False:
         parser.add_argument(*_option_names(name), action="store_true", help=doc)
+    elif listed is not None and default is None:  # a repeatable option: --question A --question B
+        parser.add_argument(*_option_names(name), action="append", type=typing.get_args(listed)[0], default=None,
+                            help=f"{doc} (repeatable)" if doc else None)
     else:
         required = default is inspect.Parameter.empty
         parser.add_argument(*_option_names(name), type=hint, default=None if required else default,
-                            required=required, help=doc)
+                            required=required, help=doc, dest=name)
 
 
 def build_parser(prog: str, command: Callable[..., None] | Group) -> ArgumentParser:
@@ -366,7 +476,7 @@ def build_parser(prog: str, command: Callable[..., None] | Group) -> ArgumentPar
                 default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
                 _add_option(group, f.name, field_hints[f.name], default, field_helps.get(f.name))
         elif param.kind is param.KEYWORD_ONLY:
-            _add_option(parser, param.name, hint, param.default, helps.get(param.name))
+            _add_option(parser, param.name, hint, param.default, helps.get(param.name), repeatable=True)
         else:
             parser.add_argument(param.name, nargs="+" if typing.get_origin(hint) is list else None,
                                 help=helps.get(param.name))

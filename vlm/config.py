@@ -32,6 +32,23 @@ class EncoderConfig:
     train_last: int | None = None
     """Train only the last N stages or blocks of the encoder (timm's coarse parameter groups, e.g. a ResNet's
     layers or a ViT's blocks); the rest stays frozen. None trains all of it (when trainable)."""
+    context_layers: int = 0
+    """Transformer blocks (self-attention among all patches, MLP; the decoder's width and heads) on the projected
+    patch features before the decoder reads them: global context, e.g. for relations between objects. They are
+    trained even with a frozen trunk; every map method is carried through them. 0: none."""
+    features: Literal["projected", "final"] = "projected"
+    """What the decoder attends to. projected: the feature_level map's patches, normalised, projected to the
+    decoder width, with 2-D sine-cosine positions added (vlm's own). final: a ViT's final output tokens as they are
+    (after its final norm, at its own width, prefix/class tokens included, no added positions): what an imported
+    captioner's decoder was trained on. Maps then drop the prefix columns and are renormalised over the patches."""
+    norm_eps: float | None = None
+    """Epsilon of every LayerNorm in the trunk (None: timm's; HF ViT uses 1e-12, BLIP's vision tower 1e-5)."""
+    mean: list[float] | None = None
+    """Per-channel mean that images are normalised with (None: timm's data config of the backbone)."""
+    std: list[float] | None = None
+    """Per-channel standard deviation that images are normalised with (None: timm's data config)."""
+    interpolation: str | None = None
+    """Resize interpolation: bilinear, bicubic, ... (None: timm's data config of the backbone)."""
 
 
 @dataclass
@@ -48,6 +65,22 @@ class DecoderConfig:
     """Dropout on attention weights and residual branches."""
     max_length: int = 40
     """Longest token sequence (prompt + answer or caption) the decoder accepts."""
+    norm: Literal["pre", "post"] = "pre"
+    """Where each block's LayerNorms sit: pre (before each sub-layer, plus a final norm before the head: vlm's own
+    and GPT-2's) or post (after each residual sum, no final norm: BERT's, BLIP's text decoder)."""
+    norm_eps: float = 1e-5
+    """Epsilon of every LayerNorm of the decoder (BERT and BLIP's text decoder use 1e-12, GPT-2 1e-5)."""
+    activation: Literal["gelu", "gelu_tanh"] = "gelu"
+    """The MLP's (and head transform's) activation: exact GELU, or its tanh approximation (GPT-2's gelu_new)."""
+    embed_norm: bool = False
+    """A LayerNorm over token + position embeddings (BERT)."""
+    head_transform: bool = False
+    """Dense, activation and LayerNorm before the tied output head (BERT's cls.predictions.transform)."""
+    head_bias: bool = False
+    """A learned per-token bias on the output logits (BERT's cls.predictions.bias)."""
+    cross_width: int | None = None
+    """Width of the image features the cross-attention keys and values are computed from (None: the decoder
+    width; an imported BLIP-large reads 1024-wide ViT tokens into a 768-wide decoder)."""
 
 
 @dataclass
@@ -56,6 +89,12 @@ class ModelConfig:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     attention_layers: list[int] | None = None
     """Decoder layers whose cross-attention (heads averaged) makes a token's map; None means all layers."""
+    special_tokens: dict[str, str] | None = None
+    """The tokenizer's tokens playing vlm's roles: pad, bos (the decoder's start token), eos (the end token), and
+    optionally unk and sep (the question separator); None: vlm's own [PAD] [BOS] [EOS] [UNK] [SEP]. Imported
+    models take theirs from the source (BLIP starts from [DEC] and stops at [SEP])."""
+    answers_questions: bool = True
+    """The model was trained to answer questions (False: a captioner, e.g. an imported one, that refuses ask)."""
 
 
 @dataclass
@@ -76,6 +115,10 @@ class SourceConfig:
     """Karpathy split: train (includes restval), val or test."""
     weight: float = 1.0
     """Share of training images drawn from this source, relative to the other sources."""
+    caption_key: str | None = None
+    """WebDataset: the .json key holding the caption(s) to train on (a string or a list of strings), e.g.
+    "vlm_caption" in shards written by ``vlm predict --format webdataset``; "txt" trains on the .txt alt-text;
+    None: .json "captions" or "caption", else the .txt."""
 
 
 @dataclass
@@ -126,6 +169,10 @@ class DataConfig:
     the same samples as an uninterrupted one."""
     seed: int = 0
     """Seed of the built-in scene generator."""
+    scenes: Literal["shapes", "relational", "mixed"] = "shapes"
+    """Built-in scene family: shapes (1 to 4 objects, questions about one object at a time), relational (six
+    objects of unique colours; closest/farthest, how many share X's shape, relative position, yes/no with
+    negations: vlm.data.relational defines each question kind) or mixed (even scenes shapes, odd relational)."""
 
 
 @dataclass

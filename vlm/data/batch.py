@@ -7,19 +7,20 @@ encodes each image once and decodes all its sequences.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from vlm.data.boxes import FractionBox
+from vlm.data.boxes import PixelBox
 from vlm.text.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100
 TASKS = ("caption", "vqa")  # the order of an item's sequence groups
-Grounded = list[tuple[int, FractionBox]]
-"""Of each caption token that belongs to a named region's phrase: the input position that predicts it, and the box."""
+Grounded = list[tuple[int, PixelBox]]
+"""Of each caption token that belongs to a named region's phrase: the input position that predicts it, and the box
+(in an item: in pixels of the model's input image, see `Batch.grounded`)."""
 TrainingSequence = tuple[list[int], int, Grounded]
 """Token ids, prompt length (not learned), grounded positions."""
 Item = tuple[Tensor, list[list[TrainingSequence]], int]
@@ -43,15 +44,15 @@ class Batch:
     tasks: list[str]
     """Per group its task: "caption" or "vqa"."""
     grounded: list[tuple[Tensor, Tensor]] = field(default_factory=list)
-    """Per group (G, 2) [sequence row, input position] of its grounded tokens, and their boxes (G, 4)
-    (`FractionBox`)."""
+    """Per group (G, 2) [sequence row, input position] of its grounded tokens, and their boxes (G, 4): `PixelBox`es
+    in pixels of the model's input image (after the resize and any flip), also when ``images`` holds features."""
     index: Tensor | None = None
     """(B,) each image's index in its dataset (to gather and de-duplicate results across processes)."""
     features: bool = False
     """True when ``images`` holds the encoder trunk's cached maps (B, C, h, w) instead of pixels."""
 
 
-def caption_sequence(tokenizer: Tokenizer, caption: str, regions: Sequence[tuple[str, FractionBox]]
+def caption_sequence(tokenizer: Tokenizer, caption: str, regions: Sequence[tuple[str, PixelBox]]
                      ) -> TrainingSequence:
     """``[BOS] caption [EOS]`` with the positions that predict each region's phrase where the caption names it.
 
@@ -68,6 +69,13 @@ def caption_sequence(tokenizer: Tokenizer, caption: str, regions: Sequence[tuple
         if len(spans) == 1:  # token i of the caption sits at prompt_len + i; the position before predicts it
             grounded += [(prompt_len - 1 + i, box) for i in spans[0]]
     return ids, prompt_len, grounded
+
+
+def map_boxes(groups: list[list[TrainingSequence]], box_map: Callable[[PixelBox], PixelBox]
+              ) -> list[list[TrainingSequence]]:
+    """An item's groups with every grounded token's box mapped by ``box_map`` (e.g. into the model's input image)."""
+    return [[(ids, prompt_len, [(p, box_map(box)) for p, box in grounded]) for ids, prompt_len, grounded in group]
+            for group in groups]
 
 
 def question_sequence(tokenizer: Tokenizer, question: str, answer: str) -> TrainingSequence:

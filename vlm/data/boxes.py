@@ -1,21 +1,25 @@
-"""The two box conventions, each named for what its numbers mean, and the conversion between them.
+"""The one box convention, `PixelBox`, and the maps that carry a box along with its image.
 
-- `PixelBox`: ``(x, y, w, h)`` in pixels of the image, COCO's layout: what the data files hold (COCO instances,
-  JSONL "regions"), the built-in scenes' objects, and what the grounding metrics and ``vlm ground`` use.
-- `FractionBox`: ``(x0, y0, x1, y1)``, corners as fractions of the image's width and height: what a training
-  batch carries for the grounding loss, independent of the image's size (the model sees a resized image).
+A box is always ``(x, y, w, h)`` in pixels of the image it belongs to (COCO's layout): the data files' boxes (COCO
+instances, JSONL "regions") and the built-in scenes' objects in pixels of the original image; a training batch's
+boxes in pixels of the model's input image (the image resized, and flipped where it was); the grounding metrics and
+``vlm ground`` in pixels of the image they score.
 """
 
 from __future__ import annotations
 
 PixelBox = tuple[float, float, float, float]
-"""(x, y, w, h) in pixels: the top-left corner, width and height (COCO's layout)."""
-FractionBox = tuple[float, float, float, float]
-"""(x0, y0, x1, y1): the top-left and bottom-right corners as fractions of the image's width and height."""
+"""(x, y, w, h) in pixels of its image: the top-left corner, width and height (COCO's layout)."""
 
 
-def fraction_box(box: PixelBox, size: tuple[int, int]) -> FractionBox:
-    """A `PixelBox` in an image of size (width, height) as a `FractionBox`, clipped to the image."""
-    (x, y, w, h), (W, H) = box, size
-    return (min(max(x / W, 0.0), 1.0), min(max(y / H, 0.0), 1.0),
-            min(max((x + w) / W, 0.0), 1.0), min(max((y + h) / H, 0.0), 1.0))
+def resized_box(box: PixelBox, size: tuple[int, int], new_size: tuple[int, int]) -> PixelBox:
+    """``box`` of an image of size (width, height) in that image resized (squashed) to ``new_size`` (width, height)."""
+    (x, y, w, h), (W, H), (new_W, new_H) = box, size, new_size
+    sx, sy = new_W / W, new_H / H
+    return x * sx, y * sy, w * sx, h * sy
+
+
+def mirrored_box(box: PixelBox, width: int) -> PixelBox:
+    """``box`` of an image ``width`` pixels wide in that image flipped left to right."""
+    x, y, w, h = box
+    return width - x - w, y, w, h

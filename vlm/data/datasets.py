@@ -1,4 +1,5 @@
-"""Training and validation data from datasets on disk (records) and WebDataset shards, mixed by weight.
+"""Training and validation items from datasets on disk (records) and WebDataset shards, mixed by weight (the
+loaders: `vlm.data.module.DataModule`).
 
 An item is the same as the built-in scenes' (`vlm.data.batch.Item`): the image tensor, its caption and
 question-answer sequences, and its index; `vlm.data.batch.collate` batches both kinds.
@@ -14,21 +15,18 @@ import random
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from functools import partial
 from itertools import islice
 
-import lightning as L
 import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, IterableDataset
-from torchdata.stateful_dataloader import StatefulDataLoader  # resumable: it saves its position
+from torch.utils.data import Dataset, IterableDataset
 
 from vlm.config import DataConfig, SourceConfig
-from vlm.data.batch import Item, TrainingSequence, caption_sequence, collate, question_sequence
-from vlm.data.boxes import FractionBox, fraction_box
-from vlm.data.builtin import Key, TrainOrder, _draw, draw_rng, rekey, split_key
+from vlm.data.batch import Item, TrainingSequence, caption_sequence, map_boxes, question_sequence
+from vlm.data.boxes import PixelBox, mirrored_box, resized_box
+from vlm.data.builtin import Key, _draw, draw_rng, rekey, split_key
 from vlm.data.images import load_image
 from vlm.data.records import Question, Record, Region, Report, detect_format, read_records
 from vlm.errors import VLMError
@@ -75,7 +73,7 @@ class Sampler:
     """Turns one image and its texts into an item: draws the sequences, flips only when no text says left/right.
 
     Every draw (texts, flip, crop) comes from `draw_rng` of the item's key: in training (index, epoch) from
-    `TrainOrder` with the run's ``seed``, so each epoch draws afresh and a resumed run draws what the
+    `vlm.data.module.TrainOrder` with the run's ``seed``, so each epoch draws afresh and a resumed run draws what the
     uninterrupted one did; validation keys are plain indices, always drawing the same.
     """
 
@@ -83,7 +81,7 @@ class Sampler:
         self.cfg, self.tokenizer, self.transform, self.train, self.seed = cfg, tokenizer, transform, train, seed
 
     def sequences(self, captions: list[str], questions: list[Question], rng: np.random.Generator,
-                  regions: Sequence[tuple[str, FractionBox]] = ()) -> list[list[TrainingSequence]]:
+                  regions: Sequence[tuple[str, PixelBox]] = ()) -> list[list[TrainingSequence]]:
         """The item's groups: caption sequences (grounded where they name a region), then question-answer ones."""
         tok = self.tokenizer
         caption_seqs = [caption_sequence(tok, captions[i], regions)
@@ -96,16 +94,19 @@ class Sampler:
                  regions: Sequence[Region] = ()) -> Item:
         rng = draw_rng(self.seed, key)
         # The random crop moves the regions where no box follows them: no grounded tokens then.
-        boxes = [] if self.train and self.cfg.crop_scale < 1.0 else [
-            (r.phrase, fraction_box(r.bbox, image.size)) for r in regions]
-        groups = self.sequences(captions, questions, rng, boxes)
-        if (self.train and self.cfg.hflip > 0 and rng.random() < self.cfg.hflip
-                and not mentions_side([*captions, *(t for q in questions for t in (q.question, *q.answers))])):
+        boxes = [] if self.train and self.cfg.crop_scale < 1.0 else [(r.phrase, r.bbox) for r in regions]
+        groups = self.sequences(captions, questions, rng, boxes)  # boxes in pixels of `image`, mapped below
+        flipped = (self.train and self.cfg.hflip > 0 and rng.random() < self.cfg.hflip
+                   and not mentions_side([*captions, *(t for q in questions for t in (q.question, *q.answers))]))
+        if flipped:
             image = ImageOps.mirror(image)
-            groups = [[(ids, prompt_len, [(p, (1 - x1, y0, 1 - x0, y1)) for p, (x0, y0, x1, y1) in grounded])
-                       for ids, prompt_len, grounded in group] for group in groups]
         with seeded(int(rng.integers(2**63))) if self.train else nullcontext():
-            return self.transform(image), groups, split_key(key)[0]
+            tensor = self.transform(image)
+        if boxes:  # into the model's input image: flipped with the image, then resized with it
+            size, input_size = image.size, (tensor.shape[-1], tensor.shape[-2])
+            groups = map_boxes(groups, lambda box: resized_box(mirrored_box(box, size[0]) if flipped else box,
+                                                               size, input_size))
+        return tensor, groups, split_key(key)[0]
 
 
 class SkipCounter:
@@ -195,14 +196,15 @@ class RecordDataset(Dataset):
             return self.sampler(image, record.captions, record.questions, rekey(key, i), record.regions)
         raise VLMError("no readable image in the data source")
 
-    def sequences(self, key: Key) -> list[list[TrainingSequence]]:
-        """Item ``key`` without its image (training from cached features): the same draws, regions included (their
-        boxes need only the image's size, read from the file's header)."""
+    def sequences(self, key: Key, input_size: tuple[int, int]) -> list[list[TrainingSequence]]:
+        """Item ``key`` without its image (training from cached features of input images of ``input_size``,
+        (width, height)): the same draws, regions included (their boxes need only the image's size, read from the
+        file's header). No augmentation: the cached maps are those of the plain resized images."""
         record = self.records[split_key(key)[0]]
         boxes = []
         if record.regions:
             size = image_size(record.image)
-            boxes = [(r.phrase, fraction_box(r.bbox, size)) for r in record.regions]
+            boxes = [(r.phrase, resized_box(r.bbox, size, input_size)) for r in record.regions]
         return self.sampler.sequences(record.captions, record.questions, draw_rng(self.sampler.seed, key), boxes)
 
 
@@ -230,9 +232,9 @@ class Mixture(Dataset):
         dataset, i = self._locate(index)
         return dataset.references(i)
 
-    def sequences(self, key: Key) -> list[list[TrainingSequence]]:
+    def sequences(self, key: Key, input_size: tuple[int, int]) -> list[list[TrainingSequence]]:
         dataset, i = self._locate(split_key(key)[0])
-        return dataset.sequences(rekey(key, i))
+        return dataset.sequences(rekey(key, i), input_size)
 
 
 def mixture_weights(sizes: list[int], weights: list[float]) -> Tensor:
@@ -240,8 +242,12 @@ def mixture_weights(sizes: list[int], weights: list[float]) -> Tensor:
     return torch.cat([torch.full((n,), w / n, dtype=torch.double) for n, w in zip(sizes, weights, strict=True)])
 
 
-def shard_sample(sample: dict, where: str) -> tuple[bytes, list[str], list[Question]]:
-    """Image bytes, captions and questions of one WebDataset sample (img2dataset layout: KEY.jpg + .txt/.json)."""
+def shard_sample(sample: dict, where: str, caption_key: str | None = None
+                 ) -> tuple[bytes, list[str], list[Question]]:
+    """Image bytes, captions and questions of one WebDataset sample (img2dataset layout: KEY.jpg + .txt/.json).
+
+    ``caption_key`` (`SourceConfig.caption_key`): the .json key whose caption(s) are used, or "txt" for the .txt
+    alt-text; None: .json "captions" or "caption", else the .txt."""
     image = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
     if image is None:
         raise VLMError(f"{where}: no image ({', '.join(IMAGE_KEYS)}) in the sample")
@@ -251,8 +257,14 @@ def shard_sample(sample: dict, where: str) -> tuple[bytes, list[str], list[Quest
             meta = json.loads(sample["json"])
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise VLMError(f"{where}.json: invalid JSON ({e})") from None
-    captions = meta.get("captions") or ([meta["caption"]] if meta.get("caption") else [])
-    if not captions and "txt" in sample:
+    if caption_key == "txt":
+        captions = []
+    elif caption_key is not None:
+        captions = meta.get(caption_key) or []
+        captions = [captions] if isinstance(captions, str) else captions
+    else:
+        captions = meta.get("captions") or ([meta["caption"]] if meta.get("caption") else [])
+    if not captions and "txt" in sample and caption_key in (None, "txt"):
         captions = [sample["txt"].decode("utf-8", errors="replace")]
     captions = [" ".join(c.split()) for c in captions if isinstance(c, str) and c.strip()]
     questions = [Question(q["question"], list(q["answers"]), q.get("question_id"), q.get("answer_type"))
@@ -304,7 +316,7 @@ class ShardDataset(IterableDataset):
             before = count
             for where, sample in self.samples(reader, readers):
                 try:
-                    data, captions, questions = shard_sample(sample, where)
+                    data, captions, questions = shard_sample(sample, where, self.source.caption_key)
                     image = load_image(data, name=where)
                 except VLMError as e:
                     if self.strict:
@@ -369,7 +381,7 @@ def shard_texts(source: SourceConfig, limit: int) -> list[str]:
     texts: list[str] = []
     for where, sample in ShardDataset(source, None, strict=False, repeat=False).samples():
         try:
-            _, captions, questions = shard_sample(sample, where)
+            _, captions, questions = shard_sample(sample, where, source.caption_key)
         except VLMError:
             continue
         texts += [*captions, *(t for q in questions for t in (q.question, *q.answers))]
@@ -417,45 +429,3 @@ class SourceData:
         return [{"path": s.path, "format": detect_format(s), "records": rep.records if recs is not None else None,
                  "skipped": rep.skipped, "problems": rep.problems[:20]}
                 for s, recs, rep in zip(self.sources, self.records, self.reports, strict=True)]
-
-
-class SourceDataModule(L.LightningDataModule):
-    """Training data mixed from sources by weight; validation from file-based sources. ``seed`` (the run's,
-    ``trainer.seed``) sets the training order and draws of file-based data."""
-
-    def __init__(self, cfg: DataConfig, train: SourceData, val: SourceData | None, tokenizer: Tokenizer,
-                 train_transform: Transform, val_transform: Transform, seed: int = 0):
-        super().__init__()
-        self.cfg, self.pad_id, self.seed = cfg, tokenizer.pad_id, seed
-        self.skipped = SkipCounter()
-        sampler = Sampler(cfg, tokenizer, train_transform, train=True, seed=seed)
-        if any(r is None for r in train.records):  # shards stream: every source becomes a stream, mixed by weight
-            streams = [ShardDataset(s, sampler, cfg.strict, self.skipped, seed=cfg.seed) if r is None
-                       else RecordStream(RecordDataset(r, sampler, cfg.strict, self.skipped), cfg.seed)
-                       for s, r in zip(train.sources, train.records, strict=True)]
-            self.train_set: Dataset = streams[0] if len(streams) == 1 else StreamMixture(
-                streams, [s.weight for s in train.sources], cfg.seed)
-            self.weights = None
-        else:
-            datasets = [RecordDataset(r, sampler, cfg.strict, self.skipped) for r in train.records]
-            self.train_set = Mixture(datasets)
-            self.weights = mixture_weights([len(d) for d in datasets], [s.weight for s in train.sources])
-        self.val_set = None
-        if val is not None and val.sources:
-            if any(r is None for r in val.records):
-                raise VLMError("validation sources must be files (COCO, Karpathy, VQA, JSONL), not shards")
-            val_sampler = Sampler(cfg, tokenizer, val_transform, train=False)
-            self.val_set = Mixture([RecordDataset(r, val_sampler, cfg.strict, self.skipped) for r in val.records])
-
-    def _loader(self, dataset: Dataset, sampler: TrainOrder | None = None) -> DataLoader:
-        return StatefulDataLoader(dataset, batch_size=self.cfg.batch_size, sampler=sampler,
-                                  num_workers=self.cfg.num_workers, collate_fn=partial(collate, pad_id=self.pad_id),
-                                  drop_last=sampler is not None, persistent_workers=self.cfg.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        if self.weights is None:  # streamed
-            return self._loader(self.train_set)
-        return self._loader(self.train_set, TrainOrder(len(self.weights), self.seed, self.cfg.batch_size, self.weights))
-
-    def val_dataloader(self) -> DataLoader | list:
-        return [] if self.val_set is None else self._loader(self.val_set)

@@ -26,8 +26,10 @@ def answer_type(answer: str) -> str:
     return "number" if answer.isdigit() or answer in ("zero", "one", "two", "three", "four") else "other"
 
 
-def write_shapes(out: str | Path, num_images: int, split: str = "val", seed: int = 0, image_size: int = 64) -> dict:
-    """Write ``num_images`` scenes of a split in every layout; returns the paths written, by layout."""
+def write_shapes(out: str | Path, num_images: int, split: str = "val", seed: int = 0, image_size: int = 64,
+                 scenes: str = "shapes") -> dict:
+    """Write ``num_images`` scenes of a split and family (`vlm.data.scenes.FAMILIES`) in every layout; returns the
+    paths written, by layout."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "shards").mkdir(exist_ok=True)
@@ -37,7 +39,7 @@ def write_shapes(out: str | Path, num_images: int, split: str = "val", seed: int
     images, captions, instances, questions, annotations, karpathy, lines = [], [], [], [], [], [], []
     shard: tarfile.TarFile | None = None
     for i in range(num_images):
-        scene = make_scene(i, split, seed, image_size)
+        scene = make_scene(i, split, seed, image_size, scenes)
         image_id = i + 1
         name = f"{image_id:012d}.png"
         scene.image.save(out / "images" / name)
@@ -82,7 +84,7 @@ def write_shapes(out: str | Path, num_images: int, split: str = "val", seed: int
             shard.addfile(info, io.BytesIO(data))
     if shard is not None:
         shard.close()
-    info = {"description": f"vlm built-in scenes, {split} split, seed {seed}", "version": "1.0"}
+    info = {"description": f"vlm built-in {scenes} scenes, {split} split, seed {seed}", "version": "1.0"}
     files = {
         "captions": out / "captions.json", "instances": out / "instances.json", "questions": out / "questions.json",
         "annotations": out / "annotations.json", "karpathy": out / "karpathy.json", "jsonl": out / "data.jsonl",

@@ -12,18 +12,15 @@ import hashlib
 import json
 import logging
 import os
-from functools import partial
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from torchdata.stateful_dataloader import StatefulDataLoader  # resumable: it saves its position
 
-from vlm.data.batch import Item, collate
-from vlm.data.builtin import Key, SceneDataset, TrainOrder, split_key
+from vlm.data.batch import Item
+from vlm.data.builtin import Key, SceneDataset, split_key
 from vlm.data.datasets import Mixture, RecordDataset
 from vlm.errors import VLMError
 
@@ -108,10 +105,11 @@ def build_cache(path: str | Path, dataset: Dataset, encoder: nn.Module, batch_si
 
 
 class CachedDataset(Dataset):
-    """Items of a dataset with each image replaced by its cached trunk map."""
+    """Items of a dataset with each image replaced by its cached trunk map; their boxes in pixels of the input
+    images (of ``input_size``, (width, height)) that the maps were computed from."""
 
-    def __init__(self, dataset: Dataset, cache_path: Path):
-        self.dataset, self.cache_path = dataset, cache_path
+    def __init__(self, dataset: Dataset, cache_path: Path, input_size: tuple[int, int]):
+        self.dataset, self.cache_path, self.input_size = dataset, cache_path, input_size
         self._cache: np.memmap | None = None  # opened lazily: each worker process maps the file itself
 
     def __len__(self) -> int:
@@ -121,51 +119,7 @@ class CachedDataset(Dataset):
         if self._cache is None:
             self._cache = np.load(self.cache_path, mmap_mode="r")
         index, _ = split_key(key)
-        return torch.from_numpy(np.array(self._cache[index])), self.dataset.sequences(key), index
+        return torch.from_numpy(np.array(self._cache[index])), self.dataset.sequences(key, self.input_size), index
 
     def references(self, index: int) -> dict:
         return self.dataset.references(index)
-
-
-class CachedFeatures(L.LightningDataModule):
-    """Wraps a data module of map-style datasets: trains from cached trunk maps of a frozen encoder."""
-
-    def __init__(self, data: L.LightningDataModule, encoder: nn.Module, path: str, encoder_trainable: bool):
-        super().__init__()
-        if encoder_trainable:
-            raise VLMError("data.feature_cache needs a frozen encoder: set model.encoder.trainable: false")
-        cfg = data.cfg
-        if cfg.hflip > 0 or cfg.crop_scale < 1:
-            raise VLMError("data.feature_cache: cached features cannot be augmented; set data.hflip: 0 and "
-                           "data.crop_scale: 1")
-        if not hasattr(data.train_set, "sequences"):
-            raise VLMError("data.feature_cache works with file-based data and the built-in scenes, not shards")
-        self.data, self.encoder, self.path = data, encoder, Path(path)
-        self.skipped = getattr(data, "skipped", 0)
-
-    def _path(self, split: str) -> Path:
-        return self.path.with_name(f"{self.path.stem}.{split}{self.path.suffix or '.npy'}")
-
-    def prepare_data(self) -> None:
-        """Compute the caches once (on each node's first process); the others wait at setup."""
-        for split, dataset in (("train", self.data.train_set), ("val", self.data.val_set)):
-            if dataset is not None:
-                build_cache(self._path(split), dataset, self.encoder, self.data.cfg.batch_size,
-                            self.data.cfg.num_workers)
-
-    def _loader(self, split: str, dataset: Dataset, train: bool) -> DataLoader:
-        cfg = self.data.cfg
-        weights = getattr(self.data, "weights", None)  # sources mixed by weight keep their mixture
-        sampler = TrainOrder(len(dataset), self.data.seed, cfg.batch_size, weights) if train else None
-        return StatefulDataLoader(
-            CachedDataset(dataset, self._path(split)), batch_size=cfg.batch_size, sampler=sampler,
-            drop_last=train, num_workers=cfg.num_workers,
-            collate_fn=partial(collate, pad_id=self.data.pad_id, features=True), persistent_workers=cfg.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.data.train_set, train=True)
-
-    def val_dataloader(self) -> DataLoader | list:
-        val = self.data.val_set
-        return [] if val is None else self._loader("val", val, train=False)

@@ -4,7 +4,7 @@ Every scene has 1 to 4 objects (6 colours x 4 shapes x 2 sizes, no two of the sa
 apart enough that "left of" is never ambiguous), five reference captions in different phrasings that
 name the objects from left to right with a spatial relation, questions of six kinds (colour, shape,
 size, count, existence, spatial: which side of the image an object is on) with answers, and each
-object's naming phrase and box.
+object's naming phrase and box. `make_scene` also makes the relational family (`vlm.data.relational`).
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ BACKGROUND = (120, 120, 120)
 SUPERSAMPLE = 4  # draw large, then downsample: smooth edges at small sizes
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 SPLITS = {"train": 0, "val": 1}
+FAMILIES = ("shapes", "relational", "mixed")
+"""Scene families (`DataConfig.scenes`, `make_scene`'s family)."""
 
 
 @dataclass
@@ -167,8 +169,29 @@ def questions_for(objects: list[SceneObject], rng: np.random.Generator, image_si
     return qs
 
 
-def make_scene(index: int, split: str = "train", seed: int = 0, image_size: int = 64) -> Scene:
-    """Scene number `index` of a split; the same arguments always give the same scene."""
+def render(objects: list, image_size: int) -> Image.Image:
+    """The objects (anything with a colour, a shape and a pixel box) drawn on the gray canvas."""
+    canvas = Image.new("RGB", (image_size * SUPERSAMPLE,) * 2, BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    for o in objects:
+        _draw(draw, o, SUPERSAMPLE)
+    return canvas.resize((image_size, image_size), Image.Resampling.BOX)
+
+
+def make_scene(index: int, split: str = "train", seed: int = 0, image_size: int = 64, family: str = "shapes",
+               ) -> Scene:
+    """Scene number `index` of a split in a family (`FAMILIES`); the same arguments always give the same scene.
+
+    ``shapes``: this module's scenes; ``relational``: six objects and questions about their relations
+    (`vlm.data.relational`); ``mixed``: even indices from shapes, odd ones from relational.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"unknown scene family {family!r} (data.scenes, --scenes): expected one of "
+                         f"{', '.join(FAMILIES)}")
+    if family == "relational" or (family == "mixed" and index % 2):
+        from vlm.data.relational import make_relational_scene  # it builds on this module
+
+        return make_relational_scene(index, split, seed, image_size)
     rng = np.random.default_rng([seed, SPLITS[split], index])
     n = int(rng.integers(1, 5))
     pairs = rng.choice(len(COLORS) * len(SHAPES), size=n, replace=False)
@@ -178,9 +201,5 @@ def make_scene(index: int, split: str = "train", seed: int = 0, image_size: int 
         for p, (size, box) in zip(pairs, _place(rng, n, image_size), strict=True)
     ]
     objects.sort(key=lambda o: o.center_x)
-    canvas = Image.new("RGB", (image_size * SUPERSAMPLE,) * 2, BACKGROUND)
-    draw = ImageDraw.Draw(canvas)
-    for o in objects:
-        _draw(draw, o, SUPERSAMPLE)
-    image = canvas.resize((image_size, image_size), Image.Resampling.BOX)
+    image = render(objects, image_size)
     return Scene(image, objects, captions_for(objects), questions_for(objects, rng, image_size))

@@ -40,7 +40,7 @@ def validate(source: SourceConfig, max_words: int = 60, max_problems: int = 50) 
     if fmt == "webdataset":
         for where, sample in ShardDataset(source, None, strict=False, repeat=False).samples():
             try:
-                image, captions, questions = shard_sample(sample, where)
+                image, captions, questions = shard_sample(sample, where, source.caption_key)
             except VLMError as e:
                 problems.append(str(e))
                 continue

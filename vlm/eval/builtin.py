@@ -14,8 +14,9 @@ from vlm.eval.vqa import vqa_scores
 
 def evaluate_builtin(captioner: Captioner, num_scenes: int = 500, seed: int = 0,
                      decoding: DecodingConfig | None = None, maps: MapConfig | None = None,
-                     batch_size: int = 64) -> dict[str, Any]:
-    """Caption CIDEr-D, BLEU-4 and ROUGE-L, VQA accuracy per question kind, and grounding scores.
+                     batch_size: int = 64, scenes: str = "shapes") -> dict[str, Any]:
+    """Caption CIDEr-D, BLEU-4 and ROUGE-L, VQA accuracy per question kind, and grounding scores, on the held-out
+    scenes of a family (`vlm.data.scenes.FAMILIES`).
 
     Grounding (`vlm.eval.grounding`): each object's phrase in the first reference caption (which names every
     object) is fed through the decoder; pointing game (the peak of the phrase's map inside the object's box),
@@ -23,7 +24,7 @@ def evaluate_builtin(captioner: Captioner, num_scenes: int = 500, seed: int = 0,
     made.
     """
     size = captioner.model.cfg.encoder.image_size
-    scenes = [make_scene(i, "val", seed, size) for i in range(num_scenes)]
+    family, scenes = scenes, [make_scene(i, "val", seed, size, scenes) for i in range(num_scenes)]
     images = [s.image for s in scenes]
 
     captions = captioner.caption(images, decoding, batch_size=batch_size)
@@ -40,6 +41,7 @@ def evaluate_builtin(captioner: Captioner, num_scenes: int = 500, seed: int = 0,
 
     return {
         "scenes": num_scenes,
+        "family": family,
         "caption": {"CIDEr-D": caption_metrics["CIDEr-D"], "BLEU-4": caption_metrics["BLEU-4"],
                     "ROUGE-L": caption_metrics["ROUGE-L"], **diversity(captions)},
         "vqa": vqa,

@@ -13,8 +13,20 @@ the patch grid from the query position that predicts it:
   Attention-model Explainability"): for the token's logit, every attention map A becomes
   Abar = mean over heads of (dlogit/dA * A)^+; relevancies start at R_tt = I, R_ti = 0 and are updated layer by
   layer, R_tt += Abar_self R_tt and R_ti += Abar_self R_ti at self-attention, R_ti += Rbar_tt Abar_cross at
-  cross-attention (Rbar_tt: R_tt with its off-diagonal part row-normalised, the paper's residual handling; the
-  patch side R_ii stays I since the decoder never attends among patches). The map is the token's row of R_ti.
+  cross-attention (Rbar_tt: R_tt with its off-diagonal part row-normalised, the paper's residual handling). The
+  map is the token's row of R_ti.
+
+When the decoder also attends to the encoder's prefix tokens (an imported captioner's class token), their columns
+are removed and each layer's raw or rollout row renormalised over the patches before layers are combined.
+
+Context blocks (``encoder.context_layers``: self-attention among the patches before the decoder) make a map over
+their output tokens, not over the image, so rollout and chefer carry it back through them to the patches: rollout
+multiplies each part by the blocks' own rollout (heads averaged, half and half with the residual, last block
+first); chefer builds the patch-side relevancy R_ii = I, R_ii += Abar_ctx R_ii at each block (Abar_ctx the
+gradient-weighted attention of the token's logit, as above) and updates R_ti += Rbar_tt Abar_cross Rbar_ii (the
+paper's rule for attention between two modalities; without context blocks Rbar_ii = I). ``raw`` stays the
+cross-attention itself, over the context tokens (one per patch). These two methods recompute the blocks from the
+patches that `VisionLanguageModel.encode` keeps (`EncodedImages.patches`).
 
 Dimensions: S sequences (one per image here), T text positions, N patches, L layers, H heads, D width.
 """
@@ -57,21 +69,38 @@ def token_maps(model: VisionLanguageModel, image_kv: list[KeysValues], grid: tup
     for row, seq in enumerate(seqs):  # right padding: causal attention never reads it
         ids[row, :len(seq)] = torch.tensor(seq, device=device)
     queries = [range(len(p) - 1, len(p) - 1 + len(t)) for p, t in zip(prompts, targets, strict=True)]
+    patches = getattr(image_kv, "patches", None)
+    if model.encoder.context and config.method != "raw" and patches is None:
+        raise ValueError(f"{config.method} maps through the encoder's context blocks need the encoding of "
+                         "VisionLanguageModel.encode (its patches), not bare keys/values")
     if config.method == "chefer":
         parts = _chefer(model, image_kv, ids, queries)
     else:
         parts = _attention_parts(model, image_kv, ids, queries, config.method, config.head)
+    prefix = getattr(model.encoder, "num_prefix", 0)
+    if prefix:
+        parts = [patches_only(p, prefix, config.method) for p in parts]
     if not per_layer:
         chosen = chosen_layers(model, config.layers)
         parts = [combine_layers(p, config.method, chosen) for p in parts]
     return [p.float().reshape(*p.shape[:-1], *grid) for p in parts]
 
 
+def patches_only(parts: Tensor, prefix: int, method: str) -> Tensor:
+    """(L, Q, P + N) -> (L, Q, N): an encoder's prefix (class) token columns removed, and each layer's raw or
+    rollout row renormalised over the patches (a chefer relevancy is no distribution: its columns are only dropped).
+    An imported captioner's decoder attends to its ViT's class token too (`vlm.hub`)."""
+    patches = parts[..., prefix:]
+    if method == "chefer":
+        return patches
+    return patches / patches.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
 def chosen_layers(model: VisionLanguageModel, layers: Sequence[int] | None) -> list[int]:
     """The decoder layers whose cross-attention makes a map: ``layers``, else the model's ``attention_layers``,
     else all."""
-    return check_layers(layers or model.cfg.attention_layers or range(len(model.decoder.blocks)),
-                        len(model.decoder.blocks))
+    depth = model.cfg.decoder.depth  # from the config alone: an ONNX export on ONNX Runtime has it too
+    return check_layers(layers or model.cfg.attention_layers or range(depth), depth)
 
 
 def _attention_parts(model: VisionLanguageModel, image_kv: list[KeysValues], ids: Tensor,
@@ -81,6 +110,13 @@ def _attention_parts(model: VisionLanguageModel, image_kv: list[KeysValues], ids
         out = model.decoder(ids, image_kv, need_weights=True, need_self_weights=method == "rollout")
     cross = [w.mean(1) if head is None else w[:, head] for w in out.cross_attentions]  # L x (S, T, N)
     parts = torch.stack(cross if method == "raw" else _rollout(out.self_attentions, cross))  # (L, S, T, N)
+    if method == "rollout" and model.encoder.context:
+        with torch.no_grad():
+            _, context_w = model.encode_patches(image_kv.patches, need_weights=True)
+        carry = torch.eye(parts.shape[-1], device=parts.device).expand(parts.shape[1], -1, -1)  # (S, N, N)
+        for w in context_w:  # output tokens <- input tokens, the first block applied last
+            carry = _with_residual(w) @ carry
+        parts = parts @ carry  # (L, S, T, N) over the patches
     return [parts[:, s, list(q)] for s, q in enumerate(queries)]
 
 
@@ -131,6 +167,9 @@ def _chefer(model: VisionLanguageModel, image_kv: list[KeysValues], ids: Tensor,
     positions = sorted({q for qs in queries for q in qs})
     S, T = ids.shape
     with torch.enable_grad():
+        context_w = []
+        if model.encoder.context:  # recomputed in the graph: the logits' gradients reach the blocks' attention
+            image_kv, context_w = model.encode_patches(image_kv.patches, need_weights=True)
         out = model.decoder(ids, image_kv, need_weights=True, need_self_weights=True)
         logits, self_w, cross_w = out.logits, out.self_attentions, out.cross_attentions
         N = cross_w[0].shape[-1]
@@ -143,7 +182,12 @@ def _chefer(model: VisionLanguageModel, image_kv: list[KeysValues], ids: Tensor,
         # sequence at once: sequences are independent).
         P = len(positions)
         grad_outputs = torch.eye(P, device=ids.device, dtype=targets.dtype)[:, None, :].expand(P, S, P)
-        grads = torch.autograd.grad(targets, self_w + cross_w, grad_outputs=grad_outputs, is_grads_batched=True)
+        grads = torch.autograd.grad(targets, self_w + cross_w + context_w, grad_outputs=grad_outputs,
+                                    is_grads_batched=True)
+    r_ii = torch.eye(N, device=ids.device).expand(P, S, N, N)  # patch-side relevancy through the context blocks
+    for grad, w in zip(grads[2 * L:], context_w, strict=True):
+        r_ii = r_ii + (grad * w.detach()).clamp_min(0).mean(2) @ r_ii
+    rbar_ii = _normalise_residual(r_ii) if context_w else None
     r_tt = torch.eye(T, device=ids.device).expand(P, S, T, T)
     r_ti = logits.new_zeros(L, P, S, T, N)  # each layer's part of R_ti, kept apart
     for layer in range(L):
@@ -151,6 +195,8 @@ def _chefer(model: VisionLanguageModel, image_kv: list[KeysValues], ids: Tensor,
         r_ti = r_ti + a_self @ r_ti
         r_tt = r_tt + a_self @ r_tt
         a_cross = (grads[L + layer] * cross_w[layer].detach()).clamp_min(0).mean(2)  # (P, S, T, N)
+        if rbar_ii is not None:
+            a_cross = a_cross @ rbar_ii
         r_ti[layer] = r_ti[layer] + _normalise_residual(r_tt) @ a_cross
     index = {q: p for p, q in enumerate(positions)}
     maps = [torch.stack([r_ti[:, index[q], s, q] for q in qs], 1) if qs else r_ti.new_zeros(L, 0, N)

@@ -24,19 +24,19 @@ class Attention(nn.Module):
     whose keys and values can be computed once (``keys_values``) and reused at every generation step.
     """
 
-    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0):
+    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0, source_dim: int | None = None):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
+        self.kv = nn.Linear(source_dim or dim, 2 * dim)  # the source may be wider or narrower than the queries
         self.proj = nn.Linear(dim, dim)
         self.dropout = dropout
 
     def keys_values(self, source: Tensor) -> tuple[Tensor, Tensor]:
-        """Project a source (B, S, D) to keys and values, each (B, H, S, hd)."""
+        """Project a source (B, S, D or source_dim) to keys and values, each (B, H, S, hd)."""
         B, S, _ = source.shape
         kv = self.kv(source).view(B, S, 2, self.num_heads, self.head_dim)  # (B, S, 2, H, hd)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, H, S, hd)

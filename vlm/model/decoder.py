@@ -1,4 +1,8 @@
-"""Transformer text decoder: pre-norm blocks of causal self-attention, cross-attention to the image, MLP.
+"""Transformer text decoder: blocks of causal self-attention, cross-attention to the image, MLP.
+
+Blocks are pre-norm (vlm's own, GPT-2) or post-norm (BERT, BLIP's text decoder), as `DecoderConfig.norm` says;
+the other options of `DecoderConfig` (embedding norm, output transform and bias, activation, epsilon, the width
+of the image features) let imported decoders (`vlm.hub`) run exactly as in their source.
 
 Dimensions: B images, S sequences (k per image), T text positions, N image patches, D width, H heads, hd = D // H,
 L layers, V vocabulary.
@@ -90,8 +94,8 @@ class _GeluLinear(torch.autograd.Function):
 class MLP(nn.Sequential):
     """Linear, GELU, linear; in training the GELU's output is recomputed in backward rather than stored."""
 
-    def __init__(self, dim: int, hidden: int):
-        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+    def __init__(self, dim: int, hidden: int, approximate: str = "none"):
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(approximate=approximate), nn.Linear(hidden, dim))
 
     def forward(self, x: Tensor) -> Tensor:
         fc1, act, fc2 = self
@@ -101,17 +105,23 @@ class MLP(nn.Sequential):
         return fc2(act(h))
 
 
+def approximate(cfg: DecoderConfig) -> str:
+    """The ``approximate`` argument of torch's GELU for the decoder's activation."""
+    return {"gelu": "none", "gelu_tanh": "tanh"}[cfg.activation]
+
+
 class Block(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
-        D = cfg.width
-        self.ln_self = nn.LayerNorm(D)
+        D, eps = cfg.width, cfg.norm_eps
+        self.pre_norm = cfg.norm == "pre"  # else post-norm: each LayerNorm follows its residual sum
+        self.ln_self = nn.LayerNorm(D, eps=eps)
         self.self_attn = Attention(D, cfg.num_heads, cfg.dropout)
-        self.ln_cross = nn.LayerNorm(D)
-        self.cross_attn = Attention(D, cfg.num_heads, cfg.dropout)
-        self.ln_mlp = nn.LayerNorm(D)
+        self.ln_cross = nn.LayerNorm(D, eps=eps)
+        self.cross_attn = Attention(D, cfg.num_heads, cfg.dropout, source_dim=cfg.cross_width)
+        self.ln_mlp = nn.LayerNorm(D, eps=eps)
         hidden = int(cfg.mlp_ratio * D)
-        self.mlp = MLP(D, hidden)
+        self.mlp = MLP(D, hidden, approximate(cfg))
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(
@@ -127,26 +137,34 @@ class Block(nn.Module):
         """x (S, T, D) -> x, the self-attention weights (S, H, T, T_all) when need_self_weights, the
         cross-attention weights (S, H, T, N) when need_weights (else None), and the cross-attention input (S, T, D).
         """
-        h = self.ln_self(x)
+        pre = self.pre_norm
+        h = self.ln_self(x) if pre else x
         k, v = self.self_attn.keys_values(h)  # (S, H, T, hd)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (S, H, T_all, hd) with all earlier positions
         is_causal = self_mask is None and k.shape[2] == x.shape[1] and x.shape[1] > 1
         a, self_weights = self.self_attn(h, k, v, mask=self_mask, is_causal=is_causal, need_weights=need_self_weights)
         x = x + self.drop(a)
+        if not pre:
+            x = self.ln_self(x)
         # Cross-attention needs no mask, so the k sequences of each image are one query sequence of k * T
         # tokens against that image's patches: no keys/values are copied per sequence. The block calls the
         # cross_attn module (not its parts), so FSDP gathers its parameters around the call.
         S, T, D = x.shape
         B = image_kv[0].shape[0]
         per_image = S // B
-        cross_input = self.ln_cross(x)  # (S, T, D)
+        cross_input = self.ln_cross(x) if pre else x  # (S, T, D)
         c, weights = self.cross_attn(cross_input.reshape(B, per_image * T, D), *image_kv, need_weights=need_weights)
         x = x + self.drop(c.reshape(S, T, D))
+        if not pre:
+            x = self.ln_cross(x)
         if weights is not None and per_image > 1:  # (B, H, per_image * T, N) -> (S, H, T, N)
             H, N = weights.shape[1], weights.shape[-1]
             weights = weights.view(B, H, per_image, T, N).transpose(1, 2).reshape(S, H, T, N)
-        x = x + self.drop(self.mlp(self.ln_mlp(x)))
+        if pre:
+            x = x + self.drop(self.mlp(self.ln_mlp(x)))
+        else:
+            x = self.ln_mlp(x + self.drop(self.mlp(x)))
         return x, self_weights, weights, cross_input
 
 
@@ -166,16 +184,22 @@ class DecoderOutput:
 
 
 class TextDecoder(nn.Module):
-    """Token + position embeddings, blocks, final norm, and an output head tied to the token embedding."""
+    """Token + position embeddings (optionally normalised), blocks, final norm (pre-norm blocks), and an output
+    head tied to the token embedding, optionally after a transform and with a bias."""
 
     def __init__(self, cfg: DecoderConfig, vocab_size: int):
         super().__init__()
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(vocab_size, cfg.width)
-        self.pos_emb = nn.Embedding(cfg.max_length, cfg.width)
+        D, eps = cfg.width, cfg.norm_eps
+        self.tok_emb = nn.Embedding(vocab_size, D)
+        self.pos_emb = nn.Embedding(cfg.max_length, D)
+        self.emb_norm = nn.LayerNorm(D, eps=eps) if cfg.embed_norm else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
-        self.ln_f = nn.LayerNorm(cfg.width)
+        self.ln_f = nn.LayerNorm(D, eps=eps) if cfg.norm == "pre" else nn.Identity()
+        self.head_transform = nn.Sequential(nn.Linear(D, D), nn.GELU(approximate=approximate(cfg)),
+                                            nn.LayerNorm(D, eps=eps)) if cfg.head_transform else None
+        self.head_bias = nn.Parameter(torch.zeros(vocab_size)) if cfg.head_bias else None
         nn.init.normal_(self.tok_emb.weight, std=0.02)
         nn.init.normal_(self.pos_emb.weight, std=0.02)
 
@@ -221,7 +245,10 @@ class TextDecoder(nn.Module):
                 raise ValueError(f"sequence of {start + T} tokens exceeds the decoder's max_length "
                                  f"{self.cfg.max_length}")
             positions = torch.arange(start, start + T, device=ids.device).expand(S, T)
-        x = self.drop(self.tok_emb(ids) + self.pos_emb(positions))  # (S, T, D)
+        x = self.tok_emb(ids) + self.pos_emb(positions)  # (S, T, D)
+        if self.emb_norm is not None:
+            x = self.emb_norm(x)
+        x = self.drop(x)
         self_weights, cross_weights, cross_inputs = [], [], []
         for layer, block in enumerate(self.blocks):
             x, w_self, w_cross, h = block(x, image_kv[layer], self_mask, cache, layer, need_weights, need_self_weights)
@@ -230,9 +257,17 @@ class TextDecoder(nn.Module):
             cross_inputs.append(h)
         if cache is not None:
             cache.advance(T)
-        logits = self.ln_f(x) @ self.tok_emb.weight.t()  # (S, T, V)
+        logits = self.logits(x)  # (S, T, V)
         return DecoderOutput(logits, self_weights if need_self_weights else None,
                              cross_weights if need_weights else None, cross_inputs if need_cross_inputs else None)
+
+    def logits(self, x: Tensor) -> Tensor:
+        """Next-token logits (S, T, V) from the last block's output (S, T, D)."""
+        h = self.ln_f(x)
+        if self.head_transform is not None:
+            h = self.head_transform(h)
+        logits = h @ self.tok_emb.weight.t()
+        return logits if self.head_bias is None else logits + self.head_bias
 
     def cross_attention_weights(self, cross_inputs: list[Tensor], image_kv: list[KeysValues]) -> list[Tensor]:
         """Each layer's cross-attention weights (B, H, T, N) from its inputs (B, T, D), one sequence per image.

@@ -1,5 +1,9 @@
 """The one decoding loop, batched with a KV cache: greedy, sampling (temperature, top-k, top-p) and beam search.
 
+`decode` is the loop; it calls a `DecoderBackend`'s step for each position's logits: `TorchDecoder` (the model's
+decoder with its preallocated cache; `generate` is decode with it) or the ONNX Runtime backend of
+`vlm.deploy.runtime`. Everything else (scores, beams, filters, the maps' bookkeeping) is shared.
+
 Its options are a `vlm.config.DecodingConfig`. The caller encodes each image once (``model.encode``, or
 ``model.encode_features`` from a feature cache) and passes every layer's cross-attention keys/values, which
 the image's beams or samples share. Prompts of different lengths are left-padded; padded positions are masked
@@ -18,12 +22,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from vlm.config import DecodingConfig
-from vlm.model.decoder import KeysValues
+from vlm.model.decoder import KeysValues, KVCache
 from vlm.model.vlm import VisionLanguageModel
 
 
@@ -38,6 +43,9 @@ class Generation:
     """Whether each sequence stopped at the end token (False: it reached max_new_tokens or max_length)."""
     attentions: list[Tensor] | None = None
     """Per sequence (T, L, H, N): each generated token's cross-attention in every layer and head."""
+    token_logprobs: list[list[float]] | None = None
+    """Per sequence, each generated token's log-probability (aligned with ``tokens``: the end token's is in
+    ``scores`` only), from the distribution the token was chosen from (after no-repeat and min-length masks)."""
 
 
 def _self_mask(key_valid: Tensor, start: int, end: int) -> Tensor:
@@ -91,6 +99,79 @@ def _generators(seed: int | Sequence[int] | None, B: int, device: torch.device) 
     return [torch.Generator(device=device).manual_seed(s) for s in seeds]
 
 
+class DecoderBackend(Protocol):
+    """What the decoding loop needs of a decoder: one step over new tokens with its own self-attention cache.
+
+    `TorchDecoder` runs the model's `TextDecoder` with its preallocated `KVCache`; `vlm.deploy.runtime` runs an
+    exported ONNX decoder step on ONNX Runtime, its cache passed in and out. Tensors cross as torch tensors on
+    ``device``.
+    """
+
+    num_images: int
+    """B: images whose cross-attention keys/values the backend holds; row r reads image r // (R // B)."""
+    vocab_size: int
+    max_length: int
+    device: torch.device
+
+    def start(self, rows: int, length: int, maps: bool) -> None:
+        """An empty cache for R rows of at most length tokens; maps: each step also returns its map material."""
+
+    @property
+    def cached(self) -> int:
+        """Positions already in the cache (0 without one: every step reads the whole sequence again)."""
+
+    def step(self, ids: Tensor, positions: Tensor, self_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Ids (R, t) continuing the cache, their positions (R, t) and mask (R, 1, t, cached + t) (None: no
+        padding) -> the last position's logits (R, V) as float, and (when started with maps) what its maps are made
+        of, (R, ...)."""
+
+    def reorder(self, parent: Tensor) -> None:
+        """Beam search: row r of the cache becomes row parent[r]."""
+
+    def attention(self, material: Tensor, images: Tensor) -> Tensor:
+        """(S, T, ...) map material of kept sequences reading images (S,) -> cross-attention (S, T, L, H, N)."""
+
+
+class TorchDecoder:
+    """The torch backend: the model's decoder with a preallocated `KVCache` (or none: uncached, for tests).
+
+    A step keeps the cross-attention inputs of its last position; the weights are computed from them once
+    decoding ends, for the kept sequences only, so no step pays for the explicit attention path.
+    """
+
+    def __init__(self, model: VisionLanguageModel, image_kv: list[KeysValues], use_cache: bool = True):
+        self.model, self.image_kv, self.use_cache = model, image_kv, use_cache
+        self.num_images = image_kv[0][0].shape[0]
+        self.vocab_size, self.max_length = model.vocab_size, model.cfg.decoder.max_length
+        self.device = image_kv[0][0].device
+        self.cache: KVCache | None = None
+        self.maps = False
+
+    def start(self, rows: int, length: int, maps: bool) -> None:
+        self.maps = maps
+        if self.use_cache:
+            self.cache = self.model.decoder.new_cache(rows, like=self.image_kv[0][0], length=length)
+
+    @property
+    def cached(self) -> int:
+        return self.cache.length if self.cache is not None else 0
+
+    def step(self, ids: Tensor, positions: Tensor, self_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        out = self.model.decoder(ids, self.image_kv, positions=positions, self_mask=self_mask, cache=self.cache,
+                                 need_cross_inputs=self.maps)
+        inputs = torch.stack([h[:, -1] for h in out.cross_inputs], dim=1) if self.maps else None  # (R, L, D)
+        return out.logits[:, -1].float(), inputs
+
+    def reorder(self, parent: Tensor) -> None:
+        if self.cache is not None:
+            self.cache.reorder(parent)
+
+    def attention(self, material: Tensor, images: Tensor) -> Tensor:
+        kv = [(k[images], v[images]) for k, v in self.image_kv]  # per layer (S, H, N, hd)
+        weights = self.model.decoder.cross_attention_weights(list(material.unbind(2)), kv)  # L x (S, H, T, N)
+        return torch.stack(weights, dim=1).permute(0, 3, 1, 2, 4).contiguous()  # (S, T, L, H, N)
+
+
 @torch.no_grad()
 def generate(
     model: VisionLanguageModel,
@@ -103,26 +184,44 @@ def generate(
     use_cache: bool = True,
     return_attention: bool = False,
 ) -> Generation:
-    """Continue each image's prompt until the end token: greedy, sampled, or by beam search (``config``).
+    """Continue each image's prompt until the end token with the torch model: `decode` with a `TorchDecoder`.
 
     image_kv: every decoder layer's cross-attention keys/values of B images (`VisionLanguageModel.encode`, or
     ``encode_features`` from a feature cache), computed once by the caller and shared by the image's beams or
-    samples. With ``config.num_samples`` k, each image gets k sampled sequences, image after image, all drawn
-    from the image's own seeded generator. Beam hypotheses are ranked at the end by
-    score / length ** length_penalty.
+    samples.
+    """
+    return decode(TorchDecoder(model, image_kv, use_cache), prompts, eos_id=eos_id, pad_id=pad_id, config=config,
+                  return_attention=return_attention)
+
+
+@torch.no_grad()
+def decode(
+    backend: DecoderBackend,
+    prompts: list[list[int]],
+    *,
+    eos_id: int,
+    pad_id: int,
+    config: DecodingConfig | None = None,
+    return_attention: bool = False,
+) -> Generation:
+    """The one decoding loop: continue each image's prompt until the end token, greedy, sampled, or by beam search
+    (``config``), calling the backend's step (torch or ONNX Runtime) for the next-token logits.
+
+    With ``config.num_samples`` k, each image gets k sampled sequences, image after image, all drawn from the
+    image's own seeded generator. Beam hypotheses are ranked at the end by score / length ** length_penalty.
     """
     config = config or DecodingConfig()
     config.validate()
-    B = image_kv[0][0].shape[0]
+    B = backend.num_images
     K = config.beam_size if config.beam_size > 1 else config.num_samples  # rows per image
     if len(prompts) != B:
         raise ValueError(f"{len(prompts)} prompts for {B} images")
-    device = image_kv[0][0].device
+    device = backend.device
     R = B * K
     P = max(len(p) for p in prompts)
-    T = min(config.token_budget(), model.cfg.decoder.max_length - P)
+    T = min(config.token_budget(), backend.max_length - P)
     if T < 1:
-        raise ValueError(f"prompt of {P} tokens leaves no room in max_length {model.cfg.decoder.max_length}")
+        raise ValueError(f"prompt of {P} tokens leaves no room in max_length {backend.max_length}")
     sample, beam = config.sample, config.beam_size > 1
     generators = _generators(config.seed, B, device) if sample else []
 
@@ -140,22 +239,19 @@ def generate(
         scores.view(B, K)[:, 1:] = float("-inf")  # all beams start identical: expand only the first
     finished = torch.zeros(R, dtype=torch.bool, device=device)
     lengths = torch.zeros(R, dtype=torch.long, device=device)
+    step_logp = torch.zeros(R, T, device=device)  # each row's tokens' log-probabilities
     image_offset = torch.arange(B, device=device)[:, None] * K  # (B, 1) first row of each image
-    V = model.vocab_size
+    V = backend.vocab_size
     only_pad = torch.full((V,), float("-inf"), device=device)  # a finished row's next-token log-probabilities:
     only_pad[pad_id] = 0.0  # padding at no cost, so it keeps its score
-    step_inputs, parents = [], []  # per step: (R, L, D) cross-attention inputs before reordering, (R,) parents
-    cache = model.decoder.new_cache(R, like=image_kv[0][0], length=P + T) if use_cache else None
+    materials, parents = [], []  # per step: (R, ...) map material before reordering, (R,) parents
+    backend.start(R, P + T, return_attention)
 
     for t in range(T):
         end = P + t
-        start = cache.length if cache is not None else 0  # uncached: rerun the whole sequence
-        out = model.decoder(
-            seq[:, start:end], image_kv, positions=positions[:, start:end],
-            self_mask=_self_mask(key_valid, start, end) if padded else None, cache=cache,
-            need_cross_inputs=return_attention,
-        )
-        logits = out.logits[:, -1].float()  # (R, V)
+        start = backend.cached  # uncached: rerun the whole sequence
+        logits, material = backend.step(seq[:, start:end], positions[:, start:end],
+                                        _self_mask(key_valid, start, end) if padded else None)  # (R, V)
         logp = logits.log_softmax(-1)  # (R, V)
         if config.no_repeat_ngram_size:
             logp = logp.masked_fill(_repeated_ngrams(seq[:, P:end], config.no_repeat_ngram_size, V), float("-inf"))
@@ -178,13 +274,14 @@ def generate(
             scores, flat = candidates.topk(K, dim=-1)  # (B, K)
             parent = (flat // V + image_offset).view(R)
             token, scores = (flat % V).view(R), scores.view(R)
-            seq, finished, lengths = seq[parent], finished[parent], lengths[parent]
-            if cache is not None:
-                cache.reorder(parent)
+            token_logp = logp.view(B, K * V).gather(1, flat).view(R)
+            seq, finished, lengths, step_logp = seq[parent], finished[parent], lengths[parent], step_logp[parent]
+            backend.reorder(parent)
         if return_attention:
-            step_inputs.append(torch.stack([h[:, -1] for h in out.cross_inputs], dim=1))  # (R, L, D)
+            materials.append(material)
             parents.append(parent)
         seq[:, end] = token
+        step_logp[:, t] = token_logp
         lengths = lengths + (~finished).long()
         finished = finished | (token == eos_id)
         if bool(finished.all()):
@@ -195,35 +292,29 @@ def generate(
         kept = final.view(B, K).argmax(-1) + image_offset[:, 0]  # (B,) row of each kept beam
     else:
         kept = torch.arange(R, device=device)  # every greedy or sampled row
-    attn = _kept_attention(model, image_kv, step_inputs, parents, kept, K) if return_attention else None
-    tokens, kept_scores, ended, attentions = [], [], [], []
+    attn = backend.attention(_kept(materials, parents, kept), kept // K) if return_attention else None
+    tokens, kept_scores, ended, attentions, logprobs = [], [], [], [], []
     for i, row in enumerate(kept.tolist()):
         n = int(lengths[row]) - int(finished[row])  # drop the end token
         tokens.append(seq[row, P:P + n].tolist())
+        logprobs.append(step_logp[row, :n].tolist())
         kept_scores.append(float(scores[row]))
         ended.append(bool(finished[row]))
         if attn is not None:
             attentions.append(attn[i, :n])
     return Generation(tokens=tokens, scores=kept_scores, ended=ended,
-                      attentions=attentions if return_attention else None)
+                      attentions=attentions if return_attention else None, token_logprobs=logprobs)
 
 
-def _kept_attention(model: VisionLanguageModel, image_kv: list[KeysValues], step_inputs: list[Tensor],
-                    parents: list[Tensor | None], rows: Tensor, per_image: int) -> Tensor:
-    """(S, T, L, H, N): the cross-attention of every token of the kept sequences, rows (S,); row r reads image
-    r // per_image.
+def _kept(materials: list[Tensor], parents: list[Tensor | None], rows: Tensor) -> Tensor:
+    """(S, T, ...): each step's map material of the kept sequences, rows (S,) at the end.
 
-    Step t's token of row r was predicted by row parents[t][r] (r itself without beams), whose cross-attention
-    inputs step_inputs[t] holds; following the parents backwards gives every earlier token's row. The weights
-    are computed from those inputs once, at the end, so no step pays for them.
+    Step t's token of row r was predicted by row parents[t][r] (r itself without beams), whose material
+    materials[t] holds; following the parents backwards gives every earlier token's row.
     """
     out = []
-    for inputs, parent in zip(reversed(step_inputs), reversed(parents), strict=True):
+    for material, parent in zip(reversed(materials), reversed(parents), strict=True):
         if parent is not None:
             rows = parent[rows]
-        out.append(inputs[rows])  # (B, L, D)
-    kept = torch.stack(out[::-1], dim=2)  # (S, L, T, D)
-    images = rows // per_image  # (S,)
-    kv = [(k[images], v[images]) for k, v in image_kv]  # per layer (S, H, N, hd)
-    weights = model.decoder.cross_attention_weights(list(kept.unbind(1)), kv)  # L x (S, H, T, N)
-    return torch.stack(weights, dim=1).permute(0, 3, 1, 2, 4).contiguous()  # (S, T, L, H, N)
+        out.append(material[rows])  # (S, ...)
+    return torch.stack(out[::-1], dim=1)

@@ -29,23 +29,45 @@ class VLMOutput:
     """Per layer (S, H, T, T) self-attention weights, when requested (need_self_weights)."""
 
 
+class EncodedImages(list):
+    """What `VisionLanguageModel.encode` gives: each decoder layer's cross-attention keys/values (a list of
+    `KeysValues`, which generation reads), and ``patches``, the patch features (B, N, D) before the encoder's context
+    blocks (None without them), from which the maps recompute those blocks' attention to carry relevance through
+    them (`vlm.grounding.methods`)."""
+
+    def __init__(self, keys_values: list[KeysValues], patches: Tensor | None = None):
+        super().__init__(keys_values)
+        self.patches = patches
+
+
 class VisionLanguageModel(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
         self.cfg = cfg
         self.vocab_size = vocab_size
-        self.encoder = ImageEncoder(cfg.encoder, cfg.decoder.width)
+        self.encoder = ImageEncoder(cfg.encoder, cfg.decoder.width, cfg.decoder.num_heads)
         self.decoder = TextDecoder(cfg.decoder, vocab_size)
 
-    def encode(self, images: Tensor) -> tuple[list[KeysValues], tuple[int, int]]:
+    def encode(self, images: Tensor) -> tuple[EncodedImages, tuple[int, int]]:
         """Images (B, 3, H, W) -> each decoder layer's cross-attention keys/values, and the grid (h, w)."""
+        if self.encoder.context:
+            return self.encode_features(self.encoder.feature_map(images))
         memory, grid = self.encoder(images)  # (B, N, D)
-        return self.decoder.image_keys_values(memory), grid
+        return EncodedImages(self.decoder.image_keys_values(memory)), grid
 
-    def encode_features(self, fmap: Tensor) -> tuple[list[KeysValues], tuple[int, int]]:
+    def encode_features(self, fmap: Tensor) -> tuple[EncodedImages, tuple[int, int]]:
         """Like encode, from the encoder trunk's precomputed map (B, C, h, w) (a feature cache)."""
-        memory, grid = self.encoder.project(fmap)
-        return self.decoder.image_keys_values(memory), grid
+        if not self.encoder.context:
+            memory, grid = self.encoder.project(fmap)
+            return EncodedImages(self.decoder.image_keys_values(memory)), grid
+        patches, grid = self.encoder.patch_features(fmap)
+        return self.encode_patches(patches)[0], grid
+
+    def encode_patches(self, patches: Tensor, need_weights: bool = False) -> tuple[EncodedImages, list[Tensor]]:
+        """Patch features before the context blocks (B, N, D) -> the decoder's keys/values (keeping the patches),
+        and with need_weights each context block's attention weights (B, H, N, N), in the autograd graph."""
+        memory, weights = self.encoder.contextualise(patches, need_weights)
+        return EncodedImages(self.decoder.image_keys_values(memory), patches.detach()), weights
 
     def decode(self, image_kv: list[KeysValues], grid: tuple[int, int], ids: Tensor,
                need_weights: bool = False, need_self_weights: bool = False) -> VLMOutput:

@@ -2,6 +2,10 @@
 
 A caption is ``[BOS] caption [EOS]``; a question-answer pair is ``[BOS] question [SEP] answer [EOS]``.
 The loss covers only what follows the prompt (the caption, or the answer) and the end token.
+
+A model imported by `vlm.hub` keeps its own tokenizer (its ``tokenizer.json``) and names which of its tokens play
+these roles (`ModelConfig.special_tokens`, e.g. BLIP's [DEC] as BOS and [SEP] as EOS); UNK and SEP may then be
+missing (a byte-level BPE never meets an unknown word; a captioner takes no questions).
 """
 
 from __future__ import annotations
@@ -14,20 +18,38 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 PAD, UNK, BOS, EOS, SEP = "[PAD]", "[UNK]", "[BOS]", "[EOS]", "[SEP]"
 SPECIAL_TOKENS = [PAD, UNK, BOS, EOS, SEP]
+ROLES = {"pad": PAD, "unk": UNK, "bos": BOS, "eos": EOS, "sep": SEP}  # vlm's own token of each role
+REQUIRED_ROLES = ("pad", "bos", "eos")
 
 
 class Tokenizer:
     """Text <-> token ids; special ids come from the trained vocabulary, never hard-coded."""
 
-    def __init__(self, tokenizer: HFTokenizer):
+    def __init__(self, tokenizer: HFTokenizer, special_tokens: dict[str, str] | None = None):
+        """special_tokens: the token of each role (pad, bos, eos; optionally unk, sep); None: vlm's own."""
         self.hf = tokenizer
         # Text that spells a special token ("[SEP]", "[EOS]") is tokenized as plain text, so user input can
         # never inject a special id; special ids enter sequences only through the prompt methods below.
         self.hf.encode_special_tokens = True
-        ids = [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS]
-        if any(i is None for i in ids):
-            raise ValueError(f"tokenizer lacks special tokens {SPECIAL_TOKENS}")
-        self.pad_id, self.unk_id, self.bos_id, self.eos_id, self.sep_id = ids
+        self.special_tokens = dict(special_tokens) if special_tokens is not None else None
+        if special_tokens is None:
+            ids = [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS]
+            if any(i is None for i in ids):
+                raise ValueError(f"tokenizer lacks special tokens {SPECIAL_TOKENS}")
+            self.pad_id, self.unk_id, self.bos_id, self.eos_id, self.sep_id = ids
+            return
+        unknown = sorted(set(special_tokens) - set(ROLES))
+        missing = [r for r in REQUIRED_ROLES if r not in special_tokens]
+        if unknown or missing:
+            raise ValueError(f"special_tokens: unknown role(s) {unknown}" if unknown
+                             else f"special_tokens: no token for role(s) {missing}")
+        ids = {}
+        for role, token in special_tokens.items():
+            ids[role] = tokenizer.token_to_id(token)
+            if ids[role] is None:
+                raise ValueError(f"special_tokens: the {role} token {token!r} is not in the tokenizer")
+        self.pad_id, self.bos_id, self.eos_id = ids["pad"], ids["bos"], ids["eos"]
+        self.unk_id, self.sep_id = ids.get("unk"), ids.get("sep")
 
     @classmethod
     def train(cls, texts: Iterable[str], kind: str = "word", vocab_size: int = 8000,
@@ -62,12 +84,12 @@ class Tokenizer:
         return unknown, total
 
     @classmethod
-    def from_str(cls, json_str: str) -> Tokenizer:
-        return cls(HFTokenizer.from_str(json_str))
+    def from_str(cls, json_str: str, special_tokens: dict[str, str] | None = None) -> Tokenizer:
+        return cls(HFTokenizer.from_str(json_str), special_tokens)
 
     @classmethod
-    def from_file(cls, path: str) -> Tokenizer:
-        return cls(HFTokenizer.from_file(path))
+    def from_file(cls, path: str, special_tokens: dict[str, str] | None = None) -> Tokenizer:
+        return cls(HFTokenizer.from_file(path), special_tokens)
 
     def to_str(self) -> str:
         return self.hf.to_str()
@@ -98,10 +120,13 @@ class Tokenizer:
     def tokens(self, ids: Iterable[int]) -> list[str]:
         return [self.hf.id_to_token(i) for i in ids]
 
-    def caption_prompt(self) -> list[int]:
-        return [self.bos_id]
+    def caption_prompt(self, prompt: str | None = None) -> list[int]:
+        """[BOS], then the tokens of a text prompt that the caption continues (e.g. "a picture of")."""
+        return [self.bos_id, *(self.encode(prompt) if prompt else [])]
 
     def question_prompt(self, question: str) -> list[int]:
+        if self.sep_id is None:
+            raise ValueError("this model's tokenizer has no question separator (sep): it takes no questions")
         return [self.bos_id, *self.encode(question), self.sep_id]
 
     def cut_prompt(self, prompt: list[int], limit: int) -> list[int]:

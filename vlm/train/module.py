@@ -14,7 +14,9 @@ from torch import Tensor
 
 from vlm.config import ModelConfig, OptimConfig, model_config_from_dict
 from vlm.data.batch import IGNORE_INDEX, TASKS, Batch
+from vlm.data.transforms import input_size
 from vlm.errors import VLMError
+from vlm.grounding.methods import patches_only
 from vlm.model.vlm import VisionLanguageModel
 from vlm.text.tokenizer import Tokenizer
 from vlm.train.guards import skip_nonfinite
@@ -36,7 +38,7 @@ class CaptionModule(L.LightningModule):
         if set(self.optim_cfg.task_weights) != set(TASKS):
             raise VLMError(f"optim.task_weights must give a weight for each of {', '.join(TASKS)}, "
                            f"got {sorted(self.optim_cfg.task_weights)}")
-        self.tokenizer = Tokenizer.from_str(tokenizer)
+        self.tokenizer = Tokenizer.from_str(tokenizer, self.model_cfg.special_tokens)
         self.model = VisionLanguageModel(self.model_cfg, len(self.tokenizer))
         if self.optim_cfg.compile:  # in place: parameter names, and so checkpoints, stay the same
             self.model.encoder.compile()
@@ -66,10 +68,13 @@ class CaptionModule(L.LightningModule):
         gradients that DDP and FSDP average are those of the global batch's loss, as one process would take them.
         The logged losses and accuracies are this process's own means.
         """
-        if batch.features:
+        if batch.features:  # the encoder's maps of input images of the model's size
             image_kv, grid = self.model.encode_features(batch.images)
+            height, width = input_size(self.model_cfg.encoder.image_size)
         else:
             image_kv, grid = self.model.encode(batch.images)
+            height, width = batch.images.shape[-2:]
+        size = (width, height)  # of the input images, in whose pixels the boxes are
         max_length = self.model_cfg.decoder.max_length
         groups = []  # (task, ids, labels, grounded [row, position], their boxes)
         for i, (task, ids, labels) in enumerate(zip(batch.tasks, batch.ids, batch.labels, strict=True)):
@@ -104,7 +109,8 @@ class CaptionModule(L.LightningModule):
             logits = out.logits  # (S, T, V)
             if grounded:
                 layers = self.model_cfg.attention_layers or range(self.model_cfg.decoder.depth)
-                mass = grid_mass_in_boxes(out.cross_attentions, layers, where, boxes, grid)
+                mass = grid_mass_in_boxes(out.cross_attentions, layers, where, boxes, grid, size,
+                                          prefix=self.model.encoder.num_prefix)
                 token_grounding = -mass.clamp(min=1e-6).log()
                 logs["grounding_loss"], logs["grounding_mass"] = token_grounding.detach().mean(), mass.detach().mean()
                 grounding = grounding + token_grounding.sum()
@@ -177,21 +183,26 @@ class CaptionModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def box_coverage(boxes: Tensor, grid: tuple[int, int]) -> Tensor:
-    """(G, h * w): the share of each patch's area inside each box (G, 4), a `vlm.data.boxes.FractionBox`."""
-    h, w = grid
+def box_coverage(boxes: Tensor, grid: tuple[int, int], size: tuple[int, int]) -> Tensor:
+    """(G, h * w): the share of each patch's area inside each box (G, 4), a `vlm.data.boxes.PixelBox` in pixels of
+    the input image of ``size`` (width, height) that the grid (h, w) of patches covers. A box's part outside the
+    image covers no patch."""
+    (h, w), (width, height) = grid, size
+    x0, y0 = boxes[:, 0] / width, boxes[:, 1] / height  # the box's corners as shares of the image's sides
+    x1, y1 = x0 + boxes[:, 2] / width, y0 + boxes[:, 3] / height
 
     def overlap(lo: Tensor, hi: Tensor, n: int) -> Tensor:  # (G, n): share of each of n equal cells in [lo, hi]
         edges = torch.arange(n + 1, device=boxes.device, dtype=boxes.dtype) / n
         return (torch.minimum(hi[:, None], edges[1:]) - torch.maximum(lo[:, None], edges[:-1])).clamp(min=0) * n
 
-    rows, cols = overlap(boxes[:, 1], boxes[:, 3], h), overlap(boxes[:, 0], boxes[:, 2], w)
+    rows, cols = overlap(y0, y1, h), overlap(x0, x1, w)
     return (rows[:, :, None] * cols[:, None, :]).flatten(1)
 
 
-def grid_mass_in_boxes(cross_attentions: list[Tensor], layers, where: Tensor, boxes: Tensor, grid: tuple[int, int]
-                       ) -> Tensor:
-    """(G,) share of each grounded token's map inside its box, each patch counted by its share inside.
+def grid_mass_in_boxes(cross_attentions: list[Tensor], layers, where: Tensor, boxes: Tensor, grid: tuple[int, int],
+                       size: tuple[int, int], prefix: int = 0) -> Tensor:
+    """(G,) share of each grounded token's map inside its box (`vlm.data.boxes.PixelBox`, in pixels of the input
+    image of ``size``, (width, height)), each patch counted by its share inside.
 
     The map is the one `vlm attend` draws: the cross-attention (S, H, T, N) of the position that predicts the
     token, heads and the given layers averaged; where (G, 2) holds [sequence row, position]. The grounding loss,
@@ -200,12 +211,17 @@ def grid_mass_in_boxes(cross_attentions: list[Tensor], layers, where: Tensor, bo
 
     The benchmark's `vlm.grounding.maps.pixel_mass_in_box` measures on the map upsampled to the image's pixels
     instead; the loss stays on the grid the model attends over, where the share is exact, cheap and differentiable.
-    The two agree when the box lies on patch boundaries and the map does not change across them.
+    The two agree when the box lies on patch boundaries and the map does not change across them. With ``prefix``
+    tokens (an imported captioner's class token) leading the keys, each layer's map drops their columns and is
+    renormalised over the patches first, as `vlm attend` does (`vlm.grounding.methods.patches_only`).
     """
     rows, positions = where.unbind(1)
-    maps = torch.stack([cross_attentions[layer][rows, :, positions].mean(1) for layer in layers]).mean(0)  # (G, N)
+    maps = torch.stack([cross_attentions[layer][rows, :, positions].mean(1) for layer in layers])  # (L, G, P + N)
+    if prefix:
+        maps = patches_only(maps, prefix, "raw")
+    maps = maps.mean(0)  # (G, N)
     # The coverage is float32: bfloat16 maps are summed in float32, float64 ones stay float64.
-    return (maps * box_coverage(boxes.to(maps.device), grid)).sum(-1)
+    return (maps * box_coverage(boxes.to(maps.device), grid, size)).sum(-1)
 
 
 def adamw(params, fused: bool = True, **kwargs) -> torch.optim.AdamW:

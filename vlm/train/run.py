@@ -12,9 +12,9 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
 from vlm.checkpoint import load_model, save_model
 from vlm.config import TrainConfig
-from vlm.data.builtin import SceneDataModule, scene_texts
-from vlm.data.datasets import SourceData, SourceDataModule
-from vlm.data.features import CachedFeatures
+from vlm.data.builtin import scene_texts
+from vlm.data.datasets import SourceData
+from vlm.data.module import DataModule
 from vlm.data.transforms import image_transform
 from vlm.errors import VLMError
 from vlm.model.vlm import VisionLanguageModel
@@ -22,6 +22,7 @@ from vlm.text.tokenizer import Tokenizer
 from vlm.train.callbacks import GenerationMetrics
 from vlm.train.checkpoints import AtomicCheckpointIO, BatchLog, StepSeed, resume_path
 from vlm.train.module import CaptionModule
+from vlm.train.progress import Progress
 from vlm.train.scst import SCSTModule
 from vlm.train.sharding import FSDPStrategy, unsharded
 
@@ -46,12 +47,13 @@ def train(cfg: TrainConfig, out: str | Path, resume: str | None = None, init: st
     ckpt_path = resume_path(resume, out, sharded) if resume else None  # fail before any work
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     data_cfg = cfg.data
+    train_data = val_data = None
     if data_cfg.sources:
         train_data = SourceData(data_cfg.sources, data_cfg.strict)
         val_data = SourceData(data_cfg.val_sources, data_cfg.strict) if data_cfg.val_sources else None
         texts = train_data.texts(data_cfg.tokenizer.max_texts)
     else:
-        texts = scene_texts(TOKENIZER_SCENES, data_cfg.seed)
+        texts = scene_texts(TOKENIZER_SCENES, data_cfg.seed, data_cfg.scenes)
     tok_cfg = data_cfg.tokenizer
     if init:
         start, tokenizer = load_model(init)
@@ -59,16 +61,10 @@ def train(cfg: TrainConfig, out: str | Path, resume: str | None = None, init: st
         start, tokenizer = None, Tokenizer.train(texts, tok_cfg.kind, tok_cfg.vocab_size, tok_cfg.min_frequency)
     module = build_module(cfg, tokenizer, start)
     trunk, size = module.model.encoder.trunk, module.model.cfg.encoder.image_size
-    if data_cfg.sources:
-        data = SourceDataModule(data_cfg, train_data, val_data, tokenizer,
-                                image_transform(trunk, size, data_cfg.crop_scale), image_transform(trunk, size),
-                                cfg.trainer.seed)
-    else:
-        data = SceneDataModule(data_cfg, tokenizer, image_transform(trunk, size), size, cfg.trainer.seed)
-    if data_cfg.feature_cache:
-        data = CachedFeatures(data, module.model.encoder, data_cfg.feature_cache, cfg.model.encoder.trainable)
-    report = data_report(cfg, tokenizer, texts, train_data if data_cfg.sources else None,
-                         val_data if data_cfg.sources else None)
+    data = DataModule(data_cfg, tokenizer, image_transform(trunk, size), size,
+                      train_transform=image_transform(trunk, size, data_cfg.crop_scale), seed=cfg.trainer.seed,
+                      train_data=train_data, val_data=val_data, encoder=module.model.encoder)
+    report = data_report(cfg, tokenizer, texts, train_data, val_data)
     checkpoints = ModelCheckpoint(dirpath=out / "checkpoints", filename="step{step}", auto_insert_metric_name=False,
                                   save_top_k=1, save_last=True,
                                   **({"monitor": "val/caption/CIDEr-D", "mode": "max"}
@@ -77,7 +73,9 @@ def train(cfg: TrainConfig, out: str | Path, resume: str | None = None, init: st
     trainer_args.pop("seed")
     if sharded:  # FSDP2, on GPUs and CPUs alike (vlm.train.sharding)
         trainer_args["strategy"] = FSDPStrategy()
-    callbacks = [checkpoints, LearningRateMonitor(), StepSeed(cfg.trainer.seed)]
+    # Progress: a bar with images/s and ETA on a terminal, a line every log_every_n_steps steps when piped.
+    callbacks = [checkpoints, LearningRateMonitor(), StepSeed(cfg.trainer.seed),
+                 Progress(every=cfg.trainer.log_every_n_steps)]
     if data_cfg.batch_log:
         callbacks.append(BatchLog(data_cfg.batch_log))
     if cfg.val.generate:
@@ -92,7 +90,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: str | None = None, init: st
     model = unsharded(module.model)  # under FSDP every process takes part in gathering the weights
     if not trainer.is_global_zero:
         return None
-    report["skipped_while_loading"] = int(data.skipped) if hasattr(data, "skipped") else 0
+    report["skipped_while_loading"] = data.skipped
     (out / "data_report.json").write_text(json.dumps(report, indent=2))
     return save_model(model, tokenizer, out / "model")
 

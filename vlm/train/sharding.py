@@ -56,7 +56,8 @@ def shard_model(model: VisionLanguageModel, mesh: DeviceMesh) -> None:
     for p in model.parameters():  # FSDP2 shards contiguous parameters only (not channels-last conv weights)
         p.data = p.data.contiguous()
     fully_shard(model.encoder, mesh=mesh)
-    register_fsdp_forward_method(model.encoder, "project")
+    for method in ("project", "feature_map", "patch_features", "contextualise"):  # the last three: context blocks
+        register_fsdp_forward_method(model.encoder, method)
     for block in model.decoder.blocks:
         fully_shard(block.cross_attn, mesh=mesh)
         register_fsdp_forward_method(block.cross_attn, "keys_values")

@@ -1,0 +1,165 @@
+"""`vlm predict` throughput against a plain loop over `Captioner.caption` and against transformers' generation.
+
+Our model and transformers' VisionEncoderDecoder are those of scripts/bench.py (same dimensions, random weights;
+ours with a 1000-word tokenizer). Images: --images PNG and JPEG files of mixed sizes on disk. Every side
+generates exactly --new-tokens tokens per image (the end token forbidden before), greedy, batches of --batch-size.
+
+- predict: `vlm.predict.predict` in this process (one device, --workers loader workers), with and without --maps;
+- loop: `Captioner.caption` over the same paths in batches of the same size (decoding in the main process);
+- hf: what transformers' image-to-text pipeline did (it is gone from transformers 5): ViTImageProcessor in
+  batches, `generate`, `batch_decode`, on the HF VisionEncoderDecoder;
+- scaling: `vlm predict` as a command on 1 and on 2 CPU processes (DDP), wall time including start-up;
+- memory: peak resident memory (ru_maxrss) of a fresh process predicting each of --rss-images images.
+
+    .venv/bin/python scripts/predict.py                                   # the issue's sizes
+    .venv/bin/python scripts/predict.py --images 16 --rss-images 8,32 --reps 1 --json /tmp/p.json   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from _bench import add_json_option, alternate, paired_overhead, report
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench import DIMS, build_hf, build_ours  # noqa: E402
+
+from vlm.api import Captioner  # noqa: E402
+from vlm.checkpoint import save_model  # noqa: E402
+from vlm.config import DecodingConfig  # noqa: E402
+from vlm.predict import predict  # noqa: E402
+from vlm.text.tokenizer import Tokenizer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_images(folder: Path, n: int, seed: int = 0) -> list[str]:
+    """n images of mixed sizes (64 to 320 px a side), PNG and JPEG alternately."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        w, h = (int(v) for v in rng.integers(64, 321, 2))
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        path = folder / f"{i:06d}.{'png' if i % 2 else 'jpg'}"
+        Image.fromarray(pixels).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def our_model(folder: Path) -> Path:
+    torch.manual_seed(0)
+    model = build_ours(torch.device("cpu")).eval()
+    tokenizer = Tokenizer.train([" ".join(f"w{i}" for i in range(DIMS["vocab"] - 5))], vocab_size=DIMS["vocab"])
+    assert len(tokenizer) == DIMS["vocab"], len(tokenizer)
+    return save_model(model, tokenizer, folder / "model")
+
+
+def hf_side(paths: list[str], batch: int, new_tokens: int):
+    from transformers import BertTokenizerFast, ViTImageProcessor
+
+    model = build_hf(torch.device("cpu")).eval()
+    processor = ViTImageProcessor(size={"height": DIMS["image"], "width": DIMS["image"]})
+    tokenizer = BertTokenizerFast(vocab={f"w{i}": i for i in range(DIMS["vocab"])}, unk_token="w1", pad_token="w0")
+
+    @torch.no_grad()
+    def run():
+        out = []
+        for i in range(0, len(paths), batch):
+            images = [Image.open(p).convert("RGB") for p in paths[i:i + batch]]
+            pixels = processor(images=images, return_tensors="pt").pixel_values
+            ids = model.generate(pixels, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            out += tokenizer.batch_decode(ids, skip_special_tokens=True)
+        return out
+
+    return run
+
+
+def peak_rss(model: Path, folder: Path, out: Path, args: argparse.Namespace) -> float:
+    """MiB of peak resident memory of a fresh process predicting every image of folder."""
+    code = (f"import resource, sys; sys.path.insert(0, {str(ROOT)!r})\n"
+            "from vlm.predict import predict\nfrom vlm.config import DecodingConfig\n"
+            f"predict({str(model)!r}, {str(folder)!r}, {str(out)!r}, batch_size={args.batch_size}, "
+            f"num_workers={args.workers}, accelerator='cpu', devices=1, decoding=DecodingConfig("
+            f"max_new_tokens={args.new_tokens}, min_new_tokens={args.new_tokens}), progress_every=10**9)\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(result.stdout.strip().splitlines()[-1]) / 1024
+
+
+def cli_seconds(model: Path, folder: Path, out: Path, devices: int, args: argparse.Namespace) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    command = [sys.executable, "-m", "vlm.cli", "predict", "--model", str(model), "--input", str(folder), "--out",
+               str(out), "--batch_size", str(args.batch_size), "--num_workers", str(args.workers),
+               "--max_new_tokens", str(args.new_tokens), "--min_new_tokens", str(args.new_tokens),
+               "--accelerator", "cpu", "--devices", str(devices), "--progress_every", str(10**9)]
+    if devices > 1:
+        command += ["--strategy", "ddp"]
+    start = time.perf_counter()
+    subprocess.run(command, cwd=ROOT, capture_output=True, check=True)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--rss-images", default="1000,10000", help="image counts whose peak memory is compared")
+    add_json_option(parser, "predict")
+    args = parser.parse_args()
+    decoding = DecodingConfig(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = our_model(tmp)
+        paths = make_images(tmp / "images", args.images)
+        captioner = Captioner.load(model, device="cpu")
+        runs = iter(range(10**6))
+
+        def ours(maps: bool = False):
+            def run():
+                predict(model, str(tmp / "images"), tmp / f"out{next(runs)}", batch_size=args.batch_size,
+                        num_workers=args.workers, accelerator="cpu", devices=1, decoding=decoding, maps=maps,
+                        progress_every=10**9)
+            return run
+
+        seconds = alternate({"predict": ours(), "loop": lambda: captioner.caption(paths, decoding, args.batch_size),
+                             "hf": hf_side(paths, args.batch_size, args.new_tokens)}, reps=args.reps)
+        maps_overhead = paired_overhead(ours(), ours(maps=True), reps=args.reps)
+        scaling = {f"{d}_processes_s": cli_seconds(model, tmp / "images", tmp / f"cli{d}", d, args) for d in (1, 2)}
+        rss = {}
+        for n in (int(v) for v in args.rss_images.split(",")):
+            make_images(tmp / f"rss{n}", n, seed=1)
+            rss[f"{n}_images_mib"] = round(peak_rss(model, tmp / f"rss{n}", tmp / f"rss_out{n}", args), 1)
+            shutil.rmtree(tmp / f"rss{n}")
+    rates = {name: args.images / s for name, s in seconds.items()}
+    counts = sorted(rss)
+    results = {"images_per_s": {k: round(v, 2) for k, v in rates.items()},
+               "maps_overhead": round(maps_overhead, 3), "scaling_wall_s": {k: round(v, 2) for k, v in scaling.items()},
+               "peak_rss": rss}
+    ratios = {"predict_over_loop": round(rates["predict"] / rates["loop"], 3),
+              "predict_over_hf": round(rates["predict"] / rates["hf"], 3),
+              "two_over_one_process": round(scaling["1_processes_s"] / scaling["2_processes_s"], 3),
+              "rss_growth": round(rss[counts[-1]] / rss[counts[0]] - 1, 3) if len(counts) > 1 else None}
+    path = report(args.json, config={**vars(args), "dims": DIMS}, results=results, ratios=ratios,
+                  threads=torch.get_num_threads())
+    print(json.dumps({"results": results, "ratios": ratios}, indent=2))
+    print(path)
+
+
+if __name__ == "__main__":
+    main()

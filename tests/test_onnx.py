@@ -1,0 +1,223 @@
+"""vlm/deploy: an ONNX export on ONNX Runtime decodes as the torch model does (same loop, greedy and beam, batch
+of one and a left-padded mixed batch), with the same scores and maps; int8 differs by a bounded amount; CNN and
+ViT trunks export; a damaged or mismatched export is one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from tests.conftest import image_sensitive_model, random_images, tiny_config
+from vlm.api import Captioner, load
+from vlm.cli import main
+from vlm.config import DecodingConfig
+from vlm.deploy.export import export_onnx
+from vlm.deploy.runtime import OnnxModel, OrtDecoder
+from vlm.errors import VLMError
+from vlm.model.generate import decode, generate
+from vlm.model.vlm import VisionLanguageModel
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    """The image-sensitive tiny model with sharpened cross-attention, so maps are far from uniform."""
+    model = image_sensitive_model(tokenizer)
+    with torch.no_grad():
+        for block in model.decoder.blocks:
+            block.cross_attn.kv.weight[:model.cfg.decoder.width].mul_(8)  # the keys' half
+    return model
+
+
+@pytest.fixture(scope="module")
+def exported(model, tokenizer, tmp_path_factory):
+    """(torch model dir, ONNX export with maps, int8 export) of the model."""
+    root = tmp_path_factory.mktemp("onnx")
+    Captioner(model, tokenizer, "cpu").save(root / "torch")
+    assert main(["export", "--model", str(root / "torch"), "--out", str(root / "fp32"), "--maps"]) == 0
+    assert main(["export", "--model", str(root / "torch"), "--out", str(root / "int8"), "--quantize", "int8"]) == 0
+    return root / "torch", root / "fp32", root / "int8"
+
+
+def _prompts(tokenizer, n):
+    prompts = [tokenizer.caption_prompt(), tokenizer.question_prompt("what color is the small circle?"),
+               tokenizer.question_prompt("how many objects?")]
+    return prompts[:n]
+
+
+def _both(model, onnx, tokenizer, images, prompts, **options):
+    config = DecodingConfig(max_new_tokens=10, **options)
+    with torch.no_grad():
+        image_kv, _ = model.encode(images)
+    ours = generate(model, image_kv, prompts, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, config=config,
+                    return_attention=True)
+    encoded, _ = onnx.encode(images)
+    theirs = decode(OrtDecoder(onnx, encoded), prompts, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                    config=config, return_attention=True)
+    return ours, theirs
+
+
+def _unexplained_divergences(model, onnx, tokenizer, images, prompts, ours, theirs) -> list[str]:
+    """Positions where the token sequences part although torch's top-two logit margin there exceeds the backends'
+    logit difference (read by feeding both the common prefix again): those would be real disagreements."""
+    found = []
+    for i, (a, b) in enumerate(zip(ours.tokens, theirs.tokens, strict=True)):
+        if a == b:
+            continue
+        t = next(j for j in range(min(len(a), len(b)) + 1) if j == min(len(a), len(b)) or a[j] != b[j])
+        ids = torch.tensor([prompts[i] + a[:t]])
+        with torch.no_grad():
+            torch_logits = model(images[i:i + 1], ids).logits[0, -1]
+        encoded, _ = onnx.encode(images[i:i + 1])
+        ort_logits = onnx.cross_attentions  # noqa: B018 (the runtime is the same object; logits via a step)
+        empty = torch.zeros(onnx.num_layers, 1, onnx.num_heads, 0, onnx.head_dim).numpy()
+        mask = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).tril()[None, None].numpy()
+        ort_logits = torch.from_numpy(onnx.step(ids.numpy(), torch.arange(ids.shape[1])[None].numpy(), mask, empty,
+                                                empty, encoded, maps=False)[0][0])
+        top2 = torch_logits.topk(2).values
+        margin, diff = float(top2[0] - top2[1]), float((torch_logits - ort_logits).abs().max())
+        print(f"sequence {i} parts at token {t}: top-two margin {margin:.2e}, backend difference {diff:.2e}")
+        if margin > 2 * diff:
+            found.append(f"sequence {i}, token {t}: margin {margin:.2e} > difference {diff:.2e}")
+    return found
+
+
+@pytest.mark.parametrize("options", [{}, dict(beam_size=3, length_penalty=1.0),
+                                     dict(sample=True, top_k=5, no_repeat_ngram_size=2, min_new_tokens=4, seed=0)],
+                         ids=["greedy", "beam", "sample_no_repeat_min_tokens"])
+@pytest.mark.parametrize("n", [1, 3], ids=["batch1", "mixed_batch"])
+def test_onnx_runtime_decodes_as_torch_with_the_same_scores_and_maps(model, tokenizer, exported, options, n):
+    onnx, _ = OnnxModel.load(exported[1])
+    images = torch.randn(n, 3, 64, 64)
+    prompts = _prompts(tokenizer, n)  # the mixed batch has prompts of 3 lengths: left padding
+    ours, theirs = _both(model, onnx, tokenizer, images, prompts, **options)
+    assert all(len(t) >= 3 for t in ours.tokens)
+    assert not _unexplained_divergences(model, onnx, tokenizer, images, prompts, ours, theirs)
+    same = [i for i, (a, b) in enumerate(zip(ours.tokens, theirs.tokens, strict=True)) if a == b]
+    assert len(same) == n  # with this seeded model no margin is that thin: every sequence agrees
+    torch.testing.assert_close(torch.tensor(theirs.scores), torch.tensor(ours.scores), atol=1e-4, rtol=0)
+    for i in same:
+        a, b = ours.attentions[i], theirs.attentions[i]  # (T, L, H, N)
+        assert float(a.amax(-1).mean()) > 2 / a.shape[-1]  # maps peak at over twice uniform: real maps to compare
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
+
+
+def test_the_onnx_captioner_captions_answers_and_attends_as_torch(exported):
+    torch_dir, onnx_dir, _ = exported
+    ours, theirs = load(torch_dir, device="cpu"), load(onnx_dir, runtime="onnx", threads=1)
+    images = random_images(2)
+    assert theirs.caption(images, beam_size=2) == ours.caption(images, beam_size=2)
+    questions = ["what color is the circle?", "how many objects?"]
+    assert theirs.ask(images, questions) == ours.ask(images, questions)
+    a, b = ours.attend(images[0], layers=[1]), theirs.attend(images[0], layers=[1])
+    assert b.text == a.text and len(a.tokens) > 2
+    assert a.maps.std() > 0.05 * a.maps.mean()  # not uniform
+    assert abs(b.maps - a.maps).max() < 1e-4
+    a, b = ours.attend(images[0], method="rollout"), theirs.attend(images[0], method="rollout")
+    assert abs(a.maps - ours.attend(images[0]).maps).max() > 1e-3  # rollout is not the raw map again
+    assert abs(b.maps - a.maps).max() < 1e-4
+    with pytest.raises(VLMError, match="the onnx runtime makes raw and rollout maps; chefer"):
+        theirs.attend(images[0], method="chefer")
+
+
+def test_int8_differs_from_fp32_by_a_bounded_amount(exported, tokenizer):
+    _, fp32_dir, int8_dir = exported
+    fp32, _ = OnnxModel.load(fp32_dir)
+    int8, _ = OnnxModel.load(int8_dir)
+    assert int8.facts["quantize"] == "int8" and fp32.facts["quantize"] is None
+    images = torch.randn(4, 3, 64, 64)
+    ids = torch.tensor([tokenizer.caption_prompt() + [7, 8, 9]] * 4)
+    logits = []
+    for onnx in (fp32, int8):
+        encoded, _ = onnx.encode(images)
+        empty = torch.zeros(onnx.num_layers, 4, onnx.num_heads, 0, onnx.head_dim).numpy()
+        mask = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).tril()[None, None].expand(4, 1, -1, -1)
+        logits.append(torch.from_numpy(onnx.step(ids.numpy(), torch.arange(ids.shape[1]).expand(4, -1).numpy(),
+                                                 mask.numpy(), empty, empty, encoded, maps=False)[0]))
+    relative = float((logits[1] - logits[0]).norm() / logits[0].norm())
+    print(f"int8 logits differ from fp32 by {relative:.2%} (relative L2)")
+    assert 1e-4 < relative < 0.05  # quantized (not the fp32 graph again), yet close
+    assert (logits[1].argmax(-1) == logits[0].argmax(-1)).float().mean() >= 0.75
+
+
+@pytest.mark.parametrize(("name", "args"), [("test_resnet", {}), ("test_vit", {"img_size": 64, "reg_tokens": 2})])
+def test_cnn_and_vit_trunks_export_and_decode_as_torch(tokenizer, tmp_path, name, args):
+    torch.manual_seed(0)
+    model = VisionLanguageModel(tiny_config(name=name, feature_level=-1, model_args=args), len(tokenizer)).eval()
+    with torch.no_grad():
+        for block in model.decoder.blocks:
+            block.cross_attn.proj.weight.mul_(10)
+    export_onnx(model, tokenizer, tmp_path, maps=True)
+    onnx, _ = OnnxModel.load(tmp_path)
+    assert onnx.grid == model.encoder(torch.randn(1, 3, 64, 64))[1]  # the ViT's prefix tokens are not patches
+    images = torch.randn(2, 3, 64, 64)
+    ours, theirs = _both(model, onnx, tokenizer, images, _prompts(tokenizer, 2), beam_size=2)
+    assert theirs.tokens == ours.tokens and abs(ours.scores[0] - ours.scores[1]) > 1e-3  # the images matter
+    torch.testing.assert_close(torch.tensor(theirs.scores), torch.tensor(ours.scores), atol=1e-4, rtol=0)
+
+
+def _damage_weights(path):
+    data = bytearray((path / "decoder.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (path / "decoder.onnx").write_bytes(bytes(data))
+
+
+def _truncate(path):
+    data = (path / "encoder.onnx").read_bytes()
+    (path / "encoder.onnx").write_bytes(data[:len(data) // 3])
+
+
+def _other_config(path):
+    config = json.loads((path / "config.json").read_text())
+    config["vocab_size"] += 1
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def _no_facts(path):
+    (path / "onnx.json").unlink()
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (_damage_weights, r"decoder\.onnx: differs from the file exported"),
+    (_truncate, r"encoder\.onnx: differs from the file exported"),
+    (_other_config, r"config\.json: vocab_size \d+ does not match the exported graphs"),
+    (_no_facts, r"not a vlm ONNX export \(missing onnx\.json"),
+], ids=["flipped_byte", "truncated", "mismatched_config", "torch_dir"])
+def test_a_damaged_or_mismatched_export_is_one_line(exported, tmp_path, capsys, damage, message):
+    broken = tmp_path / "broken"
+    shutil.copytree(exported[1], broken)
+    damage(broken)
+    with pytest.raises(VLMError, match=message):
+        load(broken, runtime="onnx")
+    assert main(["caption", str(random_images(1)[0].save(tmp_path / "a.png") or tmp_path / "a.png"), "--model",
+                 str(broken), "--runtime", "onnx"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert main(["attend", str(tmp_path / "a.png"), "--model", str(exported[2]), "--runtime", "onnx", "--out",
+                 str(tmp_path / "o")]) == 1  # the int8 export has no maps
+    assert "exported without maps" in capsys.readouterr().err
+    assert main(["caption", str(tmp_path / "a.png"), "--model", str(exported[2])]) == 1  # an export, torch runtime
+    assert "an ONNX export (vlm export): run it with --runtime onnx" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["tiny_blip", "tiny_vit_gpt2"])
+def test_an_imported_hub_model_exports_and_runs_as_its_torch_path(tmp_path, family):
+    from tests import hub_models
+    from vlm.hub import load_hf
+
+    getattr(hub_models, family)(tmp_path / "hf")
+    model, tokenizer = load_hf(str(tmp_path / "hf"))
+    assert model.encoder.num_prefix == 1  # the decoder reads the ViT's class token too; maps drop it
+    export_onnx(model, tokenizer, tmp_path / "onnx", maps=True)
+    ours, theirs = Captioner(model, tokenizer, "cpu"), load(tmp_path / "onnx", runtime="onnx", threads=1)
+    images = random_images(2)
+    assert theirs.caption(images, beam_size=2, max_new_tokens=8) == ours.caption(images, beam_size=2,
+                                                                                  max_new_tokens=8)
+    a, b = ours.attend(images[1], max_new_tokens=8), theirs.attend(images[1], max_new_tokens=8)
+    assert b.text == a.text and a.maps.shape == b.maps.shape == (8, *theirs.model.grid)
+    assert a.maps.std() > 0.1 * a.maps.mean()  # not uniform
+    assert abs(b.maps - a.maps).max() < 1e-4

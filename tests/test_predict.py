@@ -1,0 +1,399 @@
+"""`vlm predict`: every image exactly once on any number of processes, resumable after kill -9, bad images
+reported, the same tokens (and log-probabilities within 1e-5) whatever the processes or batches, maps summaries as
+`vlm attend` makes them, and recaptioned shards that `vlm train` trains on.
+
+One tiny untrained model whose texts depend on the image (`image_sensitive_model`); images are random.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import image_sensitive_model, random_images
+from vlm.api import Captioner
+from vlm.checkpoint import save_model
+from vlm.cli import main
+from vlm.config import DecodingConfig, MapConfig, SourceConfig
+from vlm.data.datasets import shard_texts
+from vlm.errors import VLMError
+from vlm.grounding.maps import box_from_map, combine
+from vlm.predict import predict, read_outputs
+from vlm.predict.outputs import CAPTION_KEY
+from vlm.predict.summary import content_phrases
+from vlm.train.progress import Progress
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = dict(accelerator="cpu", devices=1, num_workers=0)
+MAX_PIXELS = 80 * 80  # the 100 x 100 image is over it
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread, as the subprocesses get: tiny models only lose to threads' coordination on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tokenizer, tmp_path_factory) -> Path:
+    return save_model(image_sensitive_model(tokenizer), tokenizer, tmp_path_factory.mktemp("model") / "model")
+
+
+def _png(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """10 good images (PNG and JPEG, in a subfolder too) and 3 bad ones: not an image, truncated, too large."""
+    root = tmp_path_factory.mktemp("images")
+    (root / "sub").mkdir()
+    for i, image in enumerate(random_images(10)):
+        image.save(root / ("sub" if i % 3 == 0 else "") / f"im{i:02d}.{'jpg' if i % 2 else 'png'}")
+    (root / "notes.txt").write_text("not listed: not an image suffix")
+    (root / "bad.jpg").write_bytes(b"not an image at all")
+    (root / "truncated.png").write_bytes(_png(random_images(1)[0])[:200])
+    Image.new("RGB", (100, 100), (9, 9, 9)).save(root / "huge.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """Two shards (5 and 3 samples, img2dataset layout with alt-text), one sample's image corrupt."""
+    root = tmp_path_factory.mktemp("shards")
+    images = random_images(8)
+    for s, (start, stop) in enumerate([(0, 5), (5, 8)]):
+        with tarfile.open(root / f"{s:05d}.tar", "w") as tar:
+            for i in range(start, stop):
+                data = b"corrupt" if i == 6 else _png(images[i], "JPEG")
+                for suffix, payload in (("jpg", data), ("txt", f"alt text {i}".encode()),
+                                        ("json", json.dumps({"caption": f"alt text {i}", "n": i}).encode())):
+                    info = tarfile.TarInfo(f"{i:06d}.{suffix}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    return root
+
+
+def _records(out: Path) -> dict[str, dict]:
+    records = read_outputs(out)
+    keys = [r["key"] for r in records]
+    assert len(keys) == len(set(keys)), "an image was predicted twice"
+    return {r["key"]: r for r in records}
+
+
+def _assert_same(a: dict[str, dict], b: dict[str, dict], tol: float = 1e-5) -> None:
+    """The same images, tokens and texts; log-probabilities within tol."""
+    assert a.keys() == b.keys()
+    for key in a:
+        for task in ("caption_tokens",):
+            ta, tb = a[key].get(task, []), b[key].get(task, [])
+            assert [t["id"] for t in ta] == [t["id"] for t in tb], key
+            assert np.allclose([t["logprob"] for t in ta], [t["logprob"] for t in tb], atol=tol, rtol=0), key
+        assert a[key].get("caption") == b[key].get("caption")
+        for qa, qb in zip(a[key].get("answers", []), b[key].get("answers", []), strict=True):
+            assert qa["answer"] == qb["answer"] and [t["id"] for t in qa["tokens"]] == [t["id"] for t in qb["tokens"]]
+            assert np.allclose([t["logprob"] for t in qa["tokens"]], [t["logprob"] for t in qb["tokens"]], atol=tol,
+                               rtol=0)
+
+
+def _not_trivial(records: dict[str, dict]) -> None:
+    """What is compared differs from image to image: equal outputs are evidence."""
+    captions = {r["caption"] for r in records.values()}
+    assert len(captions) >= len(records) // 2, captions
+    assert all(r["caption_tokens"] and all(t["logprob"] < -1e-3 for t in r["caption_tokens"]) for r in records.values())
+
+
+def _cli(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "vlm.cli", "predict", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def _ddp(model_dir: Path, source: Path | str, out: Path, *extra: str) -> subprocess.Popen:
+    return _cli("--model", str(model_dir), "--input", str(source), "--out", str(out), "--accelerator", "cpu",
+                "--devices", "2", "--strategy", "ddp", *extra)
+
+
+@pytest.fixture(scope="module")
+def runs(model_dir, folder, shards, tmp_path_factory) -> dict:
+    """Two-process runs (started first, in the background) and their one-process counterparts.
+
+    Folder: chunks of 4 in batches of 3, one worker per process (2 readers). Shards: beam search, two workers per
+    process (4 readers for 2 shards)."""
+    tmp = tmp_path_factory.mktemp("runs")
+    shard_glob = str(shards / "{00000..00001}.tar")
+    ddp_folder = _ddp(model_dir, folder, tmp / "ddp_folder", "--chunk_size", "4", "--batch_size", "3",
+                      "--num_workers", "1", "--max_pixels", str(MAX_PIXELS), "--question", "what color is it ?")
+    ddp_shards = _ddp(model_dir, shard_glob, tmp / "ddp_shards", "--beam_size", "2", "--batch_size", "2",
+                      "--num_workers", "2")
+    one = predict(model_dir, str(folder), tmp / "one_folder", chunk_size=4, batch_size=3, max_pixels=MAX_PIXELS,
+                  questions=["what color is it ?"], **CPU)
+    one_shards = predict(model_dir, shard_glob, tmp / "one_shards", decoding=DecodingConfig(beam_size=2),
+                         batch_size=2, **CPU)
+    for proc in (ddp_folder, ddp_shards):
+        output = proc.communicate(timeout=300)[0]
+        assert proc.returncode == 0, output[-3000:]
+    return {"tmp": tmp, "one": one, "one_shards": one_shards, "ddp_folder_log": output}
+
+
+def test_two_processes_predict_every_image_once_as_one_process_does(runs, folder):
+    tmp = runs["tmp"]
+    one, two = _records(tmp / "one_folder"), _records(tmp / "ddp_folder")
+    good = {f"im{i:02d}.{'jpg' if i % 2 else 'png'}" if i % 3 else f"sub/im{i:02d}.{'jpg' if i % 2 else 'png'}"
+            for i in range(10)}
+    assert set(one) == good
+    _not_trivial(one)
+    _assert_same(one, two)
+    assert all(len(r["answers"]) == 1 for r in two.values())
+    manifest = json.loads((tmp / "ddp_folder" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["records"] == 10 and manifest["errors"] == 3
+    assert [c["count"] for c in manifest["chunks"]] == [4, 4, 4, 1]
+
+
+def test_bad_images_go_to_the_errors_file_with_their_reason_and_the_run_finishes(runs):
+    for out in ("one_folder", "ddp_folder"):
+        errors = {e["key"]: e["error"] for e in map(json.loads, (runs["tmp"] / out / "errors.jsonl").open())}
+        assert set(errors) == {"bad.jpg", "truncated.png", "huge.png"}
+        assert "cannot read image" in errors["bad.jpg"] and "cannot read image" in errors["truncated.png"]
+        assert f"exceeds the limit of {MAX_PIXELS}" in errors["huge.png"]
+    assert runs["one"]["errors"] == 3 and runs["one"]["records"] == 10
+
+
+def test_shards_fewer_than_readers_beam_search_equal_one_process(runs):
+    tmp = runs["tmp"]
+    one, two = _records(tmp / "one_shards"), _records(tmp / "ddp_shards")
+    assert set(one) == {f"{i:06d}" for i in range(8)} - {"000006"}
+    _not_trivial(one)
+    _assert_same(one, two)
+    assert one["000001"]["shard"].endswith("00000.tar") and one["000001"]["member"] == "000001.jpg"
+    errors = [json.loads(line) for line in (tmp / "ddp_shards" / "errors.jsonl").open()]
+    assert [e["key"] for e in errors] == ["000006"] and "cannot read image" in errors[0]["error"]
+
+
+def test_tokens_do_not_depend_on_the_batch(runs, model_dir, folder, shards, tmp_path):
+    alone = predict(model_dir, str(folder), tmp_path / "alone", chunk_size=4, batch_size=1, max_pixels=MAX_PIXELS,
+                    questions=["what color is it ?"], **CPU)
+    assert alone["records"] == 10
+    _assert_same(_records(runs["tmp"] / "one_folder"), _records(tmp_path / "alone"))
+    predict(model_dir, str(shards / "{00000..00001}.tar"), tmp_path / "beams", decoding=DecodingConfig(beam_size=2),
+            batch_size=3, **CPU)
+    _assert_same(_records(runs["tmp"] / "one_shards"), _records(tmp_path / "beams"))
+
+
+def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_outputs(model_dir, tmp_path):
+    source = tmp_path / "many"
+    source.mkdir()
+    for i, image in enumerate(random_images(24)):
+        image.save(source / f"{i:03d}.png")
+    args = dict(chunk_size=2, batch_size=2)
+    full = predict(model_dir, str(source), tmp_path / "full", **args, **CPU)
+    out = tmp_path / "killed"
+    proc = _cli("--model", str(model_dir), "--input", str(source), "--out", str(out), "--chunk_size", "2",
+                "--batch_size", "2", "--num_workers", "0", "--accelerator", "cpu", "--devices", "1")
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline and len(list((out / "manifest").glob("*.json"))) < 2:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it was killed: " + proc.communicate()[0][-2000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list((out / "manifest").glob("*.json")))
+    assert 2 <= done < 12, done
+    assert not (out / "manifest.json").exists()
+    resumed = predict(model_dir, str(source), out, **args, **CPU)
+    assert resumed["chunks_skipped"] == done and resumed["chunks_this_run"] == 12 - done
+    expected = _records(tmp_path / "full")
+    _not_trivial(expected)
+    assert _records(out) == expected  # record for record, bit for bit: batches never depend on the split
+    assert resumed["records"] == full["records"] == 24
+
+    # A chunk left half-written (its file cut short, no manifest entry, a stale temporary file) is redone.
+    (out / "manifest" / "part-00003.json").unlink()
+    text = (out / "part-00003.jsonl").read_text()
+    (out / "part-00003.jsonl").write_text(text[:len(text) // 2])
+    (out / ".tmp" / "part-00003.jsonl").write_text("junk\n")
+    again = predict(model_dir, str(source), out, **args, **CPU)
+    assert again["chunks_this_run"] == 1 and again["records_this_run"] == 2
+    assert _records(out) == expected
+
+
+def test_a_rerun_with_other_arguments_is_refused(model_dir, folder, runs):
+    with pytest.raises(VLMError, match="other arguments .decoding"):
+        predict(model_dir, str(folder), runs["tmp"] / "one_folder", chunk_size=4, max_pixels=MAX_PIXELS,
+                questions=["what color is it ?"], decoding=DecodingConfig(beam_size=3), **CPU)
+
+
+def test_maps_summaries_equal_what_attend_gives(model_dir, tmp_path):
+    captioner = Captioner.load(model_dir, device="cpu")
+    images = random_images(3)
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(tmp_path / f"{i}.png")
+        image.resize((64 + 32 * i, 64)).save(paths[-1])  # sizes differ: boxes are in each image's pixels
+    attended = [captioner.attend(p, method="rollout") for p in paths]
+    given = attended[0].tokens[1]  # a word of the first caption, given as a phrase
+    lines = [{"image": p.name, "phrases": [given, "absent words"]} if i == 0 else {"image": p.name, "id": i}
+             for i, p in enumerate(paths)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    predict(model_dir, str(tmp_path / "in.jsonl"), tmp_path / "out", maps=True, map_config=MapConfig("rollout"),
+            top_k=4, batch_size=3, **CPU)
+    records = _records(tmp_path / "out")
+    assert records["1.png"]["input"] == {"id": 1}
+    tops = {tuple(p[0] for p in t["patches"]) for r in records.values() for t in r["caption_tokens"]}
+    assert len(tops) > 3  # the tokens look at different patches: equal summaries are evidence
+    for path, att in zip(paths, attended, strict=True):
+        record = records[path.name]
+        assert record["caption"] == att.text and record["grid"] == list(att.maps.shape[1:])
+        for token, token_map in zip(record["caption_tokens"], att.maps, strict=True):
+            flat = token_map.ravel()
+            top = np.argsort(-flat, kind="stable")[:4]
+            assert [p[0] for p in token["patches"]] == top.tolist()
+            assert np.allclose([p[1] for p in token["patches"]], flat[top], atol=1e-5)
+        size = Image.open(path).size
+        phrases = ([(given, [att.tokens.index(given)]), ("absent words", None)] if path.name == "0.png"
+                   else content_phrases(att.tokens))
+        assert phrases and [p["phrase"] for p in record["phrases"]] == [p for p, _ in phrases]
+        for made, (_, idx) in zip(record["phrases"], phrases, strict=True):
+            if idx is None:
+                assert made["box"] is None
+                continue
+            box = box_from_map(combine(att.maps[idx]), size, 0.5)  # vlm ground's rule on attend's maps
+            assert made["tokens"] == idx and np.allclose(made["box"], box, atol=0.01)
+
+
+def test_parquet_holds_the_jsonl_records(model_dir, folder, runs, tmp_path):
+    predict(model_dir, str(folder), tmp_path / "pq", chunk_size=4, batch_size=3, max_pixels=MAX_PIXELS,
+            questions=["what color is it ?"], format="parquet", **CPU)
+    files = sorted((tmp_path / "pq").glob("part-*"))
+    assert len(files) == 4 and all(p.suffix == ".parquet" for p in files)
+    assert _records(tmp_path / "pq") == _records(runs["tmp"] / "one_folder")
+
+
+def test_recaptioned_shards_keep_the_alt_text_and_train(model_dir, shards, tmp_path):
+    out = tmp_path / "recaptioned"
+    predict(model_dir, str(shards / "{00000..00001}.tar"), out, batch_size=4, format="webdataset", **CPU)
+    records = _records(out)
+    with tarfile.open(out / "part-00000.tar") as tar:
+        names = tar.getnames()
+        meta = json.loads(tar.extractfile("000002.json").read())
+        assert tar.extractfile("000002.txt").read() == b"alt text 2"
+    assert names[:3] == ["000000.jpg", "000000.txt", "000000.json"] and len(names) == 15
+    assert meta["caption"] == "alt text 2" and meta["n"] == 2 and meta[CAPTION_KEY] == records["000002"]["caption"]
+    pattern = str(out / "part-{00000..00001}.tar")
+    assert shard_texts(SourceConfig(pattern, caption_key=CAPTION_KEY), 100) == [
+        records[k]["caption"] for k in sorted(records)]
+    assert shard_texts(SourceConfig(pattern), 100)[0] == "alt text 0"  # the default still reads the alt-text
+    source = json.dumps([{"path": pattern, "format": "webdataset", "caption_key": CAPTION_KEY}])
+    code = main(["train", "--config", str(ROOT / "configs" / "tiny.yaml"), "--data.sources", source,
+                 "--val.generate", "false", "--trainer.max_steps", "2", "--data.batch_size", "4",
+                 "--data.questions_per_image", "0", "--out", str(tmp_path / "run")])
+    assert code == 0 and (tmp_path / "run" / "model" / "model.safetensors").exists()
+    vocabulary = Captioner.load(tmp_path / "run" / "model").tokenizer.hf.get_vocab()
+    assert all(w in vocabulary for w in records["000002"]["caption"].split())  # learned from the new captions
+    assert "alt" not in vocabulary
+
+
+class _Trainer:
+    is_global_zero, world_size, global_step, max_steps, progress_bar_metrics = True, 1, 0, -1, {}
+
+
+def test_progress_prints_a_plain_line_every_n_batches_when_not_a_terminal():
+    stream = io.StringIO()  # not a terminal
+    progress = Progress(every=2, total=10, stream=stream)
+    progress.on_predict_start(_Trainer(), None)
+    for _ in range(5):
+        progress.on_predict_batch_end(_Trainer(), None, None, {"items": [1, 2]}, 0)
+    progress.on_predict_end(_Trainer(), None)
+    lines = stream.getvalue().splitlines()
+    assert [line.split(" | ")[0] for line in lines] == ["predict: 4/10 images", "predict: 8/10 images",
+                                                        "predict: 10/10 images"]
+    assert all("images/s" in line and "eta" in line for line in lines)
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_token_logprobs_are_the_models_log_probabilities_of_the_kept_tokens(tokenizer, beam_size):
+    model = image_sensitive_model(tokenizer)
+    captioner = Captioner(model, tokenizer, device="cpu")
+    _, image_kv, _ = captioner._encode(random_images(3))
+    prompt = tokenizer.caption_prompt()
+    gen = captioner._generate(image_kv, [prompt] * 3, DecodingConfig(beam_size=beam_size, max_new_tokens=8))
+    for i, (ids, logprobs) in enumerate(zip(gen.tokens, gen.token_logprobs, strict=True)):
+        assert len(ids) == len(logprobs) > 1
+        seq = torch.tensor([[*prompt, *ids]])
+        with torch.no_grad():
+            logits = model.decoder(seq, [(k[i:i + 1], v[i:i + 1]) for k, v in image_kv]).logits[0].float()
+        teacher = logits.log_softmax(-1)[len(prompt) - 1:-1].gather(1, seq[0, len(prompt):, None])[:, 0]
+        assert teacher.std() > 1e-4  # the tokens' log-probabilities differ: agreeing is evidence
+        assert np.allclose(logprobs, teacher.numpy(), atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(model_dir, tmp_path_factory) -> Path:
+    """The model exported to ONNX with its attention outputs (for raw and rollout maps)."""
+    pytest.importorskip("onnxruntime")
+    out = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    assert main(["export", "--model", str(model_dir), "--out", str(out), "--maps"]) == 0
+    return out
+
+
+def test_onnx_runtime_writes_the_torch_runtimes_records(model_dir, onnx_dir, folder, tmp_path, capsys):
+    args = dict(questions=["what color is it ?"], maps=True, map_config=MapConfig("rollout"), top_k=4,
+                batch_size=4, **CPU)
+    predict(model_dir, str(folder / "sub"), tmp_path / "torch", **args)
+    predict(onnx_dir, str(folder / "sub"), tmp_path / "onnx", runtime="onnx", threads=1, **args)
+    torch_records, onnx_records = _records(tmp_path / "torch"), _records(tmp_path / "onnx")
+    assert len(torch_records) == 4
+    _not_trivial(torch_records)
+    _assert_same(torch_records, onnx_records, tol=1e-4)
+    tops = {tuple(p[0] for p in t["patches"]) for r in torch_records.values() for t in r["caption_tokens"]}
+    assert len(tops) > 3  # the tokens look at different patches: equal summaries are evidence
+    for key, record in torch_records.items():
+        theirs = onnx_records[key]
+        assert record["grid"] == theirs["grid"] and len(record["phrases"]) == len(theirs["phrases"])
+        for ours, other in zip(record["caption_tokens"], theirs["caption_tokens"], strict=True):
+            assert [p[0] for p in ours["patches"]] == [p[0] for p in other["patches"]]
+            assert np.allclose([p[1] for p in ours["patches"]], [p[1] for p in other["patches"]], atol=1e-4)
+    # The export's identity is its own (a hash of its files): its outputs are no torch run's to resume.
+    assert onnx_records[key]["model"] != record["model"]
+    with pytest.raises(VLMError, match="other arguments .model"):
+        predict(model_dir, str(folder / "sub"), tmp_path / "onnx", **args)
+    # Chefer needs autograd: refused in one line before anything runs.
+    assert main(["predict", "--model", str(onnx_dir), "--input", str(folder / "sub"), "--out", str(tmp_path / "c"),
+                 "--runtime", "onnx", "--maps", "--method", "chefer", "--accelerator", "cpu"]) != 0
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "chefer" in error[0] and "torch runtime" in error[0], error
+    assert not (tmp_path / "c").exists()
+
+
+def test_prompt_leads_each_caption_as_captioner_caption_does(model_dir, folder, tmp_path):
+    prompt = "a red"
+    predict(model_dir, str(folder / "sub"), tmp_path / "out", prompt=prompt, batch_size=4, **CPU)
+    records = _records(tmp_path / "out")
+    captioner = Captioner.load(model_dir, device="cpu")
+    keys = sorted(records)
+    expected = captioner.caption([folder / "sub" / k for k in keys], prompt=prompt)
+    assert [records[k]["caption"] for k in keys] == expected
+    assert all(text.startswith(prompt + " ") for text in expected)
+    plain = captioner.caption([folder / "sub" / k for k in keys])
+    assert sum(e != f"{prompt} {p}" for e, p in zip(expected, plain, strict=True)) >= 2  # the prompt steers them
+    for k in keys:  # the tokens are the generated ones, after the prompt
+        assert records[k]["caption"] == f"{prompt} " + captioner.tokenizer.decode(
+            [t["id"] for t in records[k]["caption_tokens"]])
+    with pytest.raises(VLMError, match="other arguments .prompt"):
+        predict(model_dir, str(folder / "sub"), tmp_path / "out", prompt="a blue", batch_size=4, **CPU)

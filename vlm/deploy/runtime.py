@@ -1,0 +1,234 @@
+"""An ONNX export (`vlm.deploy.export`) on ONNX Runtime: the encoder session, and the decoder step as a backend of
+the one decoding loop (`vlm.model.generate.decode`), its key/value cache passed in and out of each step.
+
+Loading checks the directory as `vlm.checkpoint` checks an exported model: a missing or damaged file, a file
+changed since the export, or a config that does not fit the graphs is one `VLMError` line naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from vlm.checkpoint import CONFIG, TOKENIZER
+from vlm.config import DecodingConfig, MapConfig, ModelConfig, model_config_from_dict
+from vlm.deploy.export import DECODER, ENCODER, ONNX_CONFIG, ONNX_FORMAT_VERSION, file_facts
+from vlm.errors import VLMError
+from vlm.grounding.methods import _rollout, chosen_layers, combine_layers, patches_only  # one rollout, torch's
+from vlm.model.generate import Generation, decode
+from vlm.text.tokenizer import Tokenizer
+
+
+@dataclass
+class OnnxImages:
+    """Encoded images on ONNX Runtime: every layer's cross-attention keys and values (L, B, H, N, hd)."""
+
+    keys: np.ndarray
+    values: np.ndarray
+
+    def __len__(self) -> int:
+        return self.keys.shape[1]
+
+
+class OnnxModel:
+    """An ONNX export loaded on ONNX Runtime: its model config, facts (onnx.json) and the two sessions."""
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.is_dir():
+            raise VLMError(f"{path}: no such ONNX export directory")
+        for name in (ONNX_CONFIG, CONFIG, TOKENIZER, ENCODER, DECODER):
+            if not (path / name).is_file():
+                raise VLMError(f"{path}: not a vlm ONNX export (missing {name}; make one with "
+                               "vlm export --format onnx)")
+        self.facts = _read_json(path / ONNX_CONFIG)
+        if self.facts.get("format") != "vlm-onnx" or self.facts.get("onnx_format_version") != ONNX_FORMAT_VERSION:
+            raise VLMError(f"{path / ONNX_CONFIG}: onnx_format_version {self.facts.get('onnx_format_version')!r}, "
+                           f"this vlm reads {ONNX_FORMAT_VERSION}")
+        config = _read_json(path / CONFIG)
+        try:
+            self.cfg: ModelConfig = model_config_from_dict(config["model"])
+            self.vocab_size = int(config["vocab_size"])
+        except (KeyError, ValueError, TypeError, AttributeError) as e:
+            raise VLMError(f"{path / CONFIG}: bad 'model' section ({e.__class__.__name__}: {e})") from None
+        if self.vocab_size != self.facts.get("vocab_size"):
+            raise VLMError(f"{path / CONFIG}: vocab_size {self.vocab_size} does not match the exported graphs' "
+                           f"{self.facts.get('vocab_size')} ({ONNX_CONFIG})")
+        for name in (ENCODER, DECODER):
+            if file_facts(path / name) != self.facts.get("files", {}).get(name):
+                raise VLMError(f"{path / name}: differs from the file exported (size or SHA-256 in {ONNX_CONFIG}); "
+                               "export again")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        sessions = []
+        for name in (ENCODER, DECODER):
+            try:
+                sessions.append(ort.InferenceSession(str(path / name), options, providers=["CPUExecutionProvider"]))
+            except Exception as e:  # not ONNX, truncated, an operator this onnxruntime lacks
+                raise VLMError(f"{path / name}: ONNX Runtime cannot load it ({' '.join(str(e).split())[:300]})") \
+                    from None
+        self.encoder, self.decoder = sessions
+        self.path = path
+        self.maps = bool(self.facts.get("maps"))
+        self.num_layers, self.num_heads = self.facts["layers"], self.facts["heads"]
+        self.head_dim, self.grid = self.facts["head_dim"], tuple(self.facts["grid"])
+        self.num_prefix = int(self.facts.get("num_prefix", 0))
+        logits = self.decoder.get_outputs()[0].shape
+        if logits[-1] != self.vocab_size:
+            raise VLMError(f"{path / DECODER}: its logits have {logits[-1]} tokens, {CONFIG} says {self.vocab_size}")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, threads: int | None = None) -> tuple[OnnxModel, Tokenizer]:
+        """The model and its tokenizer (which must have the config's vocabulary)."""
+        model = cls(path, threads)
+        try:
+            tokenizer = Tokenizer.from_file(str(model.path / TOKENIZER), model.cfg.special_tokens)
+        except Exception as e:
+            raise VLMError(f"{model.path / TOKENIZER}: not a vlm tokenizer ({e.__class__.__name__}: {e})") from None
+        if len(tokenizer) != model.vocab_size:
+            raise VLMError(f"{model.path}: tokenizer has {len(tokenizer)} tokens, config says {model.vocab_size}")
+        return model, tokenizer
+
+    def encode(self, pixels: Tensor) -> tuple[OnnxImages, tuple[int, int]]:
+        """Images (B, 3, H, W) -> every layer's cross-attention keys/values, and the patch grid."""
+        keys, values = self.encoder.run(None, {"pixels": pixels.detach().cpu().float().numpy()})
+        return OnnxImages(keys, values), self.grid
+
+    def step(self, ids: np.ndarray, positions: np.ndarray, self_mask: np.ndarray, past_keys: np.ndarray,
+             past_values: np.ndarray, images: OnnxImages, maps: bool, self_weights: bool = False) -> list[np.ndarray]:
+        """One run of the decoder step graph: logits (R, V), present keys/values, with maps the new positions'
+        cross-attention (R, t, L, H, N), and with self_weights their self-attention (R, t, L, H, P + t)."""
+        if maps and not self.maps:
+            raise VLMError(f"{self.path}: exported without maps; export again with vlm export --maps")
+        names = ["logits", "present_keys", "present_values"] + (["cross_attentions"] if maps else []) \
+            + (["self_attentions"] if self_weights else [])
+        return self.decoder.run(names, {"input_ids": ids, "positions": positions, "self_mask": self_mask,
+                                        "past_keys": past_keys, "past_values": past_values,
+                                        "image_keys": images.keys, "image_values": images.values})
+
+    def attentions(self, images: OnnxImages, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Teacher-forced: every position's cross-attention (S, T, L, H, N) and self-attention (S, T, L, H, T) of
+        token ids (S, T) (right-padded; one sequence per image); N counts the encoder's prefix tokens (an imported
+        ViT's class token) first."""
+        S, T = ids.shape
+        empty = np.zeros((self.num_layers, S, self.num_heads, 0, self.head_dim), dtype=np.float32)
+        mask = np.tril(np.ones((T, T), dtype=bool))[None, None].repeat(S, 0)
+        positions = np.broadcast_to(np.arange(T), (S, T)).copy()
+        out = self.step(ids.numpy(), positions, mask, empty, empty, images, maps=True, self_weights=True)
+        return torch.from_numpy(out[3]), torch.from_numpy(out[4])
+
+
+    def token_maps(self, images: OnnxImages, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]],
+                   config: MapConfig | None = None, *, per_layer: bool = False) -> list[Tensor]:
+        """Raw or rollout maps (len(target), h, w) of each target after its prompt, image i for pair i, as
+        `vlm.grounding.methods.token_maps` makes them: one teacher-forced run of the decoder step per image, each
+        token's map from the position that predicts it; with ``per_layer``, (L, len(target), h, w). ValueError for
+        chefer, which needs autograd (the torch runtime), and for rollout through encoder context blocks, whose
+        attention the export does not return."""
+        config = config or MapConfig()
+        config.validate()
+        if config.method == "chefer" or (config.method == "rollout" and getattr(self.cfg.encoder, "context_layers", 0)):
+            raise ValueError(f"maps: the onnx runtime makes raw and rollout maps; {config.method} here needs the "
+                             "torch runtime (it needs autograd, or the encoder context blocks' attention)")
+        H = self.num_heads
+        if config.head is not None and not -H <= config.head < H:
+            raise ValueError(f"attention head {config.head} out of range: the decoder has {H} heads")
+        chosen = chosen_layers(self, config.layers)
+        out = []
+        for i, (prompt, target) in enumerate(zip(prompts, targets, strict=True)):
+            one = OnnxImages(images.keys[:, i:i + 1], images.values[:, i:i + 1])
+            cross, own = self.attentions(one, torch.tensor([[*prompt, *target]]))  # (1, T, L, H, N), (1, T, L, H, T)
+            cross = cross.mean(3) if config.head is None else cross[:, :, :, config.head]  # (1, T, L, N)
+            layers = list(cross.permute(2, 0, 1, 3).unbind(0))  # L x (1, T, N)
+            if config.method == "rollout":
+                layers = _rollout(list(own.permute(2, 0, 3, 1, 4).unbind(0)), layers)  # self: L x (1, H, T, T)
+            parts = torch.stack(layers)[:, 0, len(prompt) - 1:len(prompt) - 1 + len(target)]  # (L, Q, N): predicting
+            if self.num_prefix:  # an imported ViT's class token: dropped, rows renormalised, as token_maps does
+                parts = patches_only(parts, self.num_prefix, config.method)
+            made = parts if per_layer else combine_layers(parts, config.method, chosen)  # (L, Q, N) or (Q, N)
+            out.append(made.reshape(*made.shape[:-1], *self.grid))
+        return out
+
+
+class OnnxBackend:
+    """An ONNX export in the shape of `vlm.predict.module.TorchBackend` (encode, generate, maps), for commands
+    that take a backend."""
+
+    def __init__(self, model: OnnxModel, tokenizer: Tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+
+    def encode(self, pixels: Tensor) -> tuple[OnnxImages, tuple[int, int]]:
+        return self.model.encode(pixels)
+
+    def generate(self, images: OnnxImages, prompts: list[list[int]], decoding: DecodingConfig,
+                 return_attention: bool = False) -> Generation:
+        return decode(OrtDecoder(self.model, images), prompts, eos_id=self.tokenizer.eos_id,
+                      pad_id=self.tokenizer.pad_id, config=decoding, return_attention=return_attention)
+
+    def maps(self, images: OnnxImages, grid: tuple[int, int], prompts: list[list[int]], targets: list[list[int]],
+             config: MapConfig) -> list[np.ndarray]:
+        return [m.numpy() for m in self.model.token_maps(images, prompts, targets, config)]
+
+
+class OrtDecoder:
+    """The ONNX Runtime backend of `vlm.model.generate.decode` (a `DecoderBackend`): the exported decoder step,
+    its self-attention cache an input and an output of every step; a step with maps also returns its last
+    position's cross-attention weights (R, L, H, N), so the kept sequences' maps need no further run."""
+
+    def __init__(self, model: OnnxModel, images: OnnxImages):
+        self.model, self.images = model, images
+        self.num_images, self.vocab_size = len(images), model.vocab_size
+        self.max_length, self.device = model.cfg.decoder.max_length, torch.device("cpu")
+        self.maps = False
+        self.past_keys = self.past_values = np.zeros((0, 0, 0, 0, 0), dtype=np.float32)
+
+    def start(self, rows: int, length: int, maps: bool) -> None:
+        if maps and not self.model.maps:
+            raise VLMError(f"{self.model.path}: exported without maps; export again with vlm export --maps")
+        self.maps = maps
+        m = self.model
+        self.past_keys = np.zeros((m.num_layers, rows, m.num_heads, 0, m.head_dim), dtype=np.float32)
+        self.past_values = self.past_keys
+
+    @property
+    def cached(self) -> int:
+        return self.past_keys.shape[3]
+
+    def step(self, ids: Tensor, positions: Tensor, self_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        R, t = ids.shape
+        start = self.cached
+        if self_mask is None:  # no padding: each new token sees every cached one and the new ones up to itself
+            self_mask = torch.ones(t, start + t, dtype=torch.bool).tril(start)[None, None].expand(R, 1, t, start + t)
+        out = self.model.step(ids.numpy(), positions.numpy(), np.ascontiguousarray(self_mask.numpy()),
+                              self.past_keys, self.past_values, self.images, self.maps)
+        self.past_keys, self.past_values = out[1], out[2]
+        material = torch.from_numpy(out[3][:, -1]) if self.maps else None  # (R, L, H, N)
+        return torch.from_numpy(out[0]), material
+
+    def reorder(self, parent: Tensor) -> None:
+        index = parent.numpy()
+        self.past_keys, self.past_values = self.past_keys[:, index], self.past_values[:, index]
+
+    def attention(self, material: Tensor, images: Tensor) -> Tensor:
+        return material  # already (S, T, L, H, N)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise VLMError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise VLMError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data

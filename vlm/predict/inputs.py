@@ -1,0 +1,303 @@
+"""What `vlm predict` reads: a source listed into chunks, and the stream of batches each reader makes of its chunks.
+
+Sources (``input_format`` "auto" tells them apart):
+
+- ``folder``: every image file under a directory, recursively, by suffix (`vlm.data.records.IMAGE_SUFFIXES`), in
+  sorted order of the path relative to the folder (the key);
+- ``glob``: the files a pattern such as ``"photos/**/*.jpg"`` matches (recursive ``**``), sorted;
+- ``list``: a text file of image paths, one a line (relative to the file's folder unless absolute; blank lines
+  and lines starting with # are skipped);
+- ``jsonl``: one JSON object a line with ``"image"`` (relative to the file's folder unless absolute), an optional
+  ``"key"``, an optional ``"phrases"`` (a list of strings to find in the caption, `vlm.predict.summary`) and any
+  other fields, which are carried to the output under ``"input"``;
+- ``webdataset``: tar shards (local paths, ``{000..099}`` brace patterns, URLs) streamed without unpacking,
+  img2dataset layout (``KEY.jpg``/``.png``/``.webp`` with ``KEY.txt`` and ``KEY.json``).
+
+The work is split into chunks: fixed-size runs of a listing (``chunk_size`` images), or one chunk per shard. A
+chunk is the unit of output (one file), of resumption (done or not) and of work: reader r of R (DDP processes
+times data-loader workers) takes pending chunks r, r + R, ..., so every image is read by exactly one reader
+whatever the number of processes, with no padding. A reader cuts each chunk into batches of its own (never across
+chunks), so an image's batch, and with it every number computed for it, is the same on any number of processes.
+"""
+
+from __future__ import annotations
+
+import glob as globbing
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import IterableDataset, get_worker_info
+
+from vlm.data.images import load_image
+from vlm.data.records import IMAGE_SUFFIXES
+from vlm.errors import VLMError
+
+INPUT_FORMATS = ("auto", "folder", "glob", "list", "jsonl", "webdataset")
+SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+_GLOB = re.compile(r"[*?[]")
+
+
+@dataclass
+class Entry:
+    """One image of a listing."""
+
+    image: str
+    """Its path."""
+    key: str
+    """How the output names it: the path relative to the folder, the path as listed, or JSONL "key" (else
+    "image")."""
+    fields: dict = field(default_factory=dict)
+    """JSONL fields carried to the output."""
+    phrases: list[str] | None = None
+    """JSONL "phrases": what to find in the caption (else the caption's runs of content words)."""
+
+
+@dataclass
+class Chunk:
+    """A unit of work and of output: a run of a listing, or one shard."""
+
+    index: int
+    entries: list[Entry] | None = None
+    """The listing's images (None for a shard)."""
+    first: int = 0
+    """The listing index of the first entry."""
+    shard: str | None = None
+    """The shard's path or URL."""
+
+    @property
+    def id(self) -> str:
+        return f"part-{self.index:05d}"
+
+    @property
+    def size(self) -> int | None:
+        return len(self.entries) if self.entries is not None else None
+
+    def describe(self) -> dict:
+        if self.shard is not None:
+            return {"shard": self.shard}
+        return {"first": self.first, "count": len(self.entries)}
+
+
+def detect_input_format(path: str) -> str:
+    """folder, webdataset, glob, jsonl or list, from the path alone."""
+    if os.path.isdir(path):
+        return "folder"
+    if "://" in path or path.endswith(".tar") or re.search(r"\{[^}]*\.\.[^}]*\}", path):
+        return "webdataset"
+    if _GLOB.search(path) and not os.path.exists(path):
+        return "glob"
+    if path.endswith(".jsonl"):
+        return "jsonl"
+    if os.path.isfile(path):
+        return "list"
+    raise VLMError(f"--input {path}: no such folder, file, shard or pattern")
+
+
+def list_chunks(path: str, input_format: str = "auto", chunk_size: int = 1000) -> tuple[str, list[Chunk]]:
+    """The source's format and its chunks, in order (the same on every process)."""
+    if chunk_size < 1:
+        raise VLMError(f"--chunk_size: expected a positive number of images, got {chunk_size}")
+    if input_format not in INPUT_FORMATS:
+        raise VLMError(f"--input_format {input_format!r} is not one of {', '.join(INPUT_FORMATS)}")
+    fmt = detect_input_format(path) if input_format == "auto" else input_format
+    if fmt == "webdataset":
+        import webdataset as wds
+
+        shards = wds.shardlists.expand_urls(path)
+        if not shards:
+            raise VLMError(f"--input {path}: no shards")
+        return fmt, [Chunk(i, shard=s) for i, s in enumerate(shards)]
+    entries = {"folder": _folder, "glob": _glob, "list": _list_file, "jsonl": _jsonl}[fmt](path)
+    if not entries:
+        raise VLMError(f"--input {path}: no images found ({fmt})")
+    chunks = [Chunk(i, entries[start:start + chunk_size], start)
+              for i, start in enumerate(range(0, len(entries), chunk_size))]
+    return fmt, chunks
+
+
+def _folder(path: str) -> list[Entry]:
+    root = Path(path)
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                   if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return [Entry(str(root / f), f) for f in files]
+
+
+def _glob(pattern: str) -> list[Entry]:
+    return [Entry(p, p) for p in sorted(globbing.glob(pattern, recursive=True)) if os.path.isfile(p)]
+
+
+def _list_file(path: str) -> list[Entry]:
+    base = Path(path).parent
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (UnicodeDecodeError, OSError) as e:
+        raise VLMError(f"{path}: cannot read the list of images ({e.__class__.__name__})") from None
+    return [Entry(str(base / line.strip()), line.strip()) for line in lines
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _jsonl(path: str) -> list[Entry]:
+    base = Path(path).parent
+    entries = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (UnicodeDecodeError, OSError) as e:
+        raise VLMError(f"{path}: cannot read ({e.__class__.__name__})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise VLMError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("image"), str):
+            raise VLMError(f"{path}:{n}: each line must be an object with an \"image\" path")
+        phrases = obj.pop("phrases", None)
+        if phrases is not None and not (isinstance(phrases, list) and all(isinstance(p, str) and p.strip()
+                                                                          for p in phrases)):
+            raise VLMError(f"{path}:{n}: \"phrases\" must be a list of non-empty strings")
+        key = obj.pop("key", obj["image"])
+        image = obj.pop("image")
+        entries.append(Entry(str(base / image), str(key), obj, phrases))
+    return entries
+
+
+# ------------------------------------------------------------------------------------------- the item stream
+
+
+@dataclass
+class Item:
+    """One image read for prediction (or why it could not be)."""
+
+    chunk: int
+    position: int
+    """Its place in the chunk."""
+    meta: dict
+    """What the output says of its input: key, image (or shard and member), index, input fields."""
+    seed: int
+    """Its sampling seed offset: the listing index, or chunk * 10^6 + position in a shard."""
+    pixels: Tensor | None = None
+    size: tuple[int, int] | None = None
+    """(W, H) of the image as loaded."""
+    error: str | None = None
+    raw: dict | None = None
+    """For --format webdataset: the image bytes and suffix, and a shard sample's .txt and .json."""
+    phrases: list[str] | None = None
+    """The input's phrases to find in the caption (JSONL "phrases")."""
+    empty: bool = False
+    """A placeholder for a shard with no samples (so that its chunk still ends)."""
+
+
+@dataclass
+class Batch:
+    """A reader's batch: images of one chunk; ``last`` when the chunk ends with it."""
+
+    chunk: int
+    items: list[Item]
+    last: bool
+
+    def __len__(self) -> int:
+        return sum(not i.empty for i in self.items)
+
+
+def _reader() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
+
+
+class ChunkStream(IterableDataset):
+    """Batches of the pending chunks that fall to this reader (rank x data-loader worker).
+
+    ``rank`` and ``world`` are set by the data module once the processes know them; each worker reads pending
+    chunks ``reader, reader + readers, ...`` and decodes and transforms its images itself.
+    """
+
+    def __init__(self, chunks: list[Chunk], transform: Callable[[Image.Image], Tensor], batch_size: int,
+                 max_pixels: int | None = None, keep_raw: bool = False):
+        self.chunks, self.transform, self.batch_size = chunks, transform, batch_size
+        self.max_pixels, self.keep_raw = max_pixels, keep_raw
+        self.rank, self.world = 0, 1
+
+    def __iter__(self) -> Iterator[Batch]:
+        worker, workers = _reader()
+        reader, readers = self.rank * workers + worker, self.world * workers
+        for chunk in self.chunks[reader::readers]:
+            items = self._items(chunk)
+            current = next(items, None)
+            if current is None:  # an empty shard: a placeholder ends its chunk
+                yield Batch(chunk.index, [Item(chunk.index, 0, {}, 0, empty=True)], True)
+                continue
+            batch: list[Item] = []
+            while current is not None:
+                following = next(items, None)  # one image ahead: is this batch the chunk's last?
+                batch.append(current)
+                if len(batch) == self.batch_size or following is None:
+                    yield Batch(chunk.index, batch, following is None)
+                    batch = []
+                current = following
+
+    def _items(self, chunk: Chunk) -> Iterator[Item]:
+        if chunk.entries is not None:
+            for j, entry in enumerate(chunk.entries):
+                meta = {"key": entry.key, "image": entry.image, "index": chunk.first + j}
+                if entry.fields:
+                    meta["input"] = entry.fields
+                raw = None
+                if self.keep_raw:
+                    raw = {"suffix": Path(entry.image).suffix.lower().lstrip(".") or "jpg"}
+                item = Item(chunk.index, j, meta, chunk.first + j, raw=raw, phrases=entry.phrases)
+                yield self._load(item, entry.image, entry.image)
+        else:
+            yield from self._shard_items(chunk)
+
+    def _shard_items(self, chunk: Chunk) -> Iterator[Item]:
+        import webdataset as wds
+
+        samples = wds.tariterators.tarfile_samples([{"url": chunk.shard}])
+        for j, sample in enumerate(samples):
+            key = sample["__key__"]
+            suffix = next((k for k in SHARD_IMAGE_KEYS if k in sample), None)
+            meta = {"key": key, "shard": chunk.shard, "member": f"{key}.{suffix}" if suffix else None}
+            item = Item(chunk.index, j, meta, chunk.index * 10**6 + j)
+            if self.keep_raw:
+                item.raw = {"suffix": suffix, "txt": sample.get("txt"), "json": sample.get("json")}
+            if suffix is None:
+                item.error = f"{chunk.shard}: {key}: no image ({', '.join(SHARD_IMAGE_KEYS)}) in the sample"
+                yield item
+                continue
+            yield self._load(item, sample[suffix], name=f"{chunk.shard}: {meta['member']}")
+
+    def _load(self, item: Item, source, name: str | None = None) -> Item:
+        try:
+            if self.keep_raw:
+                source = source if isinstance(source, bytes) else _read_bytes(source)
+                item.raw["image"] = source
+            image = load_image(source, self.max_pixels, name=name)
+            item.pixels, item.size = self.transform(image), image.size
+        except VLMError as e:
+            item.error = str(e)
+        return item
+
+
+def _read_bytes(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise VLMError(f"{path}: cannot read ({e.__class__.__name__}: {e.strerror or e})") from None
+
+
+def collate(batch: Batch) -> dict:
+    """A reader's batch as the model step takes it: the good images' pixels stacked, and every item."""
+    good = [item.pixels for item in batch.items if item.pixels is not None]
+    pixels = torch.stack(good) if good else None
+    for item in batch.items:
+        item.pixels = None  # the stacked tensor carries them
+    return {"pixels": pixels, "items": batch.items, "chunk": batch.chunk, "last": batch.last}

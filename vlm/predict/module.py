@@ -1,0 +1,148 @@
+"""The model side of `vlm predict`: a backend that runs the model, and the LightningModule whose predict step
+turns a batch into output records.
+
+`TorchBackend` is the one place the torch model is called (encode, the one decoding loop
+`vlm.model.generate.generate`, the one map function `vlm.grounding.methods.token_maps`); `--runtime onnx` puts
+`vlm.deploy.runtime.OnnxBackend` (the same three methods on an ONNX export) in its place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import lightning as L
+import numpy as np
+from torch import Tensor, nn
+
+from vlm.config import DecodingConfig, MapConfig, ModelConfig
+from vlm.errors import VLMError
+from vlm.grounding.methods import token_maps
+from vlm.model.decoder import KeysValues
+from vlm.model.generate import Generation, generate
+from vlm.model.vlm import VisionLanguageModel
+from vlm.predict.inputs import Item
+from vlm.predict.summary import phrase_boxes, top_patches
+from vlm.text.tokenizer import Tokenizer
+
+SCHEMA_VERSION = 1
+"""The version of the output records' layout (README, "Predicting over a collection")."""
+
+
+class TorchBackend(nn.Module):
+    """The PyTorch model: images -> keys/values, prompts -> generated tokens, texts -> token maps. A module, so
+    the model moves with the `PredictModule` that holds it to each process's device."""
+
+    def __init__(self, model: VisionLanguageModel, tokenizer: Tokenizer):
+        super().__init__()
+        self.model, self.tokenizer = model.eval(), tokenizer
+
+    def encode(self, pixels: Tensor) -> tuple[list[KeysValues], tuple[int, int]]:
+        return self.model.encode(pixels)
+
+    def generate(self, image_kv: list[KeysValues], prompts: list[list[int]], decoding: DecodingConfig) -> Generation:
+        return generate(self.model, image_kv, prompts, eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
+                        config=decoding)
+
+    def maps(self, image_kv: list[KeysValues], grid: tuple[int, int], prompts: list[list[int]],
+             targets: list[list[int]], config: MapConfig) -> list[np.ndarray]:
+        return [m.cpu().numpy() for m in token_maps(self.model, image_kv, grid, prompts, targets, config)]
+
+
+@dataclass
+class Tasks:
+    """What to predict for each image: its caption, answers to fixed questions, or both; and the evidence."""
+
+    caption: bool = True
+    questions: list[str] = field(default_factory=list)
+    maps: MapConfig | None = None
+    """Summarise each token's map (None: no maps)."""
+    top_k: int = 5
+    """Patches kept per token map."""
+    threshold: float = 0.5
+    """A phrase's box encloses the region around its peak at least this fraction of it (as `vlm ground`)."""
+
+
+class PredictModule(L.LightningModule):
+    """Captions and answers, with each token's log-probability (and map summary), as one record per image.
+
+    backend: `TorchBackend` or `vlm.deploy.runtime.OnnxBackend`; cfg: its model's config. caption_start: the ids
+    a caption continues (`Captioner.caption_prompt`; default the start token alone): a record's caption begins
+    with the prompt's text, its tokens are the generated ones."""
+
+    def __init__(self, backend: Any, cfg: ModelConfig, tokenizer: Tokenizer, tasks: Tasks,
+                 decoding: DecodingConfig, model_id: str, caption_start: list[int] | None = None):
+        super().__init__()
+        self.backend, self.cfg = backend, cfg  # a TorchBackend is a submodule (its model moves with this module)
+        self.tokenizer, self.tasks, self.decoding, self.model_id = tokenizer, tasks, decoding, model_id
+        self.caption_start = caption_start or tokenizer.caption_prompt()
+        limit = cfg.decoder.max_length // 2  # a question leaves room for its answer, as Captioner.ask
+        self.question_prompts = [tokenizer.cut_prompt(tokenizer.question_prompt(q), limit) for q in tasks.questions]
+        self.answering = replace(decoding, max_new_tokens=decoding.token_budget(answer=True))
+
+    def predict_step(self, batch: dict, batch_idx: int = 0) -> list[dict | None]:
+        """One record per item of the batch (None for an unreadable image or a placeholder)."""
+        items: list[Item] = batch["items"]
+        good = [item for item in items if item.error is None and not item.empty]
+        records = {id(item): self._record(item) for item in good}
+        if good:
+            image_kv, grid = self.backend.encode(batch["pixels"])
+            seeds = self._seeds(good)
+            if self.tasks.caption:
+                texts = self._texts(image_kv, grid, [self.caption_start] * len(good),
+                                    replace(self.decoding, seed=seeds), lead=self.caption_start[1:])
+                for item, (text, tokens, maps) in zip(good, texts, strict=True):
+                    record = records[id(item)]
+                    record["caption"], record["caption_tokens"] = text, tokens
+                    if maps is not None:
+                        record["grid"] = list(grid)
+                        ids = [t["id"] for t in tokens]
+                        record["phrases"] = phrase_boxes(maps, self.tokenizer.tokens(ids), item.size, item.phrases,
+                                                         self.tasks.threshold)
+            for question, prompt in zip(self.tasks.questions, self.question_prompts, strict=True):
+                texts = self._texts(image_kv, grid, [prompt] * len(good), replace(self.answering, seed=seeds))
+                for item, (text, tokens, maps) in zip(good, texts, strict=True):
+                    record = records[id(item)]
+                    record.setdefault("answers", []).append({"question": question, "answer": text, "tokens": tokens})
+                    if maps is not None:
+                        record["grid"] = list(grid)
+        return [records.get(id(item)) for item in items]
+
+    def _record(self, item: Item) -> dict:
+        record: dict[str, Any] = {"schema": SCHEMA_VERSION, **item.meta, "image_size": list(item.size),
+                                  "model": self.model_id}
+        return record
+
+    def _seeds(self, items: list[Item]) -> list[int] | None:
+        """Each image's sampling seed: seed + its listing index (or shard position), whatever the batch."""
+        if not self.decoding.sample or self.decoding.seed is None:
+            return None
+        return [int(self.decoding.seed) + item.seed for item in items]
+
+    def _texts(self, image_kv: list[KeysValues], grid: tuple[int, int], prompts: list[list[int]],
+               decoding: DecodingConfig, lead: list[int] = ()) -> list[tuple[str, list[dict], np.ndarray | None]]:
+        """Each image's text (after the ``lead`` ids' text), its generated tokens ({token, id, logprob[,
+        patches]}) and, with maps, their token maps."""
+        gen = self.backend.generate(image_kv, prompts, decoding)
+        maps = (self.backend.maps(image_kv, grid, prompts, gen.tokens, self.tasks.maps)
+                if self.tasks.maps is not None else [None] * len(prompts))
+        out = []
+        for ids, logprobs, made in zip(gen.tokens, gen.token_logprobs, maps, strict=True):
+            tokens = [{"token": t, "id": i, "logprob": lp}
+                      for t, i, lp in zip(self.tokenizer.tokens(ids), ids, logprobs, strict=True)]
+            if made is not None:
+                for token, patches in zip(tokens, top_patches(made, self.tasks.top_k), strict=True):
+                    token["patches"] = patches
+            out.append((self.tokenizer.decode([*lead, *ids]), tokens, made))
+        return out
+
+    def configure_optimizers(self) -> None:
+        return None
+
+
+def check_decoding(decoding: DecodingConfig) -> None:
+    """What prediction refuses: several samples per image (one record holds one caption) or a seed list."""
+    if decoding.num_samples > 1:
+        raise VLMError(f"--num_samples {decoding.num_samples}: vlm predict writes one caption per image")
+    if isinstance(decoding.seed, list):
+        raise VLMError("--seed: give one number (image i of the input samples with seed + i)")

@@ -1,0 +1,198 @@
+"""`vlm predict`: the job, on Lightning's predict loop over any number of processes and nodes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from vlm.api import Captioner
+from vlm.checkpoint import CONFIG, TOKENIZER
+from vlm.config import DecodingConfig, MapConfig
+from vlm.errors import VLMError
+from vlm.model.vlm import VisionLanguageModel
+from vlm.predict.inputs import Chunk, ChunkStream, collate, list_chunks
+from vlm.predict.module import PredictModule, Tasks, TorchBackend, check_decoding
+from vlm.predict.outputs import OUTPUT_FORMATS, ChunkWriter, check_job, done_chunks
+from vlm.text.clean import clean_text
+from vlm.text.tokenizer import Tokenizer
+from vlm.train.progress import Progress
+
+TASKS = ("caption", "questions", "both")
+RUNTIMES = ("torch", "onnx")
+
+
+def model_id(model: VisionLanguageModel, tokenizer: Tokenizer) -> str:
+    """The model's identity: a hash of its config, its tokenizer and its weights ("sha256:" + 16 hex digits)."""
+    h = hashlib.sha256(json.dumps(asdict(model.cfg), sort_keys=True).encode())
+    h.update(tokenizer.to_str().encode())
+    for name, value in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def export_id(path: Path) -> str:
+    """An ONNX export's identity: a hash of its onnx.json (which holds each graph file's SHA-256, checked when
+    it loads), config.json and tokenizer.json ("sha256:" + 16 hex digits; not the torch model's id)."""
+    from vlm.deploy.export import ONNX_CONFIG
+
+    h = hashlib.sha256()
+    for name in (ONNX_CONFIG, CONFIG, TOKENIZER):
+        h.update(name.encode())
+        h.update((path / name).read_bytes())
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def _runtime(model: str | os.PathLike | tuple[VisionLanguageModel, Tokenizer], runtime: str, threads: int | None,
+             map_config: MapConfig | None) -> tuple[Captioner, object, str]:
+    """The captioner (config, tokenizer, image transform, caption prompt), the backend that runs its model for
+    `PredictModule`, and the model's identity."""
+    if runtime == "torch":
+        captioner = Captioner(*model, "cpu") if isinstance(model, tuple) else Captioner.load(model, "cpu")
+        return captioner, TorchBackend(captioner.model, captioner.tokenizer), model_id(captioner.model,
+                                                                                       captioner.tokenizer)
+    if isinstance(model, tuple):
+        raise VLMError("--runtime onnx: give the ONNX export's directory (vlm export --format onnx)")
+    from vlm.deploy.runtime import OnnxBackend
+
+    captioner = Captioner.load(model, runtime="onnx", threads=threads)
+    onnx = captioner.model
+    if map_config is not None:  # refused now, in one line, not in the first batch
+        if not onnx.maps:
+            raise VLMError(f"{onnx.path}: exported without maps; export again with vlm export --maps")
+        try:
+            onnx.token_maps(None, [], [], map_config)  # the runtime's own checks (method, head, layers), no image
+        except ValueError as e:
+            raise VLMError(str(e)) from None
+    return captioner, OnnxBackend(onnx, captioner.tokenizer), export_id(onnx.path)
+
+
+class PredictData(L.LightningDataModule):
+    """The pending chunks (those without a finished file and manifest entry), decided by the first process and
+    shared with the others, read as `ChunkStream` batches."""
+
+    def __init__(self, out: Path, fmt: str, chunks: list[Chunk], stream: ChunkStream, writer: ChunkWriter,
+                 num_workers: int):
+        super().__init__()
+        self.out, self.fmt, self.chunks, self.stream, self.writer = out, fmt, chunks, stream, writer
+        self.num_workers = num_workers
+        self.local_items: int | None = None
+        """Images this process reads (None: unknown, shards); the progress line's total."""
+        self.skipped = 0
+
+    def setup(self, stage: str) -> None:
+        done = done_chunks(self.out, self.chunks, self.fmt)
+        pending = [c.index for c in self.chunks if c.index not in done]
+        pending = self.trainer.strategy.broadcast(pending, src=0)  # every process acts on the first one's view
+        by_index = {c.index: c for c in self.chunks}
+        self.stream.chunks = [by_index[i] for i in pending]
+        self.stream.rank, self.stream.world = self.trainer.global_rank, self.trainer.world_size
+        self.writer.pending = {by_index[i].id for i in pending}
+        self.skipped = len(self.chunks) - len(pending)
+        sizes = [c.size for c in self.stream.chunks]
+        workers = max(1, self.num_workers)  # reader r = rank * workers + worker reads chunks r, r + readers, ...
+        readers = self.trainer.world_size * workers
+        mine = [s for i, s in enumerate(sizes) if (i % readers) // workers == self.trainer.global_rank]
+        self.local_items = None if any(s is None for s in sizes) else sum(mine)
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, collate_fn=collate,
+                          persistent_workers=False)
+
+
+def predict(model: str | os.PathLike | tuple[VisionLanguageModel, Tokenizer], input: str, out: str | os.PathLike, *,
+            questions: list[str] | tuple[str, ...] = (), task: str | None = None,
+            decoding: DecodingConfig | None = None, maps: bool = False, map_config: MapConfig | None = None,
+            top_k: int = 5, threshold: float = 0.5, batch_size: int = 16, num_workers: int = 1,
+            chunk_size: int = 1000, input_format: str = "auto", format: str = "jsonl", max_pixels: int | None = None,
+            accelerator: str = "auto", devices: int | str = "auto", num_nodes: int = 1, strategy: str = "auto",
+            precision: str = "32-true", progress_every: int = 50, prompt: str | None = None,
+            runtime: str = "torch", threads: int | None = None) -> dict | None:
+    """Caption and/or question every image of ``input`` into ``out``, resumably; the summary (on the first
+    process; None on the others).
+
+    model: an exported model directory or .ckpt, or a (model, tokenizer) pair. input: a folder, a glob, a text
+    file of paths, a JSONL file or WebDataset shards (`vlm.predict.inputs`). task: caption, questions or both
+    (default: caption, and the questions when there are any). decoding: as `Captioner.caption`. maps: summarise
+    each token's map (made as ``map_config`` says; its ``top_k`` patches) and box each phrase (`vlm.predict.summary`).
+    format: jsonl, parquet or webdataset (`vlm.predict.outputs`). prompt: text each caption continues (and begins
+    with), as `Captioner.caption(prompt=)`. runtime: torch, or onnx: ``model`` is an ONNX export (`vlm export
+    --format onnx`), each process running it on ONNX Runtime on the CPU with ``threads`` intra-op threads (default:
+    the cores shared among the processes). The rest is the Lightning trainer's.
+    A second call with the same arguments skips finished chunks and redoes the rest.
+    """
+    started = time.monotonic()
+    decoding = decoding or DecodingConfig()
+    check_decoding(decoding)
+    questions = [clean_text(q, f"--question {i + 1}") for i, q in enumerate(questions)]
+    task = task or ("both" if questions else "caption")
+    if task not in TASKS:
+        raise VLMError(f"--task {task!r} is not one of {', '.join(TASKS)}")
+    if task != "caption" and not questions:
+        raise VLMError(f"--task {task}: give the questions with --question")
+    if format not in OUTPUT_FORMATS:
+        raise VLMError(f"--format {format!r} is not one of {', '.join(OUTPUT_FORMATS)}")
+    if format == "parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise VLMError("--format parquet needs pyarrow: pip install 'vlm[parquet]'") from None
+    if batch_size < 1 or top_k < 1 or num_workers < 0 or not 0.0 < threshold <= 1.0:
+        raise VLMError(f"--batch_size {batch_size}, --top_k {top_k}, --num_workers {num_workers}, --threshold "
+                       f"{threshold}: expected positive sizes and a threshold in (0, 1]")
+    devices = int(devices) if isinstance(devices, str) and devices.isdigit() else devices
+    if runtime not in RUNTIMES:
+        raise VLMError(f"--runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
+    if runtime == "onnx":
+        if accelerator not in ("auto", "cpu"):
+            raise VLMError(f"--accelerator {accelerator}: --runtime onnx runs on the CPU (use --accelerator cpu)")
+        accelerator = "cpu"
+        if threads is None and isinstance(devices, int):
+            threads = max(1, (os.cpu_count() or 1) // devices)
+    if prompt is not None and task == "questions":
+        raise VLMError("--prompt leads a caption: --task questions writes none")
+    map_config = (map_config or MapConfig()) if maps else None
+    captioner, backend, identity = _runtime(model, runtime, threads, map_config)
+    caption_start = captioner.caption_prompt(prompt)
+    if len(caption_start) >= captioner.model.cfg.decoder.max_length:
+        raise VLMError(f"--prompt: its {len(caption_start) - 1} tokens leave no room in the model's max_length "
+                       f"{captioner.model.cfg.decoder.max_length}")
+    tasks = Tasks(caption=task in ("caption", "both"), questions=questions if task != "caption" else [],
+                  maps=map_config, top_k=top_k, threshold=threshold)
+    fmt, chunks = list_chunks(str(input), input_format, chunk_size)
+    out = Path(out)
+    job = {"model": identity, "input": str(input), "input_format": fmt,
+           "chunk_size": chunk_size if fmt != "webdataset" else None, "chunks": len(chunks),
+           "caption": tasks.caption, "questions": tasks.questions, "decoding": asdict(decoding),
+           "maps": asdict(map_config) if map_config else None, "top_k": top_k if maps else None,
+           "threshold": threshold if maps else None, "format": format, "max_pixels": max_pixels,
+           "prompt": captioner.tokenizer.decode(caption_start[1:]) if len(caption_start) > 1 else None}
+    check_job(out, job)
+
+    module = PredictModule(backend, captioner.model.cfg, captioner.tokenizer, tasks, decoding, identity, caption_start)
+    stream = ChunkStream(chunks, captioner.transform, batch_size, max_pixels, keep_raw=format == "webdataset")
+    writer = ChunkWriter(out, format, chunks, job)
+    data = PredictData(out, format, chunks, stream, writer, num_workers)
+    progress = Progress(every=progress_every)
+    trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
+                        precision=precision, logger=False, enable_checkpointing=False, enable_model_summary=False,
+                        inference_mode=False, use_distributed_sampler=False, callbacks=[writer, progress],
+                        default_root_dir=out)
+    with warnings.catch_warnings():  # Lightning's remark that an iterable dataset's batches have no indices
+        warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
+        trainer.predict(module, datamodule=data, return_predictions=False)
+    if writer.summary is None:
+        return None
+    seconds = time.monotonic() - started
+    return {**writer.summary, "chunks_skipped": data.skipped, "seconds": round(seconds, 2),
+            "images_per_s": round(writer.summary["records_this_run"] / seconds, 2) if seconds > 0 else None,
+            "out": str(out)}
