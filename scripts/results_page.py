@@ -30,9 +30,10 @@ it), the date, and the machine: CPU, cores, torch threads, library versions, dev
 and the load average at the start and at the end of the run. To re-measure, run a section's command, then
 `.venv/bin/python scripts/results_page.py`.
 
-Unless a section says otherwise the machine is this project's development machine: 2 cores of an AMD EPYC
-(x86-64, AVX2, no bf16 instructions, no GPU). It is shared, so the load average (runnable processes: 2 means
-both cores busy) says how much else ran. Timings of two sides are taken side by side in one process, alternating
+Unless a section says otherwise the machine is one of this project's development machines: 2 cores of an x86-64
+server CPU (each section names its CPU: sessions have run on AMD EPYC and Intel Xeon machines), no GPU. Compare
+absolute figures only within a section. It is shared, so the load average (runnable processes: 2 means both cores
+busy) says how much else ran. Timings of two sides are taken side by side in one process, alternating
 the sides over several repetitions and reporting medians (`scripts/_bench.py`), so that ratios survive the
 machine's drift better than absolute figures do.
 """
