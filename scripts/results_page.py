@@ -165,7 +165,30 @@ def speed(report: dict) -> str:
              f"({m['decoder_weight_read_ms']:.2f} ms with torch's one-row products; a plain sum of them takes "
              f"{m['decoder_weight_sum_ms']:.2f} ms). Maps' cost is the median of per-pair ratios, plain and with "
              "maps timed back to back.")
-    return about + "\n\n" + table(["metric", "ours", "HF", "ours / HF", "ceiling", "target"], rows)
+    text = about + "\n\n" + table(["metric", "ours", "HF", "ours / HF", "ceiling", "target"], rows)
+    onnx = report["results"].get("onnx")
+    if onnx:
+        targets = {"greedy_b1": (">= 3", ">= 1.3"), "greedy_b32": (">= 2", ">= 1.2"), "beam3_b32": (">= 2", ">= 1.2"),
+                   "greedy_b1_int8": (">= 5", ">= 2")}
+        onnx_rows = []
+        for name, (vs_hf, vs_ort) in targets.items():
+            if f"{name}_images_per_s" not in onnx:
+                continue
+            label = _speed_label(f"{name.replace('_int8', '')}_images_per_s") + (", int8" if "int8" in name else "")
+            ceiling = ceilings.get(f"{name.replace('_int8', '')}_images_per_s_vs_hf")
+            onnx_rows.append([label, fmt(onnx[f"{name}_images_per_s"]), fmt(onnx[f"{name}_hf_onnx_images_per_s"]),
+                              f"{fmt(onnx[f'{name}_vs_hf'], 2)} ({vs_hf})",
+                              f"{fmt(onnx[f'{name}_vs_hf_onnx'], 2)} ({vs_ort})", fmt(ceiling, 2)])
+        if "greedy_b1_attention_overhead" in onnx:
+            onnx_rows.append(["returning attention maps (time added), batch 1 greedy",
+                              f"{onnx['greedy_b1_attention_overhead']:+.1%}", "", "(<= 10%)", "", ""])
+        text += ("\n\nOn ONNX Runtime (`vlm export --format onnx`, `--runtime onnx`; 2 threads) against HF eager and "
+                 "against HF's model on ONNX Runtime with its key/value cache (exported by the script with "
+                 "`torch.onnx` in optimum's layout, encoder / first step / step with past, and run in our decoding "
+                 f"loop; its greedy tokens equal HF eager's: {onnx.get('hf_onnx_equals_hf_eager')}). Targets in "
+                 "brackets.\n\n" + table(["metric", "ours on ORT", "HF on ORT", "ours / HF eager",
+                                             "ours / HF on ORT", "ceiling vs HF eager"], onnx_rows))
+    return text
 
 
 def compile_(report: dict) -> str:
@@ -220,6 +243,66 @@ def generic(report: dict, about: str = "") -> str:
     return (about + "\n\n" if about else "") + table(["measured", "value"], rows)
 
 
+RELATIONAL_LABELS = {"relational": "relational kinds (closest, farthest, count_same, relative)",
+                     "relational_each_kind": "lowest relational kind", "non_relational": "non-relational kinds",
+                     "yes_no": "yes/no with negation", "pointing_game": "pointing game of object phrases (raw)",
+                     "pointing_game/centre_baseline": "&nbsp;&nbsp; centre-point baseline",
+                     "train_minutes": "`vlm train` wall time (min)"}
+
+
+def relational(report: dict) -> str:
+    r, targets = report["results"], report.get("targets", {})
+    rows = [[label, fmt(r[k]), f">= {targets[k]}" if k in targets and k != "train_minutes" else
+             (f"<= {targets[k]}" if k in targets else "")] for k, label in RELATIONAL_LABELS.items() if k in r]
+    rows += [[f"&nbsp;&nbsp; {k}", fmt(v), ""] for k, v in r.items() if k not in RELATIONAL_LABELS
+             and k not in ("train_steps", "accuracy", "CIDEr-D", "mass_in_box", "pointing_game/raw")]
+    curve = report.get("curve") or []
+    kinds = [k for k in curve[0] if k not in ("step", "seconds")] if curve else []
+    about = (f"`vlm train --config configs/relational.yaml` ({fmt(r.get('train_steps'))} steps) on the relational "
+             "scenes (docs/data.md defines each question kind), scored on held-out relational scenes. The pointing "
+             "game is the raw map's (rollout and chefer below); the centre-point baseline is a map that always "
+             "points at the image's centre.")
+    text = about + "\n\n" + table(["metric", "measured", "target"], rows)
+    if curve:
+        text += ("\n\nLearning curve: held-out accuracy per question kind at each validation (step, seconds since "
+                 "training started).\n\n" + table(["step", "s", *kinds],
+                                                  [[str(c["step"]), fmt(c["seconds"], 0), *(fmt(c[k]) for k in kinds)]
+                                                   for c in curve]))
+    return text
+
+
+PREDICT_TARGETS = {"predict_over_loop": ">= 1.5", "predict_over_hf": ">= 2", "maps_overhead": "<= 0.15",
+                   "rss_growth": "<= 0.10"}
+
+
+def predict(report: dict) -> str:
+    r, ratios = report["results"], report.get("ratios", {})
+    rows = [[f"images/s, {k}", fmt(v), ""] for k, v in r["images_per_s"].items()]
+    rows += [["`--maps` extra time", fmt(r["maps_overhead"]), PREDICT_TARGETS["maps_overhead"]]]
+    rows += [[f"peak RSS, {k.replace('_', ' ')}", fmt(v), ""] for k, v in r["peak_rss"].items()]
+    rows += [[f"wall time, {k.replace('_', ' ')}", fmt(v), ""] for k, v in r["scaling_wall_s"].items()]
+    rows += [[f"ratio {k}", fmt(v, 2), PREDICT_TARGETS.get(k, "")] for k, v in ratios.items()]
+    c = report["config"]
+    about = (f"`vlm predict` over {c['images']:,} PNG and JPEG images of mixed sizes on disk, batches of "
+             f"{c['batch_size']}, {c['new_tokens']} greedy tokens each, against a plain loop over `Captioner.caption` "
+             "(same model and batches) and transformers' generation on its VisionEncoderDecoder of the same "
+             "dimensions (scripts/bench.py's; transformers 5 has no image-to-text pipeline, so the script runs the "
+             "pipeline's steps). Peak resident memory of fresh processes predicting each image count; wall time "
+             "of the command on 1 and 2 processes, start-up included.")
+    return about + "\n\n" + table(["metric", "measured", "target"], rows)
+
+
+def onnx_quality(report: dict) -> str:
+    r, gaps = report["results"], report["ratios"]["int8_vs_fp32"]
+    bounds = {"CIDEr-D": "<= 0.02 (relative)", "VQA accuracy": "<= 0.01", "pointing game": "<= 0.02"}
+    rows = [[m, fmt(r["torch"][m]), fmt(r["onnx_fp32"][m]), fmt(r["onnx_int8"][m]), fmt(gaps[m], 4), bounds.get(m, "")]
+            for m in r["torch"]]
+    about = ("The model `scripts/quality.py` trained, on the held-out scenes (`vlm eval`'s built-in scoring: greedy "
+             "captions and answers, raw maps) with torch, its ONNX export on ONNX Runtime, and the export quantized "
+             "to int8 (`vlm export --quantize int8`, dynamic); the gap is int8 against fp32.")
+    return about + "\n\n" + table(["metric", "torch", "ONNX fp32", "ONNX int8", "gap", "bound"], rows)
+
+
 @dataclass
 class Section:
     name: str  # benchmarks/results/NAME.json
@@ -245,6 +328,9 @@ SECTIONS = [
     Section("scst", "Self-critical sequence training", about="SCST fitted from `runs/quality/model`, then both models "
             "scored on the same held-out scenes. SCST trains on captions only; VQA accuracy and the pointing game "
             "show what that costs the other tasks."),
+    Section("predict", "`vlm predict` throughput", predict),
+    Section("relational", "Relational questions", relational),
+    Section("onnx_quality", "int8 quality on ONNX Runtime", onnx_quality),
     Section("help_time", "Start-up time of the command line", about="Seconds for `vlm --help` and `vlm caption --help` "
             "in fresh processes (medians, alternating with a bare `python -c pass`); target under 1.5 s."),
 ]
