@@ -137,3 +137,13 @@ def report(path: str | Path, config: dict, results: dict, ratios: dict | None = 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path
+
+
+def print_results(results: dict, targets: dict, width: int = 24) -> None:
+    """A metric / value / target table of a report's scalar results (None left out)."""
+    print(f"\n{'metric':<{width}}{'value':>10}{'target':>10}")
+    for key, value in results.items():
+        if value is None:
+            continue
+        target = targets.get(key)
+        print(f"{key:<{width}}{value:>10.3f}{'' if target is None else f'{target:>10.2f}'}")

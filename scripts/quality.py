@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from _bench import add_json_option, report
+from _bench import add_json_option, print_results, report
 
 from vlm import load
 from vlm.eval.builtin import evaluate_builtin
@@ -63,12 +63,7 @@ def main() -> None:
     path = report(args.json, config={"model": model_dir, "num_scenes": args.num_scenes, "train_args": args.train_args},
                   results=results, targets=TARGETS)
 
-    print(f"\n{'metric':<24}{'value':>10}{'target':>10}")
-    for key, value in results.items():
-        if value is None:
-            continue
-        target = TARGETS.get(key)
-        print(f"{key:<24}{value:>10.3f}{'' if target is None else f'{target:>10.2f}'}")
+    print_results(results, TARGETS)
     print(path)
 
 

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from _bench import add_json_option, report
+from _bench import add_json_option, print_results, report
 
 from vlm import load
 from vlm.config import METHODS, MapConfig
@@ -128,12 +128,7 @@ def main() -> None:
         for point in curve:
             print(f"{point['step']:>6}{point['seconds']:>8.0f}"
                   + "".join(f"{point.get(k, float('nan')):>11.3f}" for k in kinds))
-    print(f"\n{'metric':<32}{'value':>10}{'target':>10}")
-    for key, value in results.items():
-        if value is None:
-            continue
-        target = TARGETS.get(key)
-        print(f"{key:<32}{value:>10.3f}{'' if target is None else f'{target:>10.2f}'}")
+    print_results(results, TARGETS, width=32)
     print(path)
 
 
