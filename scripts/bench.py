@@ -7,6 +7,7 @@ with the same AdamW; both generate exactly --new-tokens tokens (the end token is
 
     .venv/bin/python scripts/bench.py                      # CPU, about 5 minutes on 2 cores
     .venv/bin/python scripts/bench.py --device cuda        # bf16 autocast on both sides
+    .venv/bin/python scripts/bench.py --only onnx --json /tmp/onnx_speed.json   # the ONNX Runtime rows alone
 
 ONNX rows (skip with --no-onnx): our model exported (`vlm export --format onnx`: fp32, fp32 with maps, int8) on
 ONNX Runtime with the same threads, decoding with the same loop, against HF eager and against HF's model on ONNX
@@ -396,6 +397,72 @@ def _probe(name: str, args) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def measure_onnx(args, sides: dict, batch, cases: list, device: torch.device) -> dict:
+    """The ONNX Runtime rows: ours exported (fp32, maps, int8) against HF eager and HF on ONNX Runtime, alternated."""
+    import tempfile
+
+    onnx_rows: dict[str, float] = {}
+    one = batch[0][:1]
+    with tempfile.TemporaryDirectory() as folder:
+        onnx = OnnxSide(sides["ours"].model.eval(), Path(folder), args.threads)
+        hf = sides["hf"]
+        (Path(folder) / "hf").mkdir()
+        hf_onnx = HFOnnxSide(hf.model.eval(), Path(folder) / "hf", args.threads)
+        check = batch[0][:4]
+        eager = hf.generate(check, args.new_tokens)[:, 1:].tolist()  # without the start token
+        agree = hf_onnx.generate(check, args.new_tokens).tokens == eager
+        print(f"HF on ONNX Runtime gives HF eager's greedy tokens: {agree}", flush=True)
+        onnx_rows["hf_onnx_equals_hf_eager"] = agree
+        onnx_cases = [*[(m, i, b, "fp32") for m, i, b in cases], ("greedy_b1_int8_images_per_s", one, 1, "int8")]
+        for metric, images, beams, variant in onnx_cases:
+            seconds = alternate({"onnx": lambda i=images, b=beams, v=variant: onnx.generate(
+                i, args.new_tokens, b, variant=v), "hf": lambda i=images, b=beams: hf.generate(
+                i, args.new_tokens, b), "hf_onnx": lambda i=images, b=beams: hf_onnx.generate(
+                i, args.new_tokens, b)}, args.reps, device)
+            onnx_rows[metric] = images.shape[0] / seconds["onnx"]
+            onnx_rows[metric.replace("images_per_s", "vs_hf")] = seconds["hf"] / seconds["onnx"]
+            onnx_rows[metric.replace("images_per_s", "vs_hf_onnx")] = seconds["hf_onnx"] / seconds["onnx"]
+            onnx_rows[metric.replace("images_per_s", "hf_onnx_images_per_s")] = images.shape[0] / seconds["hf_onnx"]
+            print(f"onnx {metric}: {onnx_rows[metric]:.2f} images/s, {seconds['hf'] / seconds['onnx']:.2f}x HF eager, "
+                  f"{seconds['hf_onnx'] / seconds['onnx']:.2f}x HF on ONNX Runtime", flush=True)
+        onnx_rows["greedy_b1_attention_overhead"] = paired_overhead(
+            lambda: onnx.generate(one, args.new_tokens, 1),
+            lambda: onnx.generate(one, args.new_tokens, 1, attention=True), 3 * args.reps, device)
+    return onnx_rows
+
+
+def report_onnx_only(args, sides: dict, rows: dict, cases: list, device: torch.device) -> None:
+    """--only onnx: the ONNX rows' ratios and roofline ceilings (as the full run computes them) in the report."""
+    peak = matmul_peak(device, args.reps)
+    weight_read, _ = decoder_weight_read_seconds(sides["ours"].model, device, args.reps)
+    ratios, ceilings = {}, {}
+    for metric, images, beams in cases:
+        flops = generation_flops(sides["ours"], images, args.new_tokens, beams)
+        encoder = encoder_flops(sides["ours"], images)
+        least = encoder / peak + args.new_tokens * max((flops - encoder) / args.new_tokens / peak, weight_read)
+        hf_seconds = rows[metric.replace("images_per_s", "vs_hf")] / rows[metric]  # HF eager's seconds per image
+        for m in [metric] + (["greedy_b1_int8_images_per_s"] if metric == "greedy_b1_images_per_s" else []):
+            ratios[f"onnx_{m}_vs_hf"] = rows[m.replace("images_per_s", "vs_hf")]
+            ratios[f"onnx_{m}_vs_hf_onnx"] = rows[m.replace("images_per_s", "vs_hf_onnx")]
+            ceilings[f"onnx_{m}_vs_hf"] = hf_seconds * images.shape[0] / least
+    config = {**DIMS, "batch": args.batch, "new_tokens": args.new_tokens, "beams": args.beams, "reps": args.reps,
+              "only": "onnx"}
+    out = report(args.json, config, {"onnx": rows}, ratios, threads=args.threads, device=args.device,
+                 machine_extra={"matmul_peak_gflop_per_s": peak / 1e9, "decoder_weight_read_ms": weight_read * 1e3},
+                 roofline_ratio_ceilings=ceilings)
+    print(f"{'ONNX Runtime rows':44} {'onnx':>10} {'hf_onnx':>10} {'onnx/hf':>8} {'ceiling':>8} {'onnx/hf_onnx':>12}")
+    for metric, value in rows.items():
+        if metric.endswith("images_per_s") and "hf_onnx" not in metric:
+            key = f"onnx_{metric}_vs_hf"
+            theirs = rows[metric.replace("images_per_s", "hf_onnx_images_per_s")]
+            print(f"{'onnx ' + metric:44} {value:10.3f} {theirs:10.3f} {ratios[key]:8.2f} {ceilings[key]:8.2f} "
+                  f"{ratios[key + '_onnx']:12.2f}")
+        elif metric.endswith("attention_overhead"):
+            print(f"{'onnx ' + metric:44} {value:+10.1%}")
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -406,6 +473,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=20, help="tokens generated per image")
     parser.add_argument("--beams", type=int, default=3, help="beam size of the beam-search measurement")
     parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime rows")
+    parser.add_argument("--only", choices=["onnx"], help="onnx: only the ONNX Runtime rows (with HF eager and HF on "
+                        "ONNX Runtime timed beside them) and their ceilings")
     add_json_option(parser, "speed")
     parser.add_argument("--memory-probe", choices=["ours", "hf"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -426,45 +495,21 @@ def main() -> None:
             results[name][metric] = images / s
         print(f"{metric}: " + ", ".join(f"{n} {r[metric]:.2f}" for n, r in results.items()), flush=True)
 
-    train = alternate({n: (lambda s=s: s.train_step(*batch)) for n, s in sides.items()}, args.reps, device)
-    record("train_images_per_s", train, args.batch)
     one = batch[0][:1]
     cases = [("greedy_b1_images_per_s", one, 1), (f"greedy_b{args.batch}_images_per_s", batch[0], 1),
              (f"beam{args.beams}_b{args.batch}_images_per_s", batch[0], args.beams)]
-    for metric, images, beams in cases:
+    if args.only != "onnx":
+        train = alternate({n: (lambda s=s: s.train_step(*batch)) for n, s in sides.items()}, args.reps, device)
+        record("train_images_per_s", train, args.batch)
+    for metric, images, beams in cases if args.only != "onnx" else []:
         seconds = alternate({n: (lambda s=s, i=images, b=beams: s.generate(i, args.new_tokens, b))
                              for n, s in sides.items()}, args.reps, device)
         record(metric, seconds, images.shape[0])
     ours = sides["ours"]
-    onnx_rows: dict[str, float] = {}
     if not args.no_onnx and device.type == "cpu":
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as folder:
-            onnx = OnnxSide(ours.model.eval(), Path(folder), args.threads)
-            hf = sides["hf"]
-            (Path(folder) / "hf").mkdir()
-            hf_onnx = HFOnnxSide(hf.model.eval(), Path(folder) / "hf", args.threads)
-            check = batch[0][:4]
-            eager = hf.generate(check, args.new_tokens)[:, 1:].tolist()  # without the start token
-            agree = hf_onnx.generate(check, args.new_tokens).tokens == eager
-            print(f"HF on ONNX Runtime gives HF eager's greedy tokens: {agree}", flush=True)
-            onnx_rows["hf_onnx_equals_hf_eager"] = agree
-            onnx_cases = [*[(m, i, b, "fp32") for m, i, b in cases], ("greedy_b1_int8_images_per_s", one, 1, "int8")]
-            for metric, images, beams, variant in onnx_cases:
-                seconds = alternate({"onnx": lambda i=images, b=beams, v=variant: onnx.generate(
-                    i, args.new_tokens, b, variant=v), "hf": lambda i=images, b=beams: hf.generate(
-                    i, args.new_tokens, b), "hf_onnx": lambda i=images, b=beams: hf_onnx.generate(
-                    i, args.new_tokens, b)}, args.reps, device)
-                onnx_rows[metric] = images.shape[0] / seconds["onnx"]
-                onnx_rows[metric.replace("images_per_s", "vs_hf")] = seconds["hf"] / seconds["onnx"]
-                onnx_rows[metric.replace("images_per_s", "vs_hf_onnx")] = seconds["hf_onnx"] / seconds["onnx"]
-                onnx_rows[metric.replace("images_per_s", "hf_onnx_images_per_s")] = images.shape[0] / seconds["hf_onnx"]
-                print(f"onnx {metric}: {onnx_rows[metric]:.2f} images/s", flush=True)
-            onnx_rows["greedy_b1_attention_overhead"] = paired_overhead(
-                lambda: onnx.generate(one, args.new_tokens, 1),
-                lambda: onnx.generate(one, args.new_tokens, 1, attention=True), 3 * args.reps, device)
-        results["onnx"] = onnx_rows
+        results["onnx"] = measure_onnx(args, sides, batch, cases, device)
+    if args.only == "onnx":
+        return report_onnx_only(args, sides, results["onnx"], cases, device)
     for metric, images, beams in cases:
         results["ours"][metric.replace("images_per_s", "attention_overhead")] = paired_overhead(
             lambda i=images, b=beams: ours.generate(i, args.new_tokens, b),

@@ -9,7 +9,14 @@ generates exactly --new-tokens tokens per image (the end token forbidden before)
 - hf: what transformers' image-to-text pipeline did (it is gone from transformers 5): ViTImageProcessor in
   batches, `generate`, `batch_decode`, on the HF VisionEncoderDecoder;
 - scaling: `vlm predict` as a command on 1 and on 2 CPU processes (DDP), wall time including start-up;
-- memory: peak resident memory (ru_maxrss) of a fresh process predicting each of --rss-images images.
+- memory: peak resident memory (ru_maxrss) of a fresh process predicting each of --rss-images images;
+- profile (its own section): where the time goes, in seconds per 1,000 images. predict: its own stage timers
+  (the summary's ``profile``, `vlm.predict.run.profile`) from the last timed run with and without maps: wall
+  time, then the busy time of each stage summed over the threads that ran it (reading in the data-loader
+  workers, the model in the lanes, waiting and writing on the main thread), so stages overlap and may add up to
+  more than the wall.
+  loop: the same stages of `Captioner.caption`'s work, timed one after the other by this script over the first
+  --profile-images images (one batch at a time, the process's torch threads).
 
     .venv/bin/python scripts/predict.py                                   # the issue's sizes
     .venv/bin/python scripts/predict.py --images 16 --rss-images 8,32 --reps 1 --json /tmp/p.json   # smoke
@@ -39,6 +46,7 @@ from bench import DIMS, build_hf, build_ours  # noqa: E402
 from vlm.api import Captioner  # noqa: E402
 from vlm.checkpoint import save_model  # noqa: E402
 from vlm.config import DecodingConfig  # noqa: E402
+from vlm.data.images import load_image  # noqa: E402
 from vlm.predict import predict  # noqa: E402
 from vlm.text.tokenizer import Tokenizer  # noqa: E402
 
@@ -87,6 +95,33 @@ def hf_side(paths: list[str], batch: int, new_tokens: int):
     return run
 
 
+def per_thousand(seconds: dict, images: int) -> dict:
+    return {k: round(v * 1000 / images, 3) if isinstance(v, float) else v for k, v in seconds.items()}
+
+
+@torch.no_grad()
+def loop_profile(captioner: Captioner, paths: list[str], decoding: DecodingConfig, batch: int) -> dict:
+    """Seconds per 1,000 images of each stage of `Captioner.caption`'s work, one after the other."""
+    seconds = dict.fromkeys(("decode", "transform", "encode", "generate", "text"), 0.0)
+    start = captioner.caption_prompt()
+    for i in range(0, len(paths), batch):
+        t0 = time.perf_counter()
+        images = [load_image(p) for p in paths[i:i + batch]]
+        t1 = time.perf_counter()
+        pixels = torch.stack([captioner.transform(im) for im in images])
+        t2 = time.perf_counter()
+        image_kv, _ = captioner.model.encode(pixels)
+        t3 = time.perf_counter()
+        gen = captioner._generate(image_kv, [start] * len(images), decoding)
+        t4 = time.perf_counter()
+        [captioner.tokenizer.decode(t) for t in gen.tokens]
+        t5 = time.perf_counter()
+        for stage, t in zip(seconds, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
+            seconds[stage] += t
+    return {"wall": round(sum(seconds.values()) * 1000 / len(paths), 3), **per_thousand(seconds, len(paths)),
+            "torch_threads": torch.get_num_threads()}
+
+
 def peak_rss(model: Path, folder: Path, out: Path, args: argparse.Namespace) -> float:
     """MiB of peak resident memory of a fresh process predicting every image of folder."""
     code = (f"import resource, sys; sys.path.insert(0, {str(ROOT)!r})\n"
@@ -120,6 +155,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--rss-images", default="1000,10000", help="image counts whose peak memory is compared")
+    parser.add_argument("--profile-images", type=int, default=500, help="images of the loop's profile")
     add_json_option(parser, "predict")
     args = parser.parse_args()
     decoding = DecodingConfig(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
@@ -129,17 +165,25 @@ def main() -> None:
         paths = make_images(tmp / "images", args.images)
         captioner = Captioner.load(model, device="cpu")
         runs = iter(range(10**6))
+        profiles = {}
 
         def ours(maps: bool = False):
             def run():
-                predict(model, str(tmp / "images"), tmp / f"out{next(runs)}", batch_size=args.batch_size,
-                        num_workers=args.workers, accelerator="cpu", devices=1, decoding=decoding, maps=maps,
-                        progress_every=10**9)
+                summary = predict(model, str(tmp / "images"), tmp / f"out{next(runs)}", batch_size=args.batch_size,
+                                  num_workers=args.workers, accelerator="cpu", devices=1, decoding=decoding,
+                                  maps=maps, progress_every=10**9)
+                profile = summary["profile"]
+                profiles["predict_maps" if maps else "predict"] = {
+                    "wall": round(summary["seconds"] * 1000 / args.images, 3),
+                    **per_thousand({k: v for k, v in profile.items() if k not in ("lanes", "workers")}, args.images),
+                    "lanes": profile["lanes"], "workers": profile["workers"],
+                    "worker_torch_threads": 1}  # what PyTorch's DataLoader sets in each worker
             return run
 
         seconds = alternate({"predict": ours(), "loop": lambda: captioner.caption(paths, decoding, args.batch_size),
                              "hf": hf_side(paths, args.batch_size, args.new_tokens)}, reps=args.reps)
         maps_overhead = paired_overhead(ours(), ours(maps=True), reps=args.reps)
+        profiles["loop"] = loop_profile(captioner, paths[:args.profile_images], decoding, args.batch_size)
         scaling = {f"{d}_processes_s": cli_seconds(model, tmp / "images", tmp / f"cli{d}", d, args) for d in (1, 2)}
         rss = {}
         for n in (int(v) for v in args.rss_images.split(",")):
@@ -155,9 +199,10 @@ def main() -> None:
               "predict_over_hf": round(rates["predict"] / rates["hf"], 3),
               "two_over_one_process": round(scaling["1_processes_s"] / scaling["2_processes_s"], 3),
               "rss_growth": round(rss[counts[-1]] / rss[counts[0]] - 1, 3) if len(counts) > 1 else None}
+    profile = {"unit": "seconds per 1000 images", **profiles}
     path = report(args.json, config={**vars(args), "dims": DIMS}, results=results, ratios=ratios,
-                  threads=torch.get_num_threads())
-    print(json.dumps({"results": results, "ratios": ratios}, indent=2))
+                  threads=torch.get_num_threads(), profile=profile)
+    print(json.dumps({"results": results, "ratios": ratios, "profile": profile}, indent=2))
     print(path)
 
 

@@ -289,7 +289,26 @@ def predict(report: dict) -> str:
              "dimensions (scripts/bench.py's; transformers 5 has no image-to-text pipeline, so the script runs the "
              "pipeline's steps). Peak resident memory of fresh processes predicting each image count; wall time "
              "of the command on 1 and 2 processes, start-up included.")
-    return about + "\n\n" + table(["metric", "measured", "target"], rows)
+    return about + "\n\n" + table(["metric", "measured", "target"], rows) + predict_profile(report.get("profile"))
+
+
+PROFILE_ABOUT = """Where the time goes, in {unit} (`vlm predict`'s own stage timers, the summary's `profile`,
+and the script's timers around the loop's stages). A stage's time is summed over the threads that ran it, so stages
+that overlap (the data-loader workers reading while the model runs; batches side by side in lanes of one torch
+thread each) add up to more than the wall time. Model work (encode + generate) bounds the rest: on these 2 cores
+its one-thread core-seconds halved are the floor of the wall time."""
+
+
+def predict_profile(profile: dict | None) -> str:
+    """The stage-by-stage table of `scripts/predict.py`'s ``profile`` section (none: nothing)."""
+    if not profile:
+        return ""
+    runs = [k for k in ("predict", "predict_maps", "loop") if k in profile]
+    stages = list(dict.fromkeys(k for run in runs for k in profile[run]))
+    rows = [[stage.replace("_", " "), *[fmt(profile[run].get(stage), 2) for run in runs]] for stage in stages]
+    header = ["stage", *[{"predict": "predict", "predict_maps": "predict --maps", "loop": "plain loop"}[r]
+                         for r in runs]]
+    return "\n\n" + PROFILE_ABOUT.format(unit=profile.get("unit", "seconds")) + "\n\n" + table(header, rows)
 
 
 def onnx_quality(report: dict) -> str:
@@ -297,9 +316,10 @@ def onnx_quality(report: dict) -> str:
     bounds = {"CIDEr-D": "<= 0.02 (relative)", "VQA accuracy": "<= 0.01", "pointing game": "<= 0.02"}
     rows = [[m, fmt(r["torch"][m]), fmt(r["onnx_fp32"][m]), fmt(r["onnx_int8"][m]), fmt(gaps[m], 4), bounds.get(m, "")]
             for m in r["torch"]]
-    about = ("The model `scripts/quality.py` trained, on the held-out scenes (`vlm eval`'s built-in scoring: greedy "
-             "captions and answers, raw maps) with torch, its ONNX export on ONNX Runtime, and the export quantized "
-             "to int8 (`vlm export --quantize int8`, dynamic); the gap is int8 against fp32.")
+    about = (f"The model `{report['config']['model']}` (trained by `scripts/quality.py`), on the held-out scenes "
+             "(`vlm eval`'s built-in scoring: greedy captions and answers, raw maps) with torch, its ONNX export on "
+             "ONNX Runtime, and the export quantized to int8 (`vlm export --quantize int8`, dynamic); the gap is int8 "
+             "against fp32.")
     return about + "\n\n" + table(["metric", "torch", "ONNX fp32", "ONNX int8", "gap", "bound"], rows)
 
 
@@ -361,11 +381,34 @@ cp /tmp/scene0/grid.png assets/attention_grid.png
 """
 
 
+SEEDS_ABOUT = """The same recipe trained with other seeds (`scripts/quality.py -- --trainer.seed N`, each its own
+report; seed 0 is the run above). The seed sets the initial weights, the training order and each item's drawn
+texts. Wall times depend on what else the machine ran (each report records its load average); a run given more
+time than the recipe's 14 minutes says so in its arguments."""
+
+
+def seeds(results: Path) -> str:
+    """The default recipe's runs with other seeds or arguments (quality_*.json), one row each."""
+    rows = []
+    for path in sorted(results.glob("quality_*.json")):
+        report = json.loads(path.read_text())
+        r, args = report["results"], report["config"]["train_args"]
+        rows.append([f"`{' '.join(args)}`" if args else "(defaults)", fmt(r.get("train_minutes"), 1),
+                     fmt(r.get("train_steps"), 0), fmt(r["vqa_accuracy"]), fmt(r["CIDEr-D"], 2),
+                     fmt(r["pointing_game"]), fmt(r["mass_in_box"]),
+                     f"[{path.name}](../benchmarks/results/{path.name}), `{report.get('commit')}`"])
+    if not rows:
+        return ""
+    return "## The default recipe across seeds\n\n" + SEEDS_ABOUT + "\n\n" + table(
+        ["`vlm train` arguments", "minutes", "steps", "VQA", "CIDEr-D", "pointing game", "mass in box", "report"],
+        rows) + "\n"
+
+
 def render_page(results: Path) -> str:
     parts = [INTRO]
     known = {s.name for s in SECTIONS}
     others = [Section(p.stem, p.stem.replace("_", " ").capitalize()) for p in sorted(results.glob("*.json"))
-              if p.stem not in known]
+              if p.stem not in known and not p.stem.startswith("quality_")]
     for section in SECTIONS + others:
         path = results / f"{section.name}.json"
         if not path.exists():
@@ -373,6 +416,8 @@ def render_page(results: Path) -> str:
         report = json.loads(path.read_text())
         parts.append(f"## {section.title}\n\n```bash\n{report.get('command', '')}\n```\n\n{section.text(report)}\n\n"
                      f"{provenance(report, path)}\n")
+        if section.name == "quality" and (extra := seeds(results)):
+            parts.append(extra)
     return "\n".join([*parts, GRID])
 
 

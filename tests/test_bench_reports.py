@@ -55,3 +55,32 @@ def test_results_page_has_a_section_per_report_and_none_without(modules, tmp_pat
     assert "[ptb_parity.json](../benchmarks/results/ptb_parity.json)" in page
     for missing in ("## Quality", "## Grounding", "## Speed", "## Serving"):  # no report, no section
         assert missing not in page
+
+
+def test_results_page_tabulates_the_default_recipe_across_seeds(modules, tmp_path):
+    _bench, results_page = modules
+    scores = {"train_minutes": 6.0, "train_steps": 800, "vqa_accuracy": 0.97, "CIDEr-D": 6.2, "pointing_game": 0.944,
+              "mass_in_box": 0.63}
+    _bench.report(tmp_path / "quality.json", config={"model": "m", "num_scenes": 500, "train_args": []},
+                  results=scores)
+    _bench.report(tmp_path / "quality_seed1.json", config={"model": "m", "num_scenes": 500,
+                                                           "train_args": ["--trainer.seed", "1"]},
+                  results={**scores, "pointing_game": 0.812})
+    page = results_page.render_page(tmp_path)
+    assert page.index("## Quality of the default model") < page.index("## The default recipe across seeds")
+    assert "| `--trainer.seed 1` | 6.0 | 800 | 0.970 | 6.20 | 0.812 | 0.630 | [quality_seed1.json]" in page
+    assert "## Quality seed1" not in page  # a seed's report is a row of the table, not a section of its own
+
+
+def test_predict_section_shows_where_the_time_goes(modules, tmp_path):
+    _bench, results_page = modules
+    _bench.report(tmp_path / "predict.json", config={"images": 10, "batch_size": 2, "new_tokens": 4},
+                  results={"images_per_s": {"predict": 3.0, "loop": 2.0}, "maps_overhead": 0.1,
+                           "peak_rss": {"1_images_mib": 5.0}, "scaling_wall_s": {"1_processes_s": 1.0}},
+                  ratios={"predict_over_loop": 1.5},
+                  profile={"unit": "seconds per 1000 images", "predict": {"wall": 8.1, "encode": 9.18},
+                           "loop": {"wall": 10.9, "encode": 4.74, "text": 0.02}})
+    page = results_page.render_page(tmp_path)
+    assert "Where the time goes, in seconds per 1000 images" in page
+    assert "| stage | predict | plain loop |" in page
+    assert "| encode | 9.18 | 4.74 |" in page and "| text |  | 0.02 |" in page

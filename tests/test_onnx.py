@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -73,11 +74,10 @@ def _unexplained_divergences(model, onnx, tokenizer, images, prompts, ours, thei
         with torch.no_grad():
             torch_logits = model(images[i:i + 1], ids).logits[0, -1]
         encoded, _ = onnx.encode(images[i:i + 1])
-        ort_logits = onnx.cross_attentions  # noqa: B018 (the runtime is the same object; logits via a step)
-        empty = torch.zeros(onnx.num_layers, 1, onnx.num_heads, 0, onnx.head_dim).numpy()
+        empty = [torch.zeros(1, onnx.num_heads, 0, onnx.head_dim).numpy()] * (2 * onnx.num_layers)  # no cache
         mask = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).tril()[None, None].numpy()
         ort_logits = torch.from_numpy(onnx.step(ids.numpy(), torch.arange(ids.shape[1])[None].numpy(), mask, empty,
-                                                empty, encoded, maps=False)[0][0])
+                                                encoded, maps=False)[0][0])
         top2 = torch_logits.topk(2).values
         margin, diff = float(top2[0] - top2[1]), float((torch_logits - ort_logits).abs().max())
         print(f"sequence {i} parts at token {t}: top-two margin {margin:.2e}, backend difference {diff:.2e}")
@@ -124,6 +124,36 @@ def test_the_onnx_captioner_captions_answers_and_attends_as_torch(exported):
         theirs.attend(images[0], method="chefer")
 
 
+def test_the_decoder_step_reads_its_fixed_capacity_cache_in_place_as_the_torch_decoder(model, tokenizer, exported):
+    """The runtime's cache has room for more positions than are filled, and whatever the unfilled slots hold is
+    never read: stepping one token at a time gives every position the logits of torch's full forward pass, and each
+    step returns the keys/values of its new position only."""
+    onnx, _ = OnnxModel.load(exported[1])
+    images = torch.randn(2, 3, 64, 64)
+    ids = torch.tensor([tokenizer.question_prompt("what color is the small circle?")[:6]] * 2)  # (2, 6)
+    ids[1, 3:] = torch.tensor([7, 8, 9])
+    with torch.no_grad():
+        expected = model(images, ids).logits  # (2, 6, V)
+    encoded, _ = onnx.encode(images)
+    backend = OrtDecoder(onnx, encoded)
+    backend.start(rows=2, length=ids.shape[1] + 4, maps=False)  # 4 slots never filled
+    backend.cache[...] = np.random.default_rng(0).uniform(-1e3, 1e3, backend.cache.shape)  # garbage everywhere: the
+    # slots not yet filled must be masked out
+    steps = []
+    for t in range(ids.shape[1]):
+        logits, _ = backend.step(ids[:, t:t + 1], torch.full((2, 1), t), None)
+        steps.append(logits)
+    got = torch.stack(steps, dim=1)
+    assert float((expected[:, 1:] - expected[:, :1]).abs().max()) > 1e-2  # positions differ: the cache matters
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    assert backend.cached == ids.shape[1] and backend.cache.shape[4] == ids.shape[1] + 4
+    new = onnx.step(ids[:, :1].numpy(), torch.zeros(2, 1, dtype=torch.long).numpy(),
+                    torch.ones(2, 1, 1, 1, dtype=torch.bool).numpy(),
+                    [torch.zeros(2, onnx.num_heads, 0, onnx.head_dim).numpy()] * (2 * onnx.num_layers), encoded,
+                    maps=False)
+    assert new[1].shape == (onnx.num_layers, 2, onnx.num_heads, 1, onnx.head_dim)  # the new position's keys only
+
+
 def test_int8_differs_from_fp32_by_a_bounded_amount(exported, tokenizer):
     _, fp32_dir, int8_dir = exported
     fp32, _ = OnnxModel.load(fp32_dir)
@@ -134,10 +164,10 @@ def test_int8_differs_from_fp32_by_a_bounded_amount(exported, tokenizer):
     logits = []
     for onnx in (fp32, int8):
         encoded, _ = onnx.encode(images)
-        empty = torch.zeros(onnx.num_layers, 4, onnx.num_heads, 0, onnx.head_dim).numpy()
+        empty = [torch.zeros(4, onnx.num_heads, 0, onnx.head_dim).numpy()] * (2 * onnx.num_layers)  # no cache
         mask = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).tril()[None, None].expand(4, 1, -1, -1)
         logits.append(torch.from_numpy(onnx.step(ids.numpy(), torch.arange(ids.shape[1]).expand(4, -1).numpy(),
-                                                 mask.numpy(), empty, empty, encoded, maps=False)[0]))
+                                                 mask.numpy(), empty, encoded, maps=False)[0]))
     relative = float((logits[1] - logits[0]).norm() / logits[0].norm())
     print(f"int8 logits differ from fp32 by {relative:.2%} (relative L2)")
     assert 1e-4 < relative < 0.05  # quantized (not the fp32 graph again), yet close
@@ -181,12 +211,19 @@ def _no_facts(path):
     (path / "onnx.json").unlink()
 
 
+def _old_format(path):
+    facts = json.loads((path / "onnx.json").read_text())
+    facts["onnx_format_version"] = 1  # an export whose step passed the whole cache in and out
+    (path / "onnx.json").write_text(json.dumps(facts))
+
+
 @pytest.mark.parametrize(("damage", "message"), [
     (_damage_weights, r"decoder\.onnx: differs from the file exported"),
     (_truncate, r"encoder\.onnx: differs from the file exported"),
     (_other_config, r"config\.json: vocab_size \d+ does not match the exported graphs"),
     (_no_facts, r"not a vlm ONNX export \(missing onnx\.json"),
-], ids=["flipped_byte", "truncated", "mismatched_config", "torch_dir"])
+    (_old_format, r"onnx\.json: onnx_format_version 1, this vlm reads 2; export the model again"),
+], ids=["flipped_byte", "truncated", "mismatched_config", "torch_dir", "old_format"])
 def test_a_damaged_or_mismatched_export_is_one_line(exported, tmp_path, capsys, damage, message):
     broken = tmp_path / "broken"
     shutil.copytree(exported[1], broken)

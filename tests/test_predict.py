@@ -197,6 +197,17 @@ def test_tokens_do_not_depend_on_the_batch(runs, model_dir, folder, shards, tmp_
     _assert_same(_records(runs["tmp"] / "one_shards"), _records(tmp_path / "beams"))
 
 
+def test_batches_side_by_side_write_one_lanes_records_in_input_order(model_dir, folder, tmp_path):
+    args = dict(chunk_size=6, batch_size=1, max_pixels=MAX_PIXELS, **CPU)
+    lanes = predict(model_dir, str(folder), tmp_path / "lanes", threads=3, **args)
+    one = predict(model_dir, str(folder), tmp_path / "one", threads=1, **args)
+    assert lanes["profile"]["lanes"] == 3 and one["profile"]["lanes"] == 1
+    records = read_outputs(tmp_path / "lanes")
+    assert [r["index"] for r in records] == sorted(r["index"] for r in records)  # as listed, whatever ends first
+    _not_trivial(_records(tmp_path / "one"))
+    assert records == read_outputs(tmp_path / "one")
+
+
 def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_outputs(model_dir, tmp_path):
     source = tmp_path / "many"
     source.mkdir()
@@ -239,19 +250,20 @@ def test_a_rerun_with_other_arguments_is_refused(model_dir, folder, runs):
                 questions=["what color is it ?"], decoding=DecodingConfig(beam_size=3), **CPU)
 
 
-def test_maps_summaries_equal_what_attend_gives(model_dir, tmp_path):
+@pytest.mark.parametrize("method", ["raw", "rollout"])  # raw: from generation's own weights; rollout: token_maps
+def test_maps_summaries_equal_what_attend_gives(model_dir, tmp_path, method):
     captioner = Captioner.load(model_dir, device="cpu")
     images = random_images(3)
     paths = []
     for i, image in enumerate(images):
         paths.append(tmp_path / f"{i}.png")
         image.resize((64 + 32 * i, 64)).save(paths[-1])  # sizes differ: boxes are in each image's pixels
-    attended = [captioner.attend(p, method="rollout") for p in paths]
+    attended = [captioner.attend(p, method=method) for p in paths]
     given = attended[0].tokens[1]  # a word of the first caption, given as a phrase
     lines = [{"image": p.name, "phrases": [given, "absent words"]} if i == 0 else {"image": p.name, "id": i}
              for i, p in enumerate(paths)]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    predict(model_dir, str(tmp_path / "in.jsonl"), tmp_path / "out", maps=True, map_config=MapConfig("rollout"),
+    predict(model_dir, str(tmp_path / "in.jsonl"), tmp_path / "out", maps=True, map_config=MapConfig(method),
             top_k=4, batch_size=3, **CPU)
     records = _records(tmp_path / "out")
     assert records["1.png"]["input"] == {"id": 1}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -12,31 +11,9 @@ from torch.utils.data import Dataset
 from vlm.config import DataConfig
 from vlm.data.batch import Item, TrainingSequence, caption_sequence, question_sequence
 from vlm.data.boxes import resized_box
+from vlm.data.draws import Key, draw_indices, draw_rng, split_key
 from vlm.data.scenes import make_scene
 from vlm.text.tokenizer import Tokenizer
-
-Key = int | tuple[int, int]
-"""What a dataset is indexed with: an index (validation: always the same draws), or in training (index, epoch)
-from `vlm.data.module.TrainOrder`, whose draws (texts, flip, crop) are seeded by the run's seed, the epoch and the
-index."""
-
-
-def split_key(key: Key) -> tuple[int, int | None]:
-    """(index, epoch) of a dataset key; the epoch is None for a plain index."""
-    return (int(key[0]), int(key[1])) if isinstance(key, tuple) else (int(key), None)
-
-
-def rekey(key: Key, index: int) -> Key:
-    """``key`` with another index (the same epoch, if any): an item of a part of a dataset, or a replacement."""
-    _, epoch = split_key(key)
-    return index if epoch is None else (index, epoch)
-
-
-def draw_rng(seed: int, key: Key) -> np.random.Generator:
-    """The generator of one item's random draws: a function of (seed, epoch, index) in training, so a resumed run
-    or another worker process draws exactly what the uninterrupted run drew; of the index alone otherwise."""
-    index, epoch = split_key(key)
-    return np.random.default_rng(index if epoch is None else (seed, epoch, index))
 
 
 def scene_texts(num_scenes: int, seed: int, family: str = "shapes") -> list[str]:
@@ -46,13 +23,6 @@ def scene_texts(num_scenes: int, seed: int, family: str = "shapes") -> list[str]
         scene = make_scene(i, "train", seed, family=family)
         texts += scene.captions + [t for q in scene.questions for t in (q.question, q.answer)]
     return texts
-
-
-def _draw(rng: np.random.Generator, n: int, k: int) -> list[int]:
-    """k indices below n: without repeats while k <= n, then every index and the rest at random."""
-    if k <= n:
-        return rng.choice(n, k, replace=False).tolist()
-    return [*range(n), *rng.choice(n, k - n).tolist()]
 
 
 class SceneDataset(Dataset):
@@ -92,7 +62,7 @@ class SceneDataset(Dataset):
         tok, size = self.tokenizer, input_size or (image.shape[-1], image.shape[-2])
         regions = [(o.phrase, resized_box(o.box, scene.image.size, size)) for o in scene.objects]
         captions = [caption_sequence(tok, scene.captions[i], regions)
-                    for i in _draw(rng, len(scene.captions), self.cfg.captions_per_image)]
+                    for i in draw_indices(rng, len(scene.captions), self.cfg.captions_per_image)]
         questions = [question_sequence(tok, scene.questions[i].question, scene.questions[i].answer)
-                     for i in _draw(rng, len(scene.questions), self.cfg.questions_per_image)]
+                     for i in draw_indices(rng, len(scene.questions), self.cfg.questions_per_image)]
         return image, [captions, questions], index

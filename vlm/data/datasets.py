@@ -26,7 +26,7 @@ from torch.utils.data import Dataset, IterableDataset
 from vlm.config import DataConfig, SourceConfig
 from vlm.data.batch import Item, TrainingSequence, caption_sequence, map_boxes, question_sequence
 from vlm.data.boxes import PixelBox, mirrored_box, resized_box
-from vlm.data.builtin import Key, _draw, draw_rng, rekey, split_key
+from vlm.data.draws import Key, draw_indices, draw_rng, rekey, split_key
 from vlm.data.images import load_image
 from vlm.data.records import Question, Record, Region, Report, detect_format, read_records
 from vlm.errors import VLMError
@@ -85,9 +85,9 @@ class Sampler:
         """The item's groups: caption sequences (grounded where they name a region), then question-answer ones."""
         tok = self.tokenizer
         caption_seqs = [caption_sequence(tok, captions[i], regions)
-                        for i in _draw(rng, len(captions), self.cfg.captions_per_image)] if captions else []
+                        for i in draw_indices(rng, len(captions), self.cfg.captions_per_image)] if captions else []
         question_seqs = [question_sequence(tok, questions[i].question, questions[i].answer)
-                         for i in _draw(rng, len(questions), self.cfg.questions_per_image)] if questions else []
+                         for i in draw_indices(rng, len(questions), self.cfg.questions_per_image)] if questions else []
         return [caption_seqs, question_seqs]
 
     def __call__(self, image: Image.Image, captions: list[str], questions: list[Question], key: Key,

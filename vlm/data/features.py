@@ -20,8 +20,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from vlm.data.batch import Item
-from vlm.data.builtin import Key, SceneDataset, split_key
+from vlm.data.builtin import SceneDataset
 from vlm.data.datasets import Mixture, RecordDataset
+from vlm.data.draws import Key, split_key
 from vlm.errors import VLMError
 
 log = logging.getLogger(__name__)

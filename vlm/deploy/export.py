@@ -4,20 +4,25 @@ An ONNX export is a directory:
 
 - ``encoder.onnx``: ``pixels`` (B, 3, H, W) -> ``image_keys``, ``image_values`` (L, B, H, N, hd): every decoder
   layer's cross-attention keys/values, computed once per image (as `VisionLanguageModel.encode`).
-- ``decoder.onnx``: one decoder step. Inputs ``input_ids`` and ``positions`` (R, t), ``self_mask`` (R, 1, t, P + t)
-  (True where a new token may attend), ``past_keys``/``past_values`` (L, R, H, P, hd) (P = 0 at the first step),
-  ``image_keys``/``image_values`` of B images (row r reads image r // (R // B)); outputs ``logits`` (R, V) of the
-  last position, ``present_keys``/``present_values`` (L, R, H, P + t, hd), and with ``maps`` the cross-attention
-  weights ``cross_attentions`` (R, t, L, H, N) and self-attention weights ``self_attentions`` (R, t, L, H, P + t) of
-  the new positions (raw maps and rollout).
+- ``decoder.onnx``: one decoder step over a key/value cache of fixed capacity C (prompt + new tokens, as the torch
+  path sizes its cache). Inputs ``input_ids`` and ``positions`` (R, t), ``self_mask`` (R, 1, t, C + t) (True where a
+  new token may attend: the cache's C slots, then the t new positions), each layer's ``past_key_l``/``past_value_l``
+  (R, H, C, hd) (the slots not yet filled are masked out) and ``image_key_l``/``image_value_l`` (B, H, N, hd) of B
+  images (row r reads image r // (R // B)); outputs ``logits`` (R, V) of the last position, ``new_keys``/``new_values``
+  (L, R, H, t, hd) of the new positions only (the runtime writes them into its cache in place), and with ``maps`` the
+  cross-attention weights ``cross_attentions`` (R, t, L, H, N) and self-attention weights ``self_attentions``
+  (R, t, L, H, C + t) of the new positions (raw maps and rollout). Nothing the size of the cache or of the image
+  keys is copied in a step: attention reads the past and the image keys where they are (scores of the past and of
+  the new positions side by side, one softmax), so a step costs what its new tokens cost.
 - ``config.json`` and ``tokenizer.json``: as in an exported torch model (`vlm.checkpoint`);
 - ``onnx.json``: the export's own facts: opset, maps, quantization, patch grid, image preprocessing, and each
   ONNX file's size and SHA-256 (so a damaged or swapped file is refused by name).
 
-Batch, rows (beams or samples per image), new positions and cache length are dynamic axes: one export serves
-every batch size and beam width (the cache may be empty: the first step reads the prompt). The exporter is
+Batch, rows (beams or samples per image), new positions and cache capacity are dynamic axes: one export serves
+every batch size and beam width (the capacity may be 0: a teacher-forced run reads a whole sequence). The exporter is
 torch's TorchScript-based one (``dynamo=False``, deprecated in torch 2.x but present): it traces the same Python the
-torch path runs (``TextDecoder.forward`` with a cache object that concatenates) and exports the tiny test model's
+torch path runs (``TextDecoder.forward``, with a cache object that keeps the new keys/values and an attention written
+for the graph, `_StepAttention`) and exports the tiny test model's
 two graphs in under a second; the dynamo exporter (``dynamo=True``, onnxscript) also exports both graphs, with
 ``torch.export.Dim`` axes, but took 15 s for the same model, which the tests (four exports) cannot afford.
 A ViT resized on the fly (timm's ``dynamic_img_size``) needs an antialiased bicubic resize that opset 17 lacks: export
@@ -26,6 +31,7 @@ such a model with a fixed ``img_size`` in ``encoder.model_args``.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -39,34 +45,88 @@ from torch import Tensor, nn
 
 from vlm.checkpoint import save_model
 from vlm.errors import VLMError
+from vlm.model.attention import Attention
 from vlm.model.vlm import VisionLanguageModel
 from vlm.text.tokenizer import Tokenizer
 
 OPSET = 17
 """ONNX opset of the export: LayerNormalization is native from 17, and every ONNX Runtime since 1.13 runs it."""
-ONNX_FORMAT_VERSION = 1
+ONNX_FORMAT_VERSION = 2
+"""2: fixed-capacity cache in per-layer inputs, new keys/values out (1: the whole cache in and out, concatenated)."""
 ENCODER, DECODER, ONNX_CONFIG = "encoder.onnx", "decoder.onnx", "onnx.json"
 
 
-class _ConcatCache:
-    """A stand-in for `KVCache` inside the exported step: each layer's past keys/values with the new ones
-    appended, kept as the step's present outputs."""
+class _NewKeysValues:
+    """A stand-in for `KVCache` inside the exported step: keeps each layer's new keys/values (the step's outputs)
+    and hands them on alone; the layer's `_StepAttention` reads the past from its own input."""
 
-    def __init__(self, past_keys: Tensor, past_values: Tensor):
-        self.past_keys, self.past_values = past_keys, past_values
-        self.length = past_keys.shape[3]
+    def __init__(self):
         self.keys: list[Tensor] = []
         self.values: list[Tensor] = []
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        k = torch.cat([self.past_keys[layer], k], dim=2)
-        v = torch.cat([self.past_values[layer], v], dim=2)
         self.keys.append(k)
         self.values.append(v)
         return k, v
 
     def advance(self, steps: int) -> None:
         pass
+
+
+class _Reshape(torch.autograd.Function):
+    """``x.reshape(shape)`` where 0 keeps x's size on that axis and -1 (one, which torch's exporter needs) is
+    inferred, as ONNX's Reshape reads them: the graph gets one Reshape with a constant shape instead of the
+    Shape/Gather/Unsqueeze/Concat chain that a traced ``view(B, T, ...)`` makes (80 of the step's 360 nodes)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, shape: tuple[int, ...]) -> Tensor:
+        return x.reshape([x.shape[i] if n == 0 else n for i, n in enumerate(shape)])
+
+    @staticmethod
+    def symbolic(g, x, shape: tuple[int, ...]):
+        return g.op("Reshape", x, g.op("Constant", value_t=torch.tensor(shape, dtype=torch.int64)))
+
+
+class _StepAttention(Attention):
+    """`Attention.forward` as the exported step computes it: the explicit softmax path, laid out for ONNX Runtime.
+
+    Queries are scaled before the product and keys enter it transposed, so the runtime fuses the transpose into the
+    product and reads the image keys (or the past) in place rather than copying them at every step. With ``past``
+    (self-attention over the fixed-capacity cache: keys/values (R, H, C, hd)), the scores over the past and over
+    the new keys stand side by side under one mask and one softmax, and the values are weighted in two parts: the
+    cache is never concatenated with the new positions.
+    """
+
+    past: tuple[Tensor, Tensor] | None = None
+
+    def keys_values(self, source: Tensor) -> tuple[Tensor, Tensor]:
+        kv = _Reshape.apply(self.kv(source), (0, -1, 2, self.num_heads, self.head_dim))  # (B, S, 2, H, hd)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        return k, v
+
+    def queries(self, x: Tensor) -> Tensor:
+        return _Reshape.apply(self.q(x), (0, -1, self.num_heads, self.head_dim)).transpose(1, 2)
+
+    def forward(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, is_causal: bool = False,
+                need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+        T = x.shape[1]
+        q = self.queries(x) * self.head_dim ** -0.5  # (B, H, T, hd)
+        scores = q @ k.transpose(-2, -1)  # (B, H, T, S)
+        if self.past is not None:
+            past_k, past_v = self.past
+            scores = torch.cat([q @ past_k.transpose(-2, -1), scores], dim=-1)  # (B, H, T, C + S)
+        if is_causal:
+            mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril()
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        weights = scores.softmax(dim=-1)
+        if self.past is not None:
+            C = past_k.shape[2]
+            y = weights[..., :C] @ past_v + weights[..., C:] @ v
+        else:
+            y = weights @ v  # (B, H, T, hd)
+        y = _Reshape.apply(y.transpose(1, 2), (0, -1, self.num_heads * self.head_dim))  # (B, T, D)
+        return self.proj(y), weights if need_weights else None
 
 
 class EncoderGraph(nn.Module):
@@ -82,23 +142,37 @@ class EncoderGraph(nn.Module):
 
 
 class DecoderStepGraph(nn.Module):
-    """One decoder step over new tokens, the self-attention cache as explicit inputs and outputs."""
+    """One decoder step over new tokens, the fixed-capacity self-attention cache and the image keys/values per layer
+    as inputs, the new positions' keys/values as outputs (the module docstring's ``decoder.onnx``).
+
+    It runs a copy of the model's decoder whose attention modules are `_StepAttention`s: the same weights and the
+    same ``TextDecoder.forward``, the attention arithmetic reordered for the graph."""
 
     def __init__(self, model: VisionLanguageModel, maps: bool):
         super().__init__()
-        self.decoder, self.maps = model.decoder, maps
+        self.decoder, self.maps = copy.deepcopy(model.decoder), maps
+        for block in self.decoder.blocks:
+            block.self_attn.__class__ = block.cross_attn.__class__ = _StepAttention
 
-    def forward(self, input_ids: Tensor, positions: Tensor, self_mask: Tensor, past_keys: Tensor,
-                past_values: Tensor, image_keys: Tensor, image_values: Tensor) -> tuple[Tensor, ...]:
-        cache = _ConcatCache(past_keys, past_values)
-        image_kv = list(zip(image_keys.unbind(0), image_values.unbind(0), strict=True))
-        out = self.decoder(input_ids, image_kv, positions=positions, self_mask=self_mask, cache=cache,
-                           need_weights=self.maps, need_self_weights=self.maps)
+    def forward(self, input_ids: Tensor, positions: Tensor, self_mask: Tensor, *layers: Tensor) -> tuple[Tensor, ...]:
+        L = len(self.decoder.blocks)  # layers: L past keys, L past values, L image keys, L image values
+        past_k, past_v, image_k, image_v = (layers[i * L:(i + 1) * L] for i in range(4))
+        for block, k, v in zip(self.decoder.blocks, past_k, past_v, strict=True):
+            block.self_attn.past = (k, v)
+        cache = _NewKeysValues()
+        out = self.decoder(input_ids, list(zip(image_k, image_v, strict=True)), positions=positions,
+                           self_mask=self_mask, cache=cache, need_weights=self.maps, need_self_weights=self.maps)
         outputs = (out.logits[:, -1], torch.stack(cache.keys), torch.stack(cache.values))
         if self.maps:
-            # (R, H, L, t, N) -> (R, t, L, H, N), and the same for the self-attention over all P + t positions
+            # (R, H, L, t, N) -> (R, t, L, H, N), and the same for the self-attention over all C + t positions
             outputs += tuple(torch.stack(w, dim=2).transpose(1, 3) for w in (out.cross_attentions, out.self_attentions))
         return outputs
+
+
+def step_input_names(layers: int) -> list[str]:
+    """The decoder step graph's inputs, in order."""
+    return ["input_ids", "positions", "self_mask"] + [f"{kind}_{i}" for kind in ("past_key", "past_value", "image_key",
+                                                                             "image_value") for i in range(layers)]
 
 
 def export_onnx(model: VisionLanguageModel, tokenizer: Tokenizer, out_dir: str | os.PathLike, *, maps: bool = False,
@@ -125,11 +199,11 @@ def export_onnx(model: VisionLanguageModel, tokenizer: Tokenizer, out_dir: str |
     L = len(image_kv)
     H, hd = image_kv[0][0].shape[1], image_kv[0][0].shape[3]
     image_keys, image_values = torch.stack([k for k, _ in image_kv]), torch.stack([v for _, v in image_kv])
-    R, P, t = 4, 3, 2  # 2 rows per image, 3 cached positions, 2 new ones: no axis of size 1 to be specialised on
+    R, C, t = 4, 3, 2  # 2 rows per image, a cache of 3 slots, 2 new positions: no axis of size 1 to be specialised on
     ids = torch.randint(0, model.vocab_size, (R, t))
-    positions = torch.arange(P, P + t).expand(R, t).contiguous()
-    self_mask = torch.ones(R, 1, t, P + t, dtype=torch.bool)
-    past = torch.randn(L, R, H, P, hd)
+    positions = torch.arange(C, C + t).expand(R, t).contiguous()
+    self_mask = torch.ones(R, 1, t, C + t, dtype=torch.bool)
+    past = [torch.randn(R, H, C, hd) for _ in range(2 * L)]
     with warnings.catch_warnings(), _one_line_errors():  # the exporter's deprecation notice and tracer remarks
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -137,26 +211,27 @@ def export_onnx(model: VisionLanguageModel, tokenizer: Tokenizer, out_dir: str |
             input_names=["pixels"], output_names=["image_keys", "image_values"],
             dynamic_axes={"pixels": {0: "images"}, "image_keys": {1: "images"}, "image_values": {1: "images"}},
         )
-        outputs = ["logits", "present_keys", "present_values"] + (["cross_attentions", "self_attentions"] if maps
-                                                                   else [])
+        outputs = ["logits", "new_keys", "new_values"] + (["cross_attentions", "self_attentions"] if maps else [])
+        names = step_input_names(L)
         axes = {"input_ids": {0: "rows", 1: "new"}, "positions": {0: "rows", 1: "new"},
-                "self_mask": {0: "rows", 2: "new", 3: "total"}, "past_keys": {1: "rows", 3: "past"},
-                "past_values": {1: "rows", 3: "past"}, "image_keys": {1: "images"}, "image_values": {1: "images"},
-                "logits": {0: "rows"}, "present_keys": {1: "rows", 3: "total"},
-                "present_values": {1: "rows", 3: "total"}, "cross_attentions": {0: "rows", 1: "new"},
-                "self_attentions": {0: "rows", 1: "new", 4: "total"}}
+                "self_mask": {0: "rows", 2: "new", 3: "capacity_and_new"},
+                **{name: {0: "rows", 2: "capacity"} for name in names if name.startswith("past_")},
+                **{name: {0: "images"} for name in names if name.startswith("image_")},
+                "logits": {0: "rows"}, "new_keys": {1: "rows", 3: "new"}, "new_values": {1: "rows", 3: "new"},
+                "cross_attentions": {0: "rows", 1: "new"},
+                "self_attentions": {0: "rows", 1: "new", 4: "capacity_and_new"}}
         torch.onnx.export(
             DecoderStepGraph(model, maps).eval(),
-            (ids, positions, self_mask, past, past.clone(), image_keys, image_values), out / DECODER,
-            dynamo=False, opset_version=OPSET,
-            input_names=["input_ids", "positions", "self_mask", "past_keys", "past_values", "image_keys",
-                         "image_values"],
-            output_names=outputs, dynamic_axes={k: v for k, v in axes.items() if maps or not k.endswith("_attentions")},
+            (ids, positions, self_mask, *past, *image_keys.unbind(0), *image_values.unbind(0)), out / DECODER,
+            dynamo=False, opset_version=OPSET, input_names=names, output_names=outputs,
+            dynamic_axes={k: v for k, v in axes.items() if maps or not k.endswith("_attentions")},
         )
     for name in (ENCODER, DECODER):
         onnx.checker.check_model(str(out / name), full_check=True)
         if quantize == "int8":
             _quantize_int8(out / name)
+        if name == DECODER:
+            _fuse(out / name, H, H * hd)
     save_model(model, tokenizer, out)
     (out / "model.safetensors").unlink()  # the ONNX files are the weights; config.json and tokenizer.json stay
     if data_config is None:
@@ -180,6 +255,22 @@ def _one_line_errors():
         yield
     except torch.onnx.errors.OnnxExporterError as e:
         raise VLMError(f"cannot export to ONNX opset {OPSET}: {' '.join(str(e).split())[:300]}") from None
+
+
+def _fuse(path: Path, heads: int, width: int) -> None:
+    """ONNX Runtime's transformer optimizer on the step graph (after onnx.checker and quantization, since it writes
+    ONNX Runtime's own operators): each residual sum and the LayerNorm after it become one SkipLayerNormalization,
+    bias and GELU one BiasGelu. It finds no attention to fuse (ours is not BERT's pattern)."""
+    from onnxruntime.transformers import optimizer
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # its shape inference's remarks on our dynamic axes
+    try:
+        optimizer.optimize_model(str(path), model_type="bert", num_heads=heads, hidden_size=width,
+                                 opt_level=0).save_model_to_file(str(path))
+    finally:
+        root.setLevel(level)
 
 
 def _quantize_int8(path: Path) -> None:

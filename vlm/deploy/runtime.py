@@ -1,5 +1,6 @@
 """An ONNX export (`vlm.deploy.export`) on ONNX Runtime: the encoder session, and the decoder step as a backend of
-the one decoding loop (`vlm.model.generate.decode`), its key/value cache passed in and out of each step.
+the one decoding loop (`vlm.model.generate.decode`), its fixed-capacity key/value cache held here and updated in
+place with each step's new keys/values.
 
 Loading checks the directory as `vlm.checkpoint` checks an exported model: a missing or damaged file, a file
 changed since the export, or a config that does not fit the graphs is one `VLMError` line naming the file.
@@ -19,7 +20,7 @@ from torch import Tensor
 
 from vlm.checkpoint import CONFIG, TOKENIZER
 from vlm.config import DecodingConfig, MapConfig, ModelConfig, model_config_from_dict
-from vlm.deploy.export import DECODER, ENCODER, ONNX_CONFIG, ONNX_FORMAT_VERSION, file_facts
+from vlm.deploy.export import DECODER, ENCODER, ONNX_CONFIG, ONNX_FORMAT_VERSION, file_facts, step_input_names
 from vlm.errors import VLMError
 from vlm.grounding.methods import _rollout, chosen_layers, combine_layers, patches_only  # one rollout, torch's
 from vlm.model.generate import Generation, decode
@@ -53,7 +54,7 @@ class OnnxModel:
         self.facts = _read_json(path / ONNX_CONFIG)
         if self.facts.get("format") != "vlm-onnx" or self.facts.get("onnx_format_version") != ONNX_FORMAT_VERSION:
             raise VLMError(f"{path / ONNX_CONFIG}: onnx_format_version {self.facts.get('onnx_format_version')!r}, "
-                           f"this vlm reads {ONNX_FORMAT_VERSION}")
+                           f"this vlm reads {ONNX_FORMAT_VERSION}; export the model again (vlm export --format onnx)")
         config = _read_json(path / CONFIG)
         try:
             self.cfg: ModelConfig = model_config_from_dict(config["model"])
@@ -68,6 +69,7 @@ class OnnxModel:
                 raise VLMError(f"{path / name}: differs from the file exported (size or SHA-256 in {ONNX_CONFIG}); "
                                "export again")
         options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
@@ -84,6 +86,7 @@ class OnnxModel:
         self.num_layers, self.num_heads = self.facts["layers"], self.facts["heads"]
         self.head_dim, self.grid = self.facts["head_dim"], tuple(self.facts["grid"])
         self.num_prefix = int(self.facts.get("num_prefix", 0))
+        self.input_names = step_input_names(self.num_layers)
         logits = self.decoder.get_outputs()[0].shape
         if logits[-1] != self.vocab_size:
             raise VLMError(f"{path / DECODER}: its logits have {logits[-1]} tokens, {CONFIG} says {self.vocab_size}")
@@ -105,29 +108,30 @@ class OnnxModel:
         keys, values = self.encoder.run(None, {"pixels": pixels.detach().cpu().float().numpy()})
         return OnnxImages(keys, values), self.grid
 
-    def step(self, ids: np.ndarray, positions: np.ndarray, self_mask: np.ndarray, past_keys: np.ndarray,
-             past_values: np.ndarray, images: OnnxImages, maps: bool, self_weights: bool = False) -> list[np.ndarray]:
-        """One run of the decoder step graph: logits (R, V), present keys/values, with maps the new positions'
-        cross-attention (R, t, L, H, N), and with self_weights their self-attention (R, t, L, H, P + t)."""
+    def step(self, ids: np.ndarray, positions: np.ndarray, self_mask: np.ndarray, past: Sequence[np.ndarray],
+             images: OnnxImages, maps: bool, self_weights: bool = False) -> list[np.ndarray]:
+        """One run of the decoder step graph over a cache of capacity C: ids and positions (R, t), self_mask
+        (R, 1, t, C + t) (the cache's slots, then the new positions), past: every layer's keys, then every layer's
+        values (R, H, C, hd) -> logits (R, V), the new positions' keys and values (L, R, H, t, hd), with maps their
+        cross-attention (R, t, L, H, N), and with self_weights their self-attention (R, t, L, H, C + t)."""
         if maps and not self.maps:
             raise VLMError(f"{self.path}: exported without maps; export again with vlm export --maps")
-        names = ["logits", "present_keys", "present_values"] + (["cross_attentions"] if maps else []) \
+        names = ["logits", "new_keys", "new_values"] + (["cross_attentions"] if maps else []) \
             + (["self_attentions"] if self_weights else [])
-        return self.decoder.run(names, {"input_ids": ids, "positions": positions, "self_mask": self_mask,
-                                        "past_keys": past_keys, "past_values": past_values,
-                                        "image_keys": images.keys, "image_values": images.values})
+        arrays = [ids, positions, self_mask, *past, *images.keys, *images.values]  # keys[l]: a view, not a copy
+        return self.decoder.run(names, dict(zip(self.input_names, arrays, strict=True)))
 
     def attentions(self, images: OnnxImages, ids: Tensor) -> tuple[Tensor, Tensor]:
         """Teacher-forced: every position's cross-attention (S, T, L, H, N) and self-attention (S, T, L, H, T) of
         token ids (S, T) (right-padded; one sequence per image); N counts the encoder's prefix tokens (an imported
         ViT's class token) first."""
         S, T = ids.shape
-        empty = np.zeros((self.num_layers, S, self.num_heads, 0, self.head_dim), dtype=np.float32)
+        empty = np.zeros((S, self.num_heads, 0, self.head_dim), dtype=np.float32)  # a cache of capacity 0
         mask = np.tril(np.ones((T, T), dtype=bool))[None, None].repeat(S, 0)
         positions = np.broadcast_to(np.arange(T), (S, T)).copy()
-        out = self.step(ids.numpy(), positions, mask, empty, empty, images, maps=True, self_weights=True)
+        out = self.step(ids.numpy(), positions, mask, [empty] * (2 * self.num_layers), images, maps=True,
+                        self_weights=True)
         return torch.from_numpy(out[3]), torch.from_numpy(out[4])
-
 
     def token_maps(self, images: OnnxImages, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]],
                    config: MapConfig | None = None, *, per_layer: bool = False) -> list[Tensor]:
@@ -182,43 +186,59 @@ class OnnxBackend:
 
 
 class OrtDecoder:
-    """The ONNX Runtime backend of `vlm.model.generate.decode` (a `DecoderBackend`): the exported decoder step,
-    its self-attention cache an input and an output of every step; a step with maps also returns its last
-    position's cross-attention weights (R, L, H, N), so the kept sequences' maps need no further run."""
+    """The ONNX Runtime backend of `vlm.model.generate.decode` (a `DecoderBackend`): the exported decoder step over
+    a self-attention cache of fixed capacity (prompt + new tokens), held here (keys and values of every layer,
+    (2, L, R, H, C, hd)) and given to each step in place; the step returns the new positions' keys/values only,
+    written into their slots. A step with maps also returns its last position's cross-attention weights
+    (R, L, H, N), so the kept sequences' maps need no further run."""
 
     def __init__(self, model: OnnxModel, images: OnnxImages):
         self.model, self.images = model, images
         self.num_images, self.vocab_size = len(images), model.vocab_size
         self.max_length, self.device = model.cfg.decoder.max_length, torch.device("cpu")
         self.maps = False
-        self.past_keys = self.past_values = np.zeros((0, 0, 0, 0, 0), dtype=np.float32)
+        self.cache = self.spare = np.zeros(0, dtype=np.float32)
+        self.filled = 0
 
     def start(self, rows: int, length: int, maps: bool) -> None:
         if maps and not self.model.maps:
             raise VLMError(f"{self.model.path}: exported without maps; export again with vlm export --maps")
         self.maps = maps
         m = self.model
-        self.past_keys = np.zeros((m.num_layers, rows, m.num_heads, 0, m.head_dim), dtype=np.float32)
-        self.past_values = self.past_keys
+        # zeros, not empty: an unfilled slot is masked out, but its value still meets a zero weight (0 * NaN = NaN).
+        # numpy, as ONNX Runtime reads it: the backend's own copies run no torch kernels, whose threads would
+        # contend with ONNX Runtime's
+        self.cache = np.zeros((2, m.num_layers, rows, m.num_heads, length, m.head_dim), dtype=np.float32)
+        self.spare = None  # beam search reorders into it, then swaps
+        self.filled = 0
 
     @property
     def cached(self) -> int:
-        return self.past_keys.shape[3]
+        return self.filled
 
     def step(self, ids: Tensor, positions: Tensor, self_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
         R, t = ids.shape
-        start = self.cached
+        start, capacity = self.filled, self.cache.shape[4]
+        mask = np.zeros((R, 1, t, capacity + t), dtype=bool)  # the cache's slots, then the new positions
         if self_mask is None:  # no padding: each new token sees every cached one and the new ones up to itself
-            self_mask = torch.ones(t, start + t, dtype=torch.bool).tril(start)[None, None].expand(R, 1, t, start + t)
-        out = self.model.step(ids.numpy(), positions.numpy(), np.ascontiguousarray(self_mask.numpy()),
-                              self.past_keys, self.past_values, self.images, self.maps)
-        self.past_keys, self.past_values = out[1], out[2]
+            mask[..., :start] = True
+            mask[..., capacity:] = np.tri(t, dtype=bool)
+        else:
+            given = self_mask.numpy()
+            mask[..., :start], mask[..., capacity:] = given[..., :start], given[..., start:]
+        cache = self.cache
+        out = self.model.step(ids.numpy(), positions.numpy(), mask, [*cache[0], *cache[1]], self.images, self.maps)
+        cache[0, :, :, :, start:start + t], cache[1, :, :, :, start:start + t] = out[1], out[2]
+        self.filled = start + t
         material = torch.from_numpy(out[3][:, -1]) if self.maps else None  # (R, L, H, N)
         return torch.from_numpy(out[0]), material
 
     def reorder(self, parent: Tensor) -> None:
-        index = parent.numpy()
-        self.past_keys, self.past_values = self.past_keys[:, index], self.past_values[:, index]
+        if self.spare is None:
+            self.spare = np.zeros_like(self.cache)
+        filled = slice(0, self.filled)  # only the filled slots move, straight into the spare buffer
+        np.take(self.cache[..., filled, :], parent.numpy(), axis=2, out=self.spare[..., filled, :], mode="clip")
+        self.cache, self.spare = self.spare, self.cache
 
     def attention(self, material: Tensor, images: Tensor) -> Tensor:
         return material  # already (S, T, L, H, N)

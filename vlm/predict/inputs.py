@@ -26,6 +26,7 @@ import glob as globbing
 import json
 import os
 import re
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,6 +203,8 @@ class Batch:
     chunk: int
     items: list[Item]
     last: bool
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Time its reader spent on it: reading and decoding the images, transforming them."""
 
     def __len__(self) -> int:
         return sum(not i.empty for i in self.items)
@@ -224,6 +227,7 @@ class ChunkStream(IterableDataset):
         self.chunks, self.transform, self.batch_size = chunks, transform, batch_size
         self.max_pixels, self.keep_raw = max_pixels, keep_raw
         self.rank, self.world = 0, 1
+        self._seconds = {"decode": 0.0, "transform": 0.0}  # the batch being read
 
     def __iter__(self) -> Iterator[Batch]:
         worker, workers = _reader()
@@ -239,8 +243,8 @@ class ChunkStream(IterableDataset):
                 following = next(items, None)  # one image ahead: is this batch the chunk's last?
                 batch.append(current)
                 if len(batch) == self.batch_size or following is None:
-                    yield Batch(chunk.index, batch, following is None)
-                    batch = []
+                    yield Batch(chunk.index, batch, following is None, self._seconds)
+                    batch, self._seconds = [], {"decode": 0.0, "transform": 0.0}
                 current = following
 
     def _items(self, chunk: Chunk) -> Iterator[Item]:
@@ -275,14 +279,19 @@ class ChunkStream(IterableDataset):
             yield self._load(item, sample[suffix], name=f"{chunk.shard}: {meta['member']}")
 
     def _load(self, item: Item, source, name: str | None = None) -> Item:
+        started = time.perf_counter()
         try:
             if self.keep_raw:
                 source = source if isinstance(source, bytes) else _read_bytes(source)
                 item.raw["image"] = source
             image = load_image(source, self.max_pixels, name=name)
+            decoded = time.perf_counter()
             item.pixels, item.size = self.transform(image), image.size
+            self._seconds["transform"] += time.perf_counter() - decoded
         except VLMError as e:
             item.error = str(e)
+            decoded = time.perf_counter()
+        self._seconds["decode"] += decoded - started
         return item
 
 
@@ -300,4 +309,5 @@ def collate(batch: Batch) -> dict:
     pixels = torch.stack(good) if good else None
     for item in batch.items:
         item.pixels = None  # the stacked tensor carries them
-    return {"pixels": pixels, "items": batch.items, "chunk": batch.chunk, "last": batch.last}
+    return {"pixels": pixels, "items": batch.items, "chunk": batch.chunk, "last": batch.last,
+            "seconds": batch.seconds}

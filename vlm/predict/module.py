@@ -4,20 +4,30 @@ turns a batch into output records.
 `TorchBackend` is the one place the torch model is called (encode, the one decoding loop
 `vlm.model.generate.generate`, the one map function `vlm.grounding.methods.token_maps`); `--runtime onnx` puts
 `vlm.deploy.runtime.OnnxBackend` (the same three methods on an ONNX export) in its place.
+
+On the CPU the step runs ``lanes`` batches at once, each in a thread of its own with one torch thread: the decoding
+loop's small per-token operations gain little from a team of threads (which stalls whenever the data-loader
+workers take a core), and much from batches side by side. The records still come out in batch order
+(`ChunkWriter`), and a batch's numbers do not depend on its lane.
 """
 
 from __future__ import annotations
 
+import threading
+import time
+from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import lightning as L
 import numpy as np
+import torch
 from torch import Tensor, nn
 
 from vlm.config import DecodingConfig, MapConfig, ModelConfig
 from vlm.errors import VLMError
-from vlm.grounding.methods import token_maps
+from vlm.grounding.methods import chosen_layers, combine_layers, patches_only, token_maps
 from vlm.model.decoder import KeysValues
 from vlm.model.generate import Generation, generate
 from vlm.model.vlm import VisionLanguageModel
@@ -48,6 +58,23 @@ class TorchBackend(nn.Module):
              targets: list[list[int]], config: MapConfig) -> list[np.ndarray]:
         return [m.cpu().numpy() for m in token_maps(self.model, image_kv, grid, prompts, targets, config)]
 
+    def generate_raw_maps(self, image_kv: list[KeysValues], grid: tuple[int, int], prompts: list[list[int]],
+                          decoding: DecodingConfig, config: MapConfig) -> tuple[Generation, list[np.ndarray]]:
+        """Generation and its tokens' raw maps at once: the cross-attention weights that decoding computes for
+        the kept tokens when it ends, made into maps as `token_maps` makes raw ones (heads averaged or one head,
+        the prefix tokens dropped, the chosen layers averaged), with no second pass over the decoder."""
+        gen = generate(self.model, image_kv, prompts, eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
+                       config=decoding, return_attention=True)
+        layers = chosen_layers(self.model, config.layers)
+        prefix = self.model.encoder.num_prefix
+        maps = []
+        for attn in gen.attentions:  # (T, L, H, N)
+            parts = (attn.mean(2) if config.head is None else attn[:, :, config.head]).transpose(0, 1)  # (L, T, N)
+            if prefix:
+                parts = patches_only(parts, prefix, "raw")
+            maps.append(combine_layers(parts, "raw", layers).float().reshape(-1, *grid).cpu().numpy())
+        return gen, maps
+
 
 @dataclass
 class Tasks:
@@ -71,7 +98,7 @@ class PredictModule(L.LightningModule):
     with the prompt's text, its tokens are the generated ones."""
 
     def __init__(self, backend: Any, cfg: ModelConfig, tokenizer: Tokenizer, tasks: Tasks,
-                 decoding: DecodingConfig, model_id: str, caption_start: list[int] | None = None):
+                 decoding: DecodingConfig, model_id: str, caption_start: list[int] | None = None, lanes: int = 1):
         super().__init__()
         self.backend, self.cfg = backend, cfg  # a TorchBackend is a submodule (its model moves with this module)
         self.tokenizer, self.tasks, self.decoding, self.model_id = tokenizer, tasks, decoding, model_id
@@ -79,18 +106,73 @@ class PredictModule(L.LightningModule):
         limit = cfg.decoder.max_length // 2  # a question leaves room for its answer, as Captioner.ask
         self.question_prompts = [tokenizer.cut_prompt(tokenizer.question_prompt(q), limit) for q in tasks.questions]
         self.answering = replace(decoding, max_new_tokens=decoding.token_budget(answer=True))
+        self.lanes = lanes
+        """Batches run at once on the CPU, one torch thread each (1: in the step itself; on an accelerator
+        always so, with the process's threads)."""
+        self.seconds: dict[str, float] = defaultdict(float)
+        """Time spent per stage in this process (lanes added up): encode, generate, maps, records."""
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._threads: int | None = None
+        self._batch_end: float | None = None
 
-    def predict_step(self, batch: dict, batch_idx: int = 0) -> list[dict | None]:
-        """One record per item of the batch (None for an unreadable image or a placeholder)."""
+    def _timed(self, stage: str, started: float) -> float:
+        """Add the time since ``started`` to the stage's; the time now."""
+        now = time.perf_counter()
+        with self._lock:
+            self.seconds[stage] += now - started
+        return now
+
+    def on_predict_start(self) -> None:
+        if self.device.type != "cpu":
+            return
+        self._threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # one lane: the step itself, with one thread (no team to share the cores with)
+        if self.lanes > 1:
+            self._pool = ThreadPoolExecutor(self.lanes, thread_name_prefix="vlm-predict",
+                                            initializer=torch.set_num_threads, initargs=(1,))
+
+    def on_predict_end(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        if self._threads is not None:
+            torch.set_num_threads(self._threads)
+
+    def on_predict_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self._batch_end is not None:
+            self._timed("wait_for_data", self._batch_end)
+
+    def on_predict_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._batch_end = time.perf_counter()  # after the writer's turn: what follows is the wait for data
+
+    def predict_step(self, batch: dict, batch_idx: int = 0) -> list[dict | None] | Future:
+        """One record per item of the batch (None for an unreadable image or a placeholder); with lanes, the
+        future of them (`ChunkWriter` takes them in batch order)."""
+        with self._lock:
+            for stage, seconds in batch.get("seconds", {}).items():  # the reader's, in its worker
+                self.seconds[stage] += seconds
+        if self._pool is not None:
+            return self._pool.submit(self._predict_lane, batch)
+        return self._predict(batch)
+
+    def _predict_lane(self, batch: dict) -> list[dict | None]:
+        with torch.no_grad():  # grad mode is per thread: the predict loop's no_grad does not reach the lanes
+            return self._predict(batch)
+
+    def _predict(self, batch: dict) -> list[dict | None]:
         items: list[Item] = batch["items"]
         good = [item for item in items if item.error is None and not item.empty]
         records = {id(item): self._record(item) for item in good}
         if good:
+            started = time.perf_counter()
             image_kv, grid = self.backend.encode(batch["pixels"])
+            self._timed("encode", started)
             seeds = self._seeds(good)
             if self.tasks.caption:
                 texts = self._texts(image_kv, grid, [self.caption_start] * len(good),
                                     replace(self.decoding, seed=seeds), lead=self.caption_start[1:])
+                started = time.perf_counter()
                 for item, (text, tokens, maps) in zip(good, texts, strict=True):
                     record = records[id(item)]
                     record["caption"], record["caption_tokens"] = text, tokens
@@ -99,6 +181,7 @@ class PredictModule(L.LightningModule):
                         ids = [t["id"] for t in tokens]
                         record["phrases"] = phrase_boxes(maps, self.tokenizer.tokens(ids), item.size, item.phrases,
                                                          self.tasks.threshold)
+                self._timed("records", started)
             for question, prompt in zip(self.tasks.questions, self.question_prompts, strict=True):
                 texts = self._texts(image_kv, grid, [prompt] * len(good), replace(self.answering, seed=seeds))
                 for item, (text, tokens, maps) in zip(good, texts, strict=True):
@@ -123,9 +206,18 @@ class PredictModule(L.LightningModule):
                decoding: DecodingConfig, lead: list[int] = ()) -> list[tuple[str, list[dict], np.ndarray | None]]:
         """Each image's text (after the ``lead`` ids' text), its generated tokens ({token, id, logprob[,
         patches]}) and, with maps, their token maps."""
-        gen = self.backend.generate(image_kv, prompts, decoding)
-        maps = (self.backend.maps(image_kv, grid, prompts, gen.tokens, self.tasks.maps)
-                if self.tasks.maps is not None else [None] * len(prompts))
+        started = time.perf_counter()
+        if self.tasks.maps is not None and self.tasks.maps.method == "raw" and isinstance(self.backend,
+                                                                                          TorchBackend):
+            gen, maps = self.backend.generate_raw_maps(image_kv, grid, prompts, decoding, self.tasks.maps)
+            started = self._timed("generate_and_maps", started)
+        else:
+            gen = self.backend.generate(image_kv, prompts, decoding)
+            started = self._timed("generate", started)
+            maps = (self.backend.maps(image_kv, grid, prompts, gen.tokens, self.tasks.maps)
+                    if self.tasks.maps is not None else [None] * len(prompts))
+            if self.tasks.maps is not None:
+                started = self._timed("maps", started)
         out = []
         for ids, logprobs, made in zip(gen.tokens, gen.token_logprobs, maps, strict=True):
             tokens = [{"token": t, "id": i, "logprob": lp}
@@ -134,6 +226,7 @@ class PredictModule(L.LightningModule):
                 for token, patches in zip(tokens, top_patches(made, self.tasks.top_k), strict=True):
                     token["patches"] = patches
             out.append((self.tokenizer.decode([*lead, *ids]), tokens, made))
+        self._timed("records", started)
         return out
 
     def configure_optimizers(self) -> None:

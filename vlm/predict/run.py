@@ -127,8 +127,12 @@ def predict(model: str | os.PathLike | tuple[VisionLanguageModel, Tokenizer], in
     format: jsonl, parquet or webdataset (`vlm.predict.outputs`). prompt: text each caption continues (and begins
     with), as `Captioner.caption(prompt=)`. runtime: torch, or onnx: ``model`` is an ONNX export (`vlm export
     --format onnx`), each process running it on ONNX Runtime on the CPU with ``threads`` intra-op threads (default:
-    the cores shared among the processes). The rest is the Lightning trainer's.
+    the cores shared among the processes). threads, with the torch runtime on the CPU: batches each process runs
+    at once, each in a thread of its own with one torch thread (default: the cores shared among the processes;
+    `vlm.predict.module`). The rest is the Lightning trainer's.
     A second call with the same arguments skips finished chunks and redoes the rest.
+
+    The summary's ``profile``: this process's seconds per stage (`profile`).
     """
     started = time.monotonic()
     decoding = decoding or DecodingConfig()
@@ -146,6 +150,8 @@ def predict(model: str | os.PathLike | tuple[VisionLanguageModel, Tokenizer], in
             import pyarrow  # noqa: F401
         except ImportError:
             raise VLMError("--format parquet needs pyarrow: pip install 'vlm[parquet]'") from None
+    if threads is not None and threads < 1:
+        raise VLMError(f"--threads {threads}: expected a positive number of threads")
     if batch_size < 1 or top_k < 1 or num_workers < 0 or not 0.0 < threshold <= 1.0:
         raise VLMError(f"--batch_size {batch_size}, --top_k {top_k}, --num_workers {num_workers}, --threshold "
                        f"{threshold}: expected positive sizes and a threshold in (0, 1]")
@@ -187,12 +193,33 @@ def predict(model: str | os.PathLike | tuple[VisionLanguageModel, Tokenizer], in
                         precision=precision, logger=False, enable_checkpointing=False, enable_model_summary=False,
                         inference_mode=False, use_distributed_sampler=False, callbacks=[writer, progress],
                         default_root_dir=out)
-    with warnings.catch_warnings():  # Lightning's remark that an iterable dataset's batches have no indices
-        warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
-        trainer.predict(module, datamodule=data, return_predictions=False)
+    if runtime == "torch":  # the lanes run only on the CPU (PredictModule.on_predict_start)
+        module.lanes = writer.lanes = threads or max(1, (os.cpu_count() or 1) // max(1, trainer.num_devices))
+    torch_threads = torch.get_num_threads()
+    predicting = time.monotonic()
+    try:
+        with warnings.catch_warnings():  # Lightning's remark that an iterable dataset's batches have no indices
+            warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
+            trainer.predict(module, datamodule=data, return_predictions=False)
+    finally:
+        torch.set_num_threads(torch_threads)  # the lanes' one thread each ends with the run, even a failed one
     if writer.summary is None:
         return None
     seconds = time.monotonic() - started
     return {**writer.summary, "chunks_skipped": data.skipped, "seconds": round(seconds, 2),
             "images_per_s": round(writer.summary["records_this_run"] / seconds, 2) if seconds > 0 else None,
-            "out": str(out)}
+            "out": str(out), "profile": profile(module, writer, data.num_workers, time.monotonic() - predicting,
+                                                predicting - started)}
+
+
+def profile(module: PredictModule, writer: ChunkWriter, workers: int, predicting: float, starting: float) -> dict:
+    """Where this process's time went, in seconds: ``start`` (loading the model, listing the input) and
+    ``predict`` (Lightning's predict loop) of the wall time; then the stages, each summed over the threads
+    that ran it: ``decode`` and ``transform`` (the readers, in the data-loader workers: overlapped with the
+    model), ``encode``, ``generate`` (with raw maps: ``generate_and_maps``), ``maps`` (other methods) and
+    ``records`` (tokens, patches, phrase boxes) (the model step: in the lanes, side by side), and on the main
+    thread ``wait_for_data``, ``wait_for_lanes`` and ``write``; ``lanes`` and ``workers`` say how many ran."""
+    stages = {**module.seconds, **writer.seconds}
+    lanes = module.lanes if module.device.type == "cpu" else 1
+    return {"start": round(starting, 3), "predict": round(predicting, 3),
+            **{k: round(v, 3) for k, v in sorted(stages.items())}, "lanes": lanes, "workers": workers}

@@ -8,7 +8,7 @@ so the target is always either the old or the new complete checkpoint.
 A resumed run repeats the uninterrupted one exactly: the checkpoint holds the weights, optimiser, schedule and
 the training loader's position (torchdata's StatefulDataLoader with `vlm.data.module.TrainOrder`, whose order
 is a function of the seed and the epoch); each item's draws are seeded by (seed, epoch, index)
-(`vlm.data.builtin.draw_rng`), and torch's generator (dropout, SCST's sampling) by (seed, step, process) at
+(`vlm.data.draws.draw_rng`), and torch's generator (dropout, SCST's sampling) by (seed, step, process) at
 every step (`StepSeed`). `BatchLog` records what each step saw, to check it.
 """
 
