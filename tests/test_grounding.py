@@ -12,13 +12,14 @@ from PIL import Image
 
 from tests.conftest import tiny_config
 from vlm.api import Captioner
-from vlm.config import MapConfig
+from vlm.config import DecodingConfig, MapConfig
 from vlm.data.scenes import make_scene
 from vlm.errors import VLMError
 from vlm.eval.grounding import GroundingCase, deletion_curves, grounding_scores, phrase_maps, pointing_by_choice
 from vlm.grounding.ground import ground
 from vlm.grounding.maps import box_from_map, iou, peak, pointing_hit
-from vlm.grounding.methods import token_maps
+from vlm.grounding.methods import generated_raw_maps, token_maps
+from vlm.model.generate import generate
 from vlm.model.vlm import VisionLanguageModel
 
 TEXT = "a small red circle to the left of a large blue square"
@@ -61,6 +62,23 @@ def test_raw_maps_are_the_cross_attention_of_the_predicting_position(captioner) 
     np.testing.assert_allclose(np.stack(maps), expected.numpy(), atol=1e-6)
     one_head = captioner.text_maps(images, [TEXT] * 2, layers=[1], head=3)
     np.testing.assert_allclose(one_head[0], attn[1, 0, 3, :n].reshape(n, *maps[0].shape[1:]).numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("config", [MapConfig(), MapConfig(layers=[1], head=3)])
+def test_generated_raw_maps_are_token_maps_without_a_second_pass(captioner, config) -> None:
+    _, pixels, _ = _inputs(captioner)
+    model, tok = captioner.model, captioner.tokenizer
+    with torch.no_grad():
+        image_kv, grid = model.encode(pixels)
+        prompts = [tok.caption_prompt()] * 2
+        gen = generate(model, image_kv, prompts, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                       config=DecodingConfig(max_new_tokens=6), return_attention=True)
+        made = generated_raw_maps(model, gen.attentions, grid, config)
+        expected = token_maps(model, image_kv, grid, prompts, gen.tokens, config)
+    assert [m.shape for m in made] == [e.shape for e in expected] and made[0].shape[0] == len(gen.tokens[0])
+    assert (expected[0] - expected[0].mean()).abs().max() > 1e-3  # the maps are not flat
+    for m, e in zip(made, expected, strict=True):
+        torch.testing.assert_close(m, e, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["raw", "rollout"])

@@ -86,6 +86,26 @@ def token_maps(model: VisionLanguageModel, image_kv: list[KeysValues], grid: tup
     return [p.float().reshape(*p.shape[:-1], *grid) for p in parts]
 
 
+def generated_raw_maps(model: VisionLanguageModel, attentions: Sequence[Tensor], grid: tuple[int, int],
+                       config: MapConfig | None = None) -> list[Tensor]:
+    """Raw maps (T, h, w) of generated tokens from the cross-attention (T, L, H, N) that generation returns
+    (`vlm.model.generate.generate` with ``return_attention``): what `token_maps` makes of the same tokens with
+    ``method="raw"`` (heads averaged or one head, prefix columns dropped, the chosen layers averaged), without a
+    second pass over the decoder."""
+    config = config or MapConfig()
+    if config.method != "raw":
+        raise ValueError(f"generated_raw_maps makes raw maps, not {config.method}")
+    chosen = chosen_layers(model, config.layers)
+    prefix = getattr(model.encoder, "num_prefix", 0)
+    maps = []
+    for attn in attentions:  # (T, L, H, N)
+        parts = (attn.mean(2) if config.head is None else attn[:, :, config.head]).transpose(0, 1)  # (L, T, N)
+        if prefix:
+            parts = patches_only(parts, prefix, "raw")
+        maps.append(combine_layers(parts, "raw", chosen).float().reshape(-1, *grid))
+    return maps
+
+
 def patches_only(parts: Tensor, prefix: int, method: str) -> Tensor:
     """(L, Q, P + N) -> (L, Q, N): an encoder's prefix (class) token columns removed, and each layer's raw or
     rollout row renormalised over the patches (a chefer relevancy is no distribution: its columns are only dropped).

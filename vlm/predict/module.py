@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from vlm.config import DecodingConfig, MapConfig, ModelConfig
 from vlm.errors import VLMError
-from vlm.grounding.methods import chosen_layers, combine_layers, patches_only, token_maps
+from vlm.grounding.methods import generated_raw_maps, token_maps
 from vlm.model.decoder import KeysValues
 from vlm.model.generate import Generation, generate
 from vlm.model.vlm import VisionLanguageModel
@@ -60,20 +60,11 @@ class TorchBackend(nn.Module):
 
     def generate_raw_maps(self, image_kv: list[KeysValues], grid: tuple[int, int], prompts: list[list[int]],
                           decoding: DecodingConfig, config: MapConfig) -> tuple[Generation, list[np.ndarray]]:
-        """Generation and its tokens' raw maps at once: the cross-attention weights that decoding computes for
-        the kept tokens when it ends, made into maps as `token_maps` makes raw ones (heads averaged or one head,
-        the prefix tokens dropped, the chosen layers averaged), with no second pass over the decoder."""
+        """Generation and its tokens' raw maps at once, from the cross-attention weights that decoding computes
+        for the kept tokens when it ends (`vlm.grounding.methods.generated_raw_maps`): no second decoder pass."""
         gen = generate(self.model, image_kv, prompts, eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
                        config=decoding, return_attention=True)
-        layers = chosen_layers(self.model, config.layers)
-        prefix = self.model.encoder.num_prefix
-        maps = []
-        for attn in gen.attentions:  # (T, L, H, N)
-            parts = (attn.mean(2) if config.head is None else attn[:, :, config.head]).transpose(0, 1)  # (L, T, N)
-            if prefix:
-                parts = patches_only(parts, prefix, "raw")
-            maps.append(combine_layers(parts, "raw", layers).float().reshape(-1, *grid).cpu().numpy())
-        return gen, maps
+        return gen, [m.cpu().numpy() for m in generated_raw_maps(self.model, gen.attentions, grid, config)]
 
 
 @dataclass
