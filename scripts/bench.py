@@ -397,6 +397,14 @@ def _probe(name: str, args) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def least_generation_seconds(side: Side, images, new_tokens: int, flops: float, peak: float,
+                             weight_read: float) -> float:
+    """The roofline bound of one generation call: the encoder's FLOPs at the matmul peak, then per new token the
+    larger of its FLOPs at the peak and one read of the decoder weights."""
+    encoder = encoder_flops(side, images)
+    return encoder / peak + new_tokens * max((flops - encoder) / new_tokens / peak, weight_read)
+
+
 def measure_onnx(args, sides: dict, batch, cases: list, device: torch.device) -> dict:
     """The ONNX Runtime rows: ours exported (fp32, maps, int8) against HF eager and HF on ONNX Runtime, alternated."""
     import tempfile
@@ -438,8 +446,7 @@ def report_onnx_only(args, sides: dict, rows: dict, cases: list, device: torch.d
     ratios, ceilings = {}, {}
     for metric, images, beams in cases:
         flops = generation_flops(sides["ours"], images, args.new_tokens, beams)
-        encoder = encoder_flops(sides["ours"], images)
-        least = encoder / peak + args.new_tokens * max((flops - encoder) / args.new_tokens / peak, weight_read)
+        least = least_generation_seconds(sides["ours"], images, args.new_tokens, flops, peak, weight_read)
         hf_seconds = rows[metric.replace("images_per_s", "vs_hf")] / rows[metric]  # HF eager's seconds per image
         for m in [metric] + (["greedy_b1_int8_images_per_s"] if metric == "greedy_b1_images_per_s" else []):
             ratios[f"onnx_{m}_vs_hf"] = rows[m.replace("images_per_s", "vs_hf")]
@@ -526,9 +533,7 @@ def main() -> None:
     for metric, images, beams in cases:
         flops = generation_flops(ours, images, args.new_tokens, beams)
         results["ours"][metric.replace("images_per_s", "gflop")] = flops / 1e9
-        encoder = encoder_flops(ours, images)
-        step = (flops - encoder) / args.new_tokens
-        least_seconds[metric] = encoder / peak + args.new_tokens * max(step / peak, weight_read)
+        least_seconds[metric] = least_generation_seconds(ours, images, args.new_tokens, flops, peak, weight_read)
     for name in sides:
         probe = _probe(name, args)
         results[name]["train_peak_memory_mb"] = probe["peak_minus_base_mb"]

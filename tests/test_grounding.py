@@ -73,7 +73,7 @@ def test_generated_raw_maps_are_token_maps_without_a_second_pass(captioner, conf
         prompts = [tok.caption_prompt()] * 2
         gen = generate(model, image_kv, prompts, eos_id=tok.eos_id, pad_id=tok.pad_id,
                        config=DecodingConfig(max_new_tokens=6), return_attention=True)
-        made = generated_raw_maps(model, gen.attentions, grid, config)
+        made = generated_raw_maps(model, gen.attentions, grid, config, prefix=model.encoder.num_prefix)
         expected = token_maps(model, image_kv, grid, prompts, gen.tokens, config)
     assert [m.shape for m in made] == [e.shape for e in expected] and made[0].shape[0] == len(gen.tokens[0])
     assert (expected[0] - expected[0].mean()).abs().max() > 1e-3  # the maps are not flat

@@ -23,7 +23,7 @@ from vlm.checkpoint import load_model
 from vlm.cli import main
 from vlm.config import DecodingConfig, MapConfig
 from vlm.errors import VLMError
-from vlm.grounding.methods import token_maps
+from vlm.grounding.methods import generated_raw_maps, token_maps
 from vlm.hub import import_model, load_hf
 from vlm.model.generate import generate
 
@@ -332,3 +332,22 @@ def test_images_are_prepared_as_the_source_processor_prepares_them(families, nam
     one_level = 1 / 255 / min(STD) + 1e-6
     diff = (ours - ref).abs()
     assert diff.max() <= one_level and (diff > 1e-4).float().mean() < 0.02
+
+
+def test_generated_raw_maps_of_an_imported_model_drop_the_class_token_as_token_maps_do(families):
+    """`vlm predict`'s one-pass raw maps (from generation's own cross-attention) for a decoder that also attends to
+    its ViT's class token: the class column dropped and each row renormalised, as `token_maps` does."""
+    _, _, model, tok = families["blip"]
+    pixels, ids = _pixels(), _ids(tok)
+    prompts = ids[:, :2].tolist()
+    with torch.no_grad():
+        image_kv, grid = model.encode(pixels)
+        gen = generate(model, image_kv, prompts, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                       config=DecodingConfig(max_new_tokens=4), return_attention=True)
+        made = generated_raw_maps(model, gen.attentions, grid, MapConfig(), prefix=model.encoder.num_prefix)
+        expected = token_maps(model, image_kv, grid, prompts, gen.tokens, MapConfig())
+    assert model.encoder.num_prefix == 1 and gen.attentions[0].shape[-1] == grid[0] * grid[1] + 1
+    assert gen.attentions[0][..., 0].mean() > 1e-3  # the class token holds a share the renormalisation removes
+    for m, e in zip(made, expected, strict=True):
+        assert m.shape == e.shape and len(m) == 4
+        torch.testing.assert_close(m, e, atol=1e-5, rtol=1e-4)

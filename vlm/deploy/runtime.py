@@ -172,6 +172,11 @@ class OnnxBackend:
     def __init__(self, model: OnnxModel, tokenizer: Tokenizer):
         self.model, self.tokenizer = model, tokenizer
 
+    @property
+    def num_prefix(self) -> int:
+        """Prefix (class) tokens leading the image keys, which maps leave out."""
+        return self.model.num_prefix
+
     def encode(self, pixels: Tensor) -> tuple[OnnxImages, tuple[int, int]]:
         return self.model.encode(pixels)
 

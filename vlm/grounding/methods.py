@@ -87,16 +87,16 @@ def token_maps(model: VisionLanguageModel, image_kv: list[KeysValues], grid: tup
 
 
 def generated_raw_maps(model: VisionLanguageModel, attentions: Sequence[Tensor], grid: tuple[int, int],
-                       config: MapConfig | None = None) -> list[Tensor]:
-    """Raw maps (T, h, w) of generated tokens from the cross-attention (T, L, H, N) that generation returns
-    (`vlm.model.generate.generate` with ``return_attention``): what `token_maps` makes of the same tokens with
-    ``method="raw"`` (heads averaged or one head, prefix columns dropped, the chosen layers averaged), without a
-    second pass over the decoder."""
+                       config: MapConfig | None = None, *, prefix: int = 0) -> list[Tensor]:
+    """Raw maps (T, h, w) of generated tokens from the cross-attention (T, L, H, N) that decoding returns
+    (`vlm.model.generate.decode` with ``return_attention``, on either backend): what `token_maps` makes of the same
+    tokens with ``method="raw"`` (heads averaged or one head, the ``prefix`` columns dropped, the chosen layers
+    averaged), without a second pass over the decoder. ``model``: anything with the model's ``cfg`` (an ONNX
+    export's `OnnxModel` too)."""
     config = config or MapConfig()
     if config.method != "raw":
         raise ValueError(f"generated_raw_maps makes raw maps, not {config.method}")
     chosen = chosen_layers(model, config.layers)
-    prefix = getattr(model.encoder, "num_prefix", 0)
     maps = []
     for attn in attentions:  # (T, L, H, N)
         parts = (attn.mean(2) if config.head is None else attn[:, :, config.head]).transpose(0, 1)  # (L, T, N)

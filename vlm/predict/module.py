@@ -50,22 +50,19 @@ class TorchBackend(nn.Module):
     def encode(self, pixels: Tensor) -> tuple[list[KeysValues], tuple[int, int]]:
         return self.model.encode(pixels)
 
-    def generate(self, image_kv: list[KeysValues], prompts: list[list[int]], decoding: DecodingConfig) -> Generation:
+    @property
+    def num_prefix(self) -> int:
+        """Prefix (class) tokens leading the image keys, which maps leave out."""
+        return self.model.encoder.num_prefix
+
+    def generate(self, image_kv: list[KeysValues], prompts: list[list[int]], decoding: DecodingConfig,
+                 return_attention: bool = False) -> Generation:
         return generate(self.model, image_kv, prompts, eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
-                        config=decoding)
+                        config=decoding, return_attention=return_attention)
 
     def maps(self, image_kv: list[KeysValues], grid: tuple[int, int], prompts: list[list[int]],
              targets: list[list[int]], config: MapConfig) -> list[np.ndarray]:
         return [m.cpu().numpy() for m in token_maps(self.model, image_kv, grid, prompts, targets, config)]
-
-    def generate_raw_maps(self, image_kv: list[KeysValues], grid: tuple[int, int], prompts: list[list[int]],
-                          decoding: DecodingConfig, config: MapConfig) -> tuple[Generation, list[np.ndarray]]:
-        """Generation and its tokens' raw maps at once, from the cross-attention weights that decoding computes
-        for the kept tokens when it ends (`vlm.grounding.methods.generated_raw_maps`): no second decoder pass."""
-        gen = generate(self.model, image_kv, prompts, eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
-                       config=decoding, return_attention=True)
-        return gen, [m.cpu().numpy() for m in generated_raw_maps(self.model, gen.attentions, grid, config)]
-
 
 @dataclass
 class Tasks:
@@ -198,16 +195,18 @@ class PredictModule(L.LightningModule):
         """Each image's text (after the ``lead`` ids' text), its generated tokens ({token, id, logprob[,
         patches]}) and, with maps, their token maps."""
         started = time.perf_counter()
-        if self.tasks.maps is not None and self.tasks.maps.method == "raw" and isinstance(self.backend,
-                                                                                          TorchBackend):
-            gen, maps = self.backend.generate_raw_maps(image_kv, grid, prompts, decoding, self.tasks.maps)
+        config = self.tasks.maps
+        one_pass = config is not None and config.method == "raw"  # raw maps: the weights decoding computes anyway
+        gen = self.backend.generate(image_kv, prompts, decoding, return_attention=one_pass)
+        if one_pass:
+            maps = [m.cpu().numpy() for m in generated_raw_maps(self.backend.model, gen.attentions, grid, config,
+                                                                prefix=self.backend.num_prefix)]
             started = self._timed("generate_and_maps", started)
         else:
-            gen = self.backend.generate(image_kv, prompts, decoding)
             started = self._timed("generate", started)
-            maps = (self.backend.maps(image_kv, grid, prompts, gen.tokens, self.tasks.maps)
-                    if self.tasks.maps is not None else [None] * len(prompts))
-            if self.tasks.maps is not None:
+            maps = ([None] * len(prompts) if config is None
+                    else self.backend.maps(image_kv, grid, prompts, gen.tokens, config))
+            if config is not None:
                 started = self._timed("maps", started)
         out = []
         for ids, logprobs, made in zip(gen.tokens, gen.token_logprobs, maps, strict=True):
