@@ -147,10 +147,11 @@ def runs(model_dir, folder, shards, tmp_path_factory) -> dict:
                   questions=["what color is it ?"], **CPU)
     one_shards = predict(model_dir, shard_glob, tmp / "one_shards", decoding=DecodingConfig(beam_size=2),
                          batch_size=2, **CPU)
-    for proc in (ddp_folder, ddp_shards):
-        output = proc.communicate(timeout=300)[0]
-        assert proc.returncode == 0, output[-3000:]
-    return {"tmp": tmp, "one": one, "one_shards": one_shards, "ddp_folder_log": output}
+    logs = {}
+    for name, proc in (("folder", ddp_folder), ("shards", ddp_shards)):
+        logs[name] = proc.communicate(timeout=300)[0]
+        assert proc.returncode == 0, logs[name][-3000:]
+    return {"tmp": tmp, "one": one, "one_shards": one_shards, "logs": logs}
 
 
 def test_two_processes_predict_every_image_once_as_one_process_does(runs, folder):
@@ -165,6 +166,16 @@ def test_two_processes_predict_every_image_once_as_one_process_does(runs, folder
     manifest = json.loads((tmp / "ddp_folder" / "manifest.json").read_text())
     assert manifest["complete"] and manifest["records"] == 10 and manifest["errors"] == 3
     assert [c["count"] for c in manifest["chunks"]] == [4, 4, 4, 1]
+
+
+def test_two_processes_report_the_jobs_progress_not_the_first_ones_share(runs):
+    """The first process's last line counts every process's images (13 files, 3 of them bad: each is an item read)
+    of the job's total; its own share is 8 (chunks 0 and 2). The counts' folder is gone at the end."""
+    last = [line for line in runs["logs"]["folder"].splitlines() if line.startswith("predict: ")][-1]
+    assert last.split(" | ")[0] == "predict: 13/13 images (2 processes)", last
+    shards = [line for line in runs["logs"]["shards"].splitlines() if line.startswith("predict: ")][-1]
+    assert shards.split(" | ")[0] == "predict: 8/? images (2 processes)", shards  # shards: no total known
+    assert not (runs["tmp"] / "ddp_folder" / ".progress").exists()
 
 
 def test_bad_images_go_to_the_errors_file_with_their_reason_and_the_run_finishes(runs):

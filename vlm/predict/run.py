@@ -86,7 +86,9 @@ class PredictData(L.LightningDataModule):
         self.out, self.fmt, self.chunks, self.stream, self.writer = out, fmt, chunks, stream, writer
         self.num_workers = num_workers
         self.local_items: int | None = None
-        """Images this process reads (None: unknown, shards); the progress line's total."""
+        """Images this process reads (None: unknown, shards)."""
+        self.total_items: int | None = None
+        """Images every process reads together (None: unknown, shards); the progress line's total."""
         self.skipped = 0
 
     def setup(self, stage: str) -> None:
@@ -102,7 +104,8 @@ class PredictData(L.LightningDataModule):
         workers = max(1, self.num_workers)  # reader r = rank * workers + worker reads chunks r, r + readers, ...
         readers = self.trainer.world_size * workers
         mine = [s for i, s in enumerate(sizes) if (i % readers) // workers == self.trainer.global_rank]
-        self.local_items = None if any(s is None for s in sizes) else sum(mine)
+        known = all(s is not None for s in sizes)
+        self.local_items, self.total_items = (sum(mine), sum(sizes)) if known else (None, None)
 
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, collate_fn=collate,
@@ -188,7 +191,7 @@ def predict(model: str | os.PathLike | tuple[VisionLanguageModel, Tokenizer], in
     stream = ChunkStream(chunks, captioner.transform, batch_size, max_pixels, keep_raw=format == "webdataset")
     writer = ChunkWriter(out, format, chunks, job)
     data = PredictData(out, format, chunks, stream, writer, num_workers)
-    progress = Progress(every=progress_every)
+    progress = Progress(every=progress_every, shared=out / ".progress")
     trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
                         precision=precision, logger=False, enable_checkpointing=False, enable_model_summary=False,
                         inference_mode=False, use_distributed_sampler=False, callbacks=[writer, progress],

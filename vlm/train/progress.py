@@ -2,15 +2,22 @@
 
 On a terminal, one line redrawn in place: done / total, items per second, elapsed and ETA (and the training
 loss). When stdout is not a terminal (a log file, a cluster job), a plain line every ``every`` batches and one at
-the end, so a piped run is never silent. Only the first process (rank 0) reports, on its own share: its items of
-its total, its rate (the line says of how many processes).
+the end, so a piped run is never silent. Only the first process (rank 0) reports. In training the step is the
+job's (the processes step together) and the rate is the first process's. In prediction the processes run apart;
+with ``shared`` (a folder every process can write, the output's) each writes its count there as it goes, and the
+first one reports the job's: every process's images of the job's total, their rate. Without it, or while another
+process's count is not yet there, the line says how many processes it counts.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import shutil
 import sys
 import time
+from pathlib import Path
 from typing import Any, TextIO
 
 import lightning as L
@@ -38,14 +45,20 @@ def batch_items(batch: Any) -> int:
 class Progress(ProgressBar):
     """Items per second and ETA of training (steps) or prediction (images), as a bar or as plain lines.
 
-    ``total``: items expected in prediction (None: unknown, no ETA); ``unit``: what an item is called.
-    ``every``: batches between plain lines when stdout is not a terminal.
+    ``total``: items expected in prediction (None: unknown, no ETA; else the data module's ``total_items`` when
+    ``shared`` is given, its ``local_items`` when not); ``unit``: what an item is called. ``every``: batches between
+    plain lines when stdout is not a terminal. ``shared``: the folder where prediction's processes leave their
+    counts (removed at the end).
     """
 
-    def __init__(self, every: int = 50, total: int | None = None, unit: str = "images", stream: TextIO | None = None):
+    def __init__(self, every: int = 50, total: int | None = None, unit: str = "images", stream: TextIO | None = None,
+                 shared: str | os.PathLike | None = None):
         super().__init__()
         self.every, self.total, self.unit = every, total, unit
         self.stream = stream
+        self.shared = Path(shared) if shared is not None else None
+        self._token = ""  # this run's, so that counts left by an earlier run are not read
+        self._counted = 1  # processes whose counts the line holds
         self._enabled = True
         self._start = 0.0
         self._done = 0
@@ -82,17 +95,52 @@ class Progress(ProgressBar):
 
     # ------------------------------------------------------------------ prediction: images
 
+    def _sharing(self, trainer: L.Trainer) -> bool:
+        return self.shared is not None and trainer.world_size > 1
+
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._begin()
+        if self._sharing(trainer):
+            self._token = trainer.strategy.broadcast(f"{time.time_ns()}-{os.getpid()}", src=0)
+            self.shared.mkdir(parents=True, exist_ok=True)
+            self._write_count(trainer)
         if self.total is None:  # the data module may know how many images are pending
-            self.total = getattr(trainer.datamodule, "local_items", None)
+            key = "total_items" if self._sharing(trainer) else "local_items"
+            self.total = getattr(trainer.datamodule, key, None)
 
     def on_predict_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                              batch_idx: int, dataloader_idx: int = 0) -> None:
         self._step(trainer, batch_items(batch), self.total, "predict")
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._sharing(trainer):
+            trainer.strategy.barrier("vlm-progress")  # every process's last count is written
         self._finish(trainer, self.total, "predict")
+        if self._sharing(trainer):
+            trainer.strategy.barrier("vlm-progress-read")
+            if trainer.is_global_zero:
+                shutil.rmtree(self.shared, ignore_errors=True)
+
+    def _write_count(self, trainer: L.Trainer) -> None:
+        """This process's count, replaced atomically (a reader sees the old file or the new one)."""
+        path = self.shared / f"rank-{trainer.global_rank}.json"
+        part = path.with_suffix(".part")
+        part.write_text(json.dumps({"token": self._token, "done": self._done}))
+        os.replace(part, path)
+
+    def _job_done(self, trainer: L.Trainer) -> int:
+        """Items done by every process whose count of this run is in ``shared`` (this one's own, as counted)."""
+        done, self._counted = self._done, 1
+        for rank in range(trainer.world_size):
+            if rank == trainer.global_rank:
+                continue
+            try:
+                count = json.loads((self.shared / f"rank-{rank}.json").read_text())
+            except (OSError, ValueError):  # not written yet (or not visible from here)
+                continue
+            if count.get("token") == self._token:
+                done, self._counted = done + int(count["done"]), self._counted + 1
+        return done
 
     # ------------------------------------------------------------------ training: steps, with images per second
 
@@ -112,6 +160,8 @@ class Progress(ProgressBar):
     def _step(self, trainer: L.Trainer, items: int, total: int | None, stage: str) -> None:
         self._done += items
         self._batches += 1
+        if stage == "predict" and self._sharing(trainer):
+            self._write_count(trainer)
         if not self._active(trainer):
             return
         if self.tty:
@@ -120,7 +170,7 @@ class Progress(ProgressBar):
             self._write(self.line(trainer, total, stage), redraw=False)
 
     def _finish(self, trainer: L.Trainer, total: int | None, stage: str) -> None:
-        if not self._active(trainer) or not self._batches:
+        if not self._active(trainer) or not (self._batches or self._sharing(trainer)):
             return
         self._write(self.line(trainer, total, stage), redraw=self.tty)
         if self.tty:
@@ -139,11 +189,18 @@ class Progress(ProgressBar):
             loss = trainer.progress_bar_metrics.get("train/loss", trainer.progress_bar_metrics.get("loss"))
             done = f"step {step}/{max_steps if max_steps and max_steps > 0 else '?'}"
             extra = f" | loss {float(loss):.4f}" if loss is not None else ""
+            share = f" (process 0 of {trainer.world_size})" if trainer.world_size > 1 else ""
         else:
-            done = f"{self._done}/{total if total is not None else '?'} {self.unit}"
-            eta = (total - self._done) / rate if total is not None and rate > 0 else math.inf
+            items = self._job_done(trainer) if self._sharing(trainer) else self._done
+            rate = items / elapsed
+            done = f"{items}/{total if total is not None else '?'} {self.unit}"
+            eta = (total - items) / rate if total is not None and rate > 0 else math.inf
             extra = ""
-        share = f" (process 0 of {trainer.world_size})" if trainer.world_size > 1 else ""
+            share = ""
+            if trainer.world_size > 1:
+                share = (f" ({trainer.world_size} processes)" if self._counted == trainer.world_size else
+                         f" ({self._counted} of {trainer.world_size} processes counted)" if self._sharing(trainer)
+                         else f" (process 0 of {trainer.world_size})")
         return (f"{stage}: {done}{share} | {rate:.1f} {self.unit}/s | elapsed {_duration(elapsed)} | "
                 f"eta {_duration(max(eta, 0.0))}{extra}")
 
