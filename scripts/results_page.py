@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from vlm.config import DataConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 PAGE = ROOT / "docs" / "results.md"
@@ -370,8 +372,8 @@ def provenance(report: dict, path: Path) -> str:
 GRID = """## The attention grid in the README
 
 `assets/attention_grid.png` is `vlm attend`'s `grid.png` for held-out scene 0 with the model that
-`scripts/quality.py` trained (each panel: one generated token's map, heads and layers averaged); redraw it after
-re-running that script:
+`scripts/quality.py` trained for the report above (`--out runs/quality` by default; each panel: one generated token's
+map, heads and layers averaged); redraw it after re-running that script:
 
 ```bash
 .venv/bin/python -c "from vlm.data.scenes import make_scene; make_scene(0, 'val').image.save('/tmp/scene0.png')"
@@ -381,32 +383,42 @@ cp /tmp/scene0/grid.png assets/attention_grid.png
 """
 
 
-SEEDS_ABOUT = """The default recipe trained with other seeds and the runs that chose it (`scripts/quality.py --
---trainer.seed N ...`, each its own report). The seed sets the initial weights, the training order and each item's
-drawn texts. Reports named `*_captions1*` ran at commits before `4ef0094`, whose default was one caption per image:
-there the pointing game held on seeds 1 and 2 (0.94, 0.95) but not on seed 0 (0.80), and a larger grounding weight
-raised it only by costing VQA; decoding 2 and then 3 of each image's captions per batch (each caption's phrases train
-the grounding loss too) raised seed 0 to 0.92 and 0.94, and 3 became the default (`data.captions_per_image`). The
-guard that a default change must keep (issue 22): VQA >= 0.95, CIDEr-D >= 5 and pointing >= 0.93 within 15 minutes.
-Wall times depend on what else the machine ran (each report records its load average); a run given more time than
-the recipe's 14 minutes says so in its arguments."""
+SEEDS_ABOUT = """The default recipe trained with other seeds (the first row is the run above) and the runs that
+chose it (`scripts/quality.py -- --trainer.seed N ...`, each its own report). The seed sets the initial weights,
+the training order and each item's drawn texts. Reports named `*_captions1*` ran at commits before `4ef0094`, whose
+default was one caption per image: there the pointing game held on seeds 1 and 2 (0.94, 0.95) but not on seed 0
+(0.80), and a larger grounding weight raised it only by costing VQA; decoding 2 and then 3 of each image's captions
+per batch (each caption's phrases train the grounding loss too) raised seed 0 to 0.92 and 0.94, and 3 became the
+default (`data.captions_per_image`). The guard that a default change must keep (issue 22): VQA >= 0.95, CIDEr-D >=
+5 and pointing >= 0.93 within 15 minutes. Wall times depend on what else the machine ran (each report records its
+load average); a run given more time than the recipe's 14 minutes says so in its arguments."""
+
+
+def _captions_per_image(path: Path, args: list[str]) -> int:
+    """What a quality report's run decoded per image: its argument, else 1 for a `*_captions1*` report (the default
+    before 4ef0094), else today's default."""
+    if "--data.captions_per_image" in args:
+        return int(args[args.index("--data.captions_per_image") + 1])
+    return 1 if "_captions1" in path.name else DataConfig.captions_per_image
 
 
 def seeds(results: Path) -> str:
-    """The default recipe's runs with other seeds or arguments (quality_*.json), one row each."""
+    """The default recipe's runs with other seeds or arguments (quality.json, then quality_*.json), one row each."""
     rows = []
-    for path in sorted(results.glob("quality_*.json")):
+    for path in [results / "quality.json", *sorted(results.glob("quality_*.json"))]:
+        if not path.exists():
+            continue
         report = json.loads(path.read_text())
         r, args = report["results"], report["config"]["train_args"]
-        rows.append([f"`{' '.join(args)}`" if args else "(defaults)", fmt(r.get("train_minutes"), 1),
-                     fmt(r.get("train_steps"), 0), fmt(r["vqa_accuracy"]), fmt(r["CIDEr-D"], 2),
-                     fmt(r["pointing_game"]), fmt(r["mass_in_box"]),
+        rows.append([f"`{' '.join(args)}`" if args else "(defaults)", str(_captions_per_image(path, args)),
+                     fmt(r.get("train_minutes"), 1), fmt(r.get("train_steps"), 0), fmt(r["vqa_accuracy"]),
+                     fmt(r["CIDEr-D"], 2), fmt(r["pointing_game"]), fmt(r["mass_in_box"]),
                      f"[{path.name}](../benchmarks/results/{path.name}), `{report.get('commit')}`"])
-    if not rows:
+    if len(rows) < 2:
         return ""
     return "## The default recipe across seeds\n\n" + SEEDS_ABOUT + "\n\n" + table(
-        ["`vlm train` arguments", "minutes", "steps", "VQA", "CIDEr-D", "pointing game", "mass in box", "report"],
-        rows) + "\n"
+        ["`vlm train` arguments", "captions per image", "minutes", "steps", "VQA", "CIDEr-D", "pointing game",
+         "mass in box", "report"], rows) + "\n"
 
 
 def render_page(results: Path) -> str:

@@ -66,9 +66,19 @@ def test_results_page_tabulates_the_default_recipe_across_seeds(modules, tmp_pat
     _bench.report(tmp_path / "quality_seed1.json", config={"model": "m", "num_scenes": 500,
                                                            "train_args": ["--trainer.seed", "1"]},
                   results={**scores, "pointing_game": 0.812})
+    _bench.report(tmp_path / "quality_seed1_captions1.json", config={"model": "m", "num_scenes": 500,
+                                                                     "train_args": ["--trainer.seed", "1"]},
+                  results={**scores, "pointing_game": 0.7})
+    _bench.report(tmp_path / "quality_seed1_captions2.json", config={
+        "model": "m", "num_scenes": 500, "train_args": ["--trainer.seed", "1", "--data.captions_per_image", "2"]},
+        results={**scores, "pointing_game": 0.9})
     page = results_page.render_page(tmp_path)
     assert page.index("## Quality of the default model") < page.index("## The default recipe across seeds")
-    assert "| `--trainer.seed 1` | 6.0 | 800 | 0.970 | 6.20 | 0.812 | 0.630 | [quality_seed1.json]" in page
+    rows = [line for line in page.splitlines() if "[quality" in line and line.startswith("| ")]
+    assert [row.split(" | ")[:2] for row in rows] == [  # the run above first; captions per image of each
+        ["| (defaults)", "3"], ["| `--trainer.seed 1`", "3"], ["| `--trainer.seed 1`", "1"],
+        ["| `--trainer.seed 1 --data.captions_per_image 2`", "2"]]
+    assert "| `--trainer.seed 1` | 3 | 6.0 | 800 | 0.970 | 6.20 | 0.812 | 0.630 | [quality_seed1.json]" in page
     assert "## Quality seed1" not in page  # a seed's report is a row of the table, not a section of its own
 
 
