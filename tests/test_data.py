@@ -102,7 +102,8 @@ def test_caption_sequences_ground_each_object_phrase_at_the_positions_that_predi
 
 
 def test_collate_keeps_each_grounded_token_with_its_row_and_box(tokenizer):
-    dataset = SceneDataset("val", DataConfig(questions_per_image=2), tokenizer, lambda im: torch.zeros(3, 64, 64), 64)
+    dataset = SceneDataset("val", DataConfig(captions_per_image=1, questions_per_image=2), tokenizer,
+                           lambda im: torch.zeros(3, 64, 64), 64)
     items = [dataset[i] for i in range(4)]
     batch = collate(items, pad_id=tokenizer.pad_id)
     (where, boxes), (vqa_where, _) = batch.grounded

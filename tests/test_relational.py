@@ -205,7 +205,7 @@ def test_evaluation_reports_accuracy_per_relational_kind(context_captioner) -> N
 def test_a_tiny_model_learns_on_the_relational_family(rel_tokenizer) -> None:
     torch.manual_seed(0)
     module = CaptionModule.create(tiny_config(context_layers=1), OptimConfig(grounding_weight=0.0), rel_tokenizer)
-    cfg = DataConfig(scenes="relational", questions_per_image=6)
+    cfg = DataConfig(scenes="relational", captions_per_image=1, questions_per_image=6)
     data = SceneDataset("train", cfg, rel_tokenizer, image_transform(module.model.encoder.trunk, SIZE), SIZE)
     batches = [collate([data[i] for i in range(4)], rel_tokenizer.pad_id)]
     questions = " ".join(rel_tokenizer.decode(ids) for ids in batches[0].ids[batches[0].tasks.index("vqa")].tolist())
