@@ -85,8 +85,6 @@ class PredictData(L.LightningDataModule):
         super().__init__()
         self.out, self.fmt, self.chunks, self.stream, self.writer = out, fmt, chunks, stream, writer
         self.num_workers = num_workers
-        self.local_items: int | None = None
-        """Images this process reads (None: unknown, shards)."""
         self.total_items: int | None = None
         """Images every process reads together (None: unknown, shards); the progress line's total."""
         self.skipped = 0
@@ -101,11 +99,7 @@ class PredictData(L.LightningDataModule):
         self.writer.pending = {by_index[i].id for i in pending}
         self.skipped = len(self.chunks) - len(pending)
         sizes = [c.size for c in self.stream.chunks]
-        workers = max(1, self.num_workers)  # reader r = rank * workers + worker reads chunks r, r + readers, ...
-        readers = self.trainer.world_size * workers
-        mine = [s for i, s in enumerate(sizes) if (i % readers) // workers == self.trainer.global_rank]
-        known = all(s is not None for s in sizes)
-        self.local_items, self.total_items = (sum(mine), sum(sizes)) if known else (None, None)
+        self.total_items = sum(sizes) if all(s is not None for s in sizes) else None
 
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, collate_fn=collate,

@@ -45,10 +45,10 @@ def batch_items(batch: Any) -> int:
 class Progress(ProgressBar):
     """Items per second and ETA of training (steps) or prediction (images), as a bar or as plain lines.
 
-    ``total``: items expected in prediction (None: unknown, no ETA; else the data module's ``total_items`` when
-    ``shared`` is given, its ``local_items`` when not); ``unit``: what an item is called. ``every``: batches between
-    plain lines when stdout is not a terminal. ``shared``: the folder where prediction's processes leave their
-    counts (removed at the end).
+    ``total``: items expected in prediction (None: unknown, no ETA; else the data module's ``total_items``, when
+    the line counts them all: one process, or several with ``shared``); ``unit``: what an item is called.
+    ``every``: batches between plain lines when stdout is not a terminal. ``shared``: the folder where
+    prediction's processes leave their counts (removed at the end).
     """
 
     def __init__(self, every: int = 50, total: int | None = None, unit: str = "images", stream: TextIO | None = None,
@@ -58,7 +58,6 @@ class Progress(ProgressBar):
         self.stream = stream
         self.shared = Path(shared) if shared is not None else None
         self._token = ""  # this run's, so that counts left by an earlier run are not read
-        self._counted = 1  # processes whose counts the line holds
         self._enabled = True
         self._start = 0.0
         self._done = 0
@@ -104,9 +103,8 @@ class Progress(ProgressBar):
             self._token = trainer.strategy.broadcast(f"{time.time_ns()}-{os.getpid()}", src=0)
             self.shared.mkdir(parents=True, exist_ok=True)
             self._write_count(trainer)
-        if self.total is None:  # the data module may know how many images are pending
-            key = "total_items" if self._sharing(trainer) else "local_items"
-            self.total = getattr(trainer.datamodule, key, None)
+        if self.total is None and (trainer.world_size == 1 or self._sharing(trainer)):
+            self.total = getattr(trainer.datamodule, "total_items", None)  # the images pending, when known
 
     def on_predict_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                              batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -116,10 +114,8 @@ class Progress(ProgressBar):
         if self._sharing(trainer):
             trainer.strategy.barrier("vlm-progress")  # every process's last count is written
         self._finish(trainer, self.total, "predict")
-        if self._sharing(trainer):
-            trainer.strategy.barrier("vlm-progress-read")
-            if trainer.is_global_zero:
-                shutil.rmtree(self.shared, ignore_errors=True)
+        if self._sharing(trainer) and trainer.is_global_zero:  # the others wrote their last count before the barrier
+            shutil.rmtree(self.shared, ignore_errors=True)
 
     def _write_count(self, trainer: L.Trainer) -> None:
         """This process's count, replaced atomically (a reader sees the old file or the new one)."""
@@ -128,9 +124,10 @@ class Progress(ProgressBar):
         part.write_text(json.dumps({"token": self._token, "done": self._done}))
         os.replace(part, path)
 
-    def _job_done(self, trainer: L.Trainer) -> int:
-        """Items done by every process whose count of this run is in ``shared`` (this one's own, as counted)."""
-        done, self._counted = self._done, 1
+    def _job_done(self, trainer: L.Trainer) -> tuple[int, int]:
+        """Items done by every process whose count of this run is in ``shared`` (this one's own, as counted), and
+        how many processes that is."""
+        done, counted = self._done, 1
         for rank in range(trainer.world_size):
             if rank == trainer.global_rank:
                 continue
@@ -139,8 +136,8 @@ class Progress(ProgressBar):
             except (OSError, ValueError):  # not written yet (or not visible from here)
                 continue
             if count.get("token") == self._token:
-                done, self._counted = done + int(count["done"]), self._counted + 1
-        return done
+                done, counted = done + int(count["done"]), counted + 1
+        return done, counted
 
     # ------------------------------------------------------------------ training: steps, with images per second
 
@@ -181,8 +178,8 @@ class Progress(ProgressBar):
     def line(self, trainer: L.Trainer, total: int | None, stage: str) -> str:
         """The progress line: what is done of what, the rate, elapsed time and ETA."""
         elapsed = max(time.monotonic() - self._start, 1e-9)
-        rate = self._done / elapsed
         if stage == "train":
+            rate = self._done / elapsed
             step, max_steps = trainer.global_step, trainer.max_steps
             steps_done = step - getattr(self, "_steps_at_start", 0)
             eta = (max_steps - step) * elapsed / steps_done if max_steps and max_steps > 0 and steps_done else math.inf
@@ -191,16 +188,13 @@ class Progress(ProgressBar):
             extra = f" | loss {float(loss):.4f}" if loss is not None else ""
             share = f" (process 0 of {trainer.world_size})" if trainer.world_size > 1 else ""
         else:
-            items = self._job_done(trainer) if self._sharing(trainer) else self._done
+            items, counted = self._job_done(trainer) if self._sharing(trainer) else (self._done, 1)
             rate = items / elapsed
             done = f"{items}/{total if total is not None else '?'} {self.unit}"
             eta = (total - items) / rate if total is not None and rate > 0 else math.inf
             extra = ""
-            share = ""
-            if trainer.world_size > 1:
-                share = (f" ({trainer.world_size} processes)" if self._counted == trainer.world_size else
-                         f" ({self._counted} of {trainer.world_size} processes counted)" if self._sharing(trainer)
-                         else f" (process 0 of {trainer.world_size})")
+            share = ("" if trainer.world_size == 1 else f" ({trainer.world_size} processes)"
+                     if counted == trainer.world_size else f" ({counted} of {trainer.world_size} processes counted)")
         return (f"{stage}: {done}{share} | {rate:.1f} {self.unit}/s | elapsed {_duration(elapsed)} | "
                 f"eta {_duration(max(eta, 0.0))}{extra}")
 
