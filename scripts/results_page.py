@@ -164,9 +164,9 @@ def speed(report: dict) -> str:
              "process). The ceiling is a roofline bound on the ratio: HF's time over the least time our work could "
              f"take, our counted FLOPs at the measured matmul peak ({m['matmul_peak_gflop_per_s']:.0f} GFLOP/s) and, "
              f"per generated token, at least one read of the decoder weights "
-             f"({m['decoder_weight_read_ms']:.2f} ms with torch's one-row products; a plain sum of them takes "
-             f"{m['decoder_weight_sum_ms']:.2f} ms). Maps' cost is the median of per-pair ratios, plain and with "
-             "maps timed back to back.")
+             f"({m['decoder_weight_read_ms']:.2f} ms: one sum over a buffer of them all, the memory's own rate; "
+             f"torch's one-row products take {m['decoder_weight_products_ms']:.2f} ms). Maps' cost is the median of "
+             "per-pair ratios, plain and with maps timed back to back.")
     text = about + "\n\n" + table(["metric", "ours", "HF", "ours / HF", "ceiling", "target"], rows)
     onnx = report["results"].get("onnx")
     if onnx:
@@ -184,12 +184,17 @@ def speed(report: dict) -> str:
         if "greedy_b1_attention_overhead" in onnx:
             onnx_rows.append(["returning attention maps (time added), batch 1 greedy",
                               f"{onnx['greedy_b1_attention_overhead']:+.1%}", "", "(<= 10%)", "", ""])
+        b1_reps = report["config"].get("onnx_batch1_reps", c["reps"])
         text += ("\n\nOn ONNX Runtime (`vlm export --format onnx`, `--runtime onnx`; 2 threads) against HF eager and "
                  "against HF's model on ONNX Runtime with its key/value cache (exported by the script with "
                  "`torch.onnx` in optimum's layout, encoder / first step / step with past, and run in our decoding "
-                 f"loop; its greedy tokens equal HF eager's: {onnx.get('hf_onnx_equals_hf_eager')}). Targets in "
-                 "brackets.\n\n" + table(["metric", "ours on ORT", "HF on ORT", "ours / HF eager",
-                                             "ours / HF on ORT", "ceiling vs HF eager"], onnx_rows))
+                 f"loop; its greedy tokens equal HF eager's: {onnx.get('hf_onnx_equals_hf_eager')}). Both ONNX "
+                 "sides get the same ONNX Runtime fusions (`vlm.deploy.export.fuse`), run with the runtime's session "
+                 "options (`vlm.deploy.runtime.session_options`: pools that sleep between runs) and one torch thread "
+                 "in the decoding loop. Batch-1 rows are medians of "
+                 f"{b1_reps} alternating repetitions. Targets in brackets.\n\n"
+                 + table(["metric", "ours on ORT", "HF on ORT", "ours / HF eager", "ours / HF on ORT",
+                          "ceiling vs HF eager"], onnx_rows))
     return text
 
 
@@ -318,7 +323,10 @@ def onnx_quality(report: dict) -> str:
     bounds = {"CIDEr-D": "<= 0.02 (relative)", "VQA accuracy": "<= 0.01", "pointing game": "<= 0.02"}
     rows = [[m, fmt(r["torch"][m]), fmt(r["onnx_fp32"][m]), fmt(r["onnx_int8"][m]), fmt(gaps[m], 4), bounds.get(m, "")]
             for m in r["torch"]]
-    about = (f"The model `{report['config']['model']}` (trained by `scripts/quality.py`), on the held-out scenes "
+    model = report["config"]["model"]
+    trained = "`vlm train --out runs/default`, the default run" if model == "runs/default/model" \
+        else "`scripts/quality.py`"
+    about = (f"The model `{model}` (trained by {trained}), on the held-out scenes "
              "(`vlm eval`'s built-in scoring: greedy captions and answers, raw maps) with torch, its ONNX export on "
              "ONNX Runtime, and the export quantized to int8 (`vlm export --quantize int8`, dynamic); the gap is int8 "
              "against fp32.")

@@ -124,6 +124,34 @@ def test_the_onnx_captioner_captions_answers_and_attends_as_torch(exported):
         theirs.attend(images[0], method="chefer")
 
 
+def test_onnx_decoding_runs_torch_on_one_thread_and_sessions_sleep_between_runs(exported, monkeypatch):
+    """Both ONNX Runtime sessions sleep rather than spin between runs, and the decoding loop's torch operations run
+    on one thread, the caller's setting restored after (also when decoding fails): what made batch-1 ONNX decoding
+    on 2 cores twice as fast (docs/results.md)."""
+    import vlm.deploy.runtime as runtime
+
+    captioner = load(exported[1], runtime="onnx", threads=2)
+    onnx = captioner.model
+    for session in (onnx.encoder, onnx.decoder):
+        assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+        assert session.get_session_options().intra_op_num_threads == 2
+    seen = []
+
+    def failing_decode(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        raise RuntimeError("stop")
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(runtime, "decode", failing_decode)
+        with pytest.raises(RuntimeError, match="stop"):
+            captioner.caption(random_images(1))
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_the_decoder_step_reads_its_fixed_capacity_cache_in_place_as_the_torch_decoder(model, tokenizer, exported):
     """The runtime's cache has room for more positions than are filled, and whatever the unfilled slots hold is
     never read: stepping one token at a time gives every position the logits of torch's full forward pass, and each

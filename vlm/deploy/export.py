@@ -33,11 +33,12 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import json
 import logging
 import os
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 import torch
@@ -97,11 +98,12 @@ class _StepAttention(Attention):
     cache is never concatenated with the new positions.
     """
 
-    past: tuple[Tensor, Tensor] | None = None
+    past: tuple[Tensor, Tensor, int] | None = None  # keys, values, capacity (read once for every layer)
 
     def keys_values(self, source: Tensor) -> tuple[Tensor, Tensor]:
-        kv = _Reshape.apply(self.kv(source), (0, -1, 2, self.num_heads, self.head_dim))  # (B, S, 2, H, hd)
-        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        # (B, S, 2H, hd): the keys' heads, then the values'; one transpose and one split (not one each)
+        kv = _Reshape.apply(self.kv(source), (0, -1, 2 * self.num_heads, self.head_dim)).transpose(1, 2)
+        k, v = kv.split([self.num_heads, self.num_heads], dim=1)  # 2 x (B, H, S, hd); sizes constant in the graph
         return k, v
 
     def queries(self, x: Tensor) -> Tensor:
@@ -113,7 +115,7 @@ class _StepAttention(Attention):
         q = self.queries(x) * self.head_dim ** -0.5  # (B, H, T, hd)
         scores = q @ k.transpose(-2, -1)  # (B, H, T, S)
         if self.past is not None:
-            past_k, past_v = self.past
+            past_k, past_v, C = self.past
             scores = torch.cat([q @ past_k.transpose(-2, -1), scores], dim=-1)  # (B, H, T, C + S)
         if is_causal:
             mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril()
@@ -121,7 +123,6 @@ class _StepAttention(Attention):
             scores = scores.masked_fill(~mask, float("-inf"))
         weights = scores.softmax(dim=-1)
         if self.past is not None:
-            C = past_k.shape[2]
             y = weights[..., :C] @ past_v + weights[..., C:] @ v
         else:
             y = weights @ v  # (B, H, T, hd)
@@ -157,8 +158,9 @@ class DecoderStepGraph(nn.Module):
     def forward(self, input_ids: Tensor, positions: Tensor, self_mask: Tensor, *layers: Tensor) -> tuple[Tensor, ...]:
         L = len(self.decoder.blocks)  # layers: L past keys, L past values, L image keys, L image values
         past_k, past_v, image_k, image_v = (layers[i * L:(i + 1) * L] for i in range(4))
+        capacity = past_k[0].shape[2]
         for block, k, v in zip(self.decoder.blocks, past_k, past_v, strict=True):
-            block.self_attn.past = (k, v)
+            block.self_attn.past = (k, v, capacity)
         cache = _NewKeysValues()
         out = self.decoder(input_ids, list(zip(image_k, image_v, strict=True)), positions=positions,
                            self_mask=self_mask, cache=cache, need_weights=self.maps, need_self_weights=self.maps)
@@ -230,8 +232,7 @@ def export_onnx(model: VisionLanguageModel, tokenizer: Tokenizer, out_dir: str |
         onnx.checker.check_model(str(out / name), full_check=True)
         if quantize == "int8":
             _quantize_int8(out / name)
-        if name == DECODER:
-            _fuse(out / name, H, H * hd)
+        fuse(out / name)
     save_model(model, tokenizer, out)
     (out / "model.safetensors").unlink()  # the ONNX files are the weights; config.json and tokenizer.json stay
     if data_config is None:
@@ -257,18 +258,20 @@ def _one_line_errors():
         raise VLMError(f"cannot export to ONNX opset {OPSET}: {' '.join(str(e).split())[:300]}") from None
 
 
-def _fuse(path: Path, heads: int, width: int) -> None:
-    """ONNX Runtime's transformer optimizer on the step graph (after onnx.checker and quantization, since it writes
-    ONNX Runtime's own operators): each residual sum and the LayerNorm after it become one SkipLayerNormalization,
-    bias and GELU one BiasGelu. It finds no attention to fuse (ours is not BERT's pattern)."""
+def fuse(path: str | os.PathLike) -> None:
+    """ONNX Runtime's transformer optimizer on an ONNX graph, in place (after onnx.checker and quantization, since
+    it writes ONNX Runtime's own operators): each residual sum and the LayerNorm after it become one
+    SkipLayerNormalization, bias and GELU one BiasGelu. It finds no attention to fuse in ours (not BERT's
+    pattern). scripts/bench.py runs it on the HF baseline's graphs too, as optimum's ORTOptimizer would."""
     from onnxruntime.transformers import optimizer
 
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # its shape inference's remarks on our dynamic axes
     try:
-        optimizer.optimize_model(str(path), model_type="bert", num_heads=heads, hidden_size=width,
-                                 opt_level=0).save_model_to_file(str(path))
+        with redirect_stdout(io.StringIO()):  # and the line it prints when that inference gives up (int8 graphs)
+            optimizer.optimize_model(str(path), model_type="bert", num_heads=0, hidden_size=0,
+                                     opt_level=0).save_model_to_file(str(path))
     finally:
         root.setLevel(level)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,36 @@ class OnnxImages:
 
     def __len__(self) -> int:
         return self.keys.shape[1]
+
+
+def session_options(threads: int | None = None):
+    """The options of an export's ONNX Runtime sessions: all graph optimizations, ``threads`` intra-op threads
+    (default ONNX Runtime's: one per core), no inter-op pool, and threads that sleep rather than spin between
+    runs. Every session has its own pool, so a pool left spinning after a run holds cores that the next session's
+    pool (the decoder's after the encoder's) needs: on the 2-core benchmark machine spinning pools made batch-1
+    decoding about half as fast and twice as variable (docs/results.md)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return options
+
+
+@contextmanager
+def one_torch_thread():
+    """This thread's torch operations on one thread while ONNX Runtime decodes: the decoding loop's small torch
+    operations between steps (log-softmax, top-k over a batch's rows) would otherwise start a team of torch
+    threads that keep spinning on the cores ONNX Runtime's pool is about to use."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class OnnxModel:
@@ -68,11 +99,7 @@ class OnnxModel:
             if file_facts(path / name) != self.facts.get("files", {}).get(name):
                 raise VLMError(f"{path / name}: differs from the file exported (size or SHA-256 in {ONNX_CONFIG}); "
                                "export again")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
+        options = session_options(threads)
         sessions = []
         for name in (ENCODER, DECODER):
             try:
@@ -182,8 +209,9 @@ class OnnxBackend:
 
     def generate(self, images: OnnxImages, prompts: list[list[int]], decoding: DecodingConfig,
                  return_attention: bool = False) -> Generation:
-        return decode(OrtDecoder(self.model, images), prompts, eos_id=self.tokenizer.eos_id,
-                      pad_id=self.tokenizer.pad_id, config=decoding, return_attention=return_attention)
+        with one_torch_thread():
+            return decode(OrtDecoder(self.model, images), prompts, eos_id=self.tokenizer.eos_id,
+                          pad_id=self.tokenizer.pad_id, config=decoding, return_attention=return_attention)
 
     def maps(self, images: OnnxImages, grid: tuple[int, int], prompts: list[list[int]], targets: list[list[int]],
              config: MapConfig) -> list[np.ndarray]:

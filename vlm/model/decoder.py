@@ -114,6 +114,7 @@ class Block(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         D, eps = cfg.width, cfg.norm_eps
+        self.width = D
         self.pre_norm = cfg.norm == "pre"  # else post-norm: each LayerNorm follows its residual sum
         self.ln_self = nn.LayerNorm(D, eps=eps)
         self.self_attn = Attention(D, cfg.num_heads, cfg.dropout)
@@ -149,13 +150,14 @@ class Block(nn.Module):
             x = self.ln_self(x)
         # Cross-attention needs no mask, so the k sequences of each image are one query sequence of k * T
         # tokens against that image's patches: no keys/values are copied per sequence. The block calls the
-        # cross_attn module (not its parts), so FSDP gathers its parameters around the call.
+        # cross_attn module (not its parts), so FSDP gathers its parameters around the call. The grouped shape
+        # is (B, -1, width): an ONNX export then computes it from B alone, not from every size in turn.
         S, T, D = x.shape
         B = image_kv[0].shape[0]
         per_image = S // B
         cross_input = self.ln_cross(x) if pre else x  # (S, T, D)
-        c, weights = self.cross_attn(cross_input.reshape(B, per_image * T, D), *image_kv, need_weights=need_weights)
-        x = x + self.drop(c.reshape(S, T, D))
+        c, weights = self.cross_attn(cross_input.reshape(B, -1, self.width), *image_kv, need_weights=need_weights)
+        x = x + self.drop(c.reshape(x.shape))
         if not pre:
             x = self.ln_cross(x)
         if weights is not None and per_image > 1:  # (B, H, per_image * T, N) -> (S, H, T, N)
