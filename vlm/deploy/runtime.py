@@ -239,8 +239,8 @@ class OrtDecoder:
         self.maps = maps
         m = self.model
         # zeros, not empty: an unfilled slot is masked out, but its value still meets a zero weight (0 * NaN = NaN).
-        # numpy, as ONNX Runtime reads it: the backend's own copies run no torch kernels, whose threads would
-        # contend with ONNX Runtime's
+        # numpy, as ONNX Runtime reads it (beam search reorders it through torch views, on the one torch thread
+        # that `one_torch_thread` leaves while ONNX Runtime decodes)
         self.cache = np.zeros((2, m.num_layers, rows, m.num_heads, length, m.head_dim), dtype=np.float32)
         self.spare = None  # beam search reorders into it, then swaps
         self.filled = 0
@@ -269,8 +269,11 @@ class OrtDecoder:
     def reorder(self, parent: Tensor) -> None:
         if self.spare is None:
             self.spare = np.zeros_like(self.cache)
-        filled = slice(0, self.filled)  # only the filled slots move, straight into the spare buffer
-        np.take(self.cache[..., filled, :], parent.numpy(), axis=2, out=self.spare[..., filled, :], mode="clip")
+        filled = slice(0, self.filled)  # only the filled slots move, straight into the spare buffer, as
+        # `KVCache.reorder` moves them: torch's index_select (one thread here) copies these strided slots six times
+        # faster than numpy's take (a 32-image, 3-beam cache: 11 ms against 70 ms over 20 steps)
+        torch.index_select(torch.from_numpy(self.cache)[..., filled, :], 2, parent,
+                           out=torch.from_numpy(self.spare)[..., filled, :])
         self.cache, self.spare = self.spare, self.cache
 
     def attention(self, material: Tensor, images: Tensor) -> Tensor:
