@@ -125,16 +125,20 @@ def test_the_onnx_captioner_captions_answers_and_attends_as_torch(exported):
 
 
 def test_onnx_decoding_runs_torch_on_one_thread_and_sessions_sleep_between_runs(exported, monkeypatch):
-    """Both ONNX Runtime sessions sleep rather than spin between runs, and the decoding loop's torch operations run
-    on one thread, the caller's setting restored after (also when decoding fails): what made batch-1 ONNX decoding
-    on 2 cores twice as fast (docs/results.md)."""
+    """ONNX Runtime's sessions sleep rather than spin between runs, decoder steps of few rows run on a one-thread
+    session of their own, and the decoding loop's torch operations run on one thread, the caller's setting restored
+    after (also when decoding fails): what made batch-1 ONNX decoding on 2 cores twice as fast (docs/results.md).
+    The two decoder sessions' outputs are compared with torch's by the tests above (batches of 1 to 9 rows)."""
     import vlm.deploy.runtime as runtime
 
     captioner = load(exported[1], runtime="onnx", threads=2)
     onnx = captioner.model
-    for session in (onnx.encoder, onnx.decoder):
+    small = onnx.decoder_for(1)
+    assert onnx.decoder_for(runtime.SMALL_STEP_ROWS) is small is not onnx.decoder
+    assert onnx.decoder_for(runtime.SMALL_STEP_ROWS + 1) is onnx.decoder
+    for session, threads in ((onnx.encoder, 2), (onnx.decoder, 2), (small, 1)):
         assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
-        assert session.get_session_options().intra_op_num_threads == 2
+        assert session.get_session_options().intra_op_num_threads == threads
     seen = []
 
     def failing_decode(*args, **kwargs):

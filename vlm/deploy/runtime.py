@@ -69,11 +69,17 @@ def one_torch_thread():
         torch.set_num_threads(threads)
 
 
+SMALL_STEP_ROWS = 8
+"""Decoder steps of at most this many rows (batch 1 greedy, a few beams) run on one thread: their products are too
+small to share out, and a team's hand-offs cost more than they save (on 2 cores, one thread made the exported step
+20% faster at 1 to 8 rows and steadier; two threads were 20-35% faster from 32 rows; docs/results.md)."""
+
+
 class OnnxModel:
-    """An ONNX export loaded on ONNX Runtime: its model config, facts (onnx.json) and the two sessions."""
+    """An ONNX export loaded on ONNX Runtime: its model config, facts (onnx.json) and the two sessions (a third,
+    the decoder on one thread, for small steps: `decoder_for`)."""
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None):
-        import onnxruntime as ort
 
         path = Path(path)
         if not path.is_dir():
@@ -99,16 +105,9 @@ class OnnxModel:
             if file_facts(path / name) != self.facts.get("files", {}).get(name):
                 raise VLMError(f"{path / name}: differs from the file exported (size or SHA-256 in {ONNX_CONFIG}); "
                                "export again")
-        options = session_options(threads)
-        sessions = []
-        for name in (ENCODER, DECODER):
-            try:
-                sessions.append(ort.InferenceSession(str(path / name), options, providers=["CPUExecutionProvider"]))
-            except Exception as e:  # not ONNX, truncated, an operator this onnxruntime lacks
-                raise VLMError(f"{path / name}: ONNX Runtime cannot load it ({' '.join(str(e).split())[:300]})") \
-                    from None
-        self.encoder, self.decoder = sessions
-        self.path = path
+        self.path, self.threads = path, threads
+        self.encoder, self.decoder = self._session(ENCODER, threads), self._session(DECODER, threads)
+        self._small_step_decoder = None  # made on the first step of at most SMALL_STEP_ROWS rows
         self.maps = bool(self.facts.get("maps"))
         self.num_layers, self.num_heads = self.facts["layers"], self.facts["heads"]
         self.head_dim, self.grid = self.facts["head_dim"], tuple(self.facts["grid"])
@@ -117,6 +116,25 @@ class OnnxModel:
         logits = self.decoder.get_outputs()[0].shape
         if logits[-1] != self.vocab_size:
             raise VLMError(f"{path / DECODER}: its logits have {logits[-1]} tokens, {CONFIG} says {self.vocab_size}")
+
+    def _session(self, name: str, threads: int | None):
+        import onnxruntime as ort
+
+        try:
+            return ort.InferenceSession(str(self.path / name), session_options(threads),
+                                        providers=["CPUExecutionProvider"])
+        except Exception as e:  # not ONNX, truncated, an operator this onnxruntime lacks
+            raise VLMError(f"{self.path / name}: ONNX Runtime cannot load it ({' '.join(str(e).split())[:300]})") \
+                from None
+
+    def decoder_for(self, rows: int):
+        """The decoder session for a step of ``rows`` rows: the one with ``threads`` threads, or for at most
+        SMALL_STEP_ROWS rows a second session of the same graph with one thread (made when first needed)."""
+        if rows > SMALL_STEP_ROWS or self.threads == 1:
+            return self.decoder
+        if self._small_step_decoder is None:
+            self._small_step_decoder = self._session(DECODER, 1)
+        return self._small_step_decoder
 
     @classmethod
     def load(cls, path: str | os.PathLike, threads: int | None = None) -> tuple[OnnxModel, Tokenizer]:
@@ -146,7 +164,7 @@ class OnnxModel:
         names = ["logits", "new_keys", "new_values"] + (["cross_attentions"] if maps else []) \
             + (["self_attentions"] if self_weights else [])
         arrays = [ids, positions, self_mask, *past, *images.keys, *images.values]  # keys[l]: a view, not a copy
-        return self.decoder.run(names, dict(zip(self.input_names, arrays, strict=True)))
+        return self.decoder_for(len(ids)).run(names, dict(zip(self.input_names, arrays, strict=True)))
 
     def attentions(self, images: OnnxImages, ids: Tensor) -> tuple[Tensor, Tensor]:
         """Teacher-forced: every position's cross-attention (S, T, L, H, N) and self-attention (S, T, L, H, T) of
