@@ -127,7 +127,7 @@ def test_the_onnx_captioner_captions_answers_and_attends_as_torch(exported):
 def test_onnx_decoding_runs_torch_on_one_thread_and_sessions_sleep_between_runs(exported, monkeypatch):
     """ONNX Runtime's sessions sleep rather than spin between runs, decoder steps of few rows run on a one-thread
     session of their own, and the decoding loop's torch operations run on one thread, the caller's setting restored
-    after (also when decoding fails): what made batch-1 ONNX decoding on 2 cores twice as fast (docs/results.md).
+    after (also when decoding fails): the thread policy that made batch-1 ONNX decoding fast and steady on 2 cores.
     The two decoder sessions' outputs are compared with torch's by the tests above (batches of 1 to 9 rows)."""
     import vlm.deploy.runtime as runtime
 

@@ -43,8 +43,8 @@ def session_options(threads: int | None = None):
     """The options of an export's ONNX Runtime sessions: all graph optimizations, ``threads`` intra-op threads
     (default ONNX Runtime's: one per core), no inter-op pool, and threads that sleep rather than spin between
     runs. Every session has its own pool, so a pool left spinning after a run holds cores that the next session's
-    pool (the decoder's after the encoder's) needs: on the 2-core benchmark machine spinning pools made batch-1
-    decoding about half as fast and twice as variable (docs/results.md)."""
+    pool (the decoder's after the encoder's) needs: on the 2-core benchmark machine, spinning pools made batch-1
+    decoding about half as fast and far more variable."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -72,7 +72,7 @@ def one_torch_thread():
 SMALL_STEP_ROWS = 8
 """Decoder steps of at most this many rows (batch 1 greedy, a few beams) run on one thread: their products are too
 small to share out, and a team's hand-offs cost more than they save (on 2 cores, one thread made the exported step
-20% faster at 1 to 8 rows and steadier; two threads were 20-35% faster from 32 rows; docs/results.md)."""
+about 20% faster at 1 to 8 rows, and steadier; two threads were 20-35% faster from 32 rows)."""
 
 
 class OnnxModel:
@@ -80,7 +80,6 @@ class OnnxModel:
     the decoder on one thread, for small steps: `decoder_for`)."""
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None):
-
         path = Path(path)
         if not path.is_dir():
             raise VLMError(f"{path}: no such ONNX export directory")
