@@ -10,9 +10,10 @@ with the same AdamW; both generate exactly --new-tokens tokens (the end token is
     .venv/bin/python scripts/bench.py --only onnx --json /tmp/onnx_speed.json   # the ONNX Runtime rows alone
 
 ONNX rows (skip with --no-onnx): our model exported (`vlm export --format onnx`: fp32, fp32 with maps, int8) on
-ONNX Runtime with the same threads, decoding with the same loop, against HF eager and against HF's model on ONNX
-Runtime with its key/value cache (`HFOnnxSide`: exported here with torch.onnx, since optimum cannot export a BERT
-decoder with a cache); the ceilings are ours over HF eager, as above (int8 is held to fp32's).
+ONNX Runtime with the same threads (the runtime's own choice: decoder steps of at most 8 rows on one of them),
+decoding with the same loop, against HF eager and against HF's model on ONNX Runtime with its key/value cache
+(`HFOnnxSide`: exported here with torch.onnx, since optimum cannot export a BERT decoder with a cache); the
+ceilings are ours over HF eager, as above (int8 is held to fp32's).
 
 Timings alternate the two sides over --reps repetitions and report medians. The ceiling of each ratio is
 a roofline bound, HF's time over the least time our work could take: for training, our counted FLOPs at the
@@ -127,9 +128,10 @@ class Side:
 
 
 class OnnxSide:
-    """Our model exported to ONNX (`vlm.deploy.export`) on ONNX Runtime with --threads threads, decoding with the
-    same loop as torch (`vlm.model.generate.decode` with `vlm.deploy.runtime.OrtDecoder`): fp32 without maps,
-    fp32 with maps, int8 (dynamic quantization) without maps."""
+    """Our model exported to ONNX (`vlm.deploy.export`) on ONNX Runtime with --threads threads (steps of at most
+    `vlm.deploy.runtime.SMALL_STEP_ROWS` rows on one), decoding with the same loop as torch
+    (`vlm.model.generate.decode` with `vlm.deploy.runtime.OrtDecoder`): fp32 without maps, fp32 with maps, int8
+    (dynamic quantization) without maps."""
 
     def __init__(self, model: VisionLanguageModel, folder: Path, threads: int):
         from vlm.deploy.export import export_onnx
