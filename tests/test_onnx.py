@@ -36,12 +36,17 @@ def model(tokenizer):
 
 @pytest.fixture(scope="module")
 def exported(model, tokenizer, tmp_path_factory):
-    """(torch model dir, ONNX export with maps, int8 export) of the model."""
+    """(torch model dir, ONNX export with maps, int8 export, fp32 export without maps) of the model."""
     root = tmp_path_factory.mktemp("onnx")
     Captioner(model, tokenizer, "cpu").save(root / "torch")
     assert main(["export", "--model", str(root / "torch"), "--out", str(root / "fp32"), "--maps"]) == 0
     assert main(["export", "--model", str(root / "torch"), "--out", str(root / "int8"), "--quantize", "int8"]) == 0
-    return root / "torch", root / "fp32", root / "int8"
+    assert main(["export", "--model", str(root / "torch"), "--out", str(root / "plain")]) == 0
+    return root / "torch", root / "fp32", root / "int8", root / "plain"
+
+
+GRAPHS = {"with_maps": 1, "without_maps": 3}
+"""The two decoder step graphs, by their index in `exported`: with maps, the attention weights are outputs too."""
 
 
 def _prompts(tokenizer, n):
@@ -55,10 +60,10 @@ def _both(model, onnx, tokenizer, images, prompts, **options):
     with torch.no_grad():
         image_kv, _ = model.encode(images)
     ours = generate(model, image_kv, prompts, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, config=config,
-                    return_attention=True)
+                    return_attention=onnx.maps)
     encoded, _ = onnx.encode(images)
     theirs = decode(OrtDecoder(onnx, encoded), prompts, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                    config=config, return_attention=True)
+                    config=config, return_attention=onnx.maps)
     return ours, theirs
 
 
@@ -90,8 +95,9 @@ def _unexplained_divergences(model, onnx, tokenizer, images, prompts, ours, thei
                                      dict(sample=True, top_k=5, no_repeat_ngram_size=2, min_new_tokens=4, seed=0)],
                          ids=["greedy", "beam", "sample_no_repeat_min_tokens"])
 @pytest.mark.parametrize("n", [1, 3], ids=["batch1", "mixed_batch"])
-def test_onnx_runtime_decodes_as_torch_with_the_same_scores_and_maps(model, tokenizer, exported, options, n):
-    onnx, _ = OnnxModel.load(exported[1])
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_onnx_runtime_decodes_as_torch_with_the_same_scores_and_maps(model, tokenizer, exported, options, n, graph):
+    onnx, _ = OnnxModel.load(exported[GRAPHS[graph]])
     images = torch.randn(n, 3, 64, 64)
     prompts = _prompts(tokenizer, n)  # the mixed batch has prompts of 3 lengths: left padding
     ours, theirs = _both(model, onnx, tokenizer, images, prompts, **options)
@@ -100,14 +106,14 @@ def test_onnx_runtime_decodes_as_torch_with_the_same_scores_and_maps(model, toke
     same = [i for i, (a, b) in enumerate(zip(ours.tokens, theirs.tokens, strict=True)) if a == b]
     assert len(same) == n  # with this seeded model no margin is that thin: every sequence agrees
     torch.testing.assert_close(torch.tensor(theirs.scores), torch.tensor(ours.scores), atol=1e-4, rtol=0)
-    for i in same:
+    for i in same if onnx.maps else []:
         a, b = ours.attentions[i], theirs.attentions[i]  # (T, L, H, N)
         assert float(a.amax(-1).mean()) > 2 / a.shape[-1]  # maps peak at over twice uniform: real maps to compare
         torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
 
 
 def test_the_onnx_captioner_captions_answers_and_attends_as_torch(exported):
-    torch_dir, onnx_dir, _ = exported
+    torch_dir, onnx_dir, *_ = exported
     ours, theirs = load(torch_dir, device="cpu"), load(onnx_dir, runtime="onnx", threads=1)
     images = random_images(2)
     assert theirs.caption(images, beam_size=2) == ours.caption(images, beam_size=2)
@@ -156,11 +162,13 @@ def test_onnx_decoding_runs_torch_on_one_thread_and_sessions_sleep_between_runs(
         torch.set_num_threads(threads)
 
 
-def test_the_decoder_step_reads_its_fixed_capacity_cache_in_place_as_the_torch_decoder(model, tokenizer, exported):
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_the_decoder_step_reads_its_fixed_capacity_cache_in_place_as_the_torch_decoder(model, tokenizer, exported,
+                                                                                      graph):
     """The runtime's cache has room for more positions than are filled, and whatever the unfilled slots hold is
     never read: stepping one token at a time gives every position the logits of torch's full forward pass, and each
     step returns the keys/values of its new position only."""
-    onnx, _ = OnnxModel.load(exported[1])
+    onnx, _ = OnnxModel.load(exported[GRAPHS[graph]])
     images = torch.randn(2, 3, 64, 64)
     ids = torch.tensor([tokenizer.question_prompt("what color is the small circle?")[:6]] * 2)  # (2, 6)
     ids[1, 3:] = torch.tensor([7, 8, 9])
@@ -183,11 +191,16 @@ def test_the_decoder_step_reads_its_fixed_capacity_cache_in_place_as_the_torch_d
                     torch.ones(2, 1, 1, 1, dtype=torch.bool).numpy(),
                     [torch.zeros(2, onnx.num_heads, 0, onnx.head_dim).numpy()] * (2 * onnx.num_layers), encoded,
                     maps=False)
-    assert new[1].shape == (onnx.num_layers, 2, onnx.num_heads, 1, onnx.head_dim)  # the new position's keys only
+    assert new[1].shape == (onnx.num_layers, 2, 1, onnx.num_heads * onnx.head_dim)  # the new position's keys only
+    import onnx as onnx_format
+
+    ops = [node.op_type for node in onnx_format.load(str(exported[GRAPHS[graph]] / "decoder.onnx")).graph.node]
+    assert ops.count("MultiHeadAttention") == 2 * onnx.num_layers  # one ONNX Runtime operator per attention
+    assert ops.count("Softmax") == (2 * onnx.num_layers if onnx.maps else 0)  # maps: weights from its scores
 
 
 def test_int8_differs_from_fp32_by_a_bounded_amount(exported, tokenizer):
-    _, fp32_dir, int8_dir = exported
+    _, fp32_dir, int8_dir, _ = exported
     fp32, _ = OnnxModel.load(fp32_dir)
     int8, _ = OnnxModel.load(int8_dir)
     assert int8.facts["quantize"] == "int8" and fp32.facts["quantize"] is None
@@ -254,7 +267,7 @@ def _old_format(path):
     (_truncate, r"encoder\.onnx: differs from the file exported"),
     (_other_config, r"config\.json: vocab_size \d+ does not match the exported graphs"),
     (_no_facts, r"not a vlm ONNX export \(missing onnx\.json"),
-    (_old_format, r"onnx\.json: onnx_format_version 1, this vlm reads 2; export the model again"),
+    (_old_format, r"onnx\.json: onnx_format_version 1, this vlm reads 3; export the model again"),
 ], ids=["flipped_byte", "truncated", "mismatched_config", "torch_dir", "old_format"])
 def test_a_damaged_or_mismatched_export_is_one_line(exported, tmp_path, capsys, damage, message):
     broken = tmp_path / "broken"
@@ -290,3 +303,6 @@ def test_an_imported_hub_model_exports_and_runs_as_its_torch_path(tmp_path, fami
     assert b.text == a.text and a.maps.shape == b.maps.shape == (8, *theirs.model.grid)
     assert a.maps.std() > 0.1 * a.maps.mean()  # not uniform
     assert abs(b.maps - a.maps).max() < 1e-4
+    export_onnx(model, tokenizer, tmp_path / "fused")  # without maps: ONNX Runtime's fused attention
+    fused = load(tmp_path / "fused", runtime="onnx", threads=1)
+    assert fused.caption(images, beam_size=2, max_new_tokens=8) == ours.caption(images, beam_size=2, max_new_tokens=8)

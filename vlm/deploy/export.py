@@ -2,18 +2,18 @@
 
 An ONNX export is a directory:
 
-- ``encoder.onnx``: ``pixels`` (B, 3, H, W) -> ``image_keys``, ``image_values`` (L, B, H, N, hd): every decoder
-  layer's cross-attention keys/values, computed once per image (as `VisionLanguageModel.encode`).
+- ``encoder.onnx``: ``pixels`` (B, 3, H, W) -> ``image_keys_values`` (2, L, B, H, N, hd): every decoder layer's
+  cross-attention keys, then values, computed once per image (as `VisionLanguageModel.encode`).
 - ``decoder.onnx``: one decoder step over a key/value cache of fixed capacity C (prompt + new tokens, as the torch
   path sizes its cache). Inputs ``input_ids`` and ``positions`` (R, t), ``self_mask`` (R, 1, t, C + t) (True where a
   new token may attend: the cache's C slots, then the t new positions), each layer's ``past_key_l``/``past_value_l``
   (R, H, C, hd) (the slots not yet filled are masked out) and ``image_key_l``/``image_value_l`` (B, H, N, hd) of B
   images (row r reads image r // (R // B)); outputs ``logits`` (R, V) of the last position, ``new_keys``/``new_values``
-  (L, R, H, t, hd) of the new positions only (the runtime writes them into its cache in place), and with ``maps`` the
+  (L, R, t, H * hd) of the new positions only (the runtime writes them into its cache in place), and with ``maps`` the
   cross-attention weights ``cross_attentions`` (R, t, L, H, N) and self-attention weights ``self_attentions``
-  (R, t, L, H, C + t) of the new positions (raw maps and rollout). Nothing the size of the cache or of the image
-  keys is copied in a step: attention reads the past and the image keys where they are (scores of the past and of
-  the new positions side by side, one softmax), so a step costs what its new tokens cost.
+  (R, t, L, H, C + t) of the new positions (raw maps and rollout). Each attention is one ONNX Runtime operator
+  (``com.microsoft`` MultiHeadAttention), which reads the image keys where they are: the graph runs on ONNX
+  Runtime (the ``onnx`` extra's), not on every ONNX runtime.
 - ``config.json`` and ``tokenizer.json``: as in an exported torch model (`vlm.checkpoint`);
 - ``onnx.json``: the export's own facts: opset, maps, quantization, patch grid, image preprocessing, and each
   ONNX file's size and SHA-256 (so a damaged or swapped file is refused by name).
@@ -21,8 +21,8 @@ An ONNX export is a directory:
 Batch, rows (beams or samples per image), new positions and cache capacity are dynamic axes: one export serves
 every batch size and beam width (the capacity may be 0: a teacher-forced run reads a whole sequence). The exporter is
 torch's TorchScript-based one (``dynamo=False``, deprecated in torch 2.x but present): it traces the same Python the
-torch path runs (``TextDecoder.forward``, with a cache object that keeps the new keys/values and an attention written
-for the graph, `_StepAttention`) and exports the tiny test model's
+torch path runs (``TextDecoder.forward``, with a cache object that keeps the new keys/values and an attention that
+the graph gets as ONNX Runtime's operator, `_StepAttention`) and exports the tiny test model's
 two graphs in under a second; the dynamo exporter (``dynamo=True``, onnxscript) also exports both graphs, with
 ``torch.export.Dim`` axes, but took 15 s for the same model, which the tests (four exports) cannot afford.
 A ViT resized on the fly (timm's ``dynamic_img_size``) needs an antialiased bicubic resize that opset 17 lacks: export
@@ -42,6 +42,7 @@ from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlm.checkpoint import save_model
@@ -52,8 +53,9 @@ from vlm.text.tokenizer import Tokenizer
 
 OPSET = 17
 """ONNX opset of the export: LayerNormalization is native from 17, and every ONNX Runtime since 1.13 runs it."""
-ONNX_FORMAT_VERSION = 2
-"""2: fixed-capacity cache in per-layer inputs, new keys/values out (1: the whole cache in and out, concatenated)."""
+ONNX_FORMAT_VERSION = 3
+"""3: attention as ONNX Runtime's operator, one encoder output, new keys/values (L, R, t, H * hd) (2: attention
+written out in ONNX operators; 1: the whole cache in and out, concatenated)."""
 ENCODER, DECODER, ONNX_CONFIG = "encoder.onnx", "decoder.onnx", "onnx.json"
 
 
@@ -74,72 +76,108 @@ class _NewKeysValues:
         pass
 
 
-class _Reshape(torch.autograd.Function):
-    """``x.reshape(shape)`` where 0 keeps x's size on that axis and -1 (one, which torch's exporter needs) is
-    inferred, as ONNX's Reshape reads them: the graph gets one Reshape with a constant shape instead of the
-    Shape/Gather/Unsqueeze/Concat chain that a traced ``view(B, T, ...)`` makes (80 of the step's 360 nodes)."""
+class _OrtMultiHeadAttention(torch.autograd.Function):
+    """ONNX Runtime's fused attention operator (``com.microsoft`` MultiHeadAttention) in the exported step: one
+    kernel for the scores, mask, softmax and weighted values of every head. Written out in ONNX's own operators
+    (products, transposes, reshapes, slices, a softmax), the benchmark model's step ran 202 kernels at batch 1, 116
+    with this operator, and small kernels are what a batch-1 step costs. Queries (B, T, D) as projected;
+    keys/values either the new positions' (B, T, D) after ``past`` keys/values (B, H, C, hd), with ``bias``
+    (B, 1, T, C + T: 0 where a query may attend, -inf elsewhere) added to the scores, or an image's (B, H, N, hd)
+    with no mask. Returns the output (B, T, D) and, with ``weights``, the
+    operator's masked, scaled scores (B, H, T, C + T or N), whose softmax is the attention weights.
+
+    forward computes the same with torch (what the trace runs); the graph gets the operator, and `_omit_unused`
+    then leaves out the inputs and outputs it does not use."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, shape: tuple[int, ...]) -> Tensor:
-        return x.reshape([x.shape[i] if n == 0 else n for i, n in enumerate(shape)])
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, num_heads: int, weights: bool, bias: Tensor | None = None,
+                past_k: Tensor | None = None, past_v: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        B, T, D = q.shape
+
+        def heads(x: Tensor) -> Tensor:
+            return x.reshape(B, -1, num_heads, D // num_heads).transpose(1, 2)
+
+        if past_k is not None:
+            k, v = torch.cat([past_k, heads(k)], 2), torch.cat([past_v, heads(v)], 2)
+        scores = heads(q) @ k.transpose(-2, -1) * (D // num_heads) ** -0.5
+        if bias is not None:
+            scores = scores + bias
+        y = scores.softmax(-1) @ v  # (B, H, T, hd)
+        return y.transpose(1, 2).reshape(B, T, D), scores
 
     @staticmethod
-    def symbolic(g, x, shape: tuple[int, ...]):
-        return g.op("Reshape", x, g.op("Constant", value_t=torch.tensor(shape, dtype=torch.int64)))
+    def symbolic(g, q, k, v, num_heads: int, weights: bool, bias=None, past_k=None, past_v=None):
+        inputs = [q, k, v]
+        if past_k is not None:
+            empty = g.op("Constant", value_t=torch.zeros(0))  # placeholders for inputs 3 (bias), 4 (padding mask)
+            inputs += [empty, empty, bias, past_k, past_v]
+        # outputs: y, present keys/values (with a past they are asked for though unused: ONNX Runtime 1.32's CPU
+        # kernel attends to wrong values without them, measured), scores (with weights)
+        y, *rest = g.op("com.microsoft::MultiHeadAttention", *inputs, num_heads_i=num_heads,
+                        outputs=4 if weights else 3)
+        y.setType(q.type().with_sizes([None] * 3))  # every output typed: the exporter warns of any that is not
+        for out in rest:
+            out.setType(q.type().with_sizes([None] * 4))
+        return y, rest[2] if weights else y  # without weights, forward's scores are never read
+
+
+def _omit_unused(path: Path) -> None:
+    """MultiHeadAttention nodes as ONNX writes optional inputs and outputs left out (an empty name), which the
+    TorchScript exporter cannot write itself: the placeholder inputs 3 and 4, and the present keys/values of a
+    cross-attention (no past)."""
+    import onnx
+
+    graph = onnx.load(str(path))
+    placeholders = set()
+    for node in graph.graph.node:
+        if node.op_type != "MultiHeadAttention":
+            continue
+        if len(node.input) > 3:
+            placeholders.update(node.input[3:5])
+            node.input[3] = node.input[4] = ""
+        elif len(node.output) > 1:
+            node.output[1] = node.output[2] = ""
+    kept = [n for n in graph.graph.node if not set(n.output) & placeholders]
+    del graph.graph.node[:]
+    graph.graph.node.extend(kept)
+    onnx.save(graph, str(path))
 
 
 class _StepAttention(Attention):
-    """`Attention.forward` as the exported step computes it: the explicit softmax path, laid out for ONNX Runtime.
+    """`Attention.forward` as the exported step computes it: ONNX Runtime's fused attention (`_OrtMultiHeadAttention`),
+    with weights the softmax of its scores. In self-attention ``past`` is set (the step's mask as a bias, then the
+    fixed-capacity cache's keys/values (R, H, C, hd)), and stands for forward's mask; the keys/values of the new
+    positions stay (B, T, D), heads not split, as the step outputs them."""
 
-    Queries are scaled before the product and keys enter it transposed, so the runtime fuses the transpose into the
-    product and reads the image keys (or the past) in place rather than copying them at every step. With ``past``
-    (self-attention over the fixed-capacity cache: keys/values (R, H, C, hd)), the scores over the past and over
-    the new keys stand side by side under one mask and one softmax, and the values are weighted in two parts: the
-    cache is never concatenated with the new positions.
-    """
-
-    past: tuple[Tensor, Tensor, int] | None = None  # keys, values, capacity (read once for every layer)
+    past: tuple[Tensor, Tensor, Tensor] | None = None  # bias, keys, values
 
     def keys_values(self, source: Tensor) -> tuple[Tensor, Tensor]:
-        # (B, S, 2H, hd): the keys' heads, then the values'; one transpose and one split (not one each)
-        kv = _Reshape.apply(self.kv(source), (0, -1, 2 * self.num_heads, self.head_dim)).transpose(1, 2)
-        k, v = kv.split([self.num_heads, self.num_heads], dim=1)  # 2 x (B, H, S, hd); sizes constant in the graph
+        k, v = self.kv(source).split(self.num_heads * self.head_dim, dim=-1)  # 2 x (B, S, D)
         return k, v
-
-    def queries(self, x: Tensor) -> Tensor:
-        return _Reshape.apply(self.q(x), (0, -1, self.num_heads, self.head_dim)).transpose(1, 2)
 
     def forward(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, is_causal: bool = False,
                 need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
-        T = x.shape[1]
-        q = self.queries(x) * self.head_dim ** -0.5  # (B, H, T, hd)
-        scores = q @ k.transpose(-2, -1)  # (B, H, T, S)
-        if self.past is not None:
-            past_k, past_v, C = self.past
-            scores = torch.cat([q @ past_k.transpose(-2, -1), scores], dim=-1)  # (B, H, T, C + S)
-        if is_causal:
-            mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril()
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        weights = scores.softmax(dim=-1)
-        if self.past is not None:
-            y = weights[..., :C] @ past_v + weights[..., C:] @ v
-        else:
-            y = weights @ v  # (B, H, T, hd)
-        y = _Reshape.apply(y.transpose(1, 2), (0, -1, self.num_heads * self.head_dim))  # (B, T, D)
-        return self.proj(y), weights if need_weights else None
+        past = self.past or ()
+        y, scores = _OrtMultiHeadAttention.apply(self.q(x), k, v, self.num_heads, need_weights, *past)
+        return self.proj(y), scores.softmax(-1) if need_weights else None
 
 
 class EncoderGraph(nn.Module):
-    """Pixels -> every decoder layer's cross-attention keys and values, stacked (L, B, H, N, hd)."""
+    """Pixels -> every decoder layer's cross-attention keys and values, (2, L, B, H, N, hd): the patch features'
+    product with all layers' key/value weights at once (one product and one transpose, not one of each per layer and
+    a stack), as `TextDecoder.image_keys_values` computes them layer by layer."""
 
     def __init__(self, model: VisionLanguageModel):
         super().__init__()
         self.model = model
 
-    def forward(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
-        image_kv, _ = self.model.encode(pixels)
-        return torch.stack([k for k, _ in image_kv]), torch.stack([v for _, v in image_kv])
+    def forward(self, pixels: Tensor) -> Tensor:
+        memory, _ = self.model.encoder(pixels)  # (B, N, D)
+        kv = [block.cross_attn.kv for block in self.model.decoder.blocks]
+        attn = self.model.decoder.blocks[0].cross_attn
+        B, N, _ = memory.shape
+        every = F.linear(memory, torch.cat([p.weight for p in kv]), torch.cat([p.bias for p in kv]))  # (B, N, L*2*D)
+        return every.reshape(B, N, len(kv), 2, attn.num_heads, attn.head_dim).permute(3, 2, 0, 4, 1, 5)
 
 
 class DecoderStepGraph(nn.Module):
@@ -147,7 +185,7 @@ class DecoderStepGraph(nn.Module):
     as inputs, the new positions' keys/values as outputs (the module docstring's ``decoder.onnx``).
 
     It runs a copy of the model's decoder whose attention modules are `_StepAttention`s: the same weights and the
-    same ``TextDecoder.forward``, the attention arithmetic reordered for the graph."""
+    same ``TextDecoder.forward``, each attention one ONNX Runtime operator in the graph."""
 
     def __init__(self, model: VisionLanguageModel, maps: bool):
         super().__init__()
@@ -158,9 +196,9 @@ class DecoderStepGraph(nn.Module):
     def forward(self, input_ids: Tensor, positions: Tensor, self_mask: Tensor, *layers: Tensor) -> tuple[Tensor, ...]:
         L = len(self.decoder.blocks)  # layers: L past keys, L past values, L image keys, L image values
         past_k, past_v, image_k, image_v = (layers[i * L:(i + 1) * L] for i in range(4))
-        capacity = past_k[0].shape[2]
+        bias = torch.where(self_mask, 0.0, float("-inf"))  # the mask, as the attention operator adds it
         for block, k, v in zip(self.decoder.blocks, past_k, past_v, strict=True):
-            block.self_attn.past = (k, v, capacity)
+            block.self_attn.past = (bias, k, v)
         cache = _NewKeysValues()
         out = self.decoder(input_ids, list(zip(image_k, image_v, strict=True)), positions=positions,
                            self_mask=self_mask, cache=cache, need_weights=self.maps, need_self_weights=self.maps)
@@ -210,8 +248,8 @@ def export_onnx(model: VisionLanguageModel, tokenizer: Tokenizer, out_dir: str |
         warnings.simplefilter("ignore")
         torch.onnx.export(
             EncoderGraph(model).eval(), (pixels,), out / ENCODER, dynamo=False, opset_version=OPSET,
-            input_names=["pixels"], output_names=["image_keys", "image_values"],
-            dynamic_axes={"pixels": {0: "images"}, "image_keys": {1: "images"}, "image_values": {1: "images"}},
+            input_names=["pixels"], output_names=["image_keys_values"],
+            dynamic_axes={"pixels": {0: "images"}, "image_keys_values": {2: "images"}},
         )
         outputs = ["logits", "new_keys", "new_values"] + (["cross_attentions", "self_attentions"] if maps else [])
         names = step_input_names(L)
@@ -219,7 +257,7 @@ def export_onnx(model: VisionLanguageModel, tokenizer: Tokenizer, out_dir: str |
                 "self_mask": {0: "rows", 2: "new", 3: "capacity_and_new"},
                 **{name: {0: "rows", 2: "capacity"} for name in names if name.startswith("past_")},
                 **{name: {0: "images"} for name in names if name.startswith("image_")},
-                "logits": {0: "rows"}, "new_keys": {1: "rows", 3: "new"}, "new_values": {1: "rows", 3: "new"},
+                "logits": {0: "rows"}, "new_keys": {1: "rows", 2: "new"}, "new_values": {1: "rows", 2: "new"},
                 "cross_attentions": {0: "rows", 1: "new"},
                 "self_attentions": {0: "rows", 1: "new", 4: "capacity_and_new"}}
         torch.onnx.export(
@@ -228,6 +266,7 @@ def export_onnx(model: VisionLanguageModel, tokenizer: Tokenizer, out_dir: str |
             dynamo=False, opset_version=OPSET, input_names=names, output_names=outputs,
             dynamic_axes={k: v for k, v in axes.items() if maps or not k.endswith("_attentions")},
         )
+    _omit_unused(out / DECODER)
     for name in (ENCODER, DECODER):
         onnx.checker.check_model(str(out / name), full_check=True)
         if quantize == "int8":

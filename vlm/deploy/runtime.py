@@ -149,14 +149,14 @@ class OnnxModel:
 
     def encode(self, pixels: Tensor) -> tuple[OnnxImages, tuple[int, int]]:
         """Images (B, 3, H, W) -> every layer's cross-attention keys/values, and the patch grid."""
-        keys, values = self.encoder.run(None, {"pixels": pixels.detach().cpu().float().numpy()})
-        return OnnxImages(keys, values), self.grid
+        keys_values, = self.encoder.run(None, {"pixels": pixels.detach().cpu().float().numpy()})
+        return OnnxImages(keys_values[0], keys_values[1]), self.grid  # views, not copies
 
     def step(self, ids: np.ndarray, positions: np.ndarray, self_mask: np.ndarray, past: Sequence[np.ndarray],
              images: OnnxImages, maps: bool, self_weights: bool = False) -> list[np.ndarray]:
         """One run of the decoder step graph over a cache of capacity C: ids and positions (R, t), self_mask
         (R, 1, t, C + t) (the cache's slots, then the new positions), past: every layer's keys, then every layer's
-        values (R, H, C, hd) -> logits (R, V), the new positions' keys and values (L, R, H, t, hd), with maps their
+        values (R, H, C, hd) -> logits (R, V), the new positions' keys and values (L, R, t, H * hd), with maps their
         cross-attention (R, t, L, H, N), and with self_weights their self-attention (R, t, L, H, C + t)."""
         if maps and not self.maps:
             raise VLMError(f"{self.path}: exported without maps; export again with vlm export --maps")
@@ -278,7 +278,9 @@ class OrtDecoder:
             mask[..., :start], mask[..., capacity:] = given[..., :start], given[..., start:]
         cache = self.cache
         out = self.model.step(ids.numpy(), positions.numpy(), mask, [*cache[0], *cache[1]], self.images, self.maps)
-        cache[0, :, :, :, start:start + t], cache[1, :, :, :, start:start + t] = out[1], out[2]
+        L, H = self.model.num_layers, self.model.num_heads  # new keys/values (L, R, t, H * hd) -> (L, R, H, t, hd)
+        for i in (0, 1):
+            cache[i, :, :, :, start:start + t] = out[1 + i].reshape(L, R, t, H, -1).transpose(0, 1, 3, 2, 4)
         self.filled = start + t
         material = torch.from_numpy(out[3][:, -1]) if self.maps else None  # (R, L, H, N)
         return torch.from_numpy(out[0]), material
