@@ -134,14 +134,16 @@ def test_onnx_decoding_runs_torch_on_one_thread_and_sessions_sleep_between_runs(
     """ONNX Runtime's sessions sleep rather than spin between runs, decoder steps of few rows run on a one-thread
     session of their own, and the decoding loop's torch operations run on one thread, the caller's setting restored
     after (also when decoding fails): the thread policy that made batch-1 ONNX decoding fast and steady on 2 cores.
-    The two decoder sessions' outputs are compared with torch's by the tests above (batches of 1 to 9 rows)."""
+    The two decoder sessions' outputs are compared with torch's by the tests above (batches of 1 to 9 rows) and
+    below (lanes)."""
     import vlm.deploy.runtime as runtime
 
     captioner = load(exported[1], runtime="onnx", threads=2)
     onnx = captioner.model
-    small = onnx.decoder_for(1)
-    assert onnx.decoder_for(runtime.SMALL_STEP_ROWS) is small is not onnx.decoder
-    assert onnx.decoder_for(runtime.SMALL_STEP_ROWS + 1) is onnx.decoder
+    small = onnx.one_thread_decoder()
+    assert small is not onnx.decoder and onnx.lanes == 2
+    assert onnx.lanes_for(rows=runtime.SMALL_STEP_ROWS, images=1) == onnx.lanes_for(rows=64, images=1) == 1
+    assert onnx.lanes_for(rows=2 * runtime.SMALL_STEP_ROWS + 2, images=2) == onnx.lanes_for(rows=96, images=32) == 2
     for session, threads in ((onnx.encoder, 2), (onnx.decoder, 2), (small, 1)):
         assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
         assert session.get_session_options().intra_op_num_threads == threads
@@ -160,6 +162,28 @@ def test_onnx_decoding_runs_torch_on_one_thread_and_sessions_sleep_between_runs(
         assert seen == [1] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
+
+
+def test_large_steps_run_in_lanes_of_whole_images_and_decode_as_torch(model, tokenizer, exported, monkeypatch):
+    """A step of many rows over several images runs as one run per lane (whole images each, the rows of their
+    beams with them), side by side on the one-thread session: the tokens, scores and maps are torch's."""
+    onnx, _ = OnnxModel.load(exported[1], threads=2)
+    session, runs = onnx.one_thread_decoder(), []
+    run = session.run
+
+    def counted(names, feeds):
+        runs.append((len(feeds["input_ids"]), len(feeds["image_key_0"])))
+        return run(names, feeds)
+
+    monkeypatch.setattr(session, "run", counted)
+    images = torch.randn(5, 3, 64, 64)
+    ours, theirs = _both(model, onnx, tokenizer, images, _prompts(tokenizer, 3)[1:] * 2 + _prompts(tokenizer, 1),
+                         beam_size=4)  # 20 rows of 5 images: lanes of 2 and 3 images
+    assert (8, 2) in runs and (12, 3) in runs  # beams of images 0-1, of images 2-4
+    assert theirs.tokens == ours.tokens and len(set(map(tuple, ours.tokens))) > 1
+    torch.testing.assert_close(torch.tensor(theirs.scores), torch.tensor(ours.scores), atol=1e-4, rtol=0)
+    for a, b in zip(ours.attentions, theirs.attentions, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("graph", GRAPHS)

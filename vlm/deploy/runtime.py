@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,12 +73,15 @@ def one_torch_thread():
 SMALL_STEP_ROWS = 8
 """Decoder steps of at most this many rows (batch 1 greedy, a few beams) run on one thread: their products are too
 small to share out, and a team's hand-offs cost more than they save (on 2 cores, one thread made the exported step
-about 20% faster at 1 to 8 rows, and steadier; two threads were 20-35% faster from 32 rows)."""
+about 20% faster at 1 to 8 rows, and steadier). Larger steps over several images run in lanes (`OnnxModel.step`)."""
+
+STEP_OUTPUT_ROW_AXES = {"logits": 0, "new_keys": 1, "new_values": 1, "cross_attentions": 0, "self_attentions": 0}
+"""The rows axis of each decoder step output, along which lanes' outputs are joined."""
 
 
 class OnnxModel:
-    """An ONNX export loaded on ONNX Runtime: its model config, facts (onnx.json) and the two sessions (a third,
-    the decoder on one thread, for small steps: `decoder_for`)."""
+    """An ONNX export loaded on ONNX Runtime: its model config, facts (onnx.json) and the two sessions with
+    ``threads`` threads (a third, the decoder on one thread, for small steps and lanes: `one_thread_decoder`)."""
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None):
         path = Path(path)
@@ -106,7 +110,9 @@ class OnnxModel:
                                "export again")
         self.path, self.threads = path, threads
         self.encoder, self.decoder = self._session(ENCODER, threads), self._session(DECODER, threads)
-        self._small_step_decoder = None  # made on the first step of at most SMALL_STEP_ROWS rows
+        self._one_thread_decoder = None  # made on the first step that needs it
+        self.lanes = threads or os.cpu_count() or 1
+        self._lane_pool: ThreadPoolExecutor | None = None
         self.maps = bool(self.facts.get("maps"))
         self.num_layers, self.num_heads = self.facts["layers"], self.facts["heads"]
         self.head_dim, self.grid = self.facts["head_dim"], tuple(self.facts["grid"])
@@ -126,14 +132,19 @@ class OnnxModel:
             raise VLMError(f"{self.path / name}: ONNX Runtime cannot load it ({' '.join(str(e).split())[:300]})") \
                 from None
 
-    def decoder_for(self, rows: int):
-        """The decoder session for a step of ``rows`` rows: the one with ``threads`` threads, or for at most
-        SMALL_STEP_ROWS rows a second session of the same graph with one thread (made when first needed)."""
-        if rows > SMALL_STEP_ROWS or self.threads == 1:
+    def one_thread_decoder(self):
+        """A second session of the decoder graph with one thread (made when first needed), for small steps and for
+        the lanes of large ones."""
+        if self.threads == 1:
             return self.decoder
-        if self._small_step_decoder is None:
-            self._small_step_decoder = self._session(DECODER, 1)
-        return self._small_step_decoder
+        if self._one_thread_decoder is None:
+            self._one_thread_decoder = self._session(DECODER, 1)
+        return self._one_thread_decoder
+
+    def lanes_for(self, rows: int, images: int) -> int:
+        """Lanes for a step of ``rows`` rows over ``images`` images: up to one per thread, each with whole images
+        and more than SMALL_STEP_ROWS rows; 1 runs the step as one run."""
+        return max(1, min(self.lanes, images, rows // (SMALL_STEP_ROWS + 1)))
 
     @classmethod
     def load(cls, path: str | os.PathLike, threads: int | None = None) -> tuple[OnnxModel, Tokenizer]:
@@ -162,8 +173,25 @@ class OnnxModel:
             raise VLMError(f"{self.path}: exported without maps; export again with vlm export --maps")
         names = ["logits", "new_keys", "new_values"] + (["cross_attentions"] if maps else []) \
             + (["self_attentions"] if self_weights else [])
-        arrays = [ids, positions, self_mask, *past, *images.keys, *images.values]  # keys[l]: a view, not a copy
-        return self.decoder_for(len(ids)).run(names, dict(zip(self.input_names, arrays, strict=True)))
+        rows, per_row = [ids, positions, self_mask, *past], [*images.keys, *images.values]  # keys[l]: a view
+        R, B = len(ids), len(images)
+        lanes = self.lanes_for(R, B)
+        if lanes == 1:
+            session = self.decoder if R > SMALL_STEP_ROWS else self.one_thread_decoder()
+            return session.run(names, dict(zip(self.input_names, rows + per_row, strict=True)))
+        # lanes: the images split into `lanes` parts, each part's rows one run on the one-thread session, the runs
+        # side by side on a pool of Python threads (ONNX Runtime runs them in parallel, outside the GIL): no
+        # hand-offs inside a run, which on 2 cores made a 32-row step about 25% faster than one 2-thread run
+        if self._lane_pool is None:
+            self._lane_pool = ThreadPoolExecutor(self.lanes, thread_name_prefix="vlm-onnx-lane")
+        session, k = self.one_thread_decoder(), R // B
+        bounds = [B * i // lanes for i in range(lanes + 1)]
+        runs = [self._lane_pool.submit(session.run, names, dict(zip(
+            self.input_names, [a[lo * k:hi * k] for a in rows] + [a[lo:hi] for a in per_row], strict=True)))
+            for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+        parts = [run.result() for run in runs]
+        return [np.concatenate([part[i] for part in parts], axis=STEP_OUTPUT_ROW_AXES[name])
+                for i, name in enumerate(names)]
 
     def attentions(self, images: OnnxImages, ids: Tensor) -> tuple[Tensor, Tensor]:
         """Teacher-forced: every position's cross-attention (S, T, L, H, N) and self-attention (S, T, L, H, T) of
