@@ -129,7 +129,8 @@ class Side:
 
 class OnnxSide:
     """Our model exported to ONNX (`vlm.deploy.export`) on ONNX Runtime with --threads threads (steps of at most
-    `vlm.deploy.runtime.SMALL_STEP_ROWS` rows on one), decoding with the same loop as torch
+    `vlm.deploy.runtime.SMALL_STEP_ROWS` rows on one, larger ones over several images in --threads one-thread lanes:
+    `vlm.deploy.runtime.OnnxModel.step`), decoding with the same loop as torch
     (`vlm.model.generate.decode` with `vlm.deploy.runtime.OrtDecoder`): fp32 without maps, fp32 with maps, int8
     (dynamic quantization) without maps."""
 

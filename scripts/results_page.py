@@ -191,9 +191,13 @@ def speed(report: dict) -> str:
                  f"loop; its greedy tokens equal HF eager's: {onnx.get('hf_onnx_equals_hf_eager')}). Both ONNX "
                  "sides get the same ONNX Runtime fusions (`vlm.deploy.export.fuse`), run with the runtime's session "
                  "options (`vlm.deploy.runtime.session_options`: pools that sleep between runs) and one torch thread "
-                 "in the decoding loop; ours runs decoder steps of at most 8 rows on a one-thread session of its own "
-                 "(`vlm.deploy.runtime.SMALL_STEP_ROWS`), HF's sessions use both threads for every step (one set of "
-                 "options for all of a model's sessions, as optimum takes them). Batch-1 rows are medians of "
+                 "in the decoding loop. Ours has ONNX Runtime's own attention operator in its step graph "
+                 "(`vlm.deploy.export`; the ORT optimizer finds none to fuse in HF's BERT decoder), runs decoder "
+                 "steps of at most 8 rows on a one-thread session of its own "
+                 "(`vlm.deploy.runtime.SMALL_STEP_ROWS`) and larger steps over several images in lanes (the images "
+                 "split between one-thread runs side by side, `vlm.deploy.runtime.OnnxModel.step`); HF's sessions "
+                 "use both threads for every step (one set of options for all of a model's sessions, as optimum "
+                 "takes them, and one run per step). Batch-1 rows are medians of "
                  f"{b1_reps} alternating repetitions. Targets in brackets.\n\n"
                  + table(["metric", "ours on ORT", "HF on ORT", "ours / HF eager", "ours / HF on ORT",
                           "ceiling vs HF eager"], onnx_rows))

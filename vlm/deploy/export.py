@@ -300,8 +300,9 @@ def _one_line_errors():
 def fuse(path: str | os.PathLike) -> None:
     """ONNX Runtime's transformer optimizer on an ONNX graph, in place (after onnx.checker and quantization, since
     it writes ONNX Runtime's own operators): each residual sum and the LayerNorm after it become one
-    SkipLayerNormalization, bias and GELU one BiasGelu. It finds no attention to fuse in ours (not BERT's
-    pattern). scripts/bench.py runs it on the HF baseline's graphs too, as optimum's ORTOptimizer would."""
+    SkipLayerNormalization, bias and GELU one BiasGelu. Attention it does not fuse (in the timm encoder, in HF's
+    decoders): the decoder step is exported with ONNX Runtime's attention operator already (`_StepAttention`).
+    scripts/bench.py runs it on the HF baseline's graphs too, as optimum's ORTOptimizer would."""
     from onnxruntime.transformers import optimizer
 
     root = logging.getLogger()
