@@ -6,6 +6,8 @@ generates exactly --new-tokens tokens per image (the end token forbidden before)
 
 - predict: `vlm.predict.predict` in this process (one device, --workers loader workers), with and without --maps;
 - loop: `Captioner.caption` over the same paths in batches of the same size (decoding in the main process);
+- predict_onnx, loop_onnx: the same two on ONNX Runtime (`runtime="onnx"`), the model exported with
+  `vlm export --format onnx` (--onnx 0 leaves them out);
 - hf: what transformers' image-to-text pipeline did (it is gone from transformers 5): ViTImageProcessor in
   batches, `generate`, `batch_decode`, on the HF VisionEncoderDecoder;
 - scaling: `vlm predict` as a command on 1 and on 2 CPU processes (DDP), wall time including start-up;
@@ -43,8 +45,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench import DIMS, build_hf, build_ours  # noqa: E402
 
-from vlm.api import Captioner  # noqa: E402
+from vlm.api import Captioner, load  # noqa: E402
 from vlm.checkpoint import save_model  # noqa: E402
+from vlm.cli import main as vlm  # noqa: E402
 from vlm.config import DecodingConfig  # noqa: E402
 from vlm.data.images import load_image  # noqa: E402
 from vlm.predict import predict  # noqa: E402
@@ -156,6 +159,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--rss-images", default="1000,10000", help="image counts whose peak memory is compared")
     parser.add_argument("--profile-images", type=int, default=500, help="images of the loop's profile")
+    parser.add_argument("--onnx", type=int, default=1, help="1: also predict and loop on ONNX Runtime")
     add_json_option(parser, "predict")
     args = parser.parse_args()
     decoding = DecodingConfig(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
@@ -167,21 +171,28 @@ def main() -> None:
         runs = iter(range(10**6))
         profiles = {}
 
-        def ours(maps: bool = False):
+        def ours(maps: bool = False, runtime: str = "torch"):
             def run():
-                summary = predict(model, str(tmp / "images"), tmp / f"out{next(runs)}", batch_size=args.batch_size,
-                                  num_workers=args.workers, accelerator="cpu", devices=1, decoding=decoding,
-                                  maps=maps, progress_every=10**9)
+                summary = predict(model if runtime == "torch" else tmp / "onnx", str(tmp / "images"),
+                                  tmp / f"out{next(runs)}", batch_size=args.batch_size, num_workers=args.workers,
+                                  accelerator="cpu", devices=1, decoding=decoding, maps=maps, progress_every=10**9,
+                                  runtime=runtime)
                 profile = summary["profile"]
-                profiles["predict_maps" if maps else "predict"] = {
+                profiles["predict" + ("_maps" if maps else "") + ("_onnx" if runtime == "onnx" else "")] = {
                     "wall": round(summary["seconds"] * 1000 / args.images, 3),
                     **per_thousand({k: v for k, v in profile.items() if k not in ("lanes", "workers")}, args.images),
                     "lanes": profile["lanes"], "workers": profile["workers"],
                     "worker_torch_threads": 1}  # what PyTorch's DataLoader sets in each worker
             return run
 
-        seconds = alternate({"predict": ours(), "loop": lambda: captioner.caption(paths, decoding, args.batch_size),
-                             "hf": hf_side(paths, args.batch_size, args.new_tokens)}, reps=args.reps)
+        sides = {"predict": ours(), "loop": lambda: captioner.caption(paths, decoding, args.batch_size),
+                 "hf": hf_side(paths, args.batch_size, args.new_tokens)}
+        if args.onnx:
+            assert vlm(["export", "--model", str(model), "--format", "onnx", "--out", str(tmp / "onnx")]) == 0
+            on_ort = load(tmp / "onnx", runtime="onnx")
+            sides |= {"predict_onnx": ours(runtime="onnx"),
+                      "loop_onnx": lambda: on_ort.caption(paths, decoding, args.batch_size)}
+        seconds = alternate(sides, reps=args.reps)
         maps_overhead = paired_overhead(ours(), ours(maps=True), reps=args.reps)
         profiles["loop"] = loop_profile(captioner, paths[:args.profile_images], decoding, args.batch_size)
         scaling = {f"{d}_processes_s": cli_seconds(model, tmp / "images", tmp / f"cli{d}", d, args) for d in (1, 2)}
@@ -197,6 +208,9 @@ def main() -> None:
                "peak_rss": rss}
     ratios = {"predict_over_loop": round(rates["predict"] / rates["loop"], 3),
               "predict_over_hf": round(rates["predict"] / rates["hf"], 3),
+              **({"predict_onnx_over_loop": round(rates["predict_onnx"] / rates["loop"], 3),
+                  "predict_onnx_over_loop_onnx": round(rates["predict_onnx"] / rates["loop_onnx"], 3),
+                  "predict_onnx_over_hf": round(rates["predict_onnx"] / rates["hf"], 3)} if args.onnx else {}),
               "two_over_one_process": round(scaling["1_processes_s"] / scaling["2_processes_s"], 3),
               "rss_growth": round(rss[counts[-1]] / rss[counts[0]] - 1, 3) if len(counts) > 1 else None}
     profile = {"unit": "seconds per 1000 images", **profiles}

@@ -285,7 +285,7 @@ def relational(report: dict) -> str:
 
 
 PREDICT_TARGETS = {"predict_over_loop": ">= 1.5", "predict_over_hf": ">= 2", "maps_overhead": "<= 0.15",
-                   "rss_growth": "<= 0.10"}
+                   "rss_growth": "<= 0.10", "predict_onnx_over_loop": ">= 1.5", "predict_onnx_over_hf": ">= 2"}
 
 
 def predict(report: dict) -> str:
@@ -300,8 +300,10 @@ def predict(report: dict) -> str:
              f"{c['batch_size']}, {c['new_tokens']} greedy tokens each, against a plain loop over `Captioner.caption` "
              "(same model and batches) and transformers' generation on its VisionEncoderDecoder of the same "
              "dimensions (scripts/bench.py's; transformers 5 has no image-to-text pipeline, so the script runs the "
-             "pipeline's steps). Peak resident memory of fresh processes predicting each image count; wall time "
-             "of the command on 1 and 2 processes, start-up included.")
+             "pipeline's steps). `predict_onnx` and `loop_onnx` are the same two on ONNX Runtime (`runtime=\"onnx\"`, "
+             "the model exported with `vlm export --format onnx`). Peak resident memory of fresh processes "
+             "predicting each image count (torch runtime); wall time of the command on 1 and 2 processes, start-up "
+             "included.")
     return about + "\n\n" + table(["metric", "measured", "target"], rows) + predict_profile(report.get("profile"))
 
 
@@ -316,11 +318,12 @@ def predict_profile(profile: dict | None) -> str:
     """The stage-by-stage table of `scripts/predict.py`'s ``profile`` section (none: nothing)."""
     if not profile:
         return ""
-    runs = [k for k in ("predict", "predict_maps", "loop") if k in profile]
+    names = {"predict": "predict", "predict_maps": "predict --maps", "predict_onnx": "predict on ORT",
+             "loop": "plain loop"}
+    runs = [k for k in names if k in profile]
     stages = list(dict.fromkeys(k for run in runs for k in profile[run]))
     rows = [[stage.replace("_", " "), *[fmt(profile[run].get(stage), 2) for run in runs]] for stage in stages]
-    header = ["stage", *[{"predict": "predict", "predict_maps": "predict --maps", "loop": "plain loop"}[r]
-                         for r in runs]]
+    header = ["stage", *[names[r] for r in runs]]
     return "\n\n" + PROFILE_ABOUT.format(unit=profile.get("unit", "seconds")) + "\n\n" + table(header, rows)
 
 
