@@ -377,9 +377,10 @@ def onnx_dir(model_dir, tmp_path_factory) -> Path:
 
 def test_onnx_runtime_writes_the_torch_runtimes_records(model_dir, onnx_dir, folder, tmp_path, capsys):
     args = dict(questions=["what color is it ?"], maps=True, map_config=MapConfig("rollout"), top_k=4,
-                batch_size=4, **CPU)
+                batch_size=2, **CPU)
     predict(model_dir, str(folder / "sub"), tmp_path / "torch", **args)
-    predict(onnx_dir, str(folder / "sub"), tmp_path / "onnx", runtime="onnx", threads=1, **args)
+    summary = predict(onnx_dir, str(folder / "sub"), tmp_path / "onnx", runtime="onnx", threads=2, **args)
+    assert summary["profile"]["lanes"] == 2  # the two batches side by side, on one-thread sessions
     torch_records, onnx_records = _records(tmp_path / "torch"), _records(tmp_path / "onnx")
     assert len(torch_records) == 4
     _not_trivial(torch_records)

@@ -196,8 +196,8 @@ def predict(*, model: str, input: str, out: str, question: list[str] | None = No
         progress_every: Batches between progress lines when stdout is not a terminal.
         prompt: Text each caption continues, e.g. 'a picture of' (the caption written begins with it).
         runtime: torch, or onnx: MODEL is an ONNX export (vlm export --format onnx), run on the CPU.
-        threads: CPU threads per process (default: the cores shared among the processes): ONNX Runtime's, or
-            with the torch runtime batches run side by side, one torch thread each.
+        threads: CPU threads per process (default: the cores shared among the processes): batches run side by
+            side, one thread each (torch's or ONNX Runtime's).
     """
     from vlm.predict import predict as run
 

@@ -173,12 +173,12 @@ class OnnxModel:
             raise VLMError(f"{self.path}: exported without maps; export again with vlm export --maps")
         names = ["logits", "new_keys", "new_values"] + (["cross_attentions"] if maps else []) \
             + (["self_attentions"] if self_weights else [])
-        rows, per_row = [ids, positions, self_mask, *past], [*images.keys, *images.values]  # keys[l]: a view
+        per_row, per_image = [ids, positions, self_mask, *past], [*images.keys, *images.values]  # keys[l]: a view
         R, B = len(ids), len(images)
         lanes = self.lanes_for(R, B)
         if lanes == 1:
             session = self.decoder if R > SMALL_STEP_ROWS else self.one_thread_decoder()
-            return session.run(names, dict(zip(self.input_names, rows + per_row, strict=True)))
+            return session.run(names, dict(zip(self.input_names, per_row + per_image, strict=True)))
         # lanes: the images split into `lanes` parts, each part's rows one run on the one-thread session, the runs
         # side by side on a pool of Python threads (ONNX Runtime runs them in parallel, outside the GIL): no
         # hand-offs inside a run, which on 2 cores made a 32-row step about 25% faster than one 2-thread run
@@ -187,7 +187,7 @@ class OnnxModel:
         session, k = self.one_thread_decoder(), R // B
         bounds = [B * i // lanes for i in range(lanes + 1)]
         runs = [self._lane_pool.submit(session.run, names, dict(zip(
-            self.input_names, [a[lo * k:hi * k] for a in rows] + [a[lo:hi] for a in per_row], strict=True)))
+            self.input_names, [a[lo * k:hi * k] for a in per_row] + [a[lo:hi] for a in per_image], strict=True)))
             for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
         parts = [run.result() for run in runs]
         return [np.concatenate([part[i] for part in parts], axis=STEP_OUTPUT_ROW_AXES[name])

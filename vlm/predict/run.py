@@ -52,10 +52,11 @@ def export_id(path: Path) -> str:
     return "sha256:" + h.hexdigest()[:16]
 
 
-def _runtime(model: str | os.PathLike | tuple[VisionLanguageModel, Tokenizer], runtime: str, threads: int | None,
+def _runtime(model: str | os.PathLike | tuple[VisionLanguageModel, Tokenizer], runtime: str,
              map_config: MapConfig | None) -> tuple[Captioner, object, str]:
     """The captioner (config, tokenizer, image transform, caption prompt), the backend that runs its model for
-    `PredictModule`, and the model's identity."""
+    `PredictModule`, and the model's identity. An ONNX export runs on one-thread sessions: the lanes share out
+    the cores."""
     if runtime == "torch":
         captioner = Captioner(*model, "cpu") if isinstance(model, tuple) else Captioner.load(model, "cpu")
         return captioner, TorchBackend(captioner.model, captioner.tokenizer), model_id(captioner.model,
@@ -64,7 +65,7 @@ def _runtime(model: str | os.PathLike | tuple[VisionLanguageModel, Tokenizer], r
         raise VLMError("--runtime onnx: give the ONNX export's directory (vlm export --format onnx)")
     from vlm.deploy.runtime import OnnxBackend
 
-    captioner = Captioner.load(model, runtime="onnx", threads=threads)
+    captioner = Captioner.load(model, runtime="onnx", threads=1)
     onnx = captioner.model
     if map_config is not None:  # refused now, in one line, not in the first batch
         if not onnx.maps:
@@ -123,9 +124,8 @@ def predict(model: str | os.PathLike | tuple[VisionLanguageModel, Tokenizer], in
     each token's map (made as ``map_config`` says; its ``top_k`` patches) and box each phrase (`vlm.predict.summary`).
     format: jsonl, parquet or webdataset (`vlm.predict.outputs`). prompt: text each caption continues (and begins
     with), as `Captioner.caption(prompt=)`. runtime: torch, or onnx: ``model`` is an ONNX export (`vlm export
-    --format onnx`), each process running it on ONNX Runtime on the CPU with ``threads`` intra-op threads (default:
-    the cores shared among the processes). threads, with the torch runtime on the CPU: batches each process runs
-    at once, each in a thread of its own with one torch thread (default: the cores shared among the processes;
+    --format onnx`), run on ONNX Runtime on the CPU. threads, on the CPU: batches each process runs at once, each in
+    a thread of its own with one thread of torch or ONNX Runtime (default: the cores shared among the processes;
     `vlm.predict.module`). The rest is the Lightning trainer's.
     A second call with the same arguments skips finished chunks and redoes the rest.
 
@@ -159,12 +159,10 @@ def predict(model: str | os.PathLike | tuple[VisionLanguageModel, Tokenizer], in
         if accelerator not in ("auto", "cpu"):
             raise VLMError(f"--accelerator {accelerator}: --runtime onnx runs on the CPU (use --accelerator cpu)")
         accelerator = "cpu"
-        if threads is None and isinstance(devices, int):
-            threads = max(1, (os.cpu_count() or 1) // devices)
     if prompt is not None and task == "questions":
         raise VLMError("--prompt leads a caption: --task questions writes none")
     map_config = (map_config or MapConfig()) if maps else None
-    captioner, backend, identity = _runtime(model, runtime, threads, map_config)
+    captioner, backend, identity = _runtime(model, runtime, map_config)
     caption_start = captioner.caption_prompt(prompt)
     if len(caption_start) >= captioner.model.cfg.decoder.max_length:
         raise VLMError(f"--prompt: its {len(caption_start) - 1} tokens leave no room in the model's max_length "
@@ -190,8 +188,8 @@ def predict(model: str | os.PathLike | tuple[VisionLanguageModel, Tokenizer], in
                         precision=precision, logger=False, enable_checkpointing=False, enable_model_summary=False,
                         inference_mode=False, use_distributed_sampler=False, callbacks=[writer, progress],
                         default_root_dir=out)
-    if runtime == "torch":  # the lanes run only on the CPU (PredictModule.on_predict_start)
-        module.lanes = writer.lanes = threads or max(1, (os.cpu_count() or 1) // max(1, trainer.num_devices))
+    # the lanes run only on the CPU (PredictModule.on_predict_start)
+    module.lanes = writer.lanes = threads or max(1, (os.cpu_count() or 1) // max(1, trainer.num_devices))
     torch_threads = torch.get_num_threads()
     predicting = time.monotonic()
     try:
