@@ -10,7 +10,8 @@ with the same AdamW; both generate exactly --new-tokens tokens (the end token is
     .venv/bin/python scripts/bench.py --only onnx --json /tmp/onnx_speed.json   # the ONNX Runtime rows alone
 
 ONNX rows (skip with --no-onnx): our model exported (`vlm export --format onnx`: fp32, fp32 with maps, int8) on
-ONNX Runtime with the same threads (the runtime's own choice: decoder steps of at most 8 rows on one of them),
+ONNX Runtime with the same threads (the runtime's own choice: decoder steps of at most 8 rows on one of them,
+larger ones over several images in one-thread lanes),
 decoding with the same loop, against HF eager and against HF's model on ONNX Runtime with its key/value cache
 (`HFOnnxSide`: exported here with torch.onnx, since optimum cannot export a BERT decoder with a cache); the
 ceilings are ours over HF eager, as above (int8 is held to fp32's).

@@ -75,9 +75,6 @@ SMALL_STEP_ROWS = 8
 small to share out, and a team's hand-offs cost more than they save (on 2 cores, one thread made the exported step
 about 20% faster at 1 to 8 rows, and steadier). Larger steps over several images run in lanes (`OnnxModel.step`)."""
 
-STEP_OUTPUT_ROW_AXES = {"logits": 0, "new_keys": 1, "new_values": 1, "cross_attentions": 0, "self_attentions": 0}
-"""The rows axis of each decoder step output, along which lanes' outputs are joined."""
-
 
 class OnnxModel:
     """An ONNX export loaded on ONNX Runtime: its model config, facts (onnx.json) and the two sessions with
@@ -119,6 +116,10 @@ class OnnxModel:
         self.num_prefix = int(self.facts.get("num_prefix", 0))
         self.input_names = step_input_names(self.num_layers)
         logits = self.decoder.get_outputs()[0].shape
+        try:  # the dynamic "rows" axis of each step output, along which lanes' outputs are joined
+            self.row_axes = {out.name: out.shape.index("rows") for out in self.decoder.get_outputs()}
+        except ValueError:
+            raise VLMError(f"{path / DECODER}: its outputs have no dynamic rows axis; export again") from None
         if logits[-1] != self.vocab_size:
             raise VLMError(f"{path / DECODER}: its logits have {logits[-1]} tokens, {CONFIG} says {self.vocab_size}")
 
@@ -190,7 +191,7 @@ class OnnxModel:
             self.input_names, [a[lo * k:hi * k] for a in per_row] + [a[lo:hi] for a in per_image], strict=True)))
             for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
         parts = [run.result() for run in runs]
-        return [np.concatenate([part[i] for part in parts], axis=STEP_OUTPUT_ROW_AXES[name])
+        return [np.concatenate([part[i] for part in parts], axis=self.row_axes[name])
                 for i, name in enumerate(names)]
 
     def attentions(self, images: OnnxImages, ids: Tensor) -> tuple[Tensor, Tensor]:
