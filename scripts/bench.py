@@ -10,11 +10,10 @@ with the same AdamW; both generate exactly --new-tokens tokens (the end token is
     .venv/bin/python scripts/bench.py --only onnx --json /tmp/onnx_speed.json   # the ONNX Runtime rows alone
 
 ONNX rows (skip with --no-onnx): our model exported (`vlm export --format onnx`: fp32, fp32 with maps, int8) on
-ONNX Runtime with the same threads (the runtime's own choice: decoder steps of at most 8 rows on one of them,
-larger ones over several images in one-thread lanes),
-decoding with the same loop, against HF eager and against HF's model on ONNX Runtime with its key/value cache
-(`HFOnnxSide`: exported here with torch.onnx, since optimum cannot export a BERT decoder with a cache); the
-ceilings are ours over HF eager, as above (int8 is held to fp32's).
+ONNX Runtime with the same threads (the runtime's own choice: a call over several images in one-thread lanes side by
+side, a batch-1 decoder step on one thread), decoding with the same loop, against HF eager and against HF's model on
+ONNX Runtime with its key/value cache (`HFOnnxSide`: exported here with torch.onnx, since optimum cannot export a
+BERT decoder with a cache); the ceilings are ours over HF eager, as above (int8 is held to fp32's).
 
 Timings alternate the two sides over --reps repetitions and report medians. The ceiling of each ratio is
 a roofline bound, HF's time over the least time our work could take: for training, our counted FLOPs at the
@@ -129,11 +128,10 @@ class Side:
 
 
 class OnnxSide:
-    """Our model exported to ONNX (`vlm.deploy.export`) on ONNX Runtime with --threads threads (steps of at most
-    `vlm.deploy.runtime.SMALL_STEP_ROWS` rows on one, larger ones over several images in --threads one-thread lanes:
-    `vlm.deploy.runtime.OnnxModel.step`), decoding with the same loop as torch
-    (`vlm.model.generate.decode` with `vlm.deploy.runtime.OrtDecoder`): fp32 without maps, fp32 with maps, int8
-    (dynamic quantization) without maps."""
+    """Our model exported to ONNX (`vlm.deploy.export`) on ONNX Runtime with --threads threads, generating as the
+    runtime does (`vlm.deploy.runtime.generate`: the same loop as torch, `vlm.model.generate.decode`, with the
+    exported step; a call over several images in --threads lanes of one-thread runs, a batch-1 step on one thread):
+    fp32 without maps, fp32 with maps, int8 (dynamic quantization) without maps."""
 
     def __init__(self, model: VisionLanguageModel, folder: Path, threads: int):
         from vlm.deploy.export import export_onnx
@@ -149,14 +147,13 @@ class OnnxSide:
             self.models[name] = OnnxModel(folder / name, threads)
 
     def generate(self, images, new_tokens: int, beams: int = 1, attention: bool = False, variant: str = "fp32"):
-        from vlm.deploy.runtime import OrtDecoder, one_torch_thread
+        from vlm.deploy.runtime import generate as generate_onnx
 
         onnx = self.models["maps" if attention else variant]
         encoded, _ = onnx.encode(images)
-        with one_torch_thread():
-            return decode(OrtDecoder(onnx, encoded), [[BOS]] * images.shape[0], eos_id=EOS, pad_id=PAD,
-                          config=DecodingConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                                beam_size=beams), return_attention=attention)
+        return generate_onnx(onnx, encoded, [[BOS]] * images.shape[0], eos_id=EOS, pad_id=PAD,
+                             config=DecodingConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                                   beam_size=beams), return_attention=attention)
 
 
 class HFOnnxSide:

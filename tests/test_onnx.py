@@ -131,22 +131,23 @@ def test_the_onnx_captioner_captions_answers_and_attends_as_torch(exported):
 
 
 def test_onnx_decoding_runs_torch_on_one_thread_and_sessions_sleep_between_runs(exported, monkeypatch):
-    """ONNX Runtime's sessions sleep rather than spin between runs, decoder steps of few rows run on a one-thread
-    session of their own, and the decoding loop's torch operations run on one thread, the caller's setting restored
-    after (also when decoding fails): the thread policy that made batch-1 ONNX decoding fast and steady on 2 cores.
-    The two decoder sessions' outputs are compared with torch's by the tests above (batches of 1 to 9 rows) and
-    below (lanes)."""
+    """ONNX Runtime's sessions sleep rather than spin between runs, each graph has a one-thread session for small
+    steps and lanes, a call over several images takes a lane per thread, and the decoding loop's torch operations
+    run on one thread, the caller's setting restored after (also when decoding fails): the thread policy that made
+    ONNX decoding fast and steady on 2 cores. The sessions' outputs are compared with torch's by the tests above
+    (batches of 1 to 9 rows) and below (lanes)."""
     import vlm.deploy.runtime as runtime
+    from vlm.deploy.export import DECODER, ENCODER
 
     captioner = load(exported[1], runtime="onnx", threads=2)
     onnx = captioner.model
-    small = onnx.one_thread_decoder()
-    assert small is not onnx.decoder and onnx.lanes == 2
-    assert onnx.lanes_for(rows=runtime.SMALL_STEP_ROWS, images=1) == onnx.lanes_for(rows=64, images=1) == 1
-    assert onnx.lanes_for(rows=2 * runtime.SMALL_STEP_ROWS + 2, images=2) == onnx.lanes_for(rows=96, images=32) == 2
-    for session, threads in ((onnx.encoder, 2), (onnx.decoder, 2), (small, 1)):
+    assert onnx.lanes == 2 and onnx.lanes_for(1) == 1 and onnx.lanes_for(2) == onnx.lanes_for(32) == 2
+    sessions = ((onnx.encoder, 2), (onnx.decoder, 2), (onnx.one_thread(ENCODER), 1), (onnx.one_thread(DECODER), 1))
+    for session, threads in sessions:
         assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
         assert session.get_session_options().intra_op_num_threads == threads
+    one = load(exported[1], runtime="onnx", threads=1).model
+    assert one.one_thread(ENCODER) is one.encoder and one.one_thread(DECODER) is one.decoder and one.lanes_for(9) == 1
     seen = []
 
     def failing_decode(*args, **kwargs):
@@ -164,26 +165,69 @@ def test_onnx_decoding_runs_torch_on_one_thread_and_sessions_sleep_between_runs(
         torch.set_num_threads(threads)
 
 
-def test_large_steps_run_in_lanes_of_whole_images_and_decode_as_torch(model, tokenizer, exported, monkeypatch):
-    """A step of many rows over several images runs as one run per lane (whole images each, the rows of their
-    beams with them), side by side on the one-thread session: the tokens, scores and maps are torch's."""
-    onnx, _ = OnnxModel.load(exported[1], threads=2)
-    session, runs = onnx.one_thread_decoder(), []
-    run = session.run
+def _runs(session, monkeypatch) -> list[tuple[int, int]]:
+    """(rows, images) of each run of ``session`` from now on."""
+    runs, run = [], session.run
 
     def counted(names, feeds):
-        runs.append((len(feeds["input_ids"]), len(feeds["image_key_0"])))
+        runs.append((len(feeds.get("input_ids", feeds.get("pixels"))), len(feeds.get("image_key_0", ()))))
         return run(names, feeds)
 
     monkeypatch.setattr(session, "run", counted)
+    return runs
+
+
+def test_a_call_over_several_images_runs_in_lanes_and_decodes_as_torch(model, tokenizer, exported, monkeypatch):
+    """Five images on two threads: encoded in two one-thread runs side by side (images 0-1, 2-4), then decoded by a
+    loop per lane on the one-thread session, the beams of a lane's images in each of its steps; the tokens, scores
+    and maps are torch's for the whole batch."""
+    from vlm.deploy.export import DECODER, ENCODER
+    from vlm.deploy.runtime import generate as generate_onnx
+
+    onnx, _ = OnnxModel.load(exported[1], threads=2)
+    encoder_runs = _runs(onnx.one_thread(ENCODER), monkeypatch)
+    decoder_runs = _runs(onnx.one_thread(DECODER), monkeypatch)
     images = torch.randn(5, 3, 64, 64)
-    ours, theirs = _both(model, onnx, tokenizer, images, _prompts(tokenizer, 3)[1:] * 2 + _prompts(tokenizer, 1),
-                         beam_size=4)  # 20 rows of 5 images: lanes of 2 and 3 images
-    assert (8, 2) in runs and (12, 3) in runs  # beams of images 0-1, of images 2-4
+    prompts = _prompts(tokenizer, 3)[1:] * 2 + _prompts(tokenizer, 1)
+    config = DecodingConfig(max_new_tokens=10, beam_size=4)
+    with torch.no_grad():
+        image_kv, _ = model.encode(images)
+    ours = generate(model, image_kv, prompts, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, config=config,
+                    return_attention=True)
+    encoded, _ = onnx.encode(images)
+    assert sorted(encoder_runs) == [(2, 0), (3, 0)]
+    theirs = generate_onnx(onnx, encoded, prompts, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, config=config,
+                           return_attention=True)
+    assert {(8, 2), (12, 3)} == set(decoder_runs)  # beams of images 0-1, of images 2-4: every step in lanes
     assert theirs.tokens == ours.tokens and len(set(map(tuple, ours.tokens))) > 1
     torch.testing.assert_close(torch.tensor(theirs.scores), torch.tensor(ours.scores), atol=1e-4, rtol=0)
     for a, b in zip(ours.attentions, theirs.attentions, strict=True):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
+
+
+def test_lanes_keep_the_whole_calls_padding_budget_and_seeds(tokenizer, exported):
+    """Each lane pads its prompts to the whole call's longest and seeds its images as the whole call would: a lane
+    of caption prompts only (images 0-1) still stops at the budget the long questions leave (max_length - P), and
+    sampled tokens are those of one loop over all images (one thread, no lanes)."""
+    from vlm.deploy.runtime import generate as generate_onnx
+
+    lanes, _ = OnnxModel.load(exported[3], threads=2)
+    one, _ = OnnxModel.load(exported[3], threads=1)
+    images = torch.randn(4, 3, 64, 64)
+    prompts = _prompts(tokenizer, 1) * 2 + [tokenizer.question_prompt("what color is the small circle left of the "
+                                                                      "big square?")] * 2
+    longest = max(map(len, prompts))
+    for options in (dict(max_new_tokens=100, min_new_tokens=100), dict(sample=True, top_k=5, seed=3)):
+        config = DecodingConfig(**options)
+        whole, split = (generate_onnx(m, m.encode(images)[0], prompts, eos_id=tokenizer.eos_id,
+                                      pad_id=tokenizer.pad_id, config=config) for m in (one, lanes))
+        assert split.tokens == whole.tokens
+        flat = [[x for seq in g.token_logprobs for x in seq] for g in (split, whole)]
+        assert flat[0] == pytest.approx(flat[1], abs=1e-5)
+        if "seed" in options:
+            assert len(set(map(tuple, whole.tokens))) == 4  # each image its own draws
+        else:  # the captions ran to the budget the longest prompt leaves, not to their own prompt's
+            assert [len(t) for t in whole.tokens] == [24 - longest] * 4 and len(prompts[0]) < longest
 
 
 @pytest.mark.parametrize("graph", GRAPHS)

@@ -287,15 +287,11 @@ def _config(cls: type, given: Any, options: dict[str, Any]) -> Any:
 
 
 def _from(decoding: DecodingConfig, first: int, count: int, total: int) -> DecodingConfig:
-    """The decoding of a chunk of ``count`` images starting at image ``first`` of ``total``: an int seed moves
-    along, so image i keeps seed + i whatever the batch size; a list of seeds is cut to the chunk."""
-    if isinstance(decoding.seed, int):
-        return replace(decoding, seed=decoding.seed + first)
-    if isinstance(decoding.seed, list):
-        if len(decoding.seed) != total:
-            raise VLMError(f"{len(decoding.seed)} seeds for {total} images")
-        return replace(decoding, seed=decoding.seed[first:first + count])
-    return decoding
+    """`DecodingConfig.for_images`, a list of seeds of the wrong length as one VLMError line."""
+    try:
+        return decoding.for_images(first, count, total)
+    except ValueError as e:
+        raise VLMError(str(e)) from None
 
 
 def _as_list(images: ImageLike | Sequence[ImageLike]) -> list[ImageLike]:

@@ -6,7 +6,7 @@ and a YAML key; the docstring under a field is its help text; unknown keys are e
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 
@@ -295,6 +295,18 @@ class DecodingConfig:
             raise ValueError(f"no_repeat_ngram_size must be 0 (off) or positive, got {self.no_repeat_ngram_size}")
         if self.min_new_tokens < 0:
             raise ValueError(f"min_new_tokens must be 0 or positive, got {self.min_new_tokens}")
+
+    def for_images(self, first: int, count: int, total: int) -> DecodingConfig:
+        """The decoding of ``count`` of a call's ``total`` images, starting at image ``first`` (a batch of a longer
+        list, a lane): an int seed moves along, so image i keeps seed + i; a list of seeds is cut to those images
+        (ValueError unless it has one seed per image of the call)."""
+        if isinstance(self.seed, int):
+            return replace(self, seed=self.seed + first)
+        if isinstance(self.seed, list):
+            if len(self.seed) != total:
+                raise ValueError(f"{len(self.seed)} seeds for {total} images")
+            return replace(self, seed=self.seed[first:first + count])
+        return self
 
     def token_budget(self, answer: bool = False) -> int:
         """max_new_tokens, or its default for a caption (30) or an answer (8)."""

@@ -1,6 +1,7 @@
 """An ONNX export (`vlm.deploy.export`) on ONNX Runtime: the encoder session, and the decoder step as a backend of
 the one decoding loop (`vlm.model.generate.decode`), its fixed-capacity key/value cache held here and updated in
-place with each step's new keys/values.
+place with each step's new keys/values. A call over several images runs in lanes (`OnnxModel.in_lanes`): the images
+split between one-thread runs side by side, encoding (`OnnxModel.encode`) and decoding (`generate`) alike.
 
 Loading checks the directory as `vlm.checkpoint` checks an exported model: a missing or damaged file, a file
 changed since the export, or a config that does not fit the graphs is one `VLMError` line naming the file.
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,6 +39,10 @@ class OnnxImages:
 
     def __len__(self) -> int:
         return self.keys.shape[1]
+
+    def __getitem__(self, images: slice) -> OnnxImages:
+        """Some of the images (views, not copies)."""
+        return OnnxImages(self.keys[:, images], self.values[:, images])
 
 
 def session_options(threads: int | None = None):
@@ -71,14 +76,14 @@ def one_torch_thread():
 
 
 SMALL_STEP_ROWS = 8
-"""Decoder steps of at most this many rows (batch 1 greedy, a few beams) run on one thread: their products are too
-small to share out, and a team's hand-offs cost more than they save (on 2 cores, one thread made the exported step
-about 20% faster at 1 to 8 rows, and steadier). Larger steps over several images run in lanes (`OnnxModel.step`)."""
+"""Decoder steps of at most this many rows (one image's few beams) run on one thread: their products are too small
+to share out, and a team's hand-offs cost more than they save (on 2 cores, one thread made the exported step about
+20% faster at 1 to 8 rows, and steadier). Calls over several images run in lanes (`OnnxModel.in_lanes`)."""
 
 
 class OnnxModel:
     """An ONNX export loaded on ONNX Runtime: its model config, facts (onnx.json) and the two sessions with
-    ``threads`` threads (a third, the decoder on one thread, for small steps and lanes: `one_thread_decoder`)."""
+    ``threads`` threads (and each graph on one thread, for small steps and lanes: `one_thread`)."""
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None):
         path = Path(path)
@@ -107,7 +112,7 @@ class OnnxModel:
                                "export again")
         self.path, self.threads = path, threads
         self.encoder, self.decoder = self._session(ENCODER, threads), self._session(DECODER, threads)
-        self._one_thread_decoder = None  # made on the first step that needs it
+        self._one_thread: dict[str, object] = {}  # each graph's one-thread session, made when first needed
         self.lanes = threads or os.cpu_count() or 1
         self._lane_pool: ThreadPoolExecutor | None = None
         self.maps = bool(self.facts.get("maps"))
@@ -116,10 +121,6 @@ class OnnxModel:
         self.num_prefix = int(self.facts.get("num_prefix", 0))
         self.input_names = step_input_names(self.num_layers)
         logits = self.decoder.get_outputs()[0].shape
-        try:  # the dynamic "rows" axis of each step output, along which lanes' outputs are joined
-            self.row_axes = {out.name: out.shape.index("rows") for out in self.decoder.get_outputs()}
-        except ValueError:
-            raise VLMError(f"{path / DECODER}: its outputs have no dynamic rows axis; export again") from None
         if logits[-1] != self.vocab_size:
             raise VLMError(f"{path / DECODER}: its logits have {logits[-1]} tokens, {CONFIG} says {self.vocab_size}")
 
@@ -133,19 +134,33 @@ class OnnxModel:
             raise VLMError(f"{self.path / name}: ONNX Runtime cannot load it ({' '.join(str(e).split())[:300]})") \
                 from None
 
-    def one_thread_decoder(self):
-        """A second session of the decoder graph with one thread (made when first needed), for small steps and for
-        the lanes of large ones."""
+    def one_thread(self, name: str):
+        """The graph ``name`` (ENCODER or DECODER) on one thread: the model's own session when it has one thread,
+        else a second session (made when first needed), for small steps and for lanes."""
         if self.threads == 1:
-            return self.decoder
-        if self._one_thread_decoder is None:
-            self._one_thread_decoder = self._session(DECODER, 1)
-        return self._one_thread_decoder
+            return self.encoder if name == ENCODER else self.decoder
+        if name not in self._one_thread:
+            self._one_thread[name] = self._session(name, 1)
+        return self._one_thread[name]
 
-    def lanes_for(self, rows: int, images: int) -> int:
-        """Lanes for a step of ``rows`` rows over ``images`` images: up to one per thread, each with whole images
-        and more than SMALL_STEP_ROWS rows; 1 runs the step as one run."""
-        return max(1, min(self.lanes, images, rows // (SMALL_STEP_ROWS + 1)))
+    def lanes_for(self, images: int) -> int:
+        """Lanes of a call over ``images`` images: one per thread, each with whole images; 1 runs the call as it is,
+        with the sessions' threads."""
+        return max(1, min(self.lanes, images))
+
+    def in_lanes(self, images: int, run: Callable[[int, int], object]) -> list:
+        """``run(first, end)`` for each lane's images [first, end), in order, the lanes side by side on a pool of
+        Python threads with one torch thread each; each lane runs one-thread sessions (`one_thread`), which ONNX
+        Runtime runs in parallel outside the GIL. No hand-offs inside a run: on 2 cores, 32 images encoded in two
+        lanes took 122 ms against 150 ms with both threads in one run, and decoding them (greedy, 20 tokens) was
+        about 10% faster, with 3 beams about 20%, than one decoding loop whose steps use both threads."""
+        lanes = self.lanes_for(images)
+        if self._lane_pool is None:
+            self._lane_pool = ThreadPoolExecutor(self.lanes, thread_name_prefix="vlm-onnx-lane",
+                                                 initializer=torch.set_num_threads, initargs=(1,))
+        bounds = [images * i // lanes for i in range(lanes + 1)]
+        runs = [self._lane_pool.submit(run, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+        return [r.result() for r in runs]
 
     @classmethod
     def load(cls, path: str | os.PathLike, threads: int | None = None) -> tuple[OnnxModel, Tokenizer]:
@@ -160,39 +175,31 @@ class OnnxModel:
         return model, tokenizer
 
     def encode(self, pixels: Tensor) -> tuple[OnnxImages, tuple[int, int]]:
-        """Images (B, 3, H, W) -> every layer's cross-attention keys/values, and the patch grid."""
-        keys_values, = self.encoder.run(None, {"pixels": pixels.detach().cpu().float().numpy()})
+        """Images (B, 3, H, W) -> every layer's cross-attention keys/values, and the patch grid; several images in
+        lanes (`in_lanes`)."""
+        pixels = pixels.detach().cpu().float().numpy()
+        if self.lanes_for(len(pixels)) == 1:
+            keys_values, = self.encoder.run(None, {"pixels": pixels})
+        else:
+            session = self.one_thread(ENCODER)
+            parts = self.in_lanes(len(pixels), lambda lo, hi: session.run(None, {"pixels": pixels[lo:hi]})[0])
+            keys_values = np.concatenate(parts, axis=2)  # (2, L, B, H, N, hd): the images' axis
         return OnnxImages(keys_values[0], keys_values[1]), self.grid  # views, not copies
 
     def step(self, ids: np.ndarray, positions: np.ndarray, self_mask: np.ndarray, past: Sequence[np.ndarray],
-             images: OnnxImages, maps: bool, self_weights: bool = False) -> list[np.ndarray]:
+             images: OnnxImages, maps: bool, self_weights: bool = False, one_thread: bool = False) -> list[np.ndarray]:
         """One run of the decoder step graph over a cache of capacity C: ids and positions (R, t), self_mask
         (R, 1, t, C + t) (the cache's slots, then the new positions), past: every layer's keys, then every layer's
         values (R, H, C, hd) -> logits (R, V), the new positions' keys and values (L, R, t, H * hd), with maps their
-        cross-attention (R, t, L, H, N), and with self_weights their self-attention (R, t, L, H, C + t)."""
+        cross-attention (R, t, L, H, N), and with self_weights their self-attention (R, t, L, H, C + t). On the
+        one-thread session with ``one_thread`` (a lane) or for at most SMALL_STEP_ROWS rows."""
         if maps and not self.maps:
             raise VLMError(f"{self.path}: exported without maps; export again with vlm export --maps")
         names = ["logits", "new_keys", "new_values"] + (["cross_attentions"] if maps else []) \
             + (["self_attentions"] if self_weights else [])
-        per_row, per_image = [ids, positions, self_mask, *past], [*images.keys, *images.values]  # keys[l]: a view
-        R, B = len(ids), len(images)
-        lanes = self.lanes_for(R, B)
-        if lanes == 1:
-            session = self.decoder if R > SMALL_STEP_ROWS else self.one_thread_decoder()
-            return session.run(names, dict(zip(self.input_names, per_row + per_image, strict=True)))
-        # lanes: the images split into `lanes` parts, each part's rows one run on the one-thread session, the runs
-        # side by side on a pool of Python threads (ONNX Runtime runs them in parallel, outside the GIL): no
-        # hand-offs inside a run, which on 2 cores made a 32-row step about 25% faster than one 2-thread run
-        if self._lane_pool is None:
-            self._lane_pool = ThreadPoolExecutor(self.lanes, thread_name_prefix="vlm-onnx-lane")
-        session, k = self.one_thread_decoder(), R // B
-        bounds = [B * i // lanes for i in range(lanes + 1)]
-        runs = [self._lane_pool.submit(session.run, names, dict(zip(
-            self.input_names, [a[lo * k:hi * k] for a in per_row] + [a[lo:hi] for a in per_image], strict=True)))
-            for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
-        parts = [run.result() for run in runs]
-        return [np.concatenate([part[i] for part in parts], axis=self.row_axes[name])
-                for i, name in enumerate(names)]
+        session = self.one_thread(DECODER) if one_thread or len(ids) <= SMALL_STEP_ROWS else self.decoder
+        inputs = [ids, positions, self_mask, *past, *images.keys, *images.values]  # keys[l]: a view
+        return session.run(names, dict(zip(self.input_names, inputs, strict=True)))
 
     def attentions(self, images: OnnxImages, ids: Tensor) -> tuple[Tensor, Tensor]:
         """Teacher-forced: every position's cross-attention (S, T, L, H, N) and self-attention (S, T, L, H, T) of
@@ -224,8 +231,8 @@ class OnnxModel:
         chosen = chosen_layers(self, config.layers)
         out = []
         for i, (prompt, target) in enumerate(zip(prompts, targets, strict=True)):
-            one = OnnxImages(images.keys[:, i:i + 1], images.values[:, i:i + 1])
-            cross, own = self.attentions(one, torch.tensor([[*prompt, *target]]))  # (1, T, L, H, N), (1, T, L, H, T)
+            ids = torch.tensor([[*prompt, *target]])
+            cross, own = self.attentions(images[i:i + 1], ids)  # (1, T, L, H, N), (1, T, L, H, T)
             cross = cross.mean(3) if config.head is None else cross[:, :, :, config.head]  # (1, T, L, N)
             layers = list(cross.permute(2, 0, 1, 3).unbind(0))  # L x (1, T, N)
             if config.method == "rollout":
@@ -255,13 +262,39 @@ class OnnxBackend:
 
     def generate(self, images: OnnxImages, prompts: list[list[int]], decoding: DecodingConfig,
                  return_attention: bool = False) -> Generation:
-        with one_torch_thread():
-            return decode(OrtDecoder(self.model, images), prompts, eos_id=self.tokenizer.eos_id,
-                          pad_id=self.tokenizer.pad_id, config=decoding, return_attention=return_attention)
+        return generate(self.model, images, prompts, eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
+                        config=decoding, return_attention=return_attention)
 
     def maps(self, images: OnnxImages, grid: tuple[int, int], prompts: list[list[int]], targets: list[list[int]],
              config: MapConfig) -> list[np.ndarray]:
         return [m.numpy() for m in self.model.token_maps(images, prompts, targets, config)]
+
+
+def generate(model: OnnxModel, images: OnnxImages, prompts: list[list[int]], *, eos_id: int, pad_id: int,
+             config: DecodingConfig | None = None, return_attention: bool = False) -> Generation:
+    """Continue each image's prompt until the end token on ONNX Runtime, as `vlm.model.generate.generate` does with
+    the torch model: the one decoding loop (`decode`) with the exported step (`OrtDecoder`), torch on one thread.
+
+    Over several images it runs in lanes (`OnnxModel.in_lanes`): each lane's images decoded by a loop of their own
+    on the one-thread session. Every lane pads its prompts to the whole call's longest (the same padding and token
+    budget) and seeds its images' sampling as the whole call would (`DecodingConfig.for_images`), so an image's
+    tokens do not depend on the lanes; the lanes' sequences are joined in image order."""
+    config = config or DecodingConfig()
+    B = len(images)
+    if len(prompts) != B:
+        raise ValueError(f"{len(prompts)} prompts for {B} images")
+    with one_torch_thread():
+        if model.lanes_for(B) == 1:
+            return decode(OrtDecoder(model, images), prompts, eos_id=eos_id, pad_id=pad_id, config=config,
+                          return_attention=return_attention)
+        longest = max(len(p) for p in prompts)
+
+        def lane(lo: int, hi: int) -> Generation:
+            return decode(OrtDecoder(model, images[lo:hi], one_thread=True), prompts[lo:hi], eos_id=eos_id,
+                          pad_id=pad_id, config=config.for_images(lo, hi - lo, B), return_attention=return_attention,
+                          pad_to=longest)
+
+        return Generation.join(model.in_lanes(B, lane))
 
 
 class OrtDecoder:
@@ -269,10 +302,11 @@ class OrtDecoder:
     a self-attention cache of fixed capacity (prompt + new tokens), held here (keys and values of every layer,
     (2, L, R, H, C, hd)) and given to each step in place; the step returns the new positions' keys/values only,
     written into their slots. A step with maps also returns its last position's cross-attention weights
-    (R, L, H, N), so the kept sequences' maps need no further run."""
+    (R, L, H, N), so the kept sequences' maps need no further run. ``one_thread``: every step on the one-thread
+    session (a lane's decoder)."""
 
-    def __init__(self, model: OnnxModel, images: OnnxImages):
-        self.model, self.images = model, images
+    def __init__(self, model: OnnxModel, images: OnnxImages, one_thread: bool = False):
+        self.model, self.images, self.one_thread = model, images, one_thread
         self.num_images, self.vocab_size = len(images), model.vocab_size
         self.max_length, self.device = model.cfg.decoder.max_length, torch.device("cpu")
         self.maps = False
@@ -306,7 +340,8 @@ class OrtDecoder:
             given = self_mask.numpy()
             mask[..., :start], mask[..., capacity:] = given[..., :start], given[..., start:]
         cache = self.cache
-        out = self.model.step(ids.numpy(), positions.numpy(), mask, [*cache[0], *cache[1]], self.images, self.maps)
+        out = self.model.step(ids.numpy(), positions.numpy(), mask, [*cache[0], *cache[1]], self.images, self.maps,
+                              one_thread=self.one_thread)
         L, H = self.model.num_layers, self.model.num_heads  # new keys/values (L, R, t, H * hd) -> (L, R, H, t, hd)
         for i in (0, 1):
             cache[i, :, :, :, start:start + t] = out[1 + i].reshape(L, R, t, H, -1).transpose(0, 1, 3, 2, 4)

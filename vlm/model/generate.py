@@ -47,6 +47,16 @@ class Generation:
     """Per sequence, each generated token's log-probability (aligned with ``tokens``: the end token's is in
     ``scores`` only), from the distribution the token was chosen from (after no-repeat and min-length masks)."""
 
+    @staticmethod
+    def join(parts: Sequence[Generation]) -> Generation:
+        """The sequences of several generations, one after another (the lanes of one call, in image order)."""
+        def joined(field: str) -> list | None:
+            lists = [getattr(part, field) for part in parts]
+            return None if lists[0] is None else [x for one in lists for x in one]
+
+        return Generation(tokens=joined("tokens"), scores=joined("scores"), ended=joined("ended"),
+                          attentions=joined("attentions"), token_logprobs=joined("token_logprobs"))
+
 
 def _self_mask(key_valid: Tensor, start: int, end: int) -> Tensor:
     """Boolean (R, 1, end - start, end) mask for queries at [start, end) over keys [0, end).
@@ -203,12 +213,15 @@ def decode(
     pad_id: int,
     config: DecodingConfig | None = None,
     return_attention: bool = False,
+    pad_to: int = 0,
 ) -> Generation:
     """The one decoding loop: continue each image's prompt until the end token, greedy, sampled, or by beam search
     (``config``), calling the backend's step (torch or ONNX Runtime) for the next-token logits.
 
     With ``config.num_samples`` k, each image gets k sampled sequences, image after image, all drawn from the
     image's own seeded generator. Beam hypotheses are ranked at the end by score / length ** length_penalty.
+    Prompts are left-padded to the longest, or to ``pad_to`` tokens if more: a part of a call's images decoded on
+    its own (a lane) keeps the whole call's padding and token budget.
     """
     config = config or DecodingConfig()
     config.validate()
@@ -218,7 +231,7 @@ def decode(
         raise ValueError(f"{len(prompts)} prompts for {B} images")
     device = backend.device
     R = B * K
-    P = max(len(p) for p in prompts)
+    P = max([pad_to, *map(len, prompts)])
     T = min(config.token_budget(), backend.max_length - P)
     if T < 1:
         raise ValueError(f"prompt of {P} tokens leaves no room in max_length {backend.max_length}")
