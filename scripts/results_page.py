@@ -185,6 +185,7 @@ def speed(report: dict) -> str:
             onnx_rows.append(["returning attention maps (time added), batch 1 greedy",
                               f"{onnx['greedy_b1_attention_overhead']:+.1%}", "", "(<= 10%)", "", ""])
         b1_reps = report["config"].get("onnx_batch1_reps", c["reps"])
+        b32_reps = report["config"].get("onnx_batch32_reps", c["reps"])
         text += ("\n\nOn ONNX Runtime (`vlm export --format onnx`, `--runtime onnx`; 2 threads) against HF eager and "
                  "against HF's model on ONNX Runtime with its key/value cache (exported by the script with "
                  "`torch.onnx` in optimum's layout, encoder / first step / step with past, and run in our decoding "
@@ -192,13 +193,13 @@ def speed(report: dict) -> str:
                  "sides get the same ONNX Runtime fusions (`vlm.deploy.export.fuse`), run with the runtime's session "
                  "options (`vlm.deploy.runtime.session_options`: pools that sleep between runs) and one torch thread "
                  "in the decoding loop. Ours has ONNX Runtime's own attention operator in its step graph "
-                 "(`vlm.deploy.export`; the ORT optimizer finds none to fuse in HF's BERT decoder), runs decoder "
-                 "steps of at most 8 rows on a one-thread session of its own "
-                 "(`vlm.deploy.runtime.SMALL_STEP_ROWS`) and larger steps over several images in lanes (the images "
-                 "split between one-thread runs side by side, `vlm.deploy.runtime.OnnxModel.step`); HF's sessions "
-                 "use both threads for every step (one set of options for all of a model's sessions, as optimum "
-                 "takes them, and one run per step). Batch-1 rows are medians of "
-                 f"{b1_reps} alternating repetitions. Targets in brackets.\n\n"
+                 "(`vlm.deploy.export`; the ORT optimizer finds none to fuse in HF's BERT decoder), runs a call over "
+                 "several images in lanes (the images split between one-thread encoder runs and decoding loops side "
+                 "by side, `vlm.deploy.runtime.OnnxModel.in_lanes`) and a batch-1 step on a one-thread session "
+                 "(`vlm.deploy.runtime.SMALL_STEP_ROWS`); HF's sessions use both threads for every step (one set "
+                 "of options for all of a model's sessions, as optimum takes them, and one run per step). Batch-1 "
+                 f"rows are medians of {b1_reps} alternating repetitions, batch-32 rows of {b32_reps}. Targets in "
+                 "brackets.\n\n"
                  + table(["metric", "ours on ORT", "HF on ORT", "ours / HF eager", "ours / HF on ORT",
                           "ceiling vs HF eager"], onnx_rows))
     return text
