@@ -1,5 +1,6 @@
 """WebDataset shards split over readers (DDP ranks x data-loader workers): every sample once per pass, every
-reader served even with fewer shards than readers, and a clear error instead of a hang when a reader has none."""
+reader served even with fewer shards than readers, and a clear error instead of a hang when a reader has none;
+training passes shuffled (shard order and a sample buffer) and still split exactly."""
 
 from __future__ import annotations
 
@@ -84,3 +85,38 @@ def test_a_reader_left_without_samples_is_one_clear_error(tmp_path, monkeypatch)
     dataset = ShardDataset(SourceConfig(str(tmp_path / "shards" / "00000.tar")), caption_of, strict=True)
     with pytest.raises(VLMError, match=r"00000.tar: reader [23] of 4 .* got no usable sample"):
         read_as(monkeypatch, dataset, 1, 2, workers=2, items=4)
+
+
+def test_a_shuffled_stream_reads_every_sample_once_per_pass_in_an_order_of_its_own(tmp_path):
+    """data.shuffle_buffer: each pass reads the shards in a fresh order through a buffer of samples, still every
+    sample once per pass; the same seed gives the same order, another seed another."""
+    captions = write_shards(tmp_path / "shards", [4, 4, 4, 4])
+    path = SourceConfig(str(tmp_path / "shards" / "{00000..00003}.tar"))
+
+    def passes(seed: int, buffer: int = 5) -> list[list[str]]:
+        items = list(islice(ShardDataset(path, caption_of, strict=True, seed=seed, shuffle_buffer=buffer), 48))
+        return [items[i:i + 16] for i in range(0, 48, 16)]
+
+    shuffled = passes(seed=0)
+    assert all(sorted(one) == sorted(captions) for one in shuffled)  # every sample, once in each pass
+    assert len({tuple(one) for one in [captions, *shuffled]}) == 4  # each pass its own order, none the files'
+    numbers = [[int(caption.split()[1]) for caption in one] for one in shuffled]  # shard k holds 4k to 4k + 3
+    assert any(a // 4 == b // 4 and a > b for one in numbers for a, b in zip(one, one[1:]))  # samples mixed too
+    assert passes(seed=0) == shuffled and passes(seed=1) != shuffled
+    shard_orders = [[int(one[i].split()[1]) // 4 for i in range(0, 16, 4)] for one in passes(seed=0, buffer=1)]
+    assert all(sorted(order) == [0, 1, 2, 3] for order in shard_orders)  # a buffer of 1 mixes nothing: whole shards,
+    assert len(set(map(tuple, shard_orders))) > 1  # in an order drawn for each pass
+    assert passes(seed=0, buffer=0) == [captions] * 3  # no buffer: the shards' own order, sample after sample
+
+
+def test_shuffled_shards_are_still_split_exactly_over_ranks_and_workers(tmp_path, monkeypatch):
+    """Every reader draws the same shard order for a pass, so the readers (2 ranks x 2 workers) still split one
+    pass into disjoint shares that cover it."""
+    captions = write_shards(tmp_path / "shards", [3] * 8)  # 2 shards of 3 per reader: 12 samples per rank and pass
+    dataset = ShardDataset(SourceConfig(str(tmp_path / "shards" / "{00000..00007}.tar")), caption_of, strict=True,
+                           seed=3, shuffle_buffer=4)
+    per_rank = [read_as(monkeypatch, dataset, rank, 2, workers=2, items=12) for rank in range(2)]
+    assert Counter(per_rank[0] + per_rank[1]) == Counter(captions)
+    assert per_rank[0] + per_rank[1] != captions
+    with pytest.raises(VLMError, match="data.shuffle_buffer: expected 0 .off. or a positive number"):
+        ShardDataset(SourceConfig(str(tmp_path / "shards" / "00000.tar")), caption_of, strict=True, shuffle_buffer=-1)

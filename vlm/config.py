@@ -170,7 +170,10 @@ class DataConfig:
     fingerprints of its texts and pixels (vlm.train.checkpoints.BatchLog), e.g. to check that a resumed run sees
     the same samples as an uninterrupted one."""
     seed: int = 0
-    """Seed of the built-in scene generator."""
+    """Seed of the built-in scene generator and of the training streams' orders (shards, records mixed with them)."""
+    shuffle_buffer: int = 1000
+    """Training on shards: each pass reads the shards in a fresh order and mixes each reader's samples through a
+    buffer of this many raw samples (0: the shards' own order, sample after sample)."""
     scenes: Literal["shapes", "relational", "mixed"] = "shapes"
     """Built-in scene family: shapes (1 to 4 objects, questions about one object at a time), relational (six
     objects of unique colours; closest/farthest, how many share X's shape, relative position, yes/no with

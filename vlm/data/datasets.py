@@ -292,29 +292,47 @@ class ShardDataset(IterableDataset):
     """WebDataset tar shards (local paths, URLs or brace patterns) streamed without unpacking.
 
     Shards are split across the readers, DDP ranks times data-loader workers (`reader_share`), and read again and
-    again in training.
+    again in training. With a ``shuffle_buffer`` (training: ``data.shuffle_buffer``), each pass reads the shards
+    in an order of its own, the same in every reader (seeded by ``seed`` and the pass, so the readers still split
+    them exactly), and each reader's samples go through a buffer of that many that yields them in random order
+    (seeded by ``seed``, the pass and the reader); every sample is still read once per pass.
     """
 
     def __init__(self, source: SourceConfig, sampler: Sampler, strict: bool, skipped: SkipCounter | None = None,
-                 repeat: bool = True, seed: int = 0):
+                 repeat: bool = True, seed: int = 0, shuffle_buffer: int = 0):
+        if shuffle_buffer < 0:
+            raise VLMError(f"data.shuffle_buffer: expected 0 (off) or a positive number of samples, got "
+                           f"{shuffle_buffer}")
         self.source, self.sampler, self.strict, self.repeat, self.seed = source, sampler, strict, repeat, seed
+        self.shuffle_buffer = shuffle_buffer
         self.skipped = skipped or SkipCounter()
 
-    def samples(self, reader: int = 0, readers: int = 1) -> Iterator[tuple[str, dict]]:
-        """(where, raw sample) of every sample reader ``reader`` of ``readers`` reads (all of them by default)."""
+    def samples(self, reader: int = 0, readers: int = 1, order: int | None = None) -> Iterator[tuple[str, dict]]:
+        """(where, raw sample) of every sample reader ``reader`` of ``readers`` reads (all of them by default), the
+        shards in their listed order, or with ``order`` in the shuffled order of that pass."""
         import webdataset as wds
 
-        shards, part, parts = reader_share(wds.shardlists.expand_urls(self.source.path), reader, readers)
+        shards = wds.shardlists.expand_urls(self.source.path)
+        if order is not None:
+            shards = [shards[i] for i in np.random.default_rng((self.seed, order)).permutation(len(shards))]
+        shards, part, parts = reader_share(shards, reader, readers)
         for j, sample in enumerate(wds.tariterators.tarfile_samples({"url": url} for url in shards)):
             if j % parts == part:
                 yield f"{sample.get('__url__', self.source.path)}: {sample['__key__']}", sample
 
+    def _pass(self, reader: int, readers: int, number: int) -> Iterator[tuple[str, dict]]:
+        """One pass of this reader's samples, shuffled with a buffer when there is one."""
+        if not self.shuffle_buffer:
+            return self.samples(reader, readers)
+        return shuffled(self.samples(reader, readers, order=number), self.shuffle_buffer,
+                        np.random.default_rng((self.seed, number, reader)))
+
     def __iter__(self) -> Iterator[Item]:
         reader, readers = _stream_position()
         count = 0
-        while True:
+        for number in range(2**62):
             before = count
-            for where, sample in self.samples(reader, readers):
+            for where, sample in self._pass(reader, readers, number):
                 try:
                     data, captions, questions = shard_sample(sample, where, self.source.caption_key)
                     image = load_image(data, name=where)
@@ -332,6 +350,22 @@ class ShardDataset(IterableDataset):
                 raise VLMError(f"{self.source.path}: reader {reader} of {readers} (DDP processes x data-loader "
                                "workers) got no usable sample; a shard has fewer samples than the readers sharing "
                                "it, or all were skipped. Use fewer data.num_workers or more shards")
+
+
+def shuffled(items: Iterable, size: int, rng: np.random.Generator) -> Iterator:
+    """``items`` in random order through a buffer of ``size``: once it is full, each new item takes the place of
+    one drawn at random, which is yielded; what remains at the end comes out shuffled (a stream's shuffle, as
+    WebDataset's ``shuffle``, held to memory of ``size`` items)."""
+    buffer = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        i = int(rng.integers(size))
+        yield buffer[i]
+        buffer[i] = item
+    for i in rng.permutation(len(buffer)):
+        yield buffer[i]
 
 
 def _stream_position() -> tuple[int, int]:

@@ -140,7 +140,8 @@ class DataModule(L.LightningDataModule):
         cfg, skipped = self.cfg, self._skipped
         sampler = Sampler(cfg, tokenizer, transform, train=True, seed=self.seed)
         if any(r is None for r in train.records):  # shards stream: every source becomes a stream, mixed by weight
-            streams = [ShardDataset(s, sampler, cfg.strict, skipped, seed=cfg.seed) if r is None
+            streams = [ShardDataset(s, sampler, cfg.strict, skipped, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer)
+                       if r is None
                        else RecordStream(RecordDataset(r, sampler, cfg.strict, skipped), cfg.seed)
                        for s, r in zip(train.sources, train.records, strict=True)]
             return (streams[0] if len(streams) == 1
