@@ -161,6 +161,9 @@ def test_onnx_decoding_runs_torch_on_one_thread_and_sessions_sleep_between_runs(
         with pytest.raises(RuntimeError, match="stop"):
             captioner.caption(random_images(1))
         assert seen == [1] and torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError, match="stop"):  # three images: encoded and decoded in two lanes
+            captioner.caption(random_images(3))
+        assert seen == [1, 1, 1] and torch.get_num_threads() == 2  # the lanes leave torch's threads as they were
     finally:
         torch.set_num_threads(threads)
 
