@@ -119,12 +119,16 @@ def _optimizer_steps(ckpt: dict) -> set[int]:
 
 
 def test_resumed_fsdp_run_continues_like_the_uninterrupted_one(fsdp_resumed, ddp_run):
-    """An FSDP run stopped at step 2 and resumed runs only steps 2 and 3 and ends at the uninterrupted run's step
-    with the optimiser and schedule continued (an optimiser reset would count 2 steps, not 4). Killed and resumed
-    runs on one process and DDP: tests/test_resume.py."""
+    """An FSDP run stopped at step 2 and resumed runs only steps 2 and 3, on the batches the uninterrupted run (DDP,
+    the same data) saw at those steps, and ends at its step with the optimiser and schedule continued (an optimiser
+    reset would count 2 steps, not 4). Killed and resumed runs on one process and DDP: tests/test_resume.py."""
     out = fsdp_resumed
     lines = [json.loads(line) for line in (out / "resumed.jsonl").read_text().splitlines()]
     assert sorted((line["step"], line["rank"]) for line in lines) == [(2, 0), (2, 1), (3, 0), (3, 1)]
+    uninterrupted = {(line["step"], line["rank"]): line
+                     for line in map(json.loads, (ddp_run / "batches.jsonl").read_text().splitlines())}
+    assert len({line["texts"] for line in uninterrupted.values()}) == len(uninterrupted) == 8  # batches differ
+    assert all(line == uninterrupted[line["step"], line["rank"]] for line in lines)
     part, resumed, full = _load(out / "part.ckpt"), _load(out / "checkpoints" / "last.ckpt"), \
         _load(ddp_run / "checkpoints" / "last.ckpt")
     assert part["global_step"] == 2 and _optimizer_steps(part) == {2}

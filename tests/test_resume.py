@@ -73,6 +73,24 @@ def test_train_order_depends_on_seed_and_epoch_alone_and_restores_its_position()
     assert list(resumed) == _epoch(TrainOrder(40, 5, 4, weights), 4)
 
 
+def test_a_run_stopped_at_max_steps_resumes_its_epoch_though_the_loop_counts_the_next():
+    """A run that stopped at max_steps in mid-epoch saved its loop at the next epoch (Lightning counts the stopped
+    epoch as done), and the loop sets that epoch after the sampler is restored: the restored epoch goes on from
+    its position, and the loop's later epochs follow it, as in the uninterrupted run."""
+    full = TrainOrder(40, seed=5, batch_size=4)
+    epochs = [_epoch(full, epoch) for epoch in (0, 1)]
+    stopped = TrainOrder(40, 5, 4)
+    stopped.set_epoch(0)
+    running = iter(stopped)
+    taken = [next(running) for _ in range(8)]  # 2 steps of epoch 0
+    resumed = TrainOrder(40, 5, 4)
+    resumed.load_state_dict(stopped.state_dict())
+    resumed.set_epoch(1)  # the loop's epoch after a stop at max_steps
+    assert taken + list(resumed) == epochs[0] != epochs[1]
+    assert _epoch(resumed, 2) == epochs[1]  # the loop's next epoch is the sampler's epoch 1
+    assert resumed.state_dict()["epoch"] == 1
+
+
 class _Crash(Exception):
     pass
 

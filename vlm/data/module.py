@@ -56,8 +56,11 @@ class TrainOrder(DistributedSampler):
     ``batch_size`` (an incomplete last batch is dropped).
 
     The epoch and the position within it are the sampler's state, which torchdata's StatefulDataLoader stores in
-    the checkpoint, so a resumed run continues the same order: it is restored before the loader starts (Lightning
-    sets the epoch only after that, and leaves a DistributedSampler in place under DDP).
+    the checkpoint, so a resumed run continues the same order: it is restored before the loader starts, and
+    Lightning sets the epoch only after that (it leaves a DistributedSampler in place under DDP). The restored
+    epoch wins over the loop's: a run that stopped at ``max_steps`` in mid-epoch saved its loop at the next epoch
+    (Lightning counts the stopped epoch as done), so resuming it with more steps would otherwise start a new
+    permutation at the old position, skipping samples; the loop's later epochs follow the restored one.
     """
 
     def __init__(self, size: int, seed: int, batch_size: int, weights: Tensor | None = None):
@@ -66,6 +69,8 @@ class TrainOrder(DistributedSampler):
                          rank=dist.get_rank() if distributed else 0, shuffle=True, seed=seed)
         self.batch_size, self.weights = batch_size, weights
         self.yielded, self._resume_at = 0, 0  # keys of this epoch given out by this process; where to resume
+        self._restored: int | None = None  # the epoch restored by load_state_dict, until the loop next sets one
+        self._epoch_offset = 0  # this sampler's epoch minus the loop's
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
@@ -78,6 +83,11 @@ class TrainOrder(DistributedSampler):
             self.yielded += 1
             yield index, self.epoch
 
+    def set_epoch(self, epoch: int) -> None:
+        if self._restored is not None:
+            self._epoch_offset, self._restored = self._restored - epoch, None
+        super().set_epoch(epoch + self._epoch_offset)
+
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "yielded": self.yielded}
 
@@ -86,6 +96,7 @@ class TrainOrder(DistributedSampler):
             self.epoch, self._resume_at = state["epoch"] + 1, 0
         else:
             self.epoch, self._resume_at = state["epoch"], state["yielded"]
+        self._restored = self.epoch
 
 
 class DataModule(L.LightningDataModule):
