@@ -89,6 +89,12 @@ def test_a_run_stopped_at_max_steps_resumes_its_epoch_though_the_loop_counts_the
     assert taken + list(resumed) == epochs[0] != epochs[1]
     assert _epoch(resumed, 2) == epochs[1]  # the loop's next epoch is the sampler's epoch 1
     assert resumed.state_dict()["epoch"] == 1
+    # Saved after epoch 0's last batch (a validation there): the loop sets epoch 0 again, then 1, with no batch
+    # between (seen in a resumed run); the sampler follows it into epoch 1, from its start.
+    ended = TrainOrder(40, 5, 4)
+    ended.load_state_dict({"epoch": 0, "yielded": 40})
+    ended.set_epoch(0)
+    assert _epoch(ended, 1) == epochs[1]
 
 
 class _Crash(Exception):

@@ -57,10 +57,11 @@ class TrainOrder(DistributedSampler):
 
     The epoch and the position within it are the sampler's state, which torchdata's StatefulDataLoader stores in
     the checkpoint, so a resumed run continues the same order: it is restored before the loader starts, and
-    Lightning sets the epoch only after that (it leaves a DistributedSampler in place under DDP). The restored
-    epoch wins over the loop's: a run that stopped at ``max_steps`` in mid-epoch saved its loop at the next epoch
+    Lightning sets the epoch only after that (it leaves a DistributedSampler in place under DDP). An epoch restored
+    in its middle wins over the loop's: a run that stopped at ``max_steps`` there saved its loop at the next epoch
     (Lightning counts the stopped epoch as done), so resuming it with more steps would otherwise start a new
-    permutation at the old position, skipping samples; the loop's later epochs follow the restored one.
+    permutation at the old position, skipping samples; the loop's later epochs follow the restored one. A state
+    saved after an epoch's last batch starts the next epoch, as the loop does.
     """
 
     def __init__(self, size: int, seed: int, batch_size: int, weights: Tensor | None = None):
@@ -96,7 +97,7 @@ class TrainOrder(DistributedSampler):
             self.epoch, self._resume_at = state["epoch"] + 1, 0
         else:
             self.epoch, self._resume_at = state["epoch"], state["yielded"]
-        self._restored = self.epoch
+        self._restored = self.epoch if self._resume_at else None  # mid-epoch: that epoch goes on
 
 
 class DataModule(L.LightningDataModule):
