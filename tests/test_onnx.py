@@ -142,12 +142,17 @@ def test_onnx_decoding_runs_torch_on_one_thread_and_sessions_sleep_between_runs(
     captioner = load(exported[1], runtime="onnx", threads=2)
     onnx = captioner.model
     assert onnx.lanes == 2 and onnx.lanes_for(1) == 1 and onnx.lanes_for(2) == onnx.lanes_for(32) == 2
-    sessions = ((onnx.encoder, 2), (onnx.decoder, 2), (onnx.one_thread(ENCODER), 1), (onnx.one_thread(DECODER), 1))
+    assert onnx.lane_threads(2) == onnx.lane_threads(32) == 1
+    sessions = ((onnx.encoder, 2), (onnx.decoder, 2), (onnx.session(ENCODER, 1), 1), (onnx.session(DECODER, 1), 1))
     for session, threads in sessions:
         assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
         assert session.get_session_options().intra_op_num_threads == threads
     one = load(exported[1], runtime="onnx", threads=1).model
-    assert one.one_thread(ENCODER) is one.encoder and one.one_thread(DECODER) is one.decoder and one.lanes_for(9) == 1
+    assert one.session(ENCODER, 1) is one.encoder and one.session(DECODER, 1) is one.decoder and one.lanes_for(9) == 1
+    many = load(exported[1], runtime="onnx", threads=8).model  # more threads than lanes: each lane gets a share
+    assert (many.lanes_for(2), many.lane_threads(2)) == (2, 4)
+    assert (many.lanes_for(32), many.lane_threads(32)) == (runtime.MAX_LANES, 8 // runtime.MAX_LANES)
+    assert many.session(DECODER, 4).get_session_options().intra_op_num_threads == 4
     seen = []
 
     def failing_decode(*args, **kwargs):
@@ -188,8 +193,8 @@ def test_a_call_over_several_images_runs_in_lanes_and_decodes_as_torch(model, to
     from vlm.deploy.runtime import generate as generate_onnx
 
     onnx, _ = OnnxModel.load(exported[1], threads=2)
-    encoder_runs = _runs(onnx.one_thread(ENCODER), monkeypatch)
-    decoder_runs = _runs(onnx.one_thread(DECODER), monkeypatch)
+    encoder_runs = _runs(onnx.session(ENCODER, 1), monkeypatch)
+    decoder_runs = _runs(onnx.session(DECODER, 1), monkeypatch)
     images = torch.randn(5, 3, 64, 64)
     prompts = _prompts(tokenizer, 3)[1:] * 2 + _prompts(tokenizer, 1)
     config = DecodingConfig(max_new_tokens=10, beam_size=4)

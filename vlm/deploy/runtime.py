@@ -80,10 +80,16 @@ SMALL_STEP_ROWS = 8
 to share out, and a team's hand-offs cost more than they save (on 2 cores, one thread made the exported step about
 20% faster at 1 to 8 rows, and steadier). Calls over several images run in lanes (`OnnxModel.in_lanes`)."""
 
+MAX_LANES = 4
+"""Lanes of one call at most, however many threads: each lane's decoding loop holds the GIL between its runs (about
+an eighth of its time, measured on 2 cores), so many lanes would queue on it; with more threads than lanes, each
+lane's sessions get a share of them. Lanes were measured on 2 cores only; this bound is a judgment, not a
+measurement."""
+
 
 class OnnxModel:
     """An ONNX export loaded on ONNX Runtime: its model config, facts (onnx.json) and the two sessions with
-    ``threads`` threads (and each graph on one thread, for small steps and lanes: `one_thread`)."""
+    ``threads`` threads (and each graph with fewer, for small steps and lanes: `session`)."""
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None):
         path = Path(path)
@@ -112,8 +118,8 @@ class OnnxModel:
                                "export again")
         self.path, self.threads = path, threads
         self.encoder, self.decoder = self._session(ENCODER, threads), self._session(DECODER, threads)
-        self._one_thread: dict[str, object] = {}  # each graph's one-thread session, made when first needed
-        self.lanes = threads or os.cpu_count() or 1
+        self._sessions: dict[tuple[str, int], object] = {}  # sessions with fewer threads, made when first needed
+        self.lanes = threads or os.cpu_count() or 1  # the threads to share out: one per lane at most
         self._lane_pool: ThreadPoolExecutor | None = None
         self.maps = bool(self.facts.get("maps"))
         self.num_layers, self.num_heads = self.facts["layers"], self.facts["heads"]
@@ -134,24 +140,29 @@ class OnnxModel:
             raise VLMError(f"{self.path / name}: ONNX Runtime cannot load it ({' '.join(str(e).split())[:300]})") \
                 from None
 
-    def one_thread(self, name: str):
-        """The graph ``name`` (ENCODER or DECODER) on one thread: the model's own session when it has one thread,
-        else a second session (made when first needed), for small steps and for lanes."""
-        if self.threads == 1:
+    def session(self, name: str, threads: int):
+        """The graph ``name`` (ENCODER or DECODER) on ``threads`` threads: the model's own session when it has as
+        many, else another (made when first needed), for small steps and for lanes."""
+        if threads >= self.lanes:
             return self.encoder if name == ENCODER else self.decoder
-        if name not in self._one_thread:
-            self._one_thread[name] = self._session(name, 1)
-        return self._one_thread[name]
+        if (name, threads) not in self._sessions:
+            self._sessions[name, threads] = self._session(name, threads)
+        return self._sessions[name, threads]
 
     def lanes_for(self, images: int) -> int:
-        """Lanes of a call over ``images`` images: one per thread, each with whole images; 1 runs the call as it is,
-        with the sessions' threads."""
-        return max(1, min(self.lanes, images))
+        """Lanes of a call over ``images`` images: one per thread (at most MAX_LANES), each with whole images; 1
+        runs the call as it is, with the sessions' threads."""
+        return max(1, min(self.lanes, images, MAX_LANES))
+
+    def lane_threads(self, images: int) -> int:
+        """Threads of each lane's sessions in a call over ``images`` images: the model's threads shared out."""
+        return max(1, self.lanes // self.lanes_for(images))
 
     def in_lanes(self, images: int, run: Callable[[int, int], object]) -> list:
         """``run(first, end)`` for each lane's images [first, end), in order, the lanes side by side on a pool of
-        Python threads; each lane runs one-thread sessions (`one_thread`), which ONNX Runtime runs in parallel
-        outside the GIL (`generate` runs them with torch on one thread). No hand-offs inside a run: on 2 cores, 32
+        Python threads; each lane runs sessions of its share of the threads (`lane_threads`: one on 2 cores), which
+        ONNX Runtime runs in parallel outside the GIL (`generate` runs them with torch on one thread). No hand-offs
+        inside a run: on 2 cores, 32
         images encoded in two lanes took 122 ms against 150 ms with both threads in one run, and captioning them
         (encoding and 20 greedy tokens) was 11% faster, with 3 beams 22%, than when only each decoder step was split
         into lanes (paired runs, the same tokens)."""
@@ -181,23 +192,27 @@ class OnnxModel:
         if self.lanes_for(len(pixels)) == 1:
             keys_values, = self.encoder.run(None, {"pixels": pixels})
         else:
-            session = self.one_thread(ENCODER)
+            session = self.session(ENCODER, self.lane_threads(len(pixels)))
             parts = self.in_lanes(len(pixels), lambda lo, hi: session.run(None, {"pixels": pixels[lo:hi]})[0])
             keys_values = np.concatenate(parts, axis=2)  # (2, L, B, H, N, hd): the images' axis
         return OnnxImages(keys_values[0], keys_values[1]), self.grid  # views, not copies
 
     def step(self, ids: np.ndarray, positions: np.ndarray, self_mask: np.ndarray, past: Sequence[np.ndarray],
-             images: OnnxImages, maps: bool, self_weights: bool = False, one_thread: bool = False) -> list[np.ndarray]:
+             images: OnnxImages, maps: bool, self_weights: bool = False, threads: int | None = None
+             ) -> list[np.ndarray]:
         """One run of the decoder step graph over a cache of capacity C: ids and positions (R, t), self_mask
         (R, 1, t, C + t) (the cache's slots, then the new positions), past: every layer's keys, then every layer's
         values (R, H, C, hd) -> logits (R, V), the new positions' keys and values (L, R, t, H * hd), with maps their
         cross-attention (R, t, L, H, N), and with self_weights their self-attention (R, t, L, H, C + t). On the
-        one-thread session with ``one_thread`` (a lane) or for at most SMALL_STEP_ROWS rows."""
+        session of ``threads`` threads (a lane's), else on one thread for at most SMALL_STEP_ROWS rows and on all
+        the model's above."""
         if maps and not self.maps:
             raise VLMError(f"{self.path}: exported without maps; export again with vlm export --maps")
         names = ["logits", "new_keys", "new_values"] + (["cross_attentions"] if maps else []) \
             + (["self_attentions"] if self_weights else [])
-        session = self.one_thread(DECODER) if one_thread or len(ids) <= SMALL_STEP_ROWS else self.decoder
+        if threads is None:
+            threads = 1 if len(ids) <= SMALL_STEP_ROWS else self.lanes
+        session = self.session(DECODER, threads)
         inputs = [ids, positions, self_mask, *past, *images.keys, *images.values]  # keys[l]: a view
         return session.run(names, dict(zip(self.input_names, inputs, strict=True)))
 
@@ -276,9 +291,9 @@ def generate(model: OnnxModel, images: OnnxImages, prompts: list[list[int]], *, 
     the torch model: the one decoding loop (`decode`) with the exported step (`OrtDecoder`), torch on one thread.
 
     Over several images it runs in lanes (`OnnxModel.in_lanes`): each lane's images decoded by a loop of their own
-    on the one-thread session. Every lane pads its prompts to the whole call's longest (the same padding and token
-    budget) and seeds its images' sampling as the whole call would (`DecodingConfig.for_images`), so an image's
-    tokens do not depend on the lanes; the lanes' sequences are joined in image order."""
+    on a session of the lane's threads. Every lane pads its prompts to the whole call's longest (the same padding
+    and token budget) and seeds its images' sampling as the whole call would (`DecodingConfig.for_images`), so an
+    image's tokens do not depend on the lanes; the lanes' sequences are joined in image order."""
     config = config or DecodingConfig()
     B = len(images)
     if len(prompts) != B:
@@ -287,10 +302,10 @@ def generate(model: OnnxModel, images: OnnxImages, prompts: list[list[int]], *, 
         if model.lanes_for(B) == 1:
             return decode(OrtDecoder(model, images), prompts, eos_id=eos_id, pad_id=pad_id, config=config,
                           return_attention=return_attention)
-        longest = max(len(p) for p in prompts)
+        longest, threads = max(len(p) for p in prompts), model.lane_threads(B)
 
         def lane(lo: int, hi: int) -> Generation:
-            return decode(OrtDecoder(model, images[lo:hi], one_thread=True), prompts[lo:hi], eos_id=eos_id,
+            return decode(OrtDecoder(model, images[lo:hi], threads), prompts[lo:hi], eos_id=eos_id,
                           pad_id=pad_id, config=config.for_images(lo, hi - lo, B), return_attention=return_attention,
                           pad_to=longest)
 
@@ -302,11 +317,11 @@ class OrtDecoder:
     a self-attention cache of fixed capacity (prompt + new tokens), held here (keys and values of every layer,
     (2, L, R, H, C, hd)) and given to each step in place; the step returns the new positions' keys/values only,
     written into their slots. A step with maps also returns its last position's cross-attention weights
-    (R, L, H, N), so the kept sequences' maps need no further run. ``one_thread``: every step on the one-thread
-    session (a lane's decoder)."""
+    (R, L, H, N), so the kept sequences' maps need no further run. ``threads``: every step on a session of that
+    many (a lane's decoder); None, the model's choice per step (`OnnxModel.step`)."""
 
-    def __init__(self, model: OnnxModel, images: OnnxImages, one_thread: bool = False):
-        self.model, self.images, self.one_thread = model, images, one_thread
+    def __init__(self, model: OnnxModel, images: OnnxImages, threads: int | None = None):
+        self.model, self.images, self.threads = model, images, threads
         self.num_images, self.vocab_size = len(images), model.vocab_size
         self.max_length, self.device = model.cfg.decoder.max_length, torch.device("cpu")
         self.maps = False
@@ -341,7 +356,7 @@ class OrtDecoder:
             mask[..., :start], mask[..., capacity:] = given[..., :start], given[..., start:]
         cache = self.cache
         out = self.model.step(ids.numpy(), positions.numpy(), mask, [*cache[0], *cache[1]], self.images, self.maps,
-                              one_thread=self.one_thread)
+                              threads=self.threads)
         L, H = self.model.num_layers, self.model.num_heads  # new keys/values (L, R, t, H * hd) -> (L, R, H, t, hd)
         for i in (0, 1):
             cache[i, :, :, :, start:start + t] = out[1 + i].reshape(L, R, t, H, -1).transpose(0, 1, 3, 2, 4)
