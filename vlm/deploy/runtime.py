@@ -119,7 +119,7 @@ class OnnxModel:
         self.path, self.threads = path, threads
         self.encoder, self.decoder = self._session(ENCODER, threads), self._session(DECODER, threads)
         self._sessions: dict[tuple[str, int], object] = {}  # sessions with fewer threads, made when first needed
-        self.lanes = threads or os.cpu_count() or 1  # the threads to share out: one per lane at most
+        self.lanes = threads or os.cpu_count() or 1  # the threads a call's lanes share: a lane per thread at most
         self._lane_pool: ThreadPoolExecutor | None = None
         self.maps = bool(self.facts.get("maps"))
         self.num_layers, self.num_heads = self.facts["layers"], self.facts["heads"]
@@ -162,13 +162,12 @@ class OnnxModel:
         """``run(first, end)`` for each lane's images [first, end), in order, the lanes side by side on a pool of
         Python threads; each lane runs sessions of its share of the threads (`lane_threads`: one on 2 cores), which
         ONNX Runtime runs in parallel outside the GIL (`generate` runs them with torch on one thread). No hand-offs
-        inside a run: on 2 cores, 32
-        images encoded in two lanes took 122 ms against 150 ms with both threads in one run, and captioning them
-        (encoding and 20 greedy tokens) was 11% faster, with 3 beams 22%, than when only each decoder step was split
-        into lanes (paired runs, the same tokens)."""
+        inside a run: on 2 cores, 32 images encoded in two lanes took 122 ms against 150 ms with both threads in one
+        run, and captioning them (encoding and 20 greedy tokens) was 11% faster, with 3 beams 22%, than when only
+        each decoder step was split into lanes (paired runs, the same tokens)."""
         lanes = self.lanes_for(images)
         if self._lane_pool is None:
-            self._lane_pool = ThreadPoolExecutor(self.lanes, thread_name_prefix="vlm-onnx-lane")
+            self._lane_pool = ThreadPoolExecutor(min(self.lanes, MAX_LANES), thread_name_prefix="vlm-onnx-lane")
         bounds = [images * i // lanes for i in range(lanes + 1)]
         runs = [self._lane_pool.submit(run, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
         return [r.result() for r in runs]
