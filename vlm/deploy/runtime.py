@@ -295,12 +295,12 @@ def generate(model: OnnxModel, images: OnnxImages, prompts: list[list[int]], *, 
     image's tokens do not depend on the lanes; the lanes' sequences are joined in image order."""
     config = config or DecodingConfig()
     B = len(images)
-    if len(prompts) != B:
-        raise ValueError(f"{len(prompts)} prompts for {B} images")
     with one_torch_thread():
         if model.lanes_for(B) == 1:
             return decode(OrtDecoder(model, images), prompts, eos_id=eos_id, pad_id=pad_id, config=config,
                           return_attention=return_attention)
+        if len(prompts) != B:  # as decode says it, before the lanes cut both
+            raise ValueError(f"{len(prompts)} prompts for {B} images")
         longest, threads = max(len(p) for p in prompts), model.lane_threads(B)
 
         def lane(lo: int, hi: int) -> Generation:
