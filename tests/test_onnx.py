@@ -79,10 +79,7 @@ def _unexplained_divergences(model, onnx, tokenizer, images, prompts, ours, thei
         with torch.no_grad():
             torch_logits = model(images[i:i + 1], ids).logits[0, -1]
         encoded, _ = onnx.encode(images[i:i + 1])
-        empty = [torch.zeros(1, onnx.num_heads, 0, onnx.head_dim).numpy()] * (2 * onnx.num_layers)  # no cache
-        mask = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).tril()[None, None].numpy()
-        ort_logits = torch.from_numpy(onnx.step(ids.numpy(), torch.arange(ids.shape[1])[None].numpy(), mask, empty,
-                                                encoded, maps=False)[0][0])
+        ort_logits = torch.from_numpy(onnx.teacher_forced(encoded, ids.numpy())[0][0])
         top2 = torch_logits.topk(2).values
         margin, diff = float(top2[0] - top2[1]), float((torch_logits - ort_logits).abs().max())
         print(f"sequence {i} parts at token {t}: top-two margin {margin:.2e}, backend difference {diff:.2e}")
@@ -174,14 +171,34 @@ def test_onnx_decoding_runs_torch_on_one_thread_and_sessions_sleep_between_runs(
 
 
 def _runs(session, monkeypatch) -> list[tuple[int, int]]:
-    """(rows, images) of each run of ``session`` from now on."""
-    runs, run = [], session.run
+    """(rows, images) of each run of ``session`` from now on: plain runs (the encoder's) and runs of bound inputs and
+    outputs (the decoder's)."""
+    runs, run, bind, run_bound = [], session.run, session.io_binding, session.run_with_iobinding
 
     def counted(names, feeds):
         runs.append((len(feeds.get("input_ids", feeds.get("pixels"))), len(feeds.get("image_key_0", ()))))
         return run(names, feeds)
 
+    class Binding:
+        """An I/O binding that keeps the sizes of its inputs."""
+
+        def __init__(self):
+            self.binding, self.sizes = bind(), {}
+
+        def bind_cpu_input(self, name, array):
+            self.sizes[name] = len(array)
+            self.binding.bind_cpu_input(name, array)
+
+        def __getattr__(self, name):
+            return getattr(self.binding, name)
+
+    def counted_bound(binding, *args):
+        runs.append((binding.sizes["input_ids"], binding.sizes["image_key_0"]))
+        return run_bound(binding.binding, *args)
+
     monkeypatch.setattr(session, "run", counted)
+    monkeypatch.setattr(session, "io_binding", Binding)
+    monkeypatch.setattr(session, "run_with_iobinding", counted_bound)
     return runs
 
 
@@ -243,18 +260,22 @@ def test_the_decoder_step_reads_its_fixed_capacity_cache_in_place_as_the_torch_d
                                                                                       graph):
     """The runtime's cache has room for more positions than are filled, and whatever the unfilled slots hold is
     never read: stepping one token at a time gives every position the logits of torch's full forward pass, and each
-    step returns the keys/values of its new position only."""
+    step writes its new position's keys/values (torch's) into their slots in place, no other slot."""
     onnx, _ = OnnxModel.load(exported[GRAPHS[graph]])
     images = torch.randn(2, 3, 64, 64)
     ids = torch.tensor([tokenizer.question_prompt("what color is the small circle?")[:6]] * 2)  # (2, 6)
     ids[1, 3:] = torch.tensor([7, 8, 9])
     with torch.no_grad():
         expected = model(images, ids).logits  # (2, 6, V)
+        image_kv, _ = model.encode(images)
+        cache = model.decoder.new_cache(2, like=image_kv[0][0], length=ids.shape[1])
+        model.decoder(ids, image_kv, cache=cache)  # torch's keys/values of every position: cache.k (L, 2, H, 6, hd)
     encoded, _ = onnx.encode(images)
     backend = OrtDecoder(onnx, encoded)
     backend.start(rows=2, length=ids.shape[1] + 4, maps=False)  # 4 slots never filled
     backend.cache[...] = np.random.default_rng(0).uniform(-1e3, 1e3, backend.cache.shape)  # garbage everywhere: the
     # slots not yet filled must be masked out
+    garbage = backend.cache.copy()
     steps = []
     for t in range(ids.shape[1]):
         logits, _ = backend.step(ids[:, t:t + 1], torch.full((2, 1), t), None)
@@ -263,16 +284,15 @@ def test_the_decoder_step_reads_its_fixed_capacity_cache_in_place_as_the_torch_d
     assert float((expected[:, 1:] - expected[:, :1]).abs().max()) > 1e-2  # positions differ: the cache matters
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
     assert backend.cached == ids.shape[1] and backend.cache.shape[4] == ids.shape[1] + 4
-    new = onnx.step(ids[:, :1].numpy(), torch.zeros(2, 1, dtype=torch.long).numpy(),
-                    torch.ones(2, 1, 1, 1, dtype=torch.bool).numpy(),
-                    [torch.zeros(2, onnx.num_heads, 0, onnx.head_dim).numpy()] * (2 * onnx.num_layers), encoded,
-                    maps=False)
-    assert new[1].shape == (onnx.num_layers, 2, 1, onnx.num_heads * onnx.head_dim)  # the new position's keys only
+    written = torch.from_numpy(backend.cache[..., :ids.shape[1], :])  # (2, L, 2, H, 6, hd)
+    torch.testing.assert_close(written, torch.stack([cache.k, cache.v])[..., :ids.shape[1], :], atol=1e-4, rtol=0)
+    assert np.array_equal(backend.cache[..., ids.shape[1]:, :], garbage[..., ids.shape[1]:, :])  # the rest untouched
     import onnx as onnx_format
 
     ops = [node.op_type for node in onnx_format.load(str(exported[GRAPHS[graph]] / "decoder.onnx")).graph.node]
     assert ops.count("MultiHeadAttention") == 2 * onnx.num_layers  # one ONNX Runtime operator per attention
     assert ops.count("Softmax") == (2 * onnx.num_layers if onnx.maps else 0)  # maps: weights from its scores
+    assert ops.count("BiasGelu") == onnx.num_layers and "SkipLayerNormalization" not in ops  # `fuse`'s choice
 
 
 def test_int8_differs_from_fp32_by_a_bounded_amount(exported, tokenizer):
@@ -285,10 +305,7 @@ def test_int8_differs_from_fp32_by_a_bounded_amount(exported, tokenizer):
     logits = []
     for onnx in (fp32, int8):
         encoded, _ = onnx.encode(images)
-        empty = [torch.zeros(4, onnx.num_heads, 0, onnx.head_dim).numpy()] * (2 * onnx.num_layers)  # no cache
-        mask = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).tril()[None, None].expand(4, 1, -1, -1)
-        logits.append(torch.from_numpy(onnx.step(ids.numpy(), torch.arange(ids.shape[1]).expand(4, -1).numpy(),
-                                                 mask.numpy(), empty, encoded, maps=False)[0]))
+        logits.append(torch.from_numpy(onnx.teacher_forced(encoded, ids.numpy())[0]))
     relative = float((logits[1] - logits[0]).norm() / logits[0].norm())
     print(f"int8 logits differ from fp32 by {relative:.2%} (relative L2)")
     assert 1e-4 < relative < 0.05  # quantized (not the fp32 graph again), yet close
@@ -343,7 +360,7 @@ def _old_format(path):
     (_truncate, r"encoder\.onnx: differs from the file exported"),
     (_other_config, r"config\.json: vocab_size \d+ does not match the exported graphs"),
     (_no_facts, r"not a vlm ONNX export \(missing onnx\.json"),
-    (_old_format, r"onnx\.json: onnx_format_version 1, this vlm reads 3; export the model again"),
+    (_old_format, r"onnx\.json: onnx_format_version 1, this vlm reads 4; export the model again"),
 ], ids=["flipped_byte", "truncated", "mismatched_config", "torch_dir", "old_format"])
 def test_a_damaged_or_mismatched_export_is_one_line(exported, tmp_path, capsys, damage, message):
     broken = tmp_path / "broken"

@@ -196,36 +196,34 @@ class OnnxModel:
             keys_values = np.concatenate(parts, axis=2)  # (2, L, B, H, N, hd): the images' axis
         return OnnxImages(keys_values[0], keys_values[1]), self.grid  # views, not copies
 
-    def step(self, ids: np.ndarray, positions: np.ndarray, self_mask: np.ndarray, past: Sequence[np.ndarray],
-             images: OnnxImages, maps: bool, self_weights: bool = False, threads: int | None = None
-             ) -> list[np.ndarray]:
-        """One run of the decoder step graph over a cache of capacity C: ids and positions (R, t), self_mask
-        (R, 1, t, C + t) (the cache's slots, then the new positions), past: every layer's keys, then every layer's
-        values (R, H, C, hd) -> logits (R, V), the new positions' keys and values (L, R, t, H * hd), with maps their
-        cross-attention (R, t, L, H, N), and with self_weights their self-attention (R, t, L, H, C + t). On the
-        session of ``threads`` threads (a lane's), else on one thread for at most SMALL_STEP_ROWS rows and on all
-        the model's above."""
+    def bind(self, cache: np.ndarray, images: OnnxImages, maps: bool, self_weights: bool = False,
+             threads: int | None = None) -> BoundStep:
+        """The decoder step on a cache (2, L, R, H, C, hd) and images, bound once for all of a decoding's steps
+        (`BoundStep`); with maps, the steps also return the cross-attention, with self_weights the self-attention.
+        On the session of ``threads`` threads (a lane's), else on one thread for at most SMALL_STEP_ROWS rows and on
+        all the model's above."""
         if maps and not self.maps:
             raise VLMError(f"{self.path}: exported without maps; export again with vlm export --maps")
-        names = ["logits", "new_keys", "new_values"] + (["cross_attentions"] if maps else []) \
-            + (["self_attentions"] if self_weights else [])
         if threads is None:
-            threads = 1 if len(ids) <= SMALL_STEP_ROWS else self.lanes
-        session = self.session(DECODER, threads)
-        inputs = [ids, positions, self_mask, *past, *images.keys, *images.values]  # keys[l]: a view
-        return session.run(names, dict(zip(self.input_names, inputs, strict=True)))
+            threads = 1 if cache.shape[2] <= SMALL_STEP_ROWS else self.lanes
+        return BoundStep(self, self.session(DECODER, threads), cache, images, maps, self_weights)
+
+    def teacher_forced(self, images: OnnxImages, ids: np.ndarray, maps: bool = False, self_weights: bool = False
+                       ) -> list[np.ndarray]:
+        """The decoder step over whole sequences, one per image (ids (S, T), no padding), from an empty cache of T
+        slots: the outputs of `BoundStep.run`."""
+        S, T = ids.shape
+        cache = np.zeros((2, self.num_layers, S, self.num_heads, T, self.head_dim), dtype=np.float32)
+        positions = np.broadcast_to(np.arange(T), (S, T))
+        return self.bind(cache, images, maps, self_weights).run(ids, positions, np.ones((S, T), dtype=np.int32), 0,
+                                                                np.zeros((S, 1, T), dtype=np.int32))
 
     def attentions(self, images: OnnxImages, ids: Tensor) -> tuple[Tensor, Tensor]:
         """Teacher-forced: every position's cross-attention (S, T, L, H, N) and self-attention (S, T, L, H, T) of
-        token ids (S, T) (right-padded; one sequence per image); N counts the encoder's prefix tokens (an imported
-        ViT's class token) first."""
-        S, T = ids.shape
-        empty = np.zeros((S, self.num_heads, 0, self.head_dim), dtype=np.float32)  # a cache of capacity 0
-        mask = np.tril(np.ones((T, T), dtype=bool))[None, None].repeat(S, 0)
-        positions = np.broadcast_to(np.arange(T), (S, T)).copy()
-        out = self.step(ids.numpy(), positions, mask, [empty] * (2 * self.num_layers), images, maps=True,
-                        self_weights=True)
-        return torch.from_numpy(out[3]), torch.from_numpy(out[4])
+        token ids (S, T) (one sequence per image, unpadded); N counts the encoder's prefix tokens (an imported ViT's
+        class token) first."""
+        out = self.teacher_forced(images, ids.numpy(), maps=True, self_weights=True)
+        return torch.from_numpy(out[1]), torch.from_numpy(out[2])
 
     def token_maps(self, images: OnnxImages, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]],
                    config: MapConfig | None = None, *, per_layer: bool = False) -> list[Tensor]:
@@ -257,6 +255,46 @@ class OnnxModel:
             made = parts if per_layer else combine_layers(parts, config.method, chosen)  # (L, Q, N) or (Q, N)
             out.append(made.reshape(*made.shape[:-1], *self.grid))
         return out
+
+
+class BoundStep:
+    """The decoder step graph with a cache and images bound (ONNX Runtime's I/O binding): each `run` binds only the
+    step's own inputs, and the operators write the new positions' keys/values into the cache in place (each layer's
+    cache buffer is its past input and its present output at once)."""
+
+    def __init__(self, model: OnnxModel, session, cache: np.ndarray, images: OnnxImages, maps: bool,
+                 self_weights: bool):
+        import onnxruntime as ort
+
+        self.session, self.binding = session, session.io_binding()
+        self.outputs = ["logits"] + (["cross_attentions"] if maps else []) + (["self_attentions"] if self_weights
+                                                                              else [])
+        for name in self.outputs:  # bound first: the first outputs `run` reads
+            self.binding.bind_output(name)
+        L = model.num_layers
+        self.buffers = [ort.OrtValue.ortvalue_from_numpy(layer) for layer in (*cache[0], *cache[1])]  # shared memory
+        for name, buffer in zip(model.input_names[5:5 + 2 * L], self.buffers, strict=True):
+            self.binding.bind_ortvalue_input(name, buffer)
+            self.binding.bind_ortvalue_output(name.replace("past_", "present_"), buffer)
+        self.images = [np.ascontiguousarray(x) for x in (*images.keys, *images.values)]  # kept alive while bound
+        for name, array in zip(model.input_names[5 + 2 * L:], self.images, strict=True):
+            self.binding.bind_cpu_input(name, array)
+
+    def run(self, ids: np.ndarray, positions: np.ndarray, key_mask: np.ndarray, filled: int,
+            beam_index: np.ndarray) -> list[np.ndarray]:
+        """One step: ids and positions (R, t), key_mask (R, F + t) (1 for a real key among the F = ``filled``
+        filled slots and the new positions), beam_index (B, K, C) (row k of image b reads slot j from the image's
+        row beam_index[b, k, j]) -> logits (R, V), with maps the new positions' cross-attention (R, t, L, H, N),
+        with self weights their self-attention (R, t, L, H, F + t); the new keys/values written at slots
+        F..F+t-1."""
+        inputs = {"input_ids": ids, "positions": positions, "key_mask": key_mask,
+                  "filled": np.array([filled], dtype=np.int32), "beam_index": beam_index}
+        for name, array in inputs.items():
+            self.binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        for name in self.outputs:  # bound again, in place: a new buffer for each run's outputs, which the loop keeps
+            self.binding.bind_output(name)
+        self.session.run_with_iobinding(self.binding)
+        return [out.numpy() for out in self.binding.get_outputs()[:len(self.outputs)]]
 
 
 class OnnxBackend:
@@ -314,29 +352,30 @@ def generate(model: OnnxModel, images: OnnxImages, prompts: list[list[int]], *, 
 class OrtDecoder:
     """The ONNX Runtime backend of `vlm.model.generate.decode` (a `DecoderBackend`): the exported decoder step over
     a self-attention cache of fixed capacity (prompt + new tokens), held here (keys and values of every layer,
-    (2, L, R, H, C, hd)) and given to each step in place; the step returns the new positions' keys/values only,
-    written into their slots. A step with maps also returns its last position's cross-attention weights
-    (R, L, H, N), so the kept sequences' maps need no further run. ``threads``: every step on a session of that
-    many (a lane's decoder); None, the model's choice per step (`OnnxModel.step`)."""
+    (2, L, R, H, C, hd)) and written in place by each step, which reads only its filled slots. Beam search reorders
+    the beam index table (B, K, C), not the cache: row k of image b reads slot j from the image's row
+    ``beam_index[b, k, j]``. A step with maps also returns its last position's cross-attention weights (R, L, H, N),
+    so the kept sequences' maps need no further run. ``threads``: every step on a session of that many (a lane's
+    decoder); None, the model's choice for the rows (`OnnxModel.bind`)."""
 
     def __init__(self, model: OnnxModel, images: OnnxImages, threads: int | None = None):
         self.model, self.images, self.threads = model, images, threads
         self.num_images, self.vocab_size = len(images), model.vocab_size
         self.max_length, self.device = model.cfg.decoder.max_length, torch.device("cpu")
         self.maps = False
-        self.cache = self.spare = np.zeros(0, dtype=np.float32)
+        self.cache = np.zeros(0, dtype=np.float32)
+        self.beam_index = np.zeros((0, 0, 0), dtype=np.int32)
+        self.bound: BoundStep | None = None
         self.filled = 0
 
     def start(self, rows: int, length: int, maps: bool) -> None:
-        if maps and not self.model.maps:
-            raise VLMError(f"{self.model.path}: exported without maps; export again with vlm export --maps")
         self.maps = maps
         m = self.model
-        # zeros, not empty: an unfilled slot is masked out, but its value still meets a zero weight (0 * NaN = NaN).
-        # numpy, as ONNX Runtime reads it (beam search reorders it through torch views, on the one torch thread
-        # that `one_torch_thread` leaves while ONNX Runtime decodes)
         self.cache = np.zeros((2, m.num_layers, rows, m.num_heads, length, m.head_dim), dtype=np.float32)
-        self.spare = None  # beam search reorders into it, then swaps
+        self.bound = m.bind(self.cache, self.images, maps, threads=self.threads)
+        K = rows // self.num_images
+        self.beam_index = np.ascontiguousarray(np.broadcast_to(np.arange(K, dtype=np.int32)[None, :, None],
+                                                               (self.num_images, K, length)))  # each row its own
         self.filled = 0
 
     @property
@@ -344,34 +383,23 @@ class OrtDecoder:
         return self.filled
 
     def step(self, ids: Tensor, positions: Tensor, self_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """The loop's mask is causal over the real keys (`vlm.model.generate.decode`): the operator masks causally
+        itself, so the step gives it the real keys alone, which the mask's last row shows."""
         R, t = ids.shape
-        start, capacity = self.filled, self.cache.shape[4]
-        mask = np.zeros((R, 1, t, capacity + t), dtype=bool)  # the cache's slots, then the new positions
-        if self_mask is None:  # no padding: each new token sees every cached one and the new ones up to itself
-            mask[..., :start] = True
-            mask[..., capacity:] = np.tri(t, dtype=bool)
+        if self_mask is None:
+            key_mask = np.ones((R, self.filled + t), dtype=np.int32)
         else:
-            given = self_mask.numpy()
-            mask[..., :start], mask[..., capacity:] = given[..., :start], given[..., start:]
-        cache = self.cache
-        out = self.model.step(ids.numpy(), positions.numpy(), mask, [*cache[0], *cache[1]], self.images, self.maps,
-                              threads=self.threads)
-        L, H = self.model.num_layers, self.model.num_heads  # new keys/values (L, R, t, H * hd) -> (L, R, H, t, hd)
-        for i in (0, 1):
-            cache[i, :, :, :, start:start + t] = out[1 + i].reshape(L, R, t, H, -1).transpose(0, 1, 3, 2, 4)
-        self.filled = start + t
-        material = torch.from_numpy(out[3][:, -1]) if self.maps else None  # (R, L, H, N)
+            key_mask = self_mask[:, 0, -1].numpy().astype(np.int32)
+        out = self.bound.run(ids.numpy(), positions.numpy(), key_mask, self.filled, self.beam_index)
+        self.filled += t
+        material = torch.from_numpy(out[1][:, -1]) if self.maps else None  # (R, L, H, N)
         return torch.from_numpy(out[0]), material
 
     def reorder(self, parent: Tensor) -> None:
-        if self.spare is None:
-            self.spare = np.zeros_like(self.cache)
-        filled = slice(0, self.filled)  # only the filled slots move, straight into the spare buffer, as
-        # `KVCache.reorder` moves them: torch's index_select (one thread here) copies these strided slots six times
-        # faster than numpy's take (a 32-image, 3-beam cache: 11 ms against 70 ms over 20 steps)
-        torch.index_select(torch.from_numpy(self.cache)[..., filled, :], 2, parent,
-                           out=torch.from_numpy(self.spare)[..., filled, :])
-        self.cache, self.spare = self.spare, self.cache
+        B, K = self.beam_index.shape[:2]
+        parents = (parent.numpy() % K).reshape(B, K, 1)  # each row's parent among its image's rows
+        filled = self.beam_index[:, :, :self.filled]  # a row's later slots are its own
+        filled[...] = np.take_along_axis(filled, parents, axis=1)
 
     def attention(self, material: Tensor, images: Tensor) -> Tensor:
         return material  # already (S, T, L, H, N)
