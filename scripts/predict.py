@@ -12,6 +12,9 @@ generates exactly --new-tokens tokens per image (the end token forbidden before)
   batches, `generate`, `batch_decode`, on the HF VisionEncoderDecoder;
 - scaling: `vlm predict` as a command on 1 and on 2 CPU processes (DDP), wall time including start-up;
 - memory: peak resident memory (ru_maxrss) of a fresh process predicting each of --rss-images images;
+- ceilings: each ratio's roofline bound, the other side's time per image over the least time one image can take on
+  this machine (`least_seconds_per_image`: its model FLOPs at the matmul peak, plus its image reading, from the loop's
+  profile, shared out over the cores);
 - profile (its own section): where the time goes, in seconds per 1,000 images. predict: its own stage timers
   (the summary's ``profile``, `vlm.predict.run.profile`) from the last timed run with and without maps: wall
   time, then the busy time of each stage summed over the threads that ran it (reading in the data-loader
@@ -28,11 +31,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +48,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import DIMS, build_hf, build_ours  # noqa: E402
+from bench import DIMS, Side, build_hf, build_ours, generation_flops, matmul_peak  # noqa: E402
 
 from vlm.api import Captioner, load  # noqa: E402
 from vlm.checkpoint import save_model  # noqa: E402
@@ -125,6 +130,17 @@ def loop_profile(captioner: Captioner, paths: list[str], decoding: DecodingConfi
             "torch_threads": torch.get_num_threads()}
 
 
+def least_seconds_per_image(captioner: Captioner, reading_seconds: float, args: argparse.Namespace) -> float:
+    """The roofline bound of captioning one image on this machine: its model FLOPs (counted by FlopCounterMode over
+    one batch's encoding and greedy decoding) at the measured matmul peak, plus its image reading (decoding and
+    resizing, ``reading_seconds`` on one thread: the loop's profile) shared out over every core. No job on these
+    cores takes less: the products and the reading together use all of them."""
+    side = Side("ours", captioner.model, torch.device("cpu"), nullcontext)
+    pixels = torch.randn(args.batch_size, 3, DIMS["image"], DIMS["image"])
+    flops = generation_flops(side, pixels, args.new_tokens, 1) / args.batch_size
+    return flops / matmul_peak(torch.device("cpu"), args.reps) + reading_seconds / (os.cpu_count() or 1)
+
+
 def peak_rss(model: Path, folder: Path, out: Path, args: argparse.Namespace) -> float:
     """MiB of peak resident memory of a fresh process predicting every image of folder."""
     code = (f"import resource, sys; sys.path.insert(0, {str(ROOT)!r})\n"
@@ -195,6 +211,8 @@ def main() -> None:
         seconds = alternate(sides, reps=args.reps)
         maps_overhead = paired_overhead(ours(), ours(maps=True), reps=args.reps)
         profiles["loop"] = loop_profile(captioner, paths[:args.profile_images], decoding, args.batch_size)
+        least = least_seconds_per_image(captioner, (profiles["loop"]["decode"] + profiles["loop"]["transform"]) / 1000,
+                                        args)
         scaling = {f"{d}_processes_s": cli_seconds(model, tmp / "images", tmp / f"cli{d}", d, args) for d in (1, 2)}
         rss = {}
         for n in (int(v) for v in args.rss_images.split(",")):
@@ -213,9 +231,13 @@ def main() -> None:
                   "predict_onnx_over_hf": round(rates["predict_onnx"] / rates["hf"], 3)} if args.onnx else {}),
               "two_over_one_process": round(scaling["1_processes_s"] / scaling["2_processes_s"], 3),
               "rss_growth": round(rss[counts[-1]] / rss[counts[0]] - 1, 3) if len(counts) > 1 else None}
+    # the ratios' roofline bounds: the other side's time over the least time an image can take here
+    ceilings = {k: round(1 / rates[k.split("_over_")[-1]] / least, 2) for k in ratios
+                if k.split("_over_")[-1] in rates}
+    results["least_ms_per_image"] = round(least * 1e3, 3)
     profile = {"unit": "seconds per 1000 images", **profiles}
     path = report(args.json, config={**vars(args), "dims": DIMS}, results=results, ratios=ratios,
-                  threads=torch.get_num_threads(), profile=profile)
+                  threads=torch.get_num_threads(), profile=profile, roofline_ratio_ceilings=ceilings)
     print(json.dumps({"results": results, "ratios": ratios, "profile": profile}, indent=2))
     print(path)
 

@@ -177,7 +177,7 @@ def speed(report: dict) -> str:
             if f"{name}_images_per_s" not in onnx:
                 continue
             label = _speed_label(f"{name.replace('_int8', '')}_images_per_s") + (", int8" if "int8" in name else "")
-            ceiling = ceilings.get(f"{name.replace('_int8', '')}_images_per_s_vs_hf")
+            ceiling = ceilings.get(f"onnx_{name}_images_per_s_vs_hf")  # over HF eager as timed beside the row
             onnx_rows.append([label, fmt(onnx[f"{name}_images_per_s"]), fmt(onnx[f"{name}_hf_onnx_images_per_s"]),
                               f"{fmt(onnx[f'{name}_vs_hf'], 2)} ({vs_hf})",
                               f"{fmt(onnx[f'{name}_vs_hf_onnx'], 2)} ({vs_ort})", fmt(ceiling, 2)])
@@ -193,12 +193,15 @@ def speed(report: dict) -> str:
                  "sides get the same ONNX Runtime fusions (`vlm.deploy.export.fuse`), run with the runtime's session "
                  "options (`vlm.deploy.runtime.session_options`: pools that sleep between runs) and one torch thread "
                  "in the decoding loop. Ours has ONNX Runtime's own attention operator in its step graph "
-                 "(`vlm.deploy.export`; the ORT optimizer finds none to fuse in HF's BERT decoder), runs a call over "
+                 "(`vlm.deploy.export`; the ORT optimizer finds none to fuse in HF's BERT decoder), which writes the "
+                 "cache in place and reads it through a beam index table (HF's cache is copied in and out of each "
+                 "step and reordered with the beams, as optimum's generation does), runs a call over "
                  "several images in lanes (the images split between one-thread encoder runs and decoding loops side "
                  "by side, `vlm.deploy.runtime.OnnxModel.in_lanes`) and a batch-1 step on a one-thread session "
                  "(`vlm.deploy.runtime.SMALL_STEP_ROWS`); HF's sessions use both threads for every step (one set "
                  "of options for all of a model's sessions, as optimum takes them, and one run per step). Batch-1 "
-                 f"rows are medians of {b1_reps} alternating repetitions, batch-32 rows of {b32_reps}. Targets in "
+                 f"rows are medians of {b1_reps} alternating repetitions, batch-32 rows of {b32_reps}. Each row's "
+                 "ceiling is over HF eager as timed beside it (int8's over fp32's least time). Targets in "
                  "brackets.\n\n"
                  + table(["metric", "ours on ORT", "HF on ORT", "ours / HF eager", "ours / HF on ORT",
                           "ceiling vs HF eager"], onnx_rows))
@@ -295,7 +298,9 @@ def predict(report: dict) -> str:
     rows += [["`--maps` extra time", fmt(r["maps_overhead"]), PREDICT_TARGETS["maps_overhead"]]]
     rows += [[f"peak RSS, {k.replace('_', ' ')}", fmt(v), ""] for k, v in r["peak_rss"].items()]
     rows += [[f"wall time, {k.replace('_', ' ')}", fmt(v), ""] for k, v in r["scaling_wall_s"].items()]
-    rows += [[f"ratio {k}", fmt(v, 2), PREDICT_TARGETS.get(k, "")] for k, v in ratios.items()]
+    ceilings = report.get("roofline_ratio_ceilings", {})
+    rows += [[f"ratio {k}" + (f" (ceiling {fmt(ceilings[k], 2)})" if k in ceilings else ""), fmt(v, 2),
+              PREDICT_TARGETS.get(k, "")] for k, v in ratios.items()]
     c = report["config"]
     about = (f"`vlm predict` over {c['images']:,} PNG and JPEG images of mixed sizes on disk, batches of "
              f"{c['batch_size']}, {c['new_tokens']} greedy tokens each, against a plain loop over `Captioner.caption` "
@@ -304,7 +309,10 @@ def predict(report: dict) -> str:
              "pipeline's steps). `predict_onnx` and `loop_onnx` are the same two on ONNX Runtime (`runtime=\"onnx\"`, "
              "the model exported with `vlm export --format onnx`). Peak resident memory of fresh processes "
              "predicting each image count (torch runtime); wall time of the command on 1 and 2 processes, start-up "
-             "included.")
+             "included. A ratio's ceiling is its roofline bound: the other side's time per image over the least "
+             "time one image can take on these cores, its model FLOPs at the matmul peak plus its image decoding and "
+             "resizing (the loop's profile) shared out over the cores"
+             + (f" ({fmt(r['least_ms_per_image'])} ms)." if "least_ms_per_image" in r else "."))
     return about + "\n\n" + table(["metric", "measured", "target"], rows) + predict_profile(report.get("profile"))
 
 
