@@ -15,7 +15,7 @@ from tests.conftest import image_sensitive_model, random_images, tiny_config
 from vlm.api import Captioner, load
 from vlm.cli import main
 from vlm.config import DecodingConfig
-from vlm.deploy.export import export_onnx
+from vlm.deploy.export import EncoderGraph, _FlatLinear, export_onnx
 from vlm.deploy.runtime import OnnxModel, OrtDecoder
 from vlm.errors import VLMError
 from vlm.model.generate import decode, generate
@@ -326,6 +326,18 @@ def test_cnn_and_vit_trunks_export_and_decode_as_torch(tokenizer, tmp_path, name
     ours, theirs = _both(model, onnx, tokenizer, images, _prompts(tokenizer, 2), beam_size=2)
     assert theirs.tokens == ours.tokens and abs(ours.scores[0] - ours.scores[1]) > 1e-3  # the images matter
     torch.testing.assert_close(torch.tensor(theirs.scores), torch.tensor(ours.scores), atol=1e-4, rtol=0)
+    # the encoder's products over tokens are 2D, so ONNX Runtime folds each with its bias into one Gemm
+    import onnx as onnx_format
+    import onnxruntime as ort
+
+    flat = [m for m in EncoderGraph(model, images).encoder.modules() if isinstance(m, _FlatLinear)]
+    blocks = 4 * len(model.encoder.trunk.blocks) if name == "test_vit" else 0  # qkv, proj, fc1, fc2 in each block
+    assert len(flat) == blocks + 1  # and the encoder's projection to the decoder's width
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tmp_path / "encoder.onnx"), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx_format.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert ops.count("Gemm") == len(flat) + 1  # and the image keys/values' product
 
 
 def _damage_weights(path):

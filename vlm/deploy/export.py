@@ -187,21 +187,55 @@ class _StepAttention(Attention):
         return self.proj(y), scores.softmax(-1) if need_weights else None
 
 
+class _FlatLinear(nn.Linear):
+    """`nn.Linear` over a fixed number of tokens (B, N, D) as one product of (B * N, D) rows: ONNX Runtime folds a
+    2D product and its bias into one Gemm, while a 3D product keeps a separate Add. N is the module's ``tokens``, a
+    constant of the graph (so no shape operators): what it saw at the export's image size (`_flatten_linears`)."""
+
+    tokens: int
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x.reshape(-1, self.in_features), self.weight, self.bias).reshape(-1, self.tokens,
+                                                                                         self.out_features)
+
+
+def _flatten_linears(encoder: nn.Module, pixels: Tensor) -> None:
+    """The encoder's linear layers that see tokens (B, N, D), always the same N, as `_FlatLinear`s (one dry run on
+    ``pixels`` tells each its N); any other stays as it is."""
+    seen: dict[nn.Module, set] = {}
+
+    def record(module: nn.Module, args: tuple) -> None:
+        seen.setdefault(module, set()).add(args[0].shape[1] if args[0].dim() == 3 else None)
+
+    linears = [m for m in encoder.modules() if type(m) is nn.Linear]
+    hooks = [m.register_forward_pre_hook(record) for m in linears]
+    with torch.no_grad():
+        encoder(pixels)
+    for hook in hooks:
+        hook.remove()
+    for module, tokens in seen.items():
+        if len(tokens) == 1 and None not in tokens:
+            module.__class__, module.tokens = _FlatLinear, next(iter(tokens))
+
+
 class EncoderGraph(nn.Module):
     """Pixels -> every decoder layer's cross-attention keys and values, (2, L, B, H, N, hd): the patch features'
     product with all layers' key/value weights at once (one product and one transpose, not one of each per layer and
-    a stack), as `TextDecoder.image_keys_values` computes them layer by layer."""
+    a stack), as `TextDecoder.image_keys_values` computes them layer by layer. It runs a copy of the encoder whose
+    linear layers over tokens are `_FlatLinear`s (for ``pixels`` of the export's size)."""
 
-    def __init__(self, model: VisionLanguageModel):
+    def __init__(self, model: VisionLanguageModel, pixels: Tensor):
         super().__init__()
-        self.model = model
+        self.model, self.encoder = model, copy.deepcopy(model.encoder)
+        _flatten_linears(self.encoder, pixels)
 
     def forward(self, pixels: Tensor) -> Tensor:
-        memory, _ = self.model.encoder(pixels)  # (B, N, D)
+        memory, _ = self.encoder(pixels)  # (B, N, D)
         kv = [block.cross_attn.kv for block in self.model.decoder.blocks]
         attn = self.model.decoder.blocks[0].cross_attn
         B, N, _ = memory.shape
-        every = F.linear(memory, torch.cat([p.weight for p in kv]), torch.cat([p.bias for p in kv]))  # (B, N, L*2*D)
+        every = F.linear(memory.flatten(0, 1), torch.cat([p.weight for p in kv]),
+                         torch.cat([p.bias for p in kv]))  # (B * N, L*2*D)
         return every.reshape(B, N, len(kv), 2, attn.num_heads, attn.head_dim).permute(3, 2, 0, 4, 1, 5)
 
 
@@ -281,7 +315,7 @@ def export_onnx(model: VisionLanguageModel, tokenizer: Tokenizer, out_dir: str |
     with warnings.catch_warnings(), _one_line_errors():  # the exporter's deprecation notice and tracer remarks
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            EncoderGraph(model).eval(), (pixels,), out / ENCODER, dynamo=False, opset_version=OPSET,
+            EncoderGraph(model, pixels).eval(), (pixels,), out / ENCODER, dynamo=False, opset_version=OPSET,
             input_names=["pixels"], output_names=["image_keys_values"],
             dynamic_axes={"pixels": {0: "images"}, "image_keys_values": {2: "images"}},
         )
