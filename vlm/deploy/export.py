@@ -106,7 +106,7 @@ class _OrtMultiHeadAttention(torch.autograd.Function):
             scores = heads(q) @ k.transpose(-2, -1) * scale
             return (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, D), scores
         F_, C = int(filled[0]), past_k.shape[2]
-        images, K = beam_index.shape[:2]
+        K = beam_index.shape[1]
         rows = torch.arange(B)[:, None] // K * K + beam_index.reshape(B, C)  # (B, C): the row holding each slot
         present_k, present_v = past_k.clone(), past_v.clone()
         present_k[:, :, F_:F_ + T], present_v[:, :, F_:F_ + T] = heads(k), heads(v)

@@ -271,13 +271,13 @@ class BoundStep:
                                                                               else [])
         for name in self.outputs:  # bound first: the first outputs `run` reads
             self.binding.bind_output(name)
-        L = model.num_layers
+        past = [name for name in model.input_names if name.startswith("past_")]  # keys, then values, by layer
         self.buffers = [ort.OrtValue.ortvalue_from_numpy(layer) for layer in (*cache[0], *cache[1])]  # shared memory
-        for name, buffer in zip(model.input_names[5:5 + 2 * L], self.buffers, strict=True):
+        for name, buffer in zip(past, self.buffers, strict=True):
             self.binding.bind_ortvalue_input(name, buffer)
             self.binding.bind_ortvalue_output(name.replace("past_", "present_"), buffer)
         self.images = [np.ascontiguousarray(x) for x in (*images.keys, *images.values)]  # kept alive while bound
-        for name, array in zip(model.input_names[5 + 2 * L:], self.images, strict=True):
+        for name, array in zip([n for n in model.input_names if n.startswith("image_")], self.images, strict=True):
             self.binding.bind_cpu_input(name, array)
 
     def run(self, ids: np.ndarray, positions: np.ndarray, key_mask: np.ndarray, filled: int,
