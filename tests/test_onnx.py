@@ -289,8 +289,12 @@ def test_the_decoder_step_reads_its_fixed_capacity_cache_in_place_as_the_torch_d
     assert np.array_equal(backend.cache[..., ids.shape[1]:, :], garbage[..., ids.shape[1]:, :])  # the rest untouched
     import onnx as onnx_format
 
-    ops = [node.op_type for node in onnx_format.load(str(exported[GRAPHS[graph]] / "decoder.onnx")).graph.node]
+    nodes = onnx_format.load(str(exported[GRAPHS[graph]] / "decoder.onnx")).graph.node
+    ops = [node.op_type for node in nodes]
     assert ops.count("MultiHeadAttention") == 2 * onnx.num_layers  # one ONNX Runtime operator per attention
+    scales = [onnx_format.helper.get_attribute_value(a) for n in nodes if n.op_type == "MultiHeadAttention"
+              for a in n.attribute if a.name == "scale"]
+    assert scales == [1.0] * 2 * onnx.num_layers  # queries scaled by their projection: products without a copy
     assert ops.count("Softmax") == (2 * onnx.num_layers if onnx.maps else 0)  # maps: weights from its scores
     assert ops.count("BiasGelu") == onnx.num_layers and "SkipLayerNormalization" not in ops  # `fuse`'s choice
 
