@@ -258,6 +258,7 @@ def decode(
     only_pad = torch.full((V,), float("-inf"), device=device)  # a finished row's next-token log-probabilities:
     only_pad[pad_id] = 0.0  # padding at no cost, so it keeps its score
     materials, parents = [], []  # per step: (R, ...) map material before reordering, (R,) parents
+    any_finished = False
     backend.start(R, P + T, return_attention)
 
     for t in range(T):
@@ -270,7 +271,8 @@ def decode(
             logp = logp.masked_fill(_repeated_ngrams(seq[:, P:end], config.no_repeat_ngram_size, V), float("-inf"))
         if t < config.min_new_tokens:
             logp[:, eos_id] = float("-inf")
-        logp = torch.where(finished[:, None], only_pad, logp)  # a finished row continues with free padding
+        if any_finished:  # a finished row continues with free padding
+            logp = torch.where(finished[:, None], only_pad, logp)
         if not beam:
             if sample:
                 # Gumbel-max: argmax(log p / temperature + Gumbel noise) is a draw from the filtered distribution.
@@ -297,8 +299,10 @@ def decode(
         step_logp[:, t] = token_logp
         lengths = lengths + (~finished).long()
         finished = finished | (token == eos_id)
-        if bool(finished.all()):
+        ended = int(finished.sum())
+        if ended == R:
             break
+        any_finished = ended > 0
 
     if beam:
         final = scores / lengths.clamp(min=1).float() ** config.length_penalty
