@@ -79,31 +79,31 @@ class _OrtMultiHeadAttention(torch.autograd.Function):
     """ONNX Runtime's fused attention operator (``com.microsoft`` MultiHeadAttention) in the exported step: one
     kernel for the scores, mask, softmax and weighted values of every head. Written out in ONNX's own operators
     (products, transposes, reshapes, slices, a softmax), the benchmark model's step ran 202 kernels at batch 1, 116
-    with this operator, and small kernels are what a batch-1 step costs. Queries (B, T, D) as projected, their
-    products with the keys multiplied by ``scale`` (1 where the projection already scales them); keys/values
+    with this operator, and small kernels are what a batch-1 step costs. Queries (B, T, D) as projected, already
+    multiplied by head_dim ** -0.5 (the operator's scale is 1: see `_StepAttention`); keys/values
     either an image's (B, H, N, hd) with no mask, or the new positions' (B, T, D) with ``past``: ``key_mask`` (B,
     F + T) int32, the cache ``past_k``/``past_v`` (B, H, C, hd) of which F slots are filled, ``filled`` (1,) int32
     = F and ``beam_index`` (images, K, C) int32 (row k of an image reads slot j from the image's row
     beam_index[., k, j]). The operator then writes the new keys/values into the cache at slots F..F+T-1 (its present
     outputs are the past buffers, bound by the runtime), attends causally among the new positions and, for T = 1,
     reads only the F filled slots (ONNX Runtime's decoder-masked path). Returns the output (B, T, D), with ``past``
-    the present keys/values (B, H, C, hd), and with ``weights`` the masked, scaled scores (B, H, T, F + T or N),
+    the present keys/values (B, H, C, hd), and with ``weights`` the masked scores (B, H, T, F + T or N),
     whose softmax is the attention weights.
 
     forward computes the same with torch (what the trace runs); the graph gets the operator, and `_omit_unused`
     then leaves out the inputs and outputs it does not use."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, num_heads: int, weights: bool, scale: float,
-                key_mask: Tensor | None = None, past_k: Tensor | None = None, past_v: Tensor | None = None,
-                filled: Tensor | None = None, beam_index: Tensor | None = None) -> tuple[Tensor, ...]:
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, num_heads: int, weights: bool, key_mask: Tensor | None = None,
+                past_k: Tensor | None = None, past_v: Tensor | None = None, filled: Tensor | None = None,
+                beam_index: Tensor | None = None) -> tuple[Tensor, ...]:
         B, T, D = q.shape
 
         def heads(x: Tensor) -> Tensor:
             return x.reshape(B, -1, num_heads, D // num_heads).transpose(1, 2)
 
         if past_k is None:
-            scores = heads(q) @ k.transpose(-2, -1) * scale
+            scores = heads(q) @ k.transpose(-2, -1)
             return (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, D), scores
         F_, C = int(filled[0]), past_k.shape[2]
         K = beam_index.shape[1]
@@ -116,22 +116,22 @@ class _OrtMultiHeadAttention(torch.autograd.Function):
                            present_k[rows[:, :F_ + T], :, slots].transpose(1, 2))
         values = torch.where(own[None, None, :, None], present_v[:, :, :F_ + T],
                              present_v[rows[:, :F_ + T], :, slots].transpose(1, 2))
-        scores = heads(q) @ keys.transpose(-2, -1) * scale  # (B, H, T, F + T)
+        scores = heads(q) @ keys.transpose(-2, -1)  # (B, H, T, F + T)
         causal = slots[None, :] <= F_ + torch.arange(T)[:, None]  # (T, F + T)
         scores = scores.masked_fill(~causal, float("-inf")).masked_fill(key_mask[:, None, None, :] == 0, -1e4)
         y = (scores.softmax(-1) @ values).transpose(1, 2).reshape(B, T, D)
         return y, present_k, present_v, scores
 
     @staticmethod
-    def symbolic(g, q, k, v, num_heads: int, weights: bool, scale: float, key_mask=None, past_k=None, past_v=None,
-                 filled=None, beam_index=None):
+    def symbolic(g, q, k, v, num_heads: int, weights: bool, key_mask=None, past_k=None, past_v=None, filled=None,
+                 beam_index=None):
         if past_k is None:
-            y, *rest = g.op("com.microsoft::MultiHeadAttention", q, k, v, num_heads_i=num_heads, scale_f=scale,
+            y, *rest = g.op("com.microsoft::MultiHeadAttention", q, k, v, num_heads_i=num_heads, scale_f=1.0,
                             outputs=4 if weights else 3)
         else:
             empty = g.op("Constant", value_t=torch.zeros(0))  # placeholders for inputs 3 (bias), 5 (attention bias)
             y, *rest = g.op("com.microsoft::MultiHeadAttention", q, k, v, empty, key_mask, empty, past_k, past_v,
-                            filled, beam_index, num_heads_i=num_heads, scale_f=scale, unidirectional_i=1,
+                            filled, beam_index, num_heads_i=num_heads, scale_f=1.0, unidirectional_i=1,
                             outputs=4 if weights else 3)
         y.setType(q.type().with_sizes([None] * 3))  # every output typed: the exporter warns of any that is not
         for out in rest:
@@ -184,33 +184,43 @@ def _share_shapes(path: Path) -> None:
 
 
 class _StepAttention(Attention):
-    """`Attention.forward` as the exported step computes it: ONNX Runtime's fused attention (`_OrtMultiHeadAttention`),
-    with weights the softmax of its scores. In self-attention ``past`` is set (the key mask, the cache's keys and
-    values, the filled slots and the beam index table) and stands for forward's mask; the operator writes the new
-    positions' keys/values (B, T, D), heads not split, into the cache, whose present buffers the layer keeps in
-    ``present``."""
+    """`Attention.forward` as the exported step computes it: ONNX Runtime's fused attention (`_OrtMultiHeadAttention`).
+    In self-attention ``past`` is set (the key mask, the cache's keys and values, the filled slots and the beam index
+    table) and stands for forward's mask; the operator writes the new positions' keys/values (B, T, D), heads not
+    split, into the cache, whose present buffers the layer keeps in ``present``. It returns no weights: with
+    ``keep_scores`` it keeps the operator's scores (B, H, T, S) in ``scores``, of which `DecoderStepGraph` makes the
+    maps of all layers at once.
+
+    Its query projection multiplies by head_dim ** -0.5 (`convert` scales its weights) and the operator's scale is
+    1: ONNX Runtime multiplies a one-token query by the keys without copying them only when that product is
+    unscaled, which made the benchmark model's cross-attention 1.5x faster at 16 rows (and its batch-1 generation
+    1.1x)."""
 
     past: tuple[Tensor, ...] | None = None  # key mask, keys, values, filled, beam index
-    prescaled = False
-    """True when the query projection already multiplies by head_dim ** -0.5 (`DecoderStepGraph` scales its
-    weights) and the operator's scale is 1: ONNX Runtime multiplies a one-token query by the keys without copying
-    them only when that product is unscaled, which made the benchmark model's cross-attention 1.5x faster at 16
-    rows (and its batch-1 generation 1.1x)."""
     present: tuple[Tensor, Tensor] | None = None
+    keep_scores = False
+    scores: Tensor | None = None
+
+    @classmethod
+    def convert(cls, attn: Attention) -> None:
+        """attn, a copy of the model's, as a `_StepAttention`: its query projection's weights scaled."""
+        attn.__class__ = cls
+        with torch.no_grad():
+            attn.q.weight *= attn.head_dim ** -0.5
+            attn.q.bias *= attn.head_dim ** -0.5
 
     def keys_values(self, source: Tensor) -> tuple[Tensor, Tensor]:
         k, v = self.kv(source).split(self.num_heads * self.head_dim, dim=-1)  # 2 x (B, S, D)
         return k, v
 
     def forward(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, is_causal: bool = False,
-                need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
-        scale = 1.0 if self.prescaled else self.head_dim ** -0.5
+                need_weights: bool = False) -> tuple[Tensor, None]:
         if self.past is None:
-            y, scores = _OrtMultiHeadAttention.apply(self.q(x), k, v, self.num_heads, need_weights, scale)
+            y, self.scores = _OrtMultiHeadAttention.apply(self.q(x), k, v, self.num_heads, self.keep_scores)
         else:
-            y, *self.present, scores = _OrtMultiHeadAttention.apply(self.q(x), k, v, self.num_heads, need_weights,
-                                                                   scale, *self.past)
-        return self.proj(y), scores.softmax(-1) if need_weights else None
+            y, *self.present, self.scores = _OrtMultiHeadAttention.apply(self.q(x), k, v, self.num_heads,
+                                                                        self.keep_scores, *self.past)
+        return self.proj(y), None
 
 
 class _FlatLinear(nn.Linear):
@@ -276,12 +286,9 @@ class DecoderStepGraph(nn.Module):
         super().__init__()
         self.decoder, self.maps = copy.deepcopy(model.decoder), maps
         for block in self.decoder.blocks:
-            block.self_attn.__class__ = block.cross_attn.__class__ = _StepAttention
-            with torch.no_grad():  # the operator's scale 1 (see _StepAttention.prescaled)
-                for attn in (block.self_attn, block.cross_attn):
-                    attn.q.weight *= attn.head_dim ** -0.5
-                    attn.q.bias *= attn.head_dim ** -0.5
-                    attn.prescaled = True
+            for attn in (block.self_attn, block.cross_attn):
+                _StepAttention.convert(attn)
+                attn.keep_scores = maps
 
     def forward(self, input_ids: Tensor, positions: Tensor, key_mask: Tensor, filled: Tensor, beam_index: Tensor,
                 *layers: Tensor) -> tuple[Tensor, ...]:
@@ -290,12 +297,17 @@ class DecoderStepGraph(nn.Module):
         for block, k, v in zip(self.decoder.blocks, past_k, past_v, strict=True):
             block.self_attn.past = (key_mask, k, v, filled, beam_index)
         out = self.decoder(input_ids, list(zip(image_k, image_v, strict=True)), positions=positions,
-                           cache=_NewKeysValues(), need_weights=self.maps, need_self_weights=self.maps)
+                           cache=_NewKeysValues())
         presents = [block.self_attn.present for block in self.decoder.blocks]
         outputs = (out.logits[:, -1], *[k for k, _ in presents], *[v for _, v in presents])
-        if self.maps:
-            # (R, H, L, t, N) -> (R, t, L, H, N), and the same for the self-attention over all F + t positions
-            outputs += tuple(torch.stack(w, dim=2).transpose(1, 3) for w in (out.cross_attentions, out.self_attentions))
+        if self.maps:  # every layer's weights at once, as `vlm.model.decoder.Block` arranges one layer's
+            (R, t), B = input_ids.shape, image_k[0].shape[0]
+            cross = torch.stack([b.cross_attn.scores for b in self.decoder.blocks], dim=2).softmax(-1)  # (B, H, L,
+            # K * t, N): each image's K rows are one query sequence
+            cross = cross.unflatten(3, (R // B, t)).permute(0, 3, 4, 2, 1, 5).flatten(0, 1)  # (R, t, L, H, N)
+            self_ = torch.stack([b.self_attn.scores for b in self.decoder.blocks], dim=2).softmax(-1)  # (R, H, L, t,
+            # F + t)
+            outputs += (cross, self_.transpose(1, 3))  # and (R, t, L, H, F + t)
         return outputs
 
 
