@@ -260,16 +260,18 @@ class OnnxModel:
 class BoundStep:
     """The decoder step graph with a cache and images bound (ONNX Runtime's I/O binding): each `run` binds only the
     step's own inputs, and the operators write the new positions' keys/values into the cache in place (each layer's
-    cache buffer is its past input and its present output at once)."""
+    cache buffer is its past input and its present output at once). The logits (R, V) have one buffer, bound once:
+    asking ONNX Runtime for every bound output after a run (the cache's too) cost more than copying them."""
 
     def __init__(self, model: OnnxModel, session, cache: np.ndarray, images: OnnxImages, maps: bool,
                  self_weights: bool):
         import onnxruntime as ort
 
         self.session, self.binding = session, session.io_binding()
-        self.outputs = ["logits"] + (["cross_attentions"] if maps else []) + (["self_attentions"] if self_weights
-                                                                              else [])
-        for name in self.outputs:  # bound first: the first outputs `run` reads
+        self.logits = np.empty((cache.shape[2], model.vocab_size), dtype=np.float32)
+        self.maps = (["cross_attentions"] if maps else []) + (["self_attentions"] if self_weights else [])
+        self.binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
+        for name in self.maps:  # bound right after the logits: the outputs `run` reads
             self.binding.bind_output(name)
         past = [name for name in model.input_names if name.startswith("past_")]  # keys, then values, by layer
         self.buffers = [ort.OrtValue.ortvalue_from_numpy(layer) for layer in (*cache[0], *cache[1])]  # shared memory
@@ -291,10 +293,13 @@ class BoundStep:
                   "filled": np.array([filled], dtype=np.int32), "beam_index": beam_index}
         for name, array in inputs.items():
             self.binding.bind_cpu_input(name, np.ascontiguousarray(array))
-        for name in self.outputs:  # bound again, in place: a new buffer for each run's outputs, which the loop keeps
+        for name in self.maps:  # bound again, in place: a new buffer for each run's maps, which the loop keeps
             self.binding.bind_output(name)
         self.session.run_with_iobinding(self.binding)
-        return [out.numpy() for out in self.binding.get_outputs()[:len(self.outputs)]]
+        logits = self.logits.copy()  # the caller's to keep
+        if not self.maps:
+            return [logits]
+        return [logits, *[out.numpy() for out in self.binding.get_outputs()[1:1 + len(self.maps)]]]
 
 
 class OnnxBackend:
