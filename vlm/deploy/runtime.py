@@ -270,7 +270,8 @@ class BoundStep:
         self.session, self.binding = session, session.io_binding()
         self.logits = np.empty((cache.shape[2], model.vocab_size), dtype=np.float32)
         self.maps = (["cross_attentions"] if maps else []) + (["self_attentions"] if self_weights else [])
-        self.binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
+        self.logits_value = ort.OrtValue.ortvalue_from_numpy(self.logits)  # shares its memory: kept alive with it
+        self.binding.bind_ortvalue_output("logits", self.logits_value)
         for name in self.maps:  # bound right after the logits: the outputs `run` reads
             self.binding.bind_output(name)
         past = [name for name in model.input_names if name.startswith("past_")]  # keys, then values, by layer

@@ -157,7 +157,7 @@ class Block(nn.Module):
         per_image = S // B
         cross_input = self.ln_cross(x) if pre else x  # (S, T, D)
         c, weights = self.cross_attn(cross_input.reshape(B, -1, self.width), *image_kv, need_weights=need_weights)
-        x = x + self.drop(c.reshape_as(x))
+        x = x + self.drop(c.reshape_as(x))  # as x: an export reads its shape with one operator
         if not pre:
             x = self.ln_cross(x)
         if weights is not None and per_image > 1:  # (B, H, per_image * T, N) -> (S, H, T, N)
