@@ -269,10 +269,10 @@ class BoundStep:
 
         self.session, self.binding = session, session.io_binding()
         self.logits = np.empty((cache.shape[2], model.vocab_size), dtype=np.float32)
-        self.maps = (["cross_attentions"] if maps else []) + (["self_attentions"] if self_weights else [])
+        self.map_outputs = (["cross_attentions"] if maps else []) + (["self_attentions"] if self_weights else [])
         self.logits_value = ort.OrtValue.ortvalue_from_numpy(self.logits)  # shares its memory: kept alive with it
         self.binding.bind_ortvalue_output("logits", self.logits_value)
-        for name in self.maps:  # bound right after the logits: the outputs `run` reads
+        for name in self.map_outputs:  # bound right after the logits: the outputs `run` reads
             self.binding.bind_output(name)
         past = [name for name in model.input_names if name.startswith("past_")]  # keys, then values, by layer
         self.buffers = [ort.OrtValue.ortvalue_from_numpy(layer) for layer in (*cache[0], *cache[1])]  # shared memory
@@ -294,13 +294,13 @@ class BoundStep:
                   "filled": np.array([filled], dtype=np.int32), "beam_index": beam_index}
         for name, array in inputs.items():
             self.binding.bind_cpu_input(name, np.ascontiguousarray(array))
-        for name in self.maps:  # bound again, in place: a new buffer for each run's maps, which the loop keeps
+        for name in self.map_outputs:  # bound again, in place: a new buffer for each run's maps, which the loop keeps
             self.binding.bind_output(name)
         self.session.run_with_iobinding(self.binding)
         logits = self.logits.copy()  # the caller's to keep
-        if not self.maps:
+        if not self.map_outputs:
             return [logits]
-        return [logits, *[out.numpy() for out in self.binding.get_outputs()[1:1 + len(self.maps)]]]
+        return [logits, *[out.numpy() for out in self.binding.get_outputs()[1:1 + len(self.map_outputs)]]]
 
 
 class OnnxBackend:
