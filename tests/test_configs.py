@@ -5,7 +5,9 @@ and `vlm train` on datasets on disk (mixed sources, BPE) exports a model and a d
 
 from __future__ import annotations
 
+import gc
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -131,7 +133,13 @@ def test_shipped_config_trains_one_step(config, shapes, tmp_path, tokenizer, res
         args += ["--init", str(model.save(tmp_path / "init"))]
     parser = build_parser("vlm train", COMMANDS["train"])
     parser.parse_args(args)  # every key of the file is known and typed
-    assert main(["train", *args]) == 0
+    before = set(multiprocessing.active_children())
+    gc.disable()  # loader workers must stop when the run ends, not when the garbage collector gets to them
+    try:
+        assert main(["train", *args]) == 0
+        assert set(multiprocessing.active_children()) <= before
+    finally:
+        gc.enable()
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
 
 

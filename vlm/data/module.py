@@ -126,6 +126,7 @@ class DataModule(L.LightningDataModule):
         self.input_size = (width, height)  # of the model's input images, where the batches' boxes are
         self.weights: Tensor | None = None  # indexed sources mixed by weight: each sample's sampling weight
         self._skipped: SkipCounter | None = None
+        self._loaders: list[StatefulDataLoader] = []  # every loader made, so that `stop_workers` reaches them
         if cfg.sources:
             self._skipped = SkipCounter()
             self.train_set, self.weights = self._sources_train_set(
@@ -197,9 +198,20 @@ class DataModule(L.LightningDataModule):
         if split == "train" and not isinstance(dataset, IterableDataset):
             sampler = TrainOrder(len(dataset), self.seed, self.cfg.batch_size, self.weights)
         workers = self.cfg.num_workers
-        return StatefulDataLoader(dataset, batch_size=self.cfg.batch_size, sampler=sampler, num_workers=workers,
-                                  collate_fn=partial(collate, pad_id=self.pad_id, features=cached),
-                                  drop_last=sampler is not None, persistent_workers=workers > 0)
+        loader = StatefulDataLoader(dataset, batch_size=self.cfg.batch_size, sampler=sampler, num_workers=workers,
+                                    collate_fn=partial(collate, pad_id=self.pad_id, features=cached),
+                                    drop_last=sampler is not None, persistent_workers=workers > 0)
+        self._loaders.append(loader)
+        return loader
+
+    def stop_workers(self) -> None:
+        """Stop the loaders' worker processes now. A checkpoint saved after `Trainer.fit` asks each loader for its
+        state, which starts its (persistent) workers again; left to the garbage collector, they were stopped only
+        after a 5 s wait each, at some later point of the process (of a Python caller, a test suite)."""
+        for loader in self._loaders:
+            if loader._iterator is not None and hasattr(loader._iterator, "_shutdown_workers"):
+                loader._iterator._shutdown_workers()
+            loader._iterator = None
 
     def train_dataloader(self) -> StatefulDataLoader:
         return self._loader("train", self.train_set)
