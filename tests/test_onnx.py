@@ -337,13 +337,15 @@ def test_cnn_and_vit_trunks_export_and_decode_as_torch(tokenizer, tmp_path, name
     import onnxruntime as ort
 
     flat = [m for m in EncoderGraph(model, images).encoder.modules() if isinstance(m, _FlatLinear)]
-    blocks = 4 * len(model.encoder.trunk.blocks) if name == "test_vit" else 0  # qkv, proj, fc1, fc2 in each block
-    assert len(flat) == blocks + 1  # and the encoder's projection to the decoder's width
+    blocks = len(model.encoder.trunk.blocks) if name == "test_vit" else 0
+    assert len(flat) == 6 * blocks + 1  # q, k, v, proj, fc1, fc2 in each block; the projection to the decoder's width
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(tmp_path / "encoder.onnx"), options, providers=["CPUExecutionProvider"])
     ops = [n.op_type for n in onnx_format.load(str(tmp_path / "optimized.onnx")).graph.node]
     assert ops.count("Gemm") == len(flat) + 1  # and the image keys/values' product
+    # each ViT block's attention is ONNX Runtime's one operator
+    assert ops.count("MultiHeadAttention") == blocks and "Softmax" not in ops
 
 
 def _damage_weights(path):
