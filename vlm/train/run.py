@@ -84,10 +84,12 @@ def train(cfg: TrainConfig, out: str | Path, resume: str | None = None, init: st
     # than one interval still validates.
     trainer = L.Trainer(**trainer_args, default_root_dir=out, callbacks=callbacks, num_sanity_val_steps=0,
                         check_val_every_n_epoch=None, plugins=[AtomicCheckpointIO()])
-    trainer.fit(module, data, ckpt_path=ckpt_path, weights_only=True)
-    # The final state, also after a max_time stop; the full state (optimiser, loops) so that --resume continues.
-    trainer.save_checkpoint(out / "checkpoints" / "last.ckpt", weights_only=False)
-    data.stop_workers()
+    try:
+        trainer.fit(module, data, ckpt_path=ckpt_path, weights_only=True)
+        # The final state, also after a max_time stop; the full state (optimiser, loops) so that --resume continues.
+        trainer.save_checkpoint(out / "checkpoints" / "last.ckpt", weights_only=False)
+    finally:
+        data.stop_workers()
     model = unsharded(module.model)  # under FSDP every process takes part in gathering the weights
     if not trainer.is_global_zero:
         return None
