@@ -3,7 +3,8 @@
 An ONNX export is a directory:
 
 - ``encoder.onnx``: ``pixels`` (B, 3, H, W) -> ``image_keys_values`` (2, L, B, H, N, hd): every decoder layer's
-  cross-attention keys, then values, computed once per image (as `VisionLanguageModel.encode`).
+  cross-attention keys, then values, computed once per image (as `VisionLanguageModel.encode`); a timm ViT trunk's
+  self-attention is ONNX Runtime's attention operator too (`_TrunkAttention`).
 - ``decoder.onnx``: one decoder step over a key/value cache of capacity C (prompt + new tokens, as the torch path
   sizes its cache), updated in place. Inputs ``input_ids`` and ``positions`` (R, t), ``key_mask`` (R, F + t) int32
   (1 for each real key among the F filled slots and the t new positions; left padding is 0), ``filled`` (1,) int32
@@ -261,9 +262,9 @@ class _TrunkAttention(nn.Module):
     or gate) as the exported encoder computes it: the queries, keys and values projected by three products of the
     fused projection's weights (the queries' scaled by head_dim ** -0.5, as `_StepAttention`'s) and attended by one
     ONNX Runtime operator (`_OrtMultiHeadAttention`), instead of the projection's split, the heads' transposes, two
-    batched products and a softmax (18 Transposes, 4 Splits, 8 MatMuls, 4 Softmaxes in 4 blocks). Paired runs on
-    one thread: ViT-B/16 at 224 px, 8 images, 1.02x; the benchmark model's encoder (4 blocks, 65 tokens), 16 images,
-    1.00-1.02x."""
+    batched products and a softmax (in the benchmark model's 4 blocks: 16 Transposes, 4 Splits, 8 MatMuls and 4
+    Softmaxes). Paired runs on one thread: ViT-B/16 at 224 px, 8 images, 1.02x; the benchmark model's encoder (4
+    blocks, 65 tokens), 16 images, 1.00-1.02x."""
 
     def __init__(self, attn: nn.Module):
         super().__init__()
