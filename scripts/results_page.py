@@ -312,7 +312,10 @@ def predict(report: dict) -> str:
              "included. A ratio's ceiling is its roofline bound: the other side's time per image over the least "
              "time one image can take on these cores, its model FLOPs at the matmul peak plus its image decoding and "
              "resizing (the loop's profile) shared out over the cores"
-             + (f" ({fmt(r['least_ms_per_image'])} ms)." if "least_ms_per_image" in r else "."))
+             + (f" ({fmt(r['least_ms_per_image'])} ms)." if "least_ms_per_image" in r else ".")
+             + (f" `--maps`' extra time is the median over {pairs} pairs of runs (torch runtime), without and with "
+                "maps back to back, of the ratio within each pair." if (pairs := c.get("maps_reps", c.get("reps")))
+                else ""))
     return about + "\n\n" + table(["metric", "measured", "target"], rows) + predict_profile(report.get("profile"))
 
 
