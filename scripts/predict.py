@@ -10,7 +10,8 @@ generates exactly --new-tokens tokens per image (the end token forbidden before)
   `vlm export --format onnx` (--onnx 0 leaves them out);
 - hf: what transformers' image-to-text pipeline did (it is gone from transformers 5): ViTImageProcessor in
   batches, `generate`, `batch_decode`, on the HF VisionEncoderDecoder;
-- scaling: `vlm predict` as a command on 1 and on 2 CPU processes (DDP), wall time including start-up;
+- scaling: `vlm predict` as a command on 1 and on 2 CPU processes (DDP), wall time including start-up (medians
+  of --reps runs of each, alternated);
 - memory: peak resident memory (ru_maxrss) of a fresh process predicting each of --rss-images images;
 - ceilings: each ratio's roofline bound, the other side's time per image over the least time one image can take on
   this machine (`least_seconds_per_image`: its model FLOPs at the matmul peak, plus its image reading, from the loop's
@@ -33,6 +34,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -216,7 +218,11 @@ def main() -> None:
         profiles["loop"] = loop_profile(captioner, paths[:args.profile_images], decoding, args.batch_size)
         least = least_seconds_per_image(captioner, (profiles["loop"]["decode"] + profiles["loop"]["transform"]) / 1000,
                                         args)
-        scaling = {f"{d}_processes_s": cli_seconds(model, tmp / "images", tmp / f"cli{d}", d, args) for d in (1, 2)}
+        walls: dict[int, list[float]] = {1: [], 2: []}  # the two commands alternated, medians: one run can stall
+        for r in range(args.reps):
+            for d in ((1, 2) if r % 2 == 0 else (2, 1)):
+                walls[d].append(cli_seconds(model, tmp / "images", tmp / f"cli{d}", d, args))
+        scaling = {f"{d}_processes_s": statistics.median(w) for d, w in walls.items()}
         rss = {}
         for n in (int(v) for v in args.rss_images.split(",")):
             make_images(tmp / f"rss{n}", n, seed=1)
