@@ -309,9 +309,10 @@ def predict(report: dict) -> str:
              "pipeline's steps). `predict_onnx` and `loop_onnx` are the same two on ONNX Runtime (`runtime=\"onnx\"`, "
              "the model exported with `vlm export --format onnx`). Peak resident memory of fresh processes "
              "predicting each image count (torch runtime); wall time of the command on 1 and 2 processes, start-up "
-             f"included (medians of {c.get('reps', 1)} runs of each, alternated). A ratio's ceiling is its roofline bound: the other side's time per image over the least "
-             "time one image can take on these cores, its model FLOPs at the matmul peak plus its image decoding and "
-             "resizing (the loop's profile) shared out over the cores"
+             f"included (medians of {c.get('reps', 1)} runs of each, alternated). A ratio's ceiling is its roofline "
+             "bound: the other side's time per image over the least time one image can take on these cores, its "
+             "model FLOPs at the matmul peak plus its image decoding and resizing (the loop's profile) shared out "
+             "over the cores"
              + (f" ({fmt(r['least_ms_per_image'])} ms)." if "least_ms_per_image" in r else ".")
              + (f" `--maps`' extra time is the median over {pairs} pairs of runs (torch runtime), without and with "
                 "maps back to back, of the ratio within each pair." if (pairs := c.get("maps_reps", c.get("reps")))
