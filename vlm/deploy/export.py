@@ -186,6 +186,15 @@ def _share_shapes(path: Path) -> None:
     onnx.save(graph, str(path))
 
 
+def _prescale_queries(q: nn.Linear, head_dim: int) -> None:
+    """A query projection's weights (and bias) multiplied by head_dim ** -0.5, in place, so that the attention
+    operator runs with scale 1 (see `_StepAttention`)."""
+    with torch.no_grad():
+        q.weight *= head_dim ** -0.5
+        if q.bias is not None:
+            q.bias *= head_dim ** -0.5
+
+
 class _StepAttention(Attention):
     """`Attention.forward` as the exported step computes it: ONNX Runtime's fused attention (`_OrtMultiHeadAttention`).
     In self-attention ``past`` is set (the key mask, the cache's keys and values, the filled slots and the beam index
@@ -208,9 +217,7 @@ class _StepAttention(Attention):
     def convert(cls, attn: Attention) -> None:
         """attn, a copy of the model's, as a `_StepAttention`: its query projection's weights scaled."""
         attn.__class__ = cls
-        with torch.no_grad():
-            attn.q.weight *= attn.head_dim ** -0.5
-            attn.q.bias *= attn.head_dim ** -0.5
+        _prescale_queries(attn.q, attn.head_dim)
 
     def keys_values(self, source: Tensor) -> tuple[Tensor, Tensor]:
         k, v = self.kv(source).split(self.num_heads * self.head_dim, dim=-1)  # 2 x (B, S, D)
@@ -260,7 +267,7 @@ def _flatten_linears(encoder: nn.Module, pixels: Tensor) -> None:
 class _TrunkAttention(nn.Module):
     """timm's ViT self-attention (`timm.models.vision_transformer.Attention`, without query/key norms, output norm
     or gate) as the exported encoder computes it: the queries, keys and values projected by three products of the
-    fused projection's weights (the queries' scaled by head_dim ** -0.5, as `_StepAttention`'s) and attended by one
+    fused projection's weights (the queries' prescaled, `_prescale_queries`) and attended by one
     ONNX Runtime operator (`_OrtMultiHeadAttention`), instead of the projection's split, the heads' transposes, two
     batched products and a softmax (in the benchmark model's 4 blocks: 16 Transposes, 4 Splits, 8 MatMuls and 4
     Softmaxes). Paired runs on one thread: ViT-B/16 at 224 px, 8 images, 1.02x; the benchmark model's encoder (4
@@ -274,11 +281,11 @@ class _TrunkAttention(nn.Module):
         biases = attn.qkv.bias.detach().split(D) if attn.qkv.bias is not None else (None,) * 3
         self.q, self.k, self.v = (nn.Linear(attn.qkv.in_features, D, bias=b is not None) for b in biases)
         with torch.no_grad():
-            for linear, w, b, scale in zip((self.q, self.k, self.v), weights, biases, (attn.head_dim ** -0.5, 1, 1),
-                                           strict=True):
-                linear.weight.copy_(w * scale)
+            for linear, w, b in zip((self.q, self.k, self.v), weights, biases, strict=True):
+                linear.weight.copy_(w)
                 if b is not None:
-                    linear.bias.copy_(b * scale)
+                    linear.bias.copy_(b)
+        _prescale_queries(self.q, attn.head_dim)
 
     @staticmethod
     def replaceable(module: nn.Module) -> bool:
