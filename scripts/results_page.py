@@ -201,8 +201,11 @@ def speed(report: dict) -> str:
                  "(`vlm.deploy.runtime.SMALL_STEP_ROWS`); HF's sessions use both threads for every step (one set "
                  "of options for all of a model's sessions, as optimum takes them, and one run per step). Batch-1 "
                  f"rows are medians of {b1_reps} alternating repetitions, batch-32 rows of {b32_reps}. Each row's "
-                 "ceiling is over HF eager as timed beside it (int8's over fp32's least time). Targets in "
-                 "brackets.\n\n"
+                 "ceiling is over HF eager as timed beside it (int8's over fp32's least time)"
+                 + (f", with our products at ONNX Runtime's own matmul peak ({ort_peak:.0f} GFLOP/s on the model's "
+                    "largest product shape or the large square, whichever is faster) where that beats torch's"
+                    if (ort_peak := m.get("onnx_matmul_peak_gflop_per_s")) else "")
+                 + ". Targets in brackets.\n\n"
                  + table(["metric", "ours on ORT", "HF on ORT", "ours / HF eager", "ours / HF on ORT",
                           "ceiling vs HF eager"], onnx_rows))
     return text
@@ -313,7 +316,10 @@ def predict(report: dict) -> str:
              "bound: the other side's time per image over the least time one image can take on these cores, its "
              "model FLOPs at the matmul peak plus its image decoding and resizing (the loop's profile) shared out "
              "over the cores"
-             + (f" ({fmt(r['least_ms_per_image'])} ms)." if "least_ms_per_image" in r else ".")
+             + (f" ({fmt(r['least_ms_per_image'])} ms" if "least_ms_per_image" in r else "")
+             + (f"; the `predict_onnx` ratios' with the products at ONNX Runtime's own matmul peak, where that is "
+                f"higher: {fmt(r['least_ms_per_image_onnx'])} ms)." if "least_ms_per_image_onnx" in r
+                else ")." if "least_ms_per_image" in r else ".")
              + (f" `--maps`' extra time is the median over {pairs} pairs of runs (torch runtime), without and with "
                 "maps back to back, of the ratio within each pair." if (pairs := c.get("maps_reps", c.get("reps")))
                 else ""))
