@@ -40,9 +40,12 @@ def _git(*args: str) -> str:
 
 
 # Read when a script starts: the work it measures is that of the checkout at the start, whatever happens after.
+# Dirty: a tracked file differs, reports and the page made from them aside (one benchmark's new report does not
+# change what the next one measures).
 _LOAD_AT_START = os.getloadavg()
 _COMMIT_AT_START = {"commit": _git("rev-parse", "--short", "HEAD") or None,
-                    "dirty": bool(_git("status", "--porcelain", "--untracked-files=no"))}
+                    "dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                                       ":(exclude)benchmarks/results", ":(exclude)docs/results.md"))}
 
 
 def add_json_option(parser: argparse.ArgumentParser, name: str) -> None:
