@@ -305,10 +305,10 @@ def matmul_peak(device: torch.device, reps: int) -> float:
     return 2 * n**3 / seconds
 
 
-def onnx_matmul_peak(threads: int, reps: int) -> float:
+def onnx_matmul_peak(threads: int, reps: int, batch: int) -> float:
     """FLOP/s of ONNX Runtime's fp32 matrix product (MLAS) on ``threads`` threads: the better median of the large
-    square product and of the model's largest product (its encoder MLP's first layer over a 32-image batch's
-    tokens). The ONNX rows' ceilings take the higher of this and the torch peak: here MLAS runs the model's own
+    square product and of the model's largest product (its encoder MLP's first layer over the tokens of ``batch``
+    images). The ONNX rows' ceilings take the higher of this and the torch peak: here MLAS runs the model's own
     shapes faster than torch runs the square one, so torch's peak alone would set those ceilings too low."""
     import numpy as np
     import onnxruntime as ort
@@ -318,7 +318,7 @@ def onnx_matmul_peak(threads: int, reps: int) -> float:
 
     tokens = (DIMS["image"] // DIMS["patch"]) ** 2 + 1
     rates = []
-    for m, k, n in ((2048, 2048, 2048), (32 * tokens, DIMS["width"], DIMS["mlp"])):
+    for m, k, n in ((2048, 2048, 2048), (batch * tokens, DIMS["width"], DIMS["mlp"])):
         weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((k, n), dtype=np.float32), "w")
         graph = helper.make_graph([helper.make_node("MatMul", ["a", "w"], ["y"])], "product",
                                   [helper.make_tensor_value_info("a", TensorProto.FLOAT, [m, k])],
@@ -500,7 +500,7 @@ def hf_eager_beside(rows: dict, metric: str) -> float:
 def report_onnx_only(args, sides: dict, rows: dict, cases: list, device: torch.device) -> None:
     """--only onnx: the ONNX rows' ratios and roofline ceilings (as the full run computes them) in the report."""
     peak = matmul_peak(device, args.reps)
-    ort_peak = onnx_matmul_peak(args.threads, args.reps)
+    ort_peak = onnx_matmul_peak(args.threads, args.reps, args.batch)
     weight_read, _ = decoder_weight_read_seconds(sides["ours"].model, device, args.reps)
     ratios, ceilings = {}, {}
     for metric, images, beams in cases:
@@ -591,7 +591,7 @@ def main() -> None:
         results[name]["params_m"] = sum(p.numel() for p in side.model.parameters()) / 1e6
     weight_read, weight_products = decoder_weight_read_seconds(ours.model, device, args.reps)
     least_seconds = {"train_images_per_s": results["ours"]["train_step_gflop"] * 1e9 / peak}
-    ort_peak = onnx_matmul_peak(args.threads, args.reps) if "onnx" in results else None
+    ort_peak = onnx_matmul_peak(args.threads, args.reps, args.batch) if "onnx" in results else None
     least_onnx = {}  # the ONNX rows' least times: at the higher of the two peaks
     for metric, images, beams in cases:
         flops = generation_flops(ours, images, args.new_tokens, beams)

@@ -223,7 +223,7 @@ def main() -> None:
         least = {"torch": least_seconds_per_image(captioner, reading, peak, args)}
         if args.onnx:  # the predict_onnx ratios' bound: products at ONNX Runtime's own peak where it beats torch's
             least["onnx"] = least_seconds_per_image(
-                captioner, reading, max(peak, onnx_matmul_peak(os.cpu_count() or 1, args.reps)), args)
+                captioner, reading, max(peak, onnx_matmul_peak(os.cpu_count() or 1, args.reps, args.batch_size)), args)
         walls: dict[int, list[float]] = {1: [], 2: []}  # the two commands alternated, medians: one run can stall
         for r in range(args.reps):
             for d in ((1, 2) if r % 2 == 0 else (2, 1)):

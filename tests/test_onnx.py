@@ -298,6 +298,9 @@ def test_the_decoder_step_reads_its_fixed_capacity_cache_in_place_as_the_torch_d
     shaped = [n.input[0] for n in nodes if n.op_type == "Shape" and n.input[0].startswith("image_")]
     assert shaped == ["image_key_0"] * onnx.num_layers  # every block's image count from one input (`_share_shapes`)
     assert ops.count("Softmax") == (2 if onnx.maps else 0)  # maps: one over all layers' scores, cross and self
+    if onnx.maps:  # and nothing else: a concatenation each, no shape arithmetic to regroup them (the runtime does)
+        plain = onnx_format.load(str(exported[GRAPHS["without_maps"]] / "decoder.onnx")).graph.node
+        assert sorted(ops) == sorted([n.op_type for n in plain] + ["Concat", "Concat", "Softmax", "Softmax"])
     assert ops.count("BiasGelu") == onnx.num_layers and "SkipLayerNormalization" not in ops  # `fuse`'s choice
 
 
@@ -380,7 +383,7 @@ def _old_format(path):
     (_truncate, r"encoder\.onnx: differs from the file exported"),
     (_other_config, r"config\.json: vocab_size \d+ does not match the exported graphs"),
     (_no_facts, r"not a vlm ONNX export \(missing onnx\.json"),
-    (_old_format, r"onnx\.json: onnx_format_version 1, this vlm reads 4; export the model again"),
+    (_old_format, r"onnx\.json: onnx_format_version 1, this vlm reads 5; export the model again"),
 ], ids=["flipped_byte", "truncated", "mismatched_config", "torch_dir", "old_format"])
 def test_a_damaged_or_mismatched_export_is_one_line(exported, tmp_path, capsys, damage, message):
     broken = tmp_path / "broken"

@@ -222,8 +222,10 @@ class OnnxModel:
         """Teacher-forced: every position's cross-attention (S, T, L, H, N) and self-attention (S, T, L, H, T) of
         token ids (S, T) (one sequence per image, unpadded); N counts the encoder's prefix tokens (an imported ViT's
         class token) first."""
-        out = self.teacher_forced(images, ids.numpy(), maps=True, self_weights=True)
-        return torch.from_numpy(out[1]), torch.from_numpy(out[2])
+        S, T = ids.shape
+        _, cross, own = self.teacher_forced(images, ids.numpy(), maps=True, self_weights=True)
+        L = self.num_layers  # both (S, H, L * T, keys): one sequence of an image is its only row
+        return tuple(torch.from_numpy(w).view(S, self.num_heads, L, T, -1).permute(0, 3, 2, 1, 4) for w in (cross, own))
 
     def token_maps(self, images: OnnxImages, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]],
                    config: MapConfig | None = None, *, per_layer: bool = False) -> list[Tensor]:
@@ -260,10 +262,10 @@ class OnnxModel:
 class BoundStep:
     """The decoder step graph with a cache and images bound (ONNX Runtime's I/O binding): each `run` binds only the
     step's own inputs, and the operators write the new positions' keys/values into the cache in place (each layer's
-    cache buffer is its past input and its present output at once). The logits (R, V) have one buffer, bound once,
-    and each run's maps new arrays bound before it: asking ONNX Runtime for its outputs after a run (it returns every
-    bound one, the cache's too) cost more than copying the logits, and made maps cost 21% of a 32-image greedy
-    generation instead of 9% (paired, the same tokens and maps)."""
+    cache buffer is its past input and its present output at once). The logits (R, V) and each map output have a
+    buffer, bound once (a map's again when its shape changes) and copied out after each run: binding an output anew
+    for a run cost ONNX Runtime more than the copy (a batch-1 step with maps 8% slower than without, against 0%), and
+    asking it for its outputs after a run (it returns every bound one, the cache's too) more still."""
 
     def __init__(self, model: OnnxModel, session, cache: np.ndarray, images: OnnxImages, maps: bool,
                  self_weights: bool):
@@ -275,6 +277,7 @@ class BoundStep:
         self.logits_value = ort.OrtValue.ortvalue_from_numpy(self.logits)  # shares its memory: kept alive with it
         self.binding.bind_ortvalue_output("logits", self.logits_value)
         self.layers, self.heads, self.image_tokens = model.num_layers, model.num_heads, images.keys.shape[3]
+        self.images_bound, self.map_buffers = len(images), {}
         past = [name for name in model.input_names if name.startswith("past_")]  # keys, then values, by layer
         self.buffers = [ort.OrtValue.ortvalue_from_numpy(layer) for layer in (*cache[0], *cache[1])]  # shared memory
         for name, buffer in zip(past, self.buffers, strict=True):
@@ -288,21 +291,24 @@ class BoundStep:
             beam_index: np.ndarray) -> list[np.ndarray]:
         """One step: ids and positions (R, t), key_mask (R, F + t) (1 for a real key among the F = ``filled``
         filled slots and the new positions), beam_index (B, K, C) (row k of image b reads slot j from the image's
-        row beam_index[b, k, j]) -> logits (R, V), with maps the new positions' cross-attention (R, t, L, H, N),
-        with self weights their self-attention (R, t, L, H, F + t); the new keys/values written at slots
-        F..F+t-1."""
+        row beam_index[b, k, j]) -> logits (R, V), with maps the new positions' cross-attention (B, H, L * K * t,
+        N) (layer, row of the image, position), with self weights their self-attention (R, H, L * t, F + t) (layer,
+        position); the new keys/values written at slots F..F+t-1."""
         inputs = {"input_ids": ids, "positions": positions, "key_mask": key_mask,
                   "filled": np.array([filled], dtype=np.int32), "beam_index": beam_index}
         for name, array in inputs.items():
             self.binding.bind_cpu_input(name, np.ascontiguousarray(array))
         R, t = ids.shape
-        maps = []
-        for name in self.map_outputs:  # a new buffer for each run's maps (the caller keeps them), bound in place
-            keys = self.image_tokens if name == "cross_attentions" else filled + t
-            maps.append(np.empty((R, t, self.layers, self.heads, keys), dtype=np.float32))
-            self.binding.bind_output(name, "cpu", 0, np.float32, list(maps[-1].shape), maps[-1].ctypes.data)
+        shapes = {"cross_attentions": (self.images_bound, self.heads, self.layers * R // self.images_bound * t,
+                                       self.image_tokens),
+                  "self_attentions": (R, self.heads, self.layers * t, filled + t)}
+        for name in self.map_outputs:  # bound again only when its shape changes
+            if name not in self.map_buffers or self.map_buffers[name].shape != shapes[name]:
+                self.map_buffers[name] = np.empty(shapes[name], dtype=np.float32)
+                self.binding.bind_output(name, "cpu", 0, np.float32, list(shapes[name]),
+                                         self.map_buffers[name].ctypes.data)
         self.session.run_with_iobinding(self.binding)
-        return [self.logits.copy(), *maps]  # the logits copied: the caller's to keep
+        return [self.logits.copy(), *[self.map_buffers[name].copy() for name in self.map_outputs]]  # the caller's
 
 
 class OnnxBackend:
@@ -362,7 +368,7 @@ class OrtDecoder:
     a self-attention cache of fixed capacity (prompt + new tokens), held here (keys and values of every layer,
     (2, L, R, H, C, hd)) and written in place by each step, which reads only its filled slots. Beam search reorders
     the beam index table (B, K, C), not the cache: row k of image b reads slot j from the image's row
-    ``beam_index[b, k, j]``. A step with maps also returns its last position's cross-attention weights (R, L, H, N),
+    ``beam_index[b, k, j]``. A step with maps also returns its last position's cross-attention weights (R, H, L, N),
     so the kept sequences' maps need no further run. ``threads``: every step on a session of that many (a lane's
     decoder); None, the model's choice for the rows (`OnnxModel.bind`)."""
 
@@ -400,7 +406,11 @@ class OrtDecoder:
             key_mask = self_mask[:, 0, -1].numpy().astype(np.int32)
         out = self.bound.run(ids.numpy(), positions.numpy(), key_mask, self.filled, self.beam_index)
         self.filled += t
-        material = torch.from_numpy(out[1][:, -1]) if self.maps else None  # (R, L, H, N)
+        material = None
+        if self.maps:  # the last position's (R, H, L, N), from (B, H, L * K * t, N): views, but for beams
+            B, H, _, N = out[1].shape
+            material = torch.from_numpy(out[1]).view(B, H, self.model.num_layers, R // B, t, N)[..., -1, :].permute(
+                0, 3, 1, 2, 4).reshape(R, H, self.model.num_layers, N)
         return torch.from_numpy(out[0]), material
 
     def reorder(self, parent: Tensor) -> None:
@@ -410,7 +420,7 @@ class OrtDecoder:
         filled[...] = np.take_along_axis(filled, parents, axis=1)
 
     def attention(self, material: Tensor, images: Tensor) -> Tensor:
-        return material  # already (S, T, L, H, N)
+        return material.transpose(2, 3)  # (S, T, H, L, N) -> (S, T, L, H, N)
 
 
 def _read_json(path: Path) -> dict:
