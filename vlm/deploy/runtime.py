@@ -407,7 +407,7 @@ class OrtDecoder:
         out = self.bound.run(ids.numpy(), positions.numpy(), key_mask, self.filled, self.beam_index)
         self.filled += t
         material = None
-        if self.maps:  # the last position's (R, H, L, N), from (B, H, L * K * t, N): views, but for beams
+        if self.maps:  # the last position's (R, H, L, N) from (B, H, L * K * t, N): views (a copy for beams)
             B, H, _, N = out[1].shape
             material = torch.from_numpy(out[1]).view(B, H, self.model.num_layers, R // B, t, N)[..., -1, :].permute(
                 0, 3, 1, 2, 4).reshape(R, H, self.model.num_layers, N)
@@ -420,7 +420,7 @@ class OrtDecoder:
         filled[...] = np.take_along_axis(filled, parents, axis=1)
 
     def attention(self, material: Tensor, images: Tensor) -> Tensor:
-        return material.transpose(2, 3)  # (S, T, H, L, N) -> (S, T, L, H, N)
+        return material.transpose(2, 3).contiguous()  # (S, T, H, L, N) -> (S, T, L, H, N)
 
 
 def _read_json(path: Path) -> dict:
