@@ -259,13 +259,19 @@ class OnnxModel:
         return out
 
 
+INPUT_TYPES = {"input_ids": np.int64, "positions": np.int64, "key_mask": np.int32, "filled": np.int32,
+               "beam_index": np.int32}
+"""The decoder step's own inputs' types (`vlm.deploy.export.step_input_names`; the rest are the cache and images)."""
+
+
 class BoundStep:
-    """The decoder step graph with a cache and images bound (ONNX Runtime's I/O binding): each `run` binds only the
-    step's own inputs, and the operators write the new positions' keys/values into the cache in place (each layer's
-    cache buffer is its past input and its present output at once). The logits (R, V) and each map output have a
-    buffer, bound once (a map's again when its shape changes) and copied out after each run: binding an output anew
-    for a run cost ONNX Runtime more than the copy (a batch-1 step with maps 8% slower than without, against 0%), and
-    asking it for its outputs after a run (it returns every bound one, the cache's too) more still."""
+    """The decoder step graph with a cache and images bound (ONNX Runtime's I/O binding): each `run` copies the
+    step's own inputs into buffers of its own, and the operators write the new positions' keys/values into the cache
+    in place (each layer's cache buffer is its past input and its present output at once). The logits (R, V) and
+    each map output have a buffer too, copied out after each run. Every buffer is bound once, and again only when its
+    shape changes (the key mask's, each step): binding anew for a run cost ONNX Runtime more than the copies (a
+    batch-1 step with maps was 8% slower than without, against 0%; 32-image greedy generation 1.04x with the inputs
+    bound once), and asking it for its outputs after a run (it returns every bound one, the cache's too) more still."""
 
     def __init__(self, model: OnnxModel, session, cache: np.ndarray, images: OnnxImages, maps: bool,
                  self_weights: bool):
@@ -277,7 +283,7 @@ class BoundStep:
         self.logits_value = ort.OrtValue.ortvalue_from_numpy(self.logits)  # shares its memory: kept alive with it
         self.binding.bind_ortvalue_output("logits", self.logits_value)
         self.layers, self.heads, self.image_tokens = model.num_layers, model.num_heads, images.keys.shape[3]
-        self.images_bound, self.map_buffers = len(images), {}
+        self.images_bound, self.map_buffers, self.inputs = len(images), {}, {}
         past = [name for name in model.input_names if name.startswith("past_")]  # keys, then values, by layer
         self.buffers = [ort.OrtValue.ortvalue_from_numpy(layer) for layer in (*cache[0], *cache[1])]  # shared memory
         for name, buffer in zip(past, self.buffers, strict=True):
@@ -294,10 +300,15 @@ class BoundStep:
         row beam_index[b, k, j]) -> logits (R, V), with maps the new positions' cross-attention (B, H, L * K * t,
         N) (layer, row of the image, position), with self weights their self-attention (R, H, L * t, F + t) (layer,
         position); the new keys/values written at slots F..F+t-1."""
-        inputs = {"input_ids": ids, "positions": positions, "key_mask": key_mask,
-                  "filled": np.array([filled], dtype=np.int32), "beam_index": beam_index}
-        for name, array in inputs.items():
-            self.binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        inputs = {"input_ids": ids, "positions": positions, "key_mask": key_mask, "filled": filled,
+                  "beam_index": beam_index}
+        for name, values in inputs.items():  # into buffers of the step's own, bound again only when a shape changes
+            shape = np.shape(values) or (1,)  # filled: one number
+            array = self.inputs.get(name)
+            if array is None or array.shape != shape:
+                array = self.inputs[name] = np.empty(shape, dtype=INPUT_TYPES[name])
+                self.binding.bind_cpu_input(name, array)
+            array[...] = values
         R, t = ids.shape
         shapes = {"cross_attentions": (self.images_bound, self.heads, self.layers * R // self.images_bound * t,
                                        self.image_tokens),
