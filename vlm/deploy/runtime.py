@@ -222,10 +222,8 @@ class OnnxModel:
         """Teacher-forced: every position's cross-attention (S, T, L, H, N) and self-attention (S, T, L, H, T) of
         token ids (S, T) (one sequence per image, unpadded); N counts the encoder's prefix tokens (an imported ViT's
         class token) first."""
-        S, T = ids.shape
         _, cross, own = self.teacher_forced(images, ids.numpy(), maps=True, self_weights=True)
-        L = self.num_layers  # both (S, H, L * T, keys): one sequence of an image is its only row
-        return tuple(torch.from_numpy(w).view(S, self.num_heads, L, T, -1).permute(0, 3, 2, 1, 4) for w in (cross, own))
+        return tuple(by_row(w, len(ids), self.num_layers).transpose(2, 3) for w in (cross, own))
 
     def token_maps(self, images: OnnxImages, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]],
                    config: MapConfig | None = None, *, per_layer: bool = False) -> list[Tensor]:
@@ -257,6 +255,13 @@ class OnnxModel:
             made = parts if per_layer else combine_layers(parts, config.method, chosen)  # (L, Q, N) or (Q, N)
             out.append(made.reshape(*made.shape[:-1], *self.grid))
         return out
+
+
+def by_row(weights: np.ndarray, rows: int, layers: int) -> Tensor:
+    """Attention weights as the step graph lays them out, (B, H, L * K * t, keys) with K = rows // B rows an image
+    (self-attention's: B = rows), as (rows, t, H, L, keys): a view but for beams."""
+    B, H, _, keys = weights.shape
+    return torch.from_numpy(weights).view(B, H, layers, rows // B, -1, keys).permute(0, 3, 4, 1, 2, 5).flatten(0, 1)
 
 
 INPUT_TYPES = {"input_ids": np.int64, "positions": np.int64, "key_mask": np.int32, "filled": np.int32,
@@ -417,11 +422,7 @@ class OrtDecoder:
             key_mask = self_mask[:, 0, -1].numpy().astype(np.int32)
         out = self.bound.run(ids.numpy(), positions.numpy(), key_mask, self.filled, self.beam_index)
         self.filled += t
-        material = None
-        if self.maps:  # the last position's (R, H, L, N) from (B, H, L * K * t, N): views (a copy for beams)
-            B, H, _, N = out[1].shape
-            material = torch.from_numpy(out[1]).view(B, H, self.model.num_layers, R // B, t, N)[..., -1, :].permute(
-                0, 3, 1, 2, 4).reshape(R, H, self.model.num_layers, N)
+        material = by_row(out[1], R, self.model.num_layers)[:, -1] if self.maps else None  # (R, H, L, N)
         return torch.from_numpy(out[0]), material
 
     def reorder(self, parent: Tensor) -> None:
