@@ -79,6 +79,9 @@ def test_generated_raw_maps_are_token_maps_without_a_second_pass(captioner, conf
     assert (expected[0] - expected[0].mean()).abs().max() > 1e-3  # the maps are not flat
     for m, e in zip(made, expected, strict=True):
         torch.testing.assert_close(m, e, atol=1e-6, rtol=1e-5)
+    for bad in (replace(config, head=99), replace(config, layers=[7])):  # refused as token_maps refuses them
+        with pytest.raises(ValueError, match="out of range"):
+            generated_raw_maps(model, gen.attentions, grid, bad, prefix=model.encoder.num_prefix)
 
 
 @pytest.mark.parametrize("method", ["raw", "rollout"])

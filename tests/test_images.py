@@ -140,12 +140,13 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path):
 def test_pixel_limit_is_configurable(tmp_path, monkeypatch):
     path = tmp_path / "wide.png"
     Image.new("RGB", (11, 10)).save(path)
-    with pytest.raises(VLMError, match=r"wide\.png: 11 x 10 = 110 pixels exceeds the limit of 100"):
+    with pytest.raises(VLMError, match=r"wide\.png: 11 x 10 = 110 pixels exceeds the limit of 100 \(raise "
+                                        r"max_pixels to allow it\)"):  # the variable would not override it
         load_image(path, max_pixels=100)
     assert load_image(path, max_pixels=110).size == (11, 10)
     monkeypatch.setenv(MAX_PIXELS_ENV, "100")
     assert pixel_limit() == 100 and pixel_limit(500) == 500
-    with pytest.raises(VLMError, match="exceeds the limit of 100"):
+    with pytest.raises(VLMError, match=r"exceeds the limit of 100 \(set VLM_MAX_PIXELS to allow it\)"):
         load_image(path)
     monkeypatch.setenv(MAX_PIXELS_ENV, "lots")
     with pytest.raises(VLMError, match="VLM_MAX_PIXELS: expected a positive number of pixels, got 'lots'"):

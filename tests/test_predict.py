@@ -28,6 +28,7 @@ from vlm.checkpoint import save_model
 from vlm.cli import main
 from vlm.config import DecodingConfig, MapConfig, SourceConfig
 from vlm.data.datasets import shard_texts
+from vlm.data.images import load_image
 from vlm.errors import VLMError
 from vlm.grounding.maps import box_from_map, combine
 from vlm.predict import predict, read_outputs
@@ -421,3 +422,108 @@ def test_prompt_leads_each_caption_as_captioner_caption_does(model_dir, folder, 
             [t["id"] for t in records[k]["caption_tokens"]])
     with pytest.raises(VLMError, match="other arguments .prompt"):
         predict(model_dir, str(folder / "sub"), tmp_path / "out", prompt="a blue", batch_size=4, **CPU)
+
+
+def test_a_resume_over_a_changed_listing_is_refused(model_dir, tmp_path):
+    """A file added to the folder would shift the chunks under the finished outputs (one image predicted twice,
+    another never): the resume is refused, not silently mixed."""
+    source = tmp_path / "grow"
+    source.mkdir()
+    for i, image in enumerate(random_images(5)):
+        image.save(source / f"im{i + 1}.png")
+    out = tmp_path / "out"
+    predict(model_dir, str(source), out, chunk_size=2, **CPU)
+    (out / "manifest" / "part-00002.json").unlink()  # as if killed before the last chunk
+    predict(model_dir, str(source), out, chunk_size=2, **CPU)  # the same listing resumes
+    random_images(1)[0].save(source / "im0.png")  # sorts first: the same number of chunks
+    with pytest.raises(VLMError, match="another listing"):
+        predict(model_dir, str(source), out, chunk_size=2, **CPU)
+
+
+def test_a_run_that_failed_before_any_chunk_leaves_nothing_that_refuses_the_corrected_one(model_dir, folder,
+                                                                                          tmp_path, capsys):
+    out = tmp_path / "out"
+    # Map options out of range for the model: one line before anything runs (it was the first batch's traceback).
+    assert main(["predict", "--model", str(model_dir), "--input", str(folder / "sub"), "--out", str(out), "--maps",
+                 "--head", "9", "--accelerator", "cpu"]) != 0
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "attention head 9 out of range" in error[0], error
+    # A bad pixel limit is an argument error, not every image's.
+    for limit, env in ((-5, None), (None, "abc")):
+        if env:
+            os.environ["VLM_MAX_PIXELS"] = env
+        try:
+            with pytest.raises(VLMError, match="expected a positive number of pixels"):
+                predict(model_dir, str(folder / "sub"), out, max_pixels=limit, **CPU)
+        finally:
+            os.environ.pop("VLM_MAX_PIXELS", None)
+    assert not out.exists()
+    # A run that fails after recording its arguments (here the trainer's) finished no chunk: its job.json yields.
+    with pytest.raises(Exception, match="nonsense"):
+        predict(model_dir, str(folder / "sub"), out, precision="nonsense", **CPU)
+    assert json.loads((out / "job.json").read_text())["precision"] == "nonsense"
+    summary = predict(model_dir, str(folder / "sub"), out, **CPU)
+    assert summary["records"] == 4 and summary["complete"]
+    with pytest.raises(VLMError, match="other arguments .precision"):  # once a chunk is done, it holds
+        predict(model_dir, str(folder / "sub"), out, precision="bf16-mixed", **CPU)
+
+
+def test_a_truncated_shard_keeps_what_it_held_and_reports_where_it_broke(model_dir, shards, tmp_path):
+    cut = tmp_path / "shards"
+    cut.mkdir()
+    (cut / "00000.tar").write_bytes((shards / "00000.tar").read_bytes())
+    with tarfile.open(shards / "00001.tar") as tar:  # samples 5..7: cut in the middle of sample 7's image
+        member = tar.getmember("000007.jpg")
+    (cut / "00001.tar").write_bytes((shards / "00001.tar").read_bytes()[:member.offset_data + member.size // 2])
+    summary = predict(model_dir, str(cut / "*.tar"), tmp_path / "out", batch_size=2, **CPU)  # a glob of shards
+    assert summary["complete"] and summary["chunks"] == 2
+    records = _records(tmp_path / "out")
+    assert {f"{i:06d}" for i in range(6)} <= set(records) and "000007" not in records
+    errors = [json.loads(line) for line in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
+    assert any("00001.tar: unreadable from sample" in e["error"] for e in errors), errors
+    with pytest.raises(VLMError, match="no such shard"):  # a missing local shard: named before anything runs
+        predict(model_dir, str(cut / "{00000..00002}.tar"), tmp_path / "out2", **CPU)
+
+
+def test_recaptioned_shards_hold_images_that_training_reads_whatever_the_input_format(model_dir, tmp_path):
+    from vlm.data.datasets import IMAGE_KEYS, shard_sample
+
+    source = tmp_path / "formats"
+    source.mkdir()
+    images = random_images(3)
+    for image, name in zip(images, ("a.bmp", "b.gif", "c.tiff"), strict=True):
+        image.save(source / name)
+    (source / "list.txt").write_text("a.bmp\nb.gif\nc.tiff\n")
+    predict(model_dir, str(source / "list.txt"), tmp_path / "out", format="webdataset", **CPU)
+    with tarfile.open(tmp_path / "out" / "part-00000.tar") as tar:
+        names = tar.getnames()
+        assert [n for n in names if not n.endswith(".json")] == [f"00000000{i}.png" for i in range(3)]
+        for i, name in enumerate(("a.bmp", "b.gif", "c.tiff")):  # each image as predict read it
+            png = Image.open(io.BytesIO(tar.extractfile(f"00000000{i}.png").read()))
+            assert np.array_equal(np.asarray(png), np.asarray(load_image(source / name)))
+    import webdataset as wds
+
+    samples = list(wds.tariterators.tarfile_samples([{"url": str(tmp_path / "out" / "part-00000.tar")}]))
+    assert len(samples) == 3 and all(any(k in s for k in IMAGE_KEYS) for s in samples)
+    assert all(shard_sample(s, s["__key__"], CAPTION_KEY) for s in samples)
+
+
+def test_bf16_autocast_reaches_the_lanes(model_dir, folder, tmp_path):
+    """--precision bf16-mixed runs every lane in bf16 (autocast is per thread), so a batch's numbers do not depend
+    on the lane that ran it."""
+    args = dict(batch_size=2, accelerator="cpu", devices=1, num_workers=0)
+    logprobs = {}
+    for name, precision, threads in (("bf16_one", "bf16-mixed", 1), ("bf16_two", "bf16-mixed", 2),
+                                     ("fp32_two", "32-true", 2)):
+        predict(model_dir, str(folder / "sub"), tmp_path / name, precision=precision, threads=threads, **args)
+        logprobs[name] = {k: [t["logprob"] for t in r["caption_tokens"]] for k, r in _records(tmp_path / name).items()}
+    assert logprobs["bf16_two"] != logprobs["fp32_two"]  # bf16 changes the numbers: equal ones below are evidence
+    assert logprobs["bf16_two"] == logprobs["bf16_one"]
+
+
+def test_a_jsonl_key_of_null_falls_back_to_the_image(model_dir, folder, tmp_path):
+    listing = tmp_path / "in.jsonl"
+    listing.write_text(json.dumps({"image": str(folder / "sub" / "im00.png"), "key": None}) + "\n"
+                       + json.dumps({"image": str(folder / "sub" / "im03.jpg"), "key": "mine"}) + "\n")
+    predict(model_dir, str(listing), tmp_path / "out", **CPU)
+    assert set(_records(tmp_path / "out")) == {str(folder / "sub" / "im00.png"), "mine"}

@@ -56,19 +56,20 @@ def load_image(image: ImageLike, max_pixels: int | None = None, name: str | None
     if isinstance(image, Image.Image):
         return to_rgb(ImageOps.exif_transpose(image), name or "<PIL image>")
     limit = pixel_limit(max_pixels)
+    raising = "raise max_pixels" if max_pixels is not None else f"set {MAX_PIXELS_ENV}"  # what sets the limit
     if isinstance(image, (bytes, bytearray)):
-        return _decode(io.BytesIO(image), name or "<bytes>", limit)
+        return _decode(io.BytesIO(image), name or "<bytes>", limit, raising)
     if hasattr(image, "read"):
-        return _decode(image, name or str(getattr(image, "name", "<stream>")), limit)
+        return _decode(image, name or str(getattr(image, "name", "<stream>")), limit, raising)
     path = os.fspath(image)
     if os.path.isdir(path):
         raise VLMError(f"{path}: is a directory, not an image file")
     if not os.path.exists(path):
         raise VLMError(f"{path}: no such image file")
-    return _decode(path, name or path, limit)
+    return _decode(path, name or path, limit, raising)
 
 
-def _decode(source: str | BinaryIO, name: str, limit: int) -> Image.Image:
+def _decode(source: str | BinaryIO, name: str, limit: int, raising: str) -> Image.Image:
     try:
         with warnings.catch_warnings():  # the limit below is ours; PIL's own remark on large images is noise
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -76,7 +77,7 @@ def _decode(source: str | BinaryIO, name: str, limit: int) -> Image.Image:
                 width, height = im.size
                 if width * height > limit:
                     raise VLMError(f"{name}: {width} x {height} = {width * height} pixels exceeds the limit of "
-                                   f"{limit} (set {MAX_PIXELS_ENV} to raise it)")
+                                   f"{limit} ({raising} to allow it)")
                 im.seek(0)  # the first frame of an animation
                 im.load()
                 return to_rgb(ImageOps.exif_transpose(im), name)
@@ -84,7 +85,7 @@ def _decode(source: str | BinaryIO, name: str, limit: int) -> Image.Image:
         raise
     except Image.DecompressionBombError:  # PIL checks its own hard ceiling before ours
         ceiling = 2 * (Image.MAX_IMAGE_PIXELS or 0)
-        hint = f"set {MAX_PIXELS_ENV} to raise it" if limit < ceiling else "raise PIL.Image.MAX_IMAGE_PIXELS too"
+        hint = f"{raising} to allow it" if limit < ceiling else "raise PIL.Image.MAX_IMAGE_PIXELS too"
         raise VLMError(f"{name}: more than {ceiling} pixels exceeds the limit of {min(limit, ceiling)} ({hint})"
                        ) from None
     except Exception as e:  # not an image, truncated, corrupt: decoders raise many kinds of error

@@ -25,7 +25,7 @@ from vlm.checkpoint import CONFIG, TOKENIZER
 from vlm.config import DecodingConfig, MapConfig, ModelConfig, model_config_from_dict
 from vlm.deploy.export import DECODER, ENCODER, ONNX_CONFIG, ONNX_FORMAT_VERSION, file_facts, step_input_names
 from vlm.errors import VLMError
-from vlm.grounding.methods import _rollout, chosen_layers, combine_layers, patches_only  # one rollout, torch's
+from vlm.grounding.methods import _rollout, check_map_config, chosen_layers, combine_layers, patches_only
 from vlm.model.generate import Generation, decode
 from vlm.text.tokenizer import Tokenizer
 
@@ -233,13 +233,10 @@ class OnnxModel:
         chefer, which needs autograd (the torch runtime), and for rollout through encoder context blocks, whose
         attention the export does not return."""
         config = config or MapConfig()
-        config.validate()
+        check_map_config(self, config)
         if config.method == "chefer" or (config.method == "rollout" and getattr(self.cfg.encoder, "context_layers", 0)):
             raise ValueError(f"maps: the onnx runtime makes raw and rollout maps; {config.method} here needs the "
                              "torch runtime (it needs autograd, or the encoder context blocks' attention)")
-        H = self.num_heads
-        if config.head is not None and not -H <= config.head < H:
-            raise ValueError(f"attention head {config.head} out of range: the decoder has {H} heads")
         chosen = chosen_layers(self, config.layers)
         out = []
         for i, (prompt, target) in enumerate(zip(prompts, targets, strict=True)):

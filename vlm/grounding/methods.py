@@ -42,7 +42,7 @@ from vlm.config import METHODS, MapConfig
 from vlm.model.decoder import KeysValues
 from vlm.model.vlm import VisionLanguageModel
 
-__all__ = ["METHODS", "check_layers", "chosen_layers", "combine_layers", "token_maps"]
+__all__ = ["METHODS", "check_layers", "check_map_config", "chosen_layers", "combine_layers", "token_maps"]
 
 
 def token_maps(model: VisionLanguageModel, image_kv: list[KeysValues], grid: tuple[int, int],
@@ -57,10 +57,7 @@ def token_maps(model: VisionLanguageModel, image_kv: list[KeysValues], grid: tup
     layers' self-attention), so `combine_layers` makes any choice of layers from them as a cheap sum.
     """
     config = config or MapConfig()
-    config.validate()
-    num_heads = model.decoder.blocks[0].cross_attn.num_heads
-    if config.head is not None and not -num_heads <= config.head < num_heads:
-        raise ValueError(f"attention head {config.head} out of range: the decoder has {num_heads} heads")
+    check_map_config(model, config)
     if len(prompts) != len(targets) or len(prompts) != image_kv[0][0].shape[0]:
         raise ValueError(f"{len(prompts)} prompts and {len(targets)} targets for {image_kv[0][0].shape[0]} images")
     seqs = [[*p, *t] for p, t in zip(prompts, targets, strict=True)]
@@ -96,6 +93,7 @@ def generated_raw_maps(model: VisionLanguageModel, attentions: Sequence[Tensor],
     config = config or MapConfig()
     if config.method != "raw":
         raise ValueError(f"generated_raw_maps makes raw maps, not {config.method}")
+    check_map_config(model, config)
     chosen = chosen_layers(model, config.layers)
     maps = []
     for attn in attentions:  # (T, L, H, N)
@@ -114,6 +112,16 @@ def patches_only(parts: Tensor, prefix: int, method: str) -> Tensor:
     if method == "chefer":
         return patches
     return patches / patches.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+def check_map_config(model: VisionLanguageModel, config: MapConfig) -> None:
+    """ValueError naming the first map option out of range for the model (method, head, layers), before any image
+    is read. ``model``: anything with the model's ``cfg`` (an ONNX export's `OnnxModel` too)."""
+    config.validate()
+    heads = model.cfg.decoder.num_heads
+    if config.head is not None and not -heads <= config.head < heads:
+        raise ValueError(f"attention head {config.head} out of range: the decoder has {heads} heads")
+    chosen_layers(model, config.layers)
 
 
 def chosen_layers(model: VisionLanguageModel, layers: Sequence[int] | None) -> list[int]:

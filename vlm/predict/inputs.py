@@ -10,8 +10,10 @@ Sources (``input_format`` "auto" tells them apart):
 - ``jsonl``: one JSON object a line with ``"image"`` (relative to the file's folder unless absolute), an optional
   ``"key"``, an optional ``"phrases"`` (a list of strings to find in the caption, `vlm.predict.summary`) and any
   other fields, which are carried to the output under ``"input"``;
-- ``webdataset``: tar shards (local paths, ``{000..099}`` brace patterns, URLs) streamed without unpacking,
-  img2dataset layout (``KEY.jpg``/``.png``/``.webp`` with ``KEY.txt`` and ``KEY.json``).
+- ``webdataset``: tar shards (local paths, ``{000..099}`` brace patterns, globs of local shards, URLs) streamed
+  without unpacking, img2dataset layout (``KEY.jpg``/``.png``/``.webp`` with ``KEY.txt`` and ``KEY.json``); a
+  missing local shard is refused before the run, and a shard that breaks off (truncated, corrupt, a failed
+  download) keeps the samples read before, its chunk's errors saying where it broke.
 
 The work is split into chunks: fixed-size runs of a listing (``chunk_size`` images), or one chunk per shard. A
 chunk is the unit of output (one file), of resumption (done or not) and of work: reader r of R (DDP processes
@@ -23,6 +25,8 @@ chunks), so an image's batch, and with it every number computed for it, is the s
 from __future__ import annotations
 
 import glob as globbing
+import hashlib
+import io
 import json
 import os
 import re
@@ -36,12 +40,12 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
+from vlm.data.datasets import IMAGE_KEYS
 from vlm.data.images import load_image
 from vlm.data.records import IMAGE_SUFFIXES
 from vlm.errors import VLMError
 
 INPUT_FORMATS = ("auto", "folder", "glob", "list", "jsonl", "webdataset")
-SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 _GLOB = re.compile(r"[*?[]")
 
 
@@ -86,6 +90,19 @@ class Chunk:
         return {"first": self.first, "count": len(self.entries)}
 
 
+def listing_digest(chunks: list[Chunk]) -> str:
+    """A digest of what the chunks list: each image's key, path, fields and phrases, or each shard. A resumed job
+    must list the same (an image added, removed or renamed since would shift the chunks under their finished
+    outputs)."""
+    h = hashlib.sha256()
+    for chunk in chunks:
+        for entry in chunk.entries if chunk.entries is not None else [Entry(chunk.shard or "", "")]:
+            h.update(json.dumps([entry.key, entry.image, entry.fields, entry.phrases], sort_keys=True,
+                                ensure_ascii=False).encode())
+            h.update(b"\n")
+    return "sha256:" + h.hexdigest()[:16]
+
+
 def detect_input_format(path: str) -> str:
     """folder, webdataset, glob, jsonl or list, from the path alone."""
     if os.path.isdir(path):
@@ -111,7 +128,15 @@ def list_chunks(path: str, input_format: str = "auto", chunk_size: int = 1000) -
     if fmt == "webdataset":
         import webdataset as wds
 
-        shards = wds.shardlists.expand_urls(path)
+        shards = []
+        for url in wds.shardlists.expand_urls(path):
+            local = "://" not in url and not url.startswith("pipe:")
+            if local and _GLOB.search(url) and not os.path.exists(url):  # a pattern of local shards
+                shards += sorted(globbing.glob(url, recursive=True))
+            elif local and not os.path.isfile(url.removeprefix("file:")):
+                raise VLMError(f"--input {path}: no such shard {url}")
+            else:
+                shards.append(url)
         if not shards:
             raise VLMError(f"--input {path}: no shards")
         return fmt, [Chunk(i, shard=s) for i, s in enumerate(shards)]
@@ -164,7 +189,9 @@ def _jsonl(path: str) -> list[Entry]:
         if phrases is not None and not (isinstance(phrases, list) and all(isinstance(p, str) and p.strip()
                                                                           for p in phrases)):
             raise VLMError(f"{path}:{n}: \"phrases\" must be a list of non-empty strings")
-        key = obj.pop("key", obj["image"])
+        key = obj.pop("key", None)
+        if key is None:
+            key = obj["image"]
         image = obj.pop("image")
         entries.append(Entry(str(base / image), str(key), obj, phrases))
     return entries
@@ -255,7 +282,7 @@ class ChunkStream(IterableDataset):
                     meta["input"] = entry.fields
                 raw = None
                 if self.keep_raw:
-                    raw = {"suffix": Path(entry.image).suffix.lower().lstrip(".") or "jpg"}
+                    raw = {"suffix": Path(entry.image).suffix.lower().lstrip(".")}  # else re-encoded (_load)
                 item = Item(chunk.index, j, meta, chunk.first + j, raw=raw, phrases=entry.phrases)
                 yield self._load(item, entry.image, entry.image)
         else:
@@ -264,16 +291,22 @@ class ChunkStream(IterableDataset):
     def _shard_items(self, chunk: Chunk) -> Iterator[Item]:
         import webdataset as wds
 
-        samples = wds.tariterators.tarfile_samples([{"url": chunk.shard}])
+        samples = _readable(wds.tariterators.tarfile_samples([{"url": chunk.shard}]))
         for j, sample in enumerate(samples):
+            if isinstance(sample, Exception):  # the shard breaks off here: what it held so far is kept
+                detail = " ".join(str(sample).split())[:300] or "corrupt data"
+                yield Item(chunk.index, j, {"key": None, "shard": chunk.shard, "member": None}, chunk.index * 10**6 + j,
+                           error=f"{chunk.shard}: unreadable from sample {j} on ({sample.__class__.__name__}: "
+                                 f"{detail})")
+                return
             key = sample["__key__"]
-            suffix = next((k for k in SHARD_IMAGE_KEYS if k in sample), None)
+            suffix = next((k for k in IMAGE_KEYS if k in sample), None)
             meta = {"key": key, "shard": chunk.shard, "member": f"{key}.{suffix}" if suffix else None}
             item = Item(chunk.index, j, meta, chunk.index * 10**6 + j)
             if self.keep_raw:
                 item.raw = {"suffix": suffix, "txt": sample.get("txt"), "json": sample.get("json")}
             if suffix is None:
-                item.error = f"{chunk.shard}: {key}: no image ({', '.join(SHARD_IMAGE_KEYS)}) in the sample"
+                item.error = f"{chunk.shard}: {key}: no image ({', '.join(IMAGE_KEYS)}) in the sample"
                 yield item
                 continue
             yield self._load(item, sample[suffix], name=f"{chunk.shard}: {meta['member']}")
@@ -285,6 +318,10 @@ class ChunkStream(IterableDataset):
                 source = source if isinstance(source, bytes) else _read_bytes(source)
                 item.raw["image"] = source
             image = load_image(source, self.max_pixels, name=name)
+            if self.keep_raw and item.raw["suffix"] not in IMAGE_KEYS:  # a shard `vlm train` reads
+                encoded = io.BytesIO()
+                image.save(encoded, format="PNG")
+                item.raw.update(image=encoded.getvalue(), suffix="png")
             decoded = time.perf_counter()
             item.pixels, item.size = self.transform(image), image.size
             self._seconds["transform"] += time.perf_counter() - decoded
@@ -293,6 +330,15 @@ class ChunkStream(IterableDataset):
             decoded = time.perf_counter()
         self._seconds["decode"] += decoded - started
         return item
+
+
+def _readable(samples: Iterator[dict]) -> Iterator[dict | Exception]:
+    """A shard's samples, then the error that ended its reading early, if any (a truncated or corrupt tar, a
+    download that failed): a bad shard is reported, not the end of the job."""
+    try:
+        yield from samples
+    except Exception as e:  # tarfile's, a stream's, the network's: many kinds
+        yield e
 
 
 def _read_bytes(path: str) -> bytes:

@@ -143,11 +143,14 @@ class PredictModule(L.LightningModule):
             for stage, seconds in batch.get("seconds", {}).items():  # the reader's, in its worker
                 self.seconds[stage] += seconds
         if self._pool is not None:
-            return self._pool.submit(self._predict_lane, batch)
+            autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+            return self._pool.submit(self._predict_lane, batch, autocast)
         return self._predict(batch)
 
-    def _predict_lane(self, batch: dict) -> list[dict | None]:
-        with torch.no_grad():  # grad mode is per thread: the predict loop's no_grad does not reach the lanes
+    def _predict_lane(self, batch: dict, autocast: torch.dtype | None) -> list[dict | None]:
+        """`_predict` in a lane's thread, in the predict loop's grad mode and autocast (``--precision``): both are
+        per thread, so the loop's do not reach the lanes."""
+        with torch.no_grad(), torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
             return self._predict(batch)
 
     def _predict(self, batch: dict) -> list[dict | None]:

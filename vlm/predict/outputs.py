@@ -6,15 +6,17 @@
   file, record count and the images that could not be read, each with its reason. A chunk is done when both exist;
   a rerun with the same arguments skips done chunks and redoes the others (a half-written chunk left only its
   temporary file, which is overwritten).
-- ``job.json``: what the outputs depend on (model, input, tasks, decoding, maps, chunking, format); a rerun into
-  the same OUT with other values is refused.
+- ``job.json``: what the outputs depend on (model, input and a digest of its listing, tasks, decoding, maps,
+  chunking, format, pixel limit, precision); a rerun into the same OUT with other values, or over a listing that
+  changed, is refused once a chunk is done.
 - ``manifest.json`` and ``errors.jsonl``: the whole job, gathered by the first process at the end: every done
   chunk with its counts, and every unreadable image with its reason.
 
 With ``--format webdataset`` each chunk is a tar shard in the img2dataset layout `vlm train` reads: the image as
-it was (``KEY.jpg`` ...), the original ``KEY.txt`` alt-text (shard input), and ``KEY.json``: the original .json
-fields (or a JSONL line's fields), ``"vlm_caption"`` (the new caption: train on it with
-``SourceConfig.caption_key: vlm_caption``) and ``"vlm"`` (the whole prediction record).
+it was (``KEY.jpg`` ...; another format than JPEG, PNG or WebP re-encoded as ``KEY.png``), the original
+``KEY.txt`` alt-text (shard input), and ``KEY.json``: the original .json fields (or a JSONL line's fields),
+``"vlm_caption"`` (the new caption: train on it with ``SourceConfig.caption_key: vlm_caption``) and ``"vlm"``
+(the whole prediction record).
 """
 
 from __future__ import annotations
@@ -52,14 +54,18 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def check_job(out: Path, job: dict) -> None:
-    """Refuse an OUT that holds another job's outputs; record this job's description otherwise."""
+    """Refuse an OUT that holds another job's outputs; record this job's description otherwise (also over the
+    description of a run that finished no chunk: one that failed at its start, say, left nothing to keep)."""
     path = out / "job.json"
-    if path.exists():
+    if path.exists() and any((out / "manifest").glob("part-*.json")):
         try:
             before = json.loads(path.read_text())
         except (json.JSONDecodeError, OSError) as e:
             raise VLMError(f"{path}: unreadable ({e.__class__.__name__}); remove it or use another --out") from None
         differ = sorted(k for k in set(before) | set(job) if before.get(k) != job.get(k))
+        if "listing" in differ:
+            raise VLMError(f"{out}: holds outputs of a run over another listing of {job['input']} (images added, "
+                           "removed or renamed since, or another input); use another --out")
         if differ:
             raise VLMError(f"{out}: holds outputs of a run with other arguments ({differ[0]}: "
                            f"{before.get(differ[0])!r}, now {job.get(differ[0])!r}); use another --out")

@@ -17,9 +17,11 @@ from torch.utils.data import DataLoader
 from vlm.api import Captioner
 from vlm.checkpoint import CONFIG, TOKENIZER
 from vlm.config import DecodingConfig, MapConfig
+from vlm.data.images import pixel_limit
 from vlm.errors import VLMError
+from vlm.grounding.methods import check_map_config
 from vlm.model.vlm import VisionLanguageModel
-from vlm.predict.inputs import Chunk, ChunkStream, collate, list_chunks
+from vlm.predict.inputs import Chunk, ChunkStream, collate, list_chunks, listing_digest
 from vlm.predict.module import PredictModule, Tasks, TorchBackend, check_decoding
 from vlm.predict.outputs import OUTPUT_FORMATS, ChunkWriter, check_job, done_chunks
 from vlm.text.clean import clean_text
@@ -59,6 +61,11 @@ def _runtime(model: str | os.PathLike | tuple[VisionLanguageModel, Tokenizer], r
     the cores."""
     if runtime == "torch":
         captioner = Captioner(*model, "cpu") if isinstance(model, tuple) else Captioner.load(model, "cpu")
+        if map_config is not None:  # refused now, in one line, not in the first batch
+            try:
+                check_map_config(captioner.model, map_config)
+            except ValueError as e:
+                raise VLMError(str(e)) from None
         return captioner, TorchBackend(captioner.model, captioner.tokenizer), model_id(captioner.model,
                                                                                        captioner.tokenizer)
     if isinstance(model, tuple):
@@ -152,6 +159,7 @@ def predict(model: str | os.PathLike | tuple[VisionLanguageModel, Tokenizer], in
     if batch_size < 1 or top_k < 1 or num_workers < 0 or not 0.0 < threshold <= 1.0:
         raise VLMError(f"--batch_size {batch_size}, --top_k {top_k}, --num_workers {num_workers}, --threshold "
                        f"{threshold}: expected positive sizes and a threshold in (0, 1]")
+    limit = pixel_limit(max_pixels)  # a bad value is an argument error, not every image's
     devices = int(devices) if isinstance(devices, str) and devices.isdigit() else devices
     if runtime not in RUNTIMES:
         raise VLMError(f"--runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
@@ -171,12 +179,13 @@ def predict(model: str | os.PathLike | tuple[VisionLanguageModel, Tokenizer], in
                   maps=map_config, top_k=top_k, threshold=threshold)
     fmt, chunks = list_chunks(str(input), input_format, chunk_size)
     out = Path(out)
-    job = {"model": identity, "input": str(input), "input_format": fmt,
+    job = {"model": identity, "input": str(input), "input_format": fmt, "listing": listing_digest(chunks),
            "chunk_size": chunk_size if fmt != "webdataset" else None, "chunks": len(chunks),
            "caption": tasks.caption, "questions": tasks.questions, "decoding": asdict(decoding),
            "maps": asdict(map_config) if map_config else None, "top_k": top_k if maps else None,
-           "threshold": threshold if maps else None, "format": format, "max_pixels": max_pixels,
-           "prompt": captioner.tokenizer.decode(caption_start[1:]) if len(caption_start) > 1 else None}
+           "threshold": threshold if maps else None, "format": format, "max_pixels": limit,
+           "prompt": captioner.tokenizer.decode(caption_start[1:]) if len(caption_start) > 1 else None,
+           "precision": str(precision)}
     check_job(out, job)
 
     module = PredictModule(backend, captioner.model.cfg, captioner.tokenizer, tasks, decoding, identity, caption_start)
