@@ -67,6 +67,10 @@ def test_transparency_is_composited_on_white(tmp_path):
     palette.putpalette([0, 0, 0, 255, 0, 0])
     palette.save(path, transparency=0)
     assert pixel(load_image(path)) == (255, 255, 255)
+    keyed = Image.new("RGB", (2, 1), (0, 0, 0))  # an RGB PNG whose tRNS colour key makes black transparent
+    keyed.putpixel((1, 0), (0, 0, 9))
+    keyed.save(path, transparency=(0, 0, 0))
+    assert pixel(load_image(path), (0, 0)) == (255, 255, 255) and pixel(load_image(path), (1, 0)) == (0, 0, 9)
 
 
 @pytest.mark.parametrize("fmt", ["GIF", "WEBP", "PNG"])

@@ -99,7 +99,7 @@ def to_rgb(im: Image.Image, name: str = "<PIL image>") -> Image.Image:
     16-bit images, and 32-bit integer ones (as 16-bit PNGs and TIFFs are often read), are scaled from
     0..65535; float images from 0..1. Values outside those ranges are clipped.
     """
-    if im.mode == "RGB":
+    if im.mode == "RGB" and "transparency" not in im.info:  # an RGB PNG's tRNS colour key is transparency too
         return im
     if im.mode in ("RGBA", "RGBa", "LA", "La", "PA") or (im.mode in ("P", "L", "RGB") and "transparency" in im.info):
         rgba = im.convert("RGBA")
