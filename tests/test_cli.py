@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import pickle
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -228,3 +230,86 @@ def test_cli_passes_decoding_flags(tiny_model, tokenizer, tmp_path, capsys):
     assert capsys.readouterr().out.strip() == captioner.ask(paths[0], "what shape is it?", sample=True, seed=1)[0]
     assert main(["caption", "--model", str(model_dir), paths[0], "--sample", "--temperature", "0"]) == 1
     assert "temperature" in capsys.readouterr().err
+
+
+@pytest.fixture
+def saved(tiny_model, tokenizer, tmp_path) -> tuple[Captioner, Path, list[str]]:
+    """(the tiny model, its exported directory, two image files)."""
+    captioner = Captioner(tiny_model, tokenizer, device="cpu")
+    paths = []
+    for i, image in enumerate(random_images(2)):
+        paths.append(str(tmp_path / f"{i}.png"))
+        image.save(paths[-1])
+    return captioner, captioner.save(tmp_path / "model"), paths
+
+
+def test_num_samples_prints_k_captions_per_image_and_k_answers(saved, capsys):
+    captioner, model_dir, paths = saved
+    flags = ["--sample", "--num_samples", "3", "--seed", "0"]
+    expected = captioner.caption(paths, sample=True, num_samples=3, seed=0)  # image after image
+    assert len(expected) == 6 and expected[:3] != expected[3:]  # each image's own samples
+    assert main(["caption", "--model", str(model_dir), *paths, *flags]) == 0
+    assert capsys.readouterr().out.splitlines() == expected
+    assert main(["caption", "--model", str(model_dir), *paths, *flags, "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines == [{"image": paths[i // 3], "sample": i % 3, "caption": text} for i, text in enumerate(expected)]
+    question = "what shape is it?"
+    answers = captioner.ask([paths[0]], [question], sample=True, num_samples=3, seed=0)
+    assert len(answers) == 3 and len(set(answers)) > 1
+    assert main(["ask", "--model", str(model_dir), paths[0], question, *flags]) == 0
+    assert capsys.readouterr().out.splitlines() == answers
+    assert main(["ask", "--model", str(model_dir), paths[0], question, *flags, "--json"]) == 0
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == [
+        {"image": paths[0], "question": question, "sample": k, "answer": a} for k, a in enumerate(answers)]
+
+
+def test_every_alias_takes_dashes_or_underscores():
+    from vlm.cli import ALIASES
+
+    parser = build_parser("vlm caption", COMMANDS["caption"])
+    spellings = {name: {s for alias in aliases for s in (alias.replace("_", "-"), "--" + alias[2:].replace("-", "_"))}
+                 for name, aliases in ALIASES.items()}
+    assert "--no_repeat_ngram" in spellings["no_repeat_ngram_size"]
+    for name, options in spellings.items():
+        for option in options:
+            args = parser.parse_args(["img.png", "--model", "m", option, "2"])
+            assert getattr(args, name) == 2, option
+
+
+def test_an_onnx_export_where_a_torch_model_is_needed_names_the_commands_that_run_it(tmp_path, capsys):
+    from vlm.checkpoint import ONNX_COMMANDS
+
+    with_runtime = [name for name, command in COMMANDS.items()
+                    if callable(command) and "runtime" in inspect.signature(command).parameters]
+    assert list(ONNX_COMMANDS) == with_runtime  # the message is true of every command
+    export = tmp_path / "onnx"
+    export.mkdir()
+    (export / "onnx.json").write_text("{}")  # an export's facts and no torch weights
+    _one_error_line(main(["ground", "--model", str(export), "x.png", "red"]), capsys,
+                    "vlm caption, ask, attend and predict run it with --runtime onnx", "needs the torch model")
+
+
+def test_export_refuses_to_overwrite_a_torch_model(saved, tmp_path, capsys):
+    _, model_dir, _ = saved
+    other = Captioner(image_sensitive_model(saved[0].tokenizer), saved[0].tokenizer, "cpu").save(tmp_path / "other")
+    for out in (model_dir, model_dir / ".", other):
+        before = {p.name: p.read_bytes() for p in Path(out).iterdir()}
+        _one_error_line(main(["export", "--model", str(model_dir), "--out", str(out)]), capsys, f"--out {out}",
+                        "model.safetensors")
+        assert {p.name: p.read_bytes() for p in Path(out).iterdir()} == before
+
+
+def test_ground_reports_the_tokens_its_maps_are_for(saved, capsys):
+    captioner, model_dir, paths = saved
+    room = captioner.model.cfg.decoder.max_length - len(captioner.tokenizer.caption_prompt())
+    long = " ".join(["a small red circle to the left of"] * 6)  # cut to fit max_length
+    for phrase in (long, "a\x01red \t circle"):  # control characters count as spaces
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the cut's warning
+            assert main(["ground", "--model", str(model_dir), paths[0], phrase]) == 0
+            (maps,) = captioner.text_maps([paths[0]], [phrase])
+        tokens = json.loads(capsys.readouterr().out)["tokens"]
+        cleaned = " ".join(phrase.replace("\x01", " ").split())
+        assert tokens == captioner.tokenizer.tokens(captioner.tokenizer.encode(cleaned))[:room]
+        assert len(tokens) == len(maps)
+    assert len(tokens) == 3 and len(captioner.tokenizer.encode(long)) > room

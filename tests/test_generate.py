@@ -148,14 +148,27 @@ def test_a_seed_reproduces_a_sample_and_other_seeds_differ(tiny_model, tokenizer
     assert first.tokens != _run(tiny_model, tokenizer, images, prompts).tokens  # not greedy in disguise
 
 
-@pytest.mark.parametrize("options", [dict(top_k=1), dict(top_p=1e-6), dict(temperature=1e-4)],
-                         ids=["top_k_1", "top_p_tiny", "temperature_tiny"])
+@pytest.mark.parametrize("options", [dict(top_k=1), dict(top_p=1e-6), dict(temperature=1e-4), dict(temperature=1e-39),
+                                     dict(temperature=5e-324), dict(temperature=1e-39, top_p=0.9, top_k=5)],
+                         ids=["top_k_1", "top_p_tiny", "temperature_tiny", "temperature_1e-39", "temperature_least",
+                              "temperature_1e-39_filtered"])
 def test_sampling_that_keeps_only_the_best_token_is_greedy(tiny_model, tokenizer, options):
     images = torch.randn(3, 3, 64, 64)
     greedy = _run(tiny_model, tokenizer, images, _prompts(tokenizer))
     sampled = _run(tiny_model, tokenizer, images, _prompts(tokenizer), sample=True, seed=3, **options)
     assert sampled.tokens == greedy.tokens
     torch.testing.assert_close(torch.tensor(sampled.scores), torch.tensor(greedy.scores))
+
+
+def test_a_temperature_however_small_leaves_no_nan():
+    from vlm.model.generate import _tempered
+
+    logp = torch.tensor([[-0.4, -1.2, -3.0, float("-inf")], [float("-inf")] * 4])  # a row all -inf stays so
+    for temperature in (1.0, 1e-39, 5e-324):
+        scaled = _tempered(logp, temperature)
+        assert not scaled.isnan().any() and scaled[0, 0] == 0 and (scaled[0, 1:] < 0).all()
+        assert (scaled[1] == float("-inf")).all()
+    torch.testing.assert_close(_tempered(logp, 2.0)[0].softmax(-1), (logp[0] / 2.0).softmax(-1))
 
 
 def test_sampled_first_tokens_follow_the_filtered_distribution(tiny_model, tokenizer):
@@ -214,7 +227,8 @@ def test_a_larger_length_penalty_never_picks_a_shorter_beam(tiny_model, tokenize
 
 
 @pytest.mark.parametrize("bad, message", [
-    (dict(temperature=0.0), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_k=-1), "top_k"),
+    (dict(temperature=0.0), "temperature"), (dict(temperature=float("nan")), "temperature must be a finite"),
+    (dict(temperature=float("inf")), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_k=-1), "top_k"),
     (dict(sample=True, beam_size=2), "beam_size 1"), (dict(no_repeat_ngram_size=-2), "no_repeat_ngram_size"),
 ])
 def test_bad_options_are_refused_by_name(tiny_model, tokenizer, bad, message):

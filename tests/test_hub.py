@@ -351,3 +351,16 @@ def test_generated_raw_maps_of_an_imported_model_drop_the_class_token_as_token_m
     for m, e in zip(made, expected, strict=True):
         assert m.shape == e.shape and len(m) == 4
         torch.testing.assert_close(m, e, atol=1e-5, rtol=1e-4)
+
+
+def test_import_refuses_to_overwrite_its_source(tmp_path, capsys):
+    source = tmp_path / "blip"
+    tiny_blip(source)
+    capsys.readouterr()  # transformers' progress bar
+    before = {p.name: p.read_bytes() for p in source.iterdir()}
+    for out in (source, source / "."):
+        assert main(["import", "--from", f"hf:{source}", "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"--out {out}: is the directory of hf:{source} itself" in err
+        assert {p.name: p.read_bytes() for p in source.iterdir()} == before
+    load_hf(f"hf:{source}")  # still the Hugging Face model

@@ -368,6 +368,20 @@ def _other_config(path):
     (path / "config.json").write_text(json.dumps(config))
 
 
+def _edit_model_config(section, key, change):
+    def edit(path):
+        config = json.loads((path / "config.json").read_text())
+        config["model"][section][key] = change(config["model"][section][key])
+        (path / "config.json").write_text(json.dumps(config))
+    return edit
+
+
+def _no_data_config(path):
+    facts = json.loads((path / "onnx.json").read_text())
+    del facts["data_config"]
+    (path / "onnx.json").write_text(json.dumps(facts))
+
+
 def _no_facts(path):
     (path / "onnx.json").unlink()
 
@@ -382,9 +396,15 @@ def _old_format(path):
     (_damage_weights, r"decoder\.onnx: differs from the file exported"),
     (_truncate, r"encoder\.onnx: differs from the file exported"),
     (_other_config, r"config\.json: vocab_size \d+ does not match the exported graphs"),
+    (_edit_model_config("decoder", "depth", lambda d: d + 1), r"config\.json: decoder\.depth is \d+, the exported "
+                                                               r"graphs' is \d+"),
+    (_edit_model_config("decoder", "max_length", lambda n: n + 8), r"config\.json: decoder\.max_length is"),
+    (_edit_model_config("encoder", "image_size", lambda n: n * 2), r"config\.json: encoder\.image_size is"),
+    (_no_data_config, r"onnx\.json: no 'data_config'; export the model again"),
     (_no_facts, r"not a vlm ONNX export \(missing onnx\.json"),
     (_old_format, r"onnx\.json: onnx_format_version 1, this vlm reads 5; export the model again"),
-], ids=["flipped_byte", "truncated", "mismatched_config", "torch_dir", "old_format"])
+], ids=["flipped_byte", "truncated", "mismatched_config", "other_depth", "other_max_length", "other_image_size",
+        "no_data_config", "torch_dir", "old_format"])
 def test_a_damaged_or_mismatched_export_is_one_line(exported, tmp_path, capsys, damage, message):
     broken = tmp_path / "broken"
     shutil.copytree(exported[1], broken)
@@ -399,7 +419,18 @@ def test_a_damaged_or_mismatched_export_is_one_line(exported, tmp_path, capsys, 
                  str(tmp_path / "o")]) == 1  # the int8 export has no maps
     assert "exported without maps" in capsys.readouterr().err
     assert main(["caption", str(tmp_path / "a.png"), "--model", str(exported[2])]) == 1  # an export, torch runtime
-    assert "an ONNX export (vlm export): run it with --runtime onnx" in capsys.readouterr().err
+    assert "vlm caption, ask, attend and predict run it with --runtime onnx" in capsys.readouterr().err
+
+
+def test_a_grid_that_does_not_fit_the_encoder_is_one_line(exported, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(exported[3], broken)
+    facts = json.loads((broken / "onnx.json").read_text())
+    facts["grid"] = [facts["grid"][0] + 1, facts["grid"][1]]
+    (broken / "onnx.json").write_text(json.dumps(facts))
+    with pytest.raises(VLMError, match=r"onnx\.json: grid \[\d+, \d+\] and num_prefix 0 do not match the encoder's "
+                                       r"\d+ image tokens"):
+        load(broken, runtime="onnx").attend(random_images(1)[0])
 
 
 @pytest.mark.parametrize("family", ["tiny_blip", "tiny_vit_gpt2"])

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import base64
 import io
+import socket
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -149,6 +152,7 @@ def big_noise_png() -> bytes:
     ("/api/caption", "scene", {"beam": "2", "beam_size": "2"}, 422, "beam_size is given twice"),
     ("/api/caption", "scene", {"sample": "true", "beam_size": "2"}, 422, "beam_size 1 with sample"),
     ("/api/caption", "scene", {"num_samples": "9"}, 422, "field 'num_samples'"),
+    ("/api/caption", "scene", {"sample": "true", "temperature": "nan"}, 422, "temperature must be a finite"),
     ("/api/ground", "scene", {"text": "red", "method": "chefer", "head": "0"}, 422, "chefer"),
 ])
 def test_bad_requests_get_one_line_4xx(client, scenes, path, files, data, status, says):
@@ -265,6 +269,19 @@ def test_cli_serve_reports_a_missing_model(tmp_path, capsys):
     assert main(["serve", "--model", str(tmp_path / "missing")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("vlm serve: error:") and "missing" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_serve_on_a_busy_port_is_one_line(tiny_model, tokenizer, tmp_path):
+    model_dir = Captioner(tiny_model, tokenizer, "cpu").save(tmp_path / "model")
+    with socket.socket() as held:  # the port is taken
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "vlm.cli", "serve", "--model", str(model_dir), "--host",
+                                 "127.0.0.1", "--port", str(port)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "serving" not in result.stdout  # it never served
+    assert result.stderr.startswith(f"vlm serve: error: cannot listen on 127.0.0.1:{port}"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_static_files_are_package_data():

@@ -40,6 +40,9 @@ from vlm.text.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
+ONNX_COMMANDS = ("caption", "ask", "attend", "predict")
+"""The `vlm` commands with ``--runtime onnx``: the error for an ONNX export where a torch model is needed names
+them, so that it is true of every command (tests/test_cli.py checks them against the commands' options)."""
 
 
 def save_model(model: VisionLanguageModel, tokenizer: Tokenizer, out_dir: str | os.PathLike) -> Path:
@@ -81,7 +84,9 @@ def state_from_checkpoint(path: str | os.PathLike) -> tuple[dict, dict, str]:
 
 def _load_exported(path: Path) -> tuple[VisionLanguageModel, Tokenizer]:
     if not (path / WEIGHTS).is_file() and (path / "onnx.json").is_file():
-        raise VLMError(f"{path}: an ONNX export (vlm export): run it with --runtime onnx (load(path, runtime='onnx'))")
+        commands = ", ".join(ONNX_COMMANDS[:-1]) + f" and {ONNX_COMMANDS[-1]}"
+        raise VLMError(f"{path}: an ONNX export (vlm export): vlm {commands} run it with --runtime onnx (Python: "
+                       f"load(path, runtime='onnx')); every other use needs the torch model it was exported from")
     for name in (WEIGHTS, CONFIG, TOKENIZER):
         if not (path / name).is_file():
             raise VLMError(f"{path}: not an exported vlm model (missing {name})")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import socket
 import sys
 import typing
 from collections.abc import Callable
@@ -56,37 +57,45 @@ def train(config: TrainConfig, *, out: str = "runs/default", resume: str | None 
 
 def caption(images: list[str], *, model: str, decoding: DecodingConfig, json: bool = False,
             runtime: str = "torch", prompt: str | None = None) -> None:
-    """Caption images.
+    """Caption images: one line per caption, image after image (--num_samples K: K lines per image).
 
     Args:
         images: Image files.
         model: Exported model directory, Lightning .ckpt, or hf:NAME_OR_DIR (a Hugging Face captioner).
-        json: One JSON object per line.
+        json: One JSON object per caption ("image", "caption"; with --num_samples K > 1 also "sample", 0 to K-1).
         runtime: torch, or onnx: MODEL is an ONNX export (vlm export --format onnx) run on ONNX Runtime.
         prompt: Text the caption continues, e.g. 'a picture of' (the caption printed begins with it).
     """
     from vlm.api import load
 
     captions = load(model, runtime=runtime).caption(images, decoding, prompt=prompt)
-    for image, text in zip(images, captions, strict=True):
-        print(dumps({"image": image, "caption": text}) if json else text)
+    for image, sample, text in _samples(images, captions, decoding):
+        print(dumps({"image": image, **sample, "caption": text}) if json else text)
 
 
 def ask(image: str, question: str, *, model: str, decoding: DecodingConfig, json: bool = False,
         runtime: str = "torch") -> None:
-    """Answer a question about an image.
+    """Answer a question about an image (--num_samples K: K answers, one a line).
 
     Args:
         image: Image file.
         question: The question.
         model: Exported model directory or Lightning .ckpt.
-        json: Print a JSON object.
+        json: One JSON object per answer ("image", "question", "answer"; with --num_samples K > 1 also "sample").
         runtime: torch, or onnx: MODEL is an ONNX export (vlm export --format onnx) run on ONNX Runtime.
     """
     from vlm.api import load
 
-    answer = load(model, runtime=runtime).ask([image], [question], decoding)[0]
-    print(dumps({"image": image, "question": question, "answer": answer}) if json else answer)
+    answers = load(model, runtime=runtime).ask([image], [question], decoding)
+    for _, sample, answer in _samples([image], answers, decoding):
+        print(dumps({"image": image, "question": question, **sample, "answer": answer}) if json else answer)
+
+
+def _samples(images: list[str], texts: list[str], decoding: DecodingConfig) -> list[tuple[str, dict, str]]:
+    """(image, {"sample": k} or {}, text) of each text the API returned for the images: num_samples K per image,
+    image after image. The sample index is there only when K > 1, so one text per image prints as it always did."""
+    k = decoding.num_samples
+    return [(images[i // k], {"sample": i % k} if k > 1 else {}, text) for i, text in enumerate(texts)]
 
 
 def attend(image: str, *, model: str, out: str, question: str | None = None, decoding: DecodingConfig,
@@ -276,8 +285,36 @@ def serve(*, model: str, host: str = "127.0.0.1", port: int = 8000, max_upload_m
     from vlm.serve import create_app
 
     app = create_app(load(model), max_upload_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels)
-    print(f"serving {model} on http://{host}:{port}/", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    with _listen(host, port) as sock:  # bound here, so that a busy port is our one-line error, not uvicorn's exit
+        print(f"serving {model} on http://{host}:{sock.getsockname()[1]}/", flush=True)  # port 0: the one chosen
+        try:
+            server.run(sockets=[sock])
+        except KeyboardInterrupt:  # Ctrl-C: uvicorn has shut down and raised it again
+            pass
+        except SystemExit:  # uvicorn's startup failed (it logged why)
+            raise VLMError(f"cannot serve on {host}:{port}: the server did not start") from None
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (IPv4 or IPv6, as the host resolves), or a VLMError naming them: a busy
+    port, an address of another machine, a host that does not resolve."""
+    if not 0 <= port <= 65535:
+        raise VLMError(f"--port: expected 0 to 65535, got {port}")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as e:  # socket.gaierror: the host does not resolve
+        raise VLMError(f"cannot listen on {host}:{port} (--host, --port): {e.strerror or e}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait
+        sock.bind(address)
+        sock.listen()
+    except OSError as e:
+        sock.close()
+        raise VLMError(f"cannot listen on {host}:{port} (--host, --port): {e.strerror or e}") from None
+    return sock
 
 
 def data_shapes(*, out: str, num_images: int = 100, split: str = "val", image_size: int = 64, seed: int = 0,
@@ -410,9 +447,13 @@ def usage() -> str:
 
 
 def _option_names(name: str) -> list[str]:
+    """The option's spellings: ``--name``, with ``-`` for ``_``, then its `ALIASES`, each also either way."""
     spelt = name.rstrip("_")  # a parameter named for a Python keyword (from_) is the option --from
-    dashed = spelt.replace("_", "-")
-    return [f"--{spelt}", *([f"--{dashed}"] if dashed != spelt else []), *ALIASES.get(name, [])]
+    names = []
+    for option in (f"--{spelt}", *ALIASES.get(name, [])):
+        body = option[2:]
+        names += [f"--{body.replace('-', '_')}", f"--{body.replace('_', '-')}"]
+    return list(dict.fromkeys(names))  # once each, in order
 
 
 def _add_option(parser: ArgumentParser | argparse._ArgumentGroup, name: str, hint: typing.Any, default: typing.Any,

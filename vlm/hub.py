@@ -55,14 +55,23 @@ ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "ge
 
 def import_model(source: str, out: str | os.PathLike) -> Path:
     """Convert ``hf:NAME_OR_DIR`` (a Hub model name, downloaded, or a local directory) into an exported vlm model
-    directory at out (`vlm.checkpoint` format); returns out."""
-    model, tokenizer = load_hf(source)
+    directory at out (`vlm.checkpoint` format); returns out. Out may not be the source directory: its
+    config.json, tokenizer.json and model.safetensors would be overwritten."""
+    path = resolve(source)
+    if Path(out).resolve() == path.resolve():
+        raise VLMError(f"--out {out}: is the directory of {source} itself, whose files the import would overwrite: "
+                       f"choose another directory")
+    model, tokenizer = _load_dir(path)
     return save_model(model, tokenizer, out)
 
 
 def load_hf(source: str) -> tuple[VisionLanguageModel, Tokenizer]:
     """The vlm model (CPU, train mode as built) and tokenizer converted from ``hf:NAME_OR_DIR``."""
-    path = resolve(source)
+    return _load_dir(resolve(source))
+
+
+def _load_dir(path: Path) -> tuple[VisionLanguageModel, Tokenizer]:
+    """`load_hf` of the Hub model's local directory (`resolve`)."""
     raw = _read_json(path / "config.json")
     cfg, state, tokenizer = convert(path, raw)
     model = VisionLanguageModel(cfg, len(tokenizer))

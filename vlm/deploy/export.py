@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlm.checkpoint import save_model
+from vlm.checkpoint import WEIGHTS, save_model
 from vlm.errors import VLMError
 from vlm.model.attention import Attention
 from vlm.model.vlm import VisionLanguageModel
@@ -394,6 +394,9 @@ def export_onnx(model: VisionLanguageModel, tokenizer: Tokenizer, out_dir: str |
     if quantize not in (None, "int8"):
         raise VLMError(f"--quantize: expected int8, got {quantize!r}")
     out = Path(out_dir)
+    if (out / WEIGHTS).exists():  # the export writes its config.json and tokenizer.json there, and no weights
+        raise VLMError(f"--out {out}: holds a torch model ({WEIGHTS}), which the ONNX export would overwrite and "
+                       f"delete: choose another directory")
     out.mkdir(parents=True, exist_ok=True)
     model = model.eval().cpu()
     cfg = model.cfg
@@ -444,7 +447,7 @@ def export_onnx(model: VisionLanguageModel, tokenizer: Tokenizer, out_dir: str |
             _quantize_int8(out / name)
         fuse(out / name)
     save_model(model, tokenizer, out)
-    (out / "model.safetensors").unlink()  # the ONNX files are the weights; config.json and tokenizer.json stay
+    (out / WEIGHTS).unlink()  # the ONNX files are the weights; config.json and tokenizer.json stay
     if data_config is None:
         import timm.data
 
@@ -452,7 +455,7 @@ def export_onnx(model: VisionLanguageModel, tokenizer: Tokenizer, out_dir: str |
     facts = {"format": "vlm-onnx", "onnx_format_version": ONNX_FORMAT_VERSION, "opset": OPSET, "maps": maps,
              "quantize": quantize, "grid": list(grid),
              "num_prefix": int(getattr(model.encoder, "num_prefix", 0)), "layers": L, "heads": H, "head_dim": hd,
-             "vocab_size": model.vocab_size,
+             "vocab_size": model.vocab_size, "max_length": model.cfg.decoder.max_length,
              "data_config": {k: data_config[k] for k in ("mean", "std", "interpolation")},
              "files": {name: file_facts(out / name) for name in (ENCODER, DECODER)}}
     (out / ONNX_CONFIG).write_text(json.dumps(facts, indent=2))

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from vlm.checkpoint import CONFIG, TOKENIZER
 from vlm.config import DecodingConfig, MapConfig, ModelConfig, model_config_from_dict
+from vlm.data.transforms import input_size
 from vlm.deploy.export import DECODER, ENCODER, ONNX_CONFIG, ONNX_FORMAT_VERSION, file_facts, step_input_names
 from vlm.errors import VLMError
 from vlm.grounding.methods import _rollout, check_map_config, chosen_layers, combine_layers, patches_only
@@ -122,13 +123,37 @@ class OnnxModel:
         self.lanes = threads or os.cpu_count() or 1  # the threads a call's lanes share: a lane per thread at most
         self._lane_pool: ThreadPoolExecutor | None = None
         self.maps = bool(self.facts.get("maps"))
+        missing = [k for k in ("layers", "heads", "head_dim", "grid", "data_config") if k not in self.facts]
+        if missing:
+            raise VLMError(f"{path / ONNX_CONFIG}: no {missing[0]!r}; export the model again")
         self.num_layers, self.num_heads = self.facts["layers"], self.facts["heads"]
         self.head_dim, self.grid = self.facts["head_dim"], tuple(self.facts["grid"])
         self.num_prefix = int(self.facts.get("num_prefix", 0))
         self.input_names = step_input_names(self.num_layers)
+        self._check_config(path)
+
+    def _check_config(self, path: Path) -> None:
+        """config.json must describe the graphs: a config edited since the export (or another model's) would decode
+        into wrong shapes, or fail inside ONNX Runtime with no file named."""
         logits = self.decoder.get_outputs()[0].shape
         if logits[-1] != self.vocab_size:
             raise VLMError(f"{path / DECODER}: its logits have {logits[-1]} tokens, {CONFIG} says {self.vocab_size}")
+        decoder = self.cfg.decoder
+        said = {"decoder.depth": decoder.depth, "decoder.num_heads": decoder.num_heads,
+                "decoder.max_length": decoder.max_length,
+                "encoder.image_size": list(input_size(self.cfg.encoder.image_size))}
+        past = [i.shape for i in self.decoder.get_inputs() if i.name.startswith("past_key_")]
+        size = self.encoder.get_inputs()[0].shape[2:]  # (H, W), or names of dynamic axes
+        graphs = {"decoder.depth": len(past), "decoder.num_heads": past[0][1] if past else None,
+                  "decoder.max_length": self.facts.get("max_length", decoder.max_length),  # not in older exports
+                  "encoder.image_size": size if all(isinstance(n, int) for n in size) else said["encoder.image_size"]}
+        for key, value in said.items():
+            if graphs[key] != value:
+                raise VLMError(f"{path / CONFIG}: {key} is {value}, the exported graphs' is {graphs[key]}; a config "
+                               "changed since the export?")
+        if self.num_layers != len(past) or (past and list(past[0][1::2]) != [self.num_heads, self.head_dim]):
+            raise VLMError(f"{path / ONNX_CONFIG}: layers, heads, head_dim {self.num_layers}, {self.num_heads}, "
+                           f"{self.head_dim} do not match the decoder graph's")
 
     def _session(self, name: str, threads: int | None):
         import onnxruntime as ort
@@ -194,6 +219,9 @@ class OnnxModel:
             session = self.session(ENCODER, self.lane_threads(len(pixels)))
             parts = self.in_lanes(len(pixels), lambda lo, hi: session.run(None, {"pixels": pixels[lo:hi]})[0])
             keys_values = np.concatenate(parts, axis=2)  # (2, L, B, H, N, hd): the images' axis
+        if keys_values.shape[4] != self.grid[0] * self.grid[1] + self.num_prefix:
+            raise VLMError(f"{self.path / ONNX_CONFIG}: grid {list(self.grid)} and num_prefix {self.num_prefix} do "
+                           f"not match the encoder's {keys_values.shape[4]} image tokens")
         return OnnxImages(keys_values[0], keys_values[1]), self.grid  # views, not copies
 
     def bind(self, cache: np.ndarray, images: OnnxImages, maps: bool, self_weights: bool = False,

@@ -15,6 +15,7 @@ from vlm.data.images import ImageLike, load_image
 from vlm.errors import VLMError
 from vlm.grounding.maps import box_from_map, combine, peak
 from vlm.grounding.overlay import overlay
+from vlm.text.clean import clean_text
 from vlm.text.tokenizer import Tokenizer
 
 GROUND_FILE = "ground.png"
@@ -27,6 +28,18 @@ class TextMapper(Protocol):
 
     def text_maps(self, images: Sequence[ImageLike], texts: Sequence[str],
                   maps: MapConfig | None = None) -> list[np.ndarray]: ...
+
+
+def text_tokens_and_maps(captioner: TextMapper, image: ImageLike, text: str,
+                         maps: MapConfig | None = None) -> tuple[list[str], np.ndarray]:
+    """The tokens of ``text`` and the map (T, h, w) of each when the decoder reads it as the image's caption.
+
+    The tokens are those `text_maps` makes maps for: of the cleaned text (`clean_text`), cut as it is cut to fit
+    the model's max_length, so that token i is the one map i shows (`ground` and `vlm serve` report them).
+    """
+    (token_maps,) = captioner.text_maps([image], [text], maps)
+    ids = captioner.tokenizer.encode(clean_text(text))[:len(token_maps)]
+    return captioner.tokenizer.tokens(ids), token_maps
 
 
 def ground(captioner: TextMapper, image: ImageLike, phrase: str, maps: MapConfig | None = None,
@@ -42,11 +55,10 @@ def ground(captioner: TextMapper, image: ImageLike, phrase: str, maps: MapConfig
     if not 0.0 < threshold <= 1.0:
         raise VLMError(f"threshold: expected a fraction in (0, 1], got {threshold}")
     pil = load_image(image)
-    tokens = captioner.tokenizer.tokens(captioner.tokenizer.encode(phrase))
-    if not tokens:
+    if not captioner.tokenizer.encode(clean_text(phrase, "phrase")):
         raise VLMError(f"phrase {phrase!r} has no tokens")
     maps = maps or MapConfig()
-    (token_maps,) = captioner.text_maps([pil], [phrase], maps)
+    tokens, token_maps = text_tokens_and_maps(captioner, pil, phrase, maps)
     phrase_map = combine(token_maps)
     box = box_from_map(phrase_map, pil.size, threshold)
     x, y = peak(phrase_map, pil.size)

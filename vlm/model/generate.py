@@ -83,6 +83,18 @@ def _repeated_ngrams(generated: Tensor, n: int, vocab: int) -> Tensor:
     return banned.scatter_reduce_(1, windows[:, :, -1], match.float(), "amax").bool()
 
 
+def _tempered(logp: Tensor, temperature: float) -> Tensor:
+    """Log-probabilities (R, V) divided by the temperature, less each row's largest (the same distribution).
+
+    Shifted first, and the most likely token's kept at 0 at any temperature: a tiny temperature (1e-39) would
+    otherwise send every token's to -inf (or 0 / 0 = NaN below float32's least), giving an empty text where it
+    should tend to greedy.
+    """
+    top = logp.amax(-1, keepdim=True).clamp(min=torch.finfo(logp.dtype).min)  # finite: a row all -inf stays so
+    shifted = logp - top
+    return torch.where(shifted == 0, shifted, shifted / temperature)
+
+
 def _filter(logits: Tensor, top_k: int, top_p: float) -> Tensor:
     """Logits (R, V) with tokens outside the top k, or outside the smallest set of mass top_p, set to -inf."""
     if 0 < top_k < logits.shape[-1]:
@@ -276,7 +288,7 @@ def decode(
         if not beam:
             if sample:
                 # Gumbel-max: argmax(log p / temperature + Gumbel noise) is a draw from the filtered distribution.
-                sampling = _filter(logp / config.temperature, config.top_k, config.top_p)
+                sampling = _filter(_tempered(logp, config.temperature), config.top_k, config.top_p)
                 noise = torch.cat([torch.rand(K, V, generator=g, device=device) for g in generators])  # (R, V)
                 token = (sampling - (-noise.log()).log()).argmax(-1)  # (R,)
                 token_logp = logp.gather(1, token[:, None])[:, 0]

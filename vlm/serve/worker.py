@@ -12,7 +12,7 @@ from typing import Any
 
 from vlm.api import Captioner
 from vlm.config import DecodingConfig, MapConfig
-from vlm.text.clean import clean_text
+from vlm.grounding.ground import text_tokens_and_maps
 
 
 @dataclass
@@ -132,7 +132,5 @@ def _per_job(jobs: list[Job], texts: list[str]) -> list[list[str]]:
 
 
 def _ground(captioner: Captioner, image: Any, text: str, maps: MapConfig) -> tuple[list[str], Any]:
-    """The tokens of ``text`` and the map of each when the decoder reads it as the image's caption."""
-    maps = captioner.text_maps([image], [text], maps)[0]
-    tokens = captioner.tokenizer.tokens(captioner.tokenizer.encode(clean_text(text)))[:maps.shape[0]]
-    return tokens, maps
+    """The tokens of ``text`` and the map of each when the decoder reads it as the image's caption (as vlm ground)."""
+    return text_tokens_and_maps(captioner, image, text, maps)
