@@ -122,3 +122,19 @@ def test_the_feature_cache_refuses_a_trainable_encoder_augmentation_and_shards(m
         DataModule(replace(cfg, sources=[SourceConfig(str(shards))]), tokenizer, transform, 64,
                    encoder=module.model.encoder)
     assert not Path(cfg.feature_cache).exists()
+
+
+def test_training_data_smaller_than_a_batch_is_one_batch_of_all_of_it(module, tokenizer, tmp_path, caplog):
+    """Dropping the incomplete last batch left data smaller than data.batch_size with no batch at all: a run of 0
+    steps that exported an untrained model. Its batches are now all of it, each epoch, with a warning."""
+    jsonl = write_shapes(tmp_path, 5)["jsonl"]
+    cfg = DataConfig(sources=[SourceConfig(str(jsonl))], batch_size=32, num_workers=0)
+    data = DataModule(cfg, tokenizer, image_transform(module.model.encoder.trunk, 64), 64)
+    loader = data.train_dataloader()
+    epochs = []
+    for epoch in range(2):
+        loader.sampler.set_epoch(epoch)
+        epochs.append([batch.index.tolist() for batch in loader])
+    assert [[len(batch) for batch in epoch] for epoch in epochs] == [[5], [5]]  # one batch of 5 in each epoch
+    assert {i for epoch in epochs for batch in epoch for i in batch} <= set(range(5)) and epochs[0] != epochs[1]
+    assert "data.batch_size 32 is more than the 5 training samples per process: batches of 5" in caplog.text

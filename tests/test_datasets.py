@@ -247,3 +247,102 @@ def test_flat_records_round_trip_exactly_and_the_data_keeps_them_flat(shapes):
             flat[NUM]
     data = SourceData([vqa, jsonl], strict=True)
     assert all(isinstance(r, FlatRecords) for r in data.records)
+
+
+BAD_BOXES = [[1, 2, float("nan"), 3], [1, 2, -3, 3], [1, 2, 3], None, [1, 2, 0, 3], [1, 2, True, 3]]
+
+
+def test_bad_bboxes_are_reported_by_line_or_annotation_and_skipped(tmp_path, shapes):
+    """A box must be 4 finite numbers with w > 0 and h > 0 (a NaN one made the grounding loss NaN), in JSONL regions
+    and COCO instances alike."""
+    image = str(shapes["images"] / "000000000001.png")
+    jsonl = tmp_path / "boxes.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"image": image, "captions": ["a red circle"],
+                                           "regions": [{"phrase": "red circle", "bbox": box}]})
+                               for box in [[1, 2, 3, 4], *BAD_BOXES]) + "\n")
+    records, report = read_records(SourceConfig(str(jsonl)), strict=False)
+    assert [g.bbox for r in records for g in r.regions] == [(1.0, 2.0, 3.0, 4.0)]
+    assert [p.split(": ")[0] for p in report.problems] == [f"{jsonl}:{n}" for n in range(2, 2 + len(BAD_BOXES))]
+    assert all(": bad bbox " in p for p in report.problems) and "bad bbox [1, 2, NaN, 3]" in report.problems[0]
+    with pytest.raises(VLMError, match=rf"^{jsonl}:2: bad bbox \[1, 2, NaN, 3\]"):
+        read_records(SourceConfig(str(jsonl)), strict=True)
+
+    coco = json.loads(shapes["instances"].read_text())
+    good = [tuple(a["bbox"]) for a in coco["annotations"] if a["image_id"] == 1]
+    coco["annotations"] += [{"id": 1000 + n, "image_id": 1, "bbox": box, "category_id": 1}
+                            for n, box in enumerate(BAD_BOXES)]
+    instances = tmp_path / "instances.json"
+    instances.write_text(json.dumps(coco))
+    records, report = read_records(SourceConfig(str(instances), images=str(shapes["images"])), strict=False)
+    assert report.problems == [f"{instances}: image 1 annotation {1000 + n}: bad bbox {json.dumps(box)}: "
+                               "expected [x, y, w, h]: 4 finite numbers with w > 0 and h > 0"
+                               for n, box in enumerate(BAD_BOXES)]
+    assert [g.bbox for g in records[0].regions] == good and len(records) == NUM
+
+
+def test_null_regions_are_none_and_other_non_lists_are_reported(tmp_path, shapes):
+    image = str(shapes["images"] / "000000000001.png")
+    jsonl = tmp_path / "regions.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"image": image, "captions": [caption], "regions": regions})
+                               for caption, regions in [("a", None), ("b", {"phrase": "x"}), ("c", "x")]) + "\n")
+    records, report = read_records(SourceConfig(str(jsonl)), strict=False)
+    assert [r.captions for r in records] == [["a"]] and records[0].regions == []
+    assert report.problems == [f'{jsonl}:{n}: "regions" must be a list' for n in (2, 3)]
+
+
+def test_a_line_that_is_not_utf8_is_reported_by_its_number_and_the_others_are_read(tmp_path, shapes):
+    image = str(shapes["images"] / "000000000001.png")
+    jsonl = tmp_path / "latin1.jsonl"
+    lines = [json.dumps({"image": image, "captions": [caption]}, ensure_ascii=False)
+             for caption in ["a red circle", "un caf\xe9 rouge", "a blue square"]]
+    jsonl.write_bytes("\n".join(lines).encode("latin-1") + b"\n")  # only line 2 differs from UTF-8
+    records, report = read_records(SourceConfig(str(jsonl)), strict=False)
+    assert records[0].captions == ["a red circle", "a blue square"]
+    assert len(report.problems) == 1 and report.problems[0].startswith(f"{jsonl}:2: not UTF-8")
+    with pytest.raises(VLMError, match=rf"^{jsonl}:2: not UTF-8"):
+        read_records(SourceConfig(str(jsonl)), strict=True)
+
+
+def test_duplicate_coco_image_ids_and_vqa_question_ids_are_reported_not_merged(tmp_path, shapes):
+    coco = json.loads(shapes["captions"].read_text())
+    coco["images"][1]["id"] = 1  # two files claim image 1
+    captions = tmp_path / "captions.json"
+    captions.write_text(json.dumps(coco))
+    records, report = read_records(SourceConfig(str(captions), images=str(shapes["images"])), strict=False)
+    assert report.problems == [f'{captions}: image 1: 2 entries of "images" have this id (ids must be unique)']
+    assert 1 not in [r.image_id for r in records] and len(records) == NUM - 2  # image 2's entry now says 1 too
+
+    questions = json.loads(shapes["questions"].read_text())
+    annotations = json.loads(shapes["annotations"].read_text())
+    questions["questions"][1]["question_id"] = questions["questions"][0]["question_id"]
+    annotations["annotations"].append(dict(annotations["annotations"][2]))  # question 2 annotated twice
+    q_path, a_path = tmp_path / "questions.json", tmp_path / "annotations.json"
+    q_path.write_text(json.dumps(questions))
+    a_path.write_text(json.dumps(annotations))
+    records, report = read_records(SourceConfig(str(q_path), images=str(shapes["images"]), annotations=str(a_path)),
+                                   strict=False)
+    first, third = questions["questions"][0]["question_id"], questions["questions"][2]["question_id"]
+    assert report.problems == [
+        f"{q_path}: questions[0]: question_id {first} is the id of 2 questions (ids must be unique)",
+        f"{q_path}: questions[1]: question_id {first} is the id of 2 questions (ids must be unique)",
+        f"{q_path}: questions[2]: question_id {third} has 2 annotations in {a_path}"]
+    asked = [q.question_id for r in records for q in r.questions]
+    assert len(asked) == len(questions["questions"]) - 3 and first not in asked and third not in asked
+
+
+def test_source_weights_must_be_positive_naming_the_source(shapes):
+    good = SourceConfig(str(shapes["jsonl"]))
+    for weight in (0.0, -1.0, float("nan")):
+        bad = SourceConfig(str(shapes["jsonl"]), weight=weight)
+        with pytest.raises(VLMError, match=rf"^data.sources\[1\].weight: expected a positive number, got {weight}$"):
+            SourceData([good, bad], strict=False)
+    assert SourceData([good, SourceConfig(str(shapes["jsonl"]), weight=0.5)], strict=False).records[1]
+
+
+def test_a_source_of_regions_alone_is_an_error_before_training(shapes):
+    """Regions only ground caption words: a source with no caption or question would train nothing."""
+    instances = SourceConfig(str(shapes["instances"]), images=str(shapes["images"]))
+    with pytest.raises(VLMError, match=f"^{shapes['instances']}: no captions or questions to train on"):
+        SourceData([instances], strict=False)
+    both = SourceConfig(str(shapes["captions"]), images=str(shapes["images"]), annotations=str(shapes["instances"]))
+    assert all(r.regions and r.captions for r in SourceData([both], strict=False).records[0])

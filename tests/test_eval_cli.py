@@ -104,6 +104,26 @@ def test_eval_with_regions_reports_grounding(model_dir, shapes, tmp_path, capsys
     assert 0 <= grounding["pointing_game"] <= 1 and 0 <= grounding["iou"] <= 1
 
 
+def test_eval_limit_scores_only_the_results_of_the_limited_images(shapes, tmp_path, capsys) -> None:
+    """With --limit N a results file of every image scores the first N (it once failed: "image_id 6 is not in the
+    data"); results of images left out are not errors."""
+    coco = json.loads((shapes / "captions.json").read_text())
+    refs: dict[int, list[str]] = {}
+    for a in coco["annotations"]:
+        refs.setdefault(a["image_id"], []).append(a["caption"])
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps([{"image_id": k, "caption": v[0]} for k, v in refs.items()]))
+    code, metrics, err = _run(capsys, "--results", str(results), "--data", str(shapes / "captions.json"),
+                              "--limit", "3", "--out", str(tmp_path / "o"), "--java", "false")
+    assert code == 0, err
+    first = sorted(refs)[:3]
+    expected, _ = caption_evaluation({k: refs[k][0] for k in first}, {k: refs[k] for k in first})
+    assert metrics["caption"]["images"] == 3
+    assert {k: metrics["caption"][k] for k in expected} == pytest.approx(expected)
+    with open(tmp_path / "o" / "per_image.csv") as f:
+        assert [int(row["image_id"]) for row in csv.DictReader(f)] == first
+
+
 @pytest.mark.parametrize(("result", "needle"), [({"image_id": 999, "caption": "a cat"}, "999"),
                                                 ({"image_id": 1, "caption": 5}, "caption")])
 def test_bad_results_are_one_line_errors(shapes, tmp_path, capsys, result, needle) -> None:

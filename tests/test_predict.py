@@ -480,7 +480,9 @@ def test_a_truncated_shard_keeps_what_it_held_and_reports_where_it_broke(model_d
     records = _records(tmp_path / "out")
     assert {f"{i:06d}" for i in range(6)} <= set(records) and "000007" not in records
     errors = [json.loads(line) for line in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
-    assert any("00001.tar: unreadable from sample" in e["error"] for e in errors), errors
+    # Sample 6's files end where sample 7's image breaks off: the break is after sample 5.
+    assert any("00001.tar: unreadable after 1 sample(s), the last 000005 (ReadError" in e["error"]
+               for e in errors), errors
     with pytest.raises(VLMError, match="no such shard"):  # a missing local shard: named before anything runs
         predict(model_dir, str(cut / "{00000..00002}.tar"), tmp_path / "out2", **CPU)
 

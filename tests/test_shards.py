@@ -5,6 +5,8 @@ training passes shuffled (shard order and a sample buffer) and still split exact
 from __future__ import annotations
 
 import io
+import json
+import re
 from collections import Counter
 from itertools import islice
 from pathlib import Path
@@ -16,7 +18,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from vlm.config import SourceConfig
-from vlm.data.datasets import ShardDataset
+from vlm.data.datasets import ShardDataset, shard_sample
+from vlm.data.validate import validate
 from vlm.errors import VLMError
 
 TIMEOUT = 60  # seconds a data-loader worker may take per item: a reader that never yields fails, not hangs
@@ -120,3 +123,73 @@ def test_shuffled_shards_are_still_split_exactly_over_ranks_and_workers(tmp_path
     assert per_rank[0] + per_rank[1] != captions
     with pytest.raises(VLMError, match="data.shuffle_buffer: expected 0 .off. or a positive number"):
         ShardDataset(SourceConfig(str(tmp_path / "shards" / "00000.tar")), caption_of, strict=True, shuffle_buffer=-1)
+
+
+def test_a_truncated_shard_is_reported_where_it_broke_and_reading_goes_on(tmp_path):
+    """A shard that breaks off keeps the samples it held and is reported (skipped and counted, or with strict one
+    error naming it), and the next shard is read; `vlm data validate` reports it the same way."""
+    captions = write_shards(tmp_path / "shards", [4, 4])
+    broken = tmp_path / "shards" / "00000.tar"
+    broken.write_bytes(broken.read_bytes()[:7000])  # the first sample, then part of the second
+    source = SourceConfig(str(tmp_path / "shards" / "{00000..00001}.tar"))
+    dataset = ShardDataset(source, caption_of, strict=False, repeat=False)
+    assert list(dataset) == captions[:1] + captions[4:] and int(dataset.skipped) == 1
+    message = rf"{broken}: unreadable after 1 sample\(s\), the last 000001 \(ReadError: [^\n]+\)"
+    with pytest.raises(VLMError, match=f"^{message}$"):
+        list(ShardDataset(source, caption_of, strict=True, repeat=False))
+    report = validate(source)
+    assert report["images"] == 5 and report["problems"] == 1 and not report["ok"]
+    assert re.fullmatch(message, report["problem_list"][0])
+
+
+def _json_sample(meta) -> dict:
+    return {"__key__": "000007", "png": _png(), "json": json.dumps(meta).encode()}
+
+
+@pytest.mark.parametrize("meta, problem", [
+    ({"questions": [{"question": "what color?", "answers": "red"}]}, "questions[0] needs \"answers\""),
+    ({"questions": [{"question": "how many?", "answers": [2]}]}, "questions[0] needs \"answers\""),
+    ({"questions": [{"question": "what?", "answers": []}]}, "questions[0] needs \"answers\""),
+    ({"questions": [{"question": "what?", "answers": ["red", " "]}]}, "questions[0] needs \"answers\""),
+    ({"questions": ["what color?"]}, "questions[0] must be an object with a non-empty string \"question\""),
+    ({"questions": [{"question": 3, "answers": ["red"]}]}, "questions[0] must be an object"),
+    ({"questions": {"question": "what?", "answers": ["red"]}}, "\"questions\" must be a list"),
+    (["a caption"], "expected a JSON object"),
+])
+def test_shard_questions_are_checked_as_jsonl_lines_are(tmp_path, meta, problem):
+    """A sample's .json questions: objects with a string question and a non-empty list of non-empty string answers
+    ("red" was read as the answers r, e, d; a number crashed the tokenizer); a bad one skips its sample, named by
+    shard and key."""
+    with pytest.raises(VLMError) as error:
+        shard_sample(_json_sample(meta), "shard.tar: 000007")
+    assert str(error.value).startswith(f"shard.tar: 000007.json: {problem}")
+    good = {"caption": "a red square", "questions": [{"question": " what  color? ", "answers": ["red", " dark red "]}]}
+    _, captions, questions = shard_sample(_json_sample(good), "shard.tar: 000007")
+    assert captions == ["a red square"]
+    assert [(q.question, q.answers) for q in questions] == [("what color?", ["red", "dark red"])]
+
+    shard = tmp_path / "00000.tar"
+    with wds.TarWriter(str(shard)) as sink:
+        sink.write(_json_sample(meta))
+        sink.write({**_json_sample(good), "__key__": "000008"})
+    dataset = ShardDataset(SourceConfig(str(shard)), caption_of, strict=False, repeat=False)
+    assert list(dataset) == ["a red square"] and int(dataset.skipped) == 1
+    assert validate(SourceConfig(str(shard)))["problem_list"] == [str(error.value).replace("shard.tar", str(shard))]
+
+
+def test_a_strict_error_in_a_loader_worker_reaches_vlm_train_as_its_own_one_line(tmp_path):
+    """torch raises a worker's VLMError again with the worker's traceback in its message; `vlm train` shows the
+    error's own line (`vlm.train.run.worker_error`), as it does without workers."""
+    from vlm.train.run import worker_error
+
+    write_shards(tmp_path / "shards", [4])
+    broken = tmp_path / "shards" / "00000.tar"
+    broken.write_bytes(broken.read_bytes()[:7000])
+    dataset = ShardDataset(SourceConfig(str(broken)), caption_of, strict=True, repeat=False)
+    with pytest.raises(VLMError) as error:
+        list(DataLoader(dataset, batch_size=None, num_workers=1, timeout=TIMEOUT))
+    assert "Traceback" in str(error.value)
+    assert re.fullmatch(rf"{broken}: unreadable after 1 sample\(s\), the last 000001 \(ReadError: [^\n]+\)",
+                        str(worker_error(error.value)))
+    plain = VLMError("a.jsonl:3: empty or missing caption")
+    assert worker_error(plain) is plain

@@ -49,3 +49,27 @@ def test_validation_metrics_from_the_feature_cache_equal_those_from_images(token
     assert from_maps.tokens == from_images.tokens
     assert from_maps.scores == pytest.approx(from_images.scores, rel=1e-5)
     assert len(set(from_images.scores)) == 6  # the scores depend on the image
+
+
+def test_vqa_metrics_of_questions_without_an_answer_type_are_named_unknown_as_vlm_eval_names_them():
+    """Val questions with and without an answer type once crashed the sort of the types (None < str), and a JSONL
+    val set without types logged val/vqa/accuracy/None."""
+    from types import SimpleNamespace
+
+    from vlm.train.callbacks import GenerationMetrics
+
+    class References:  # image 0's question has an answer type, image 1's none (as JSONL questions may)
+        def references(self, index: int) -> dict:
+            return {"captions": ["a red circle"],
+                    "questions": [{"question": "what color is it?", "answers": ["red"],
+                                   "kind": "other" if index == 0 else None}]}
+
+    logged = {}
+    metrics = GenerationMetrics(samples=0)
+    metrics._captions = {0: "a red circle", 1: "a red square"}
+    metrics._answers = {(0, 0): "red", (1, 0): "blue"}
+    trainer = SimpleNamespace(sanity_checking=False, global_step=0,
+                              val_dataloaders=SimpleNamespace(dataset=References()))
+    metrics.on_validation_epoch_end(trainer, SimpleNamespace(log_dict=lambda values, **_: logged.update(values)))
+    assert {k: v for k, v in logged.items() if k.startswith("val/vqa/")} == {
+        "val/vqa/accuracy": 0.5, "val/vqa/accuracy/other": 1.0, "val/vqa/accuracy/unknown": 0.0}

@@ -167,3 +167,20 @@ def test_bf16_mixed_runs_the_matrix_products_in_bf16_with_a_loss_close_to_float3
     with torch.no_grad():
         reference = float(float32._loss(step.batch)[0])  # the same weights and batch in float32
     assert step.loss != reference and step.loss == pytest.approx(reference, rel=1e-2)
+
+
+def test_a_batch_with_nothing_to_learn_is_skipped_and_training_goes_on(tokenizer):
+    """Images with regions but no caption or question give batches without a learned token: once a division by
+    zero that stopped training, now a skipped batch (counted), the others trained on."""
+    from torch.utils.data import DataLoader
+
+    module = caption_module(tokenizer, warmup_steps=0)
+    (batch,) = _scene_batches(tokenizer, "train", 4, 1, image_transform(module.model.encoder.trunk, 64))
+    empty = collate([(image, [[], []], i) for i, image in enumerate(batch.images)], pad_id=tokenizer.pad_id)
+    assert empty.tasks == [] and module._loss(empty) == (None, {})
+    before = copy.deepcopy(module.model.state_dict())
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, DataLoader([empty, batch, empty], batch_size=None, collate_fn=lambda b: b))
+    assert module.empty_skipped == 2
+    assert any(not torch.equal(before[k], v) for k, v in module.model.state_dict().items())  # the real batch trained

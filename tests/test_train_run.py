@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tests.conftest import tiny_config
@@ -9,6 +11,8 @@ from vlm.api import Captioner
 from vlm.config import DataConfig, OptimConfig, SCSTConfig, TrainConfig, TrainerConfig, ValConfig
 from vlm.data.scenes import make_scene
 from vlm.train.run import train
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _tiny_train_config(**trainer) -> TrainConfig:
@@ -44,3 +48,62 @@ def test_scst_under_fsdp_is_one_line_error_before_any_work(tmp_path):
     with pytest.raises(VLMError, match="SCST does not run under sharding; use ddp"):
         train(cfg, tmp_path, init=str(tmp_path / "missing"))
     assert not any(tmp_path.iterdir())
+
+
+def test_data_smaller_than_a_batch_trains_and_no_step_exports_nothing(tmp_path):
+    """Four records and batches of 8 train every step (before: 0 steps, a random model exported with exit 0); a run
+    that takes no step is an error, not an untrained model presented as the result."""
+    import torch
+
+    from vlm.config import SourceConfig
+    from vlm.data.export import write_shapes
+    from vlm.errors import VLMError
+
+    jsonl = write_shapes(tmp_path / "data", 4)["jsonl"]
+    cfg = _tiny_train_config(max_steps=3, val_check_interval=100)
+    cfg.data.sources = [SourceConfig(str(jsonl))]
+    exported = train(cfg, tmp_path / "run")
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 3 and Captioner.load(exported, device="cpu").caption(
+        [str(tmp_path / "data" / "images" / "000000000001.png")])
+    cfg.trainer.max_steps = 0
+    with pytest.raises(VLMError, match="^training ran no step .*; no model exported$"):
+        train(cfg, tmp_path / "none")
+    assert not (tmp_path / "none" / "model").exists()
+
+
+def test_scst_on_shards_or_without_captions_is_one_line_error_before_any_work(tmp_path):
+    """SCST looks up each image's reference captions by dataset index: shards (once "object of type 'ShardDataset'
+    has no len()") and sources without captions are refused, naming the source, before the model is loaded."""
+    from vlm.config import SourceConfig
+    from vlm.data.export import write_shapes
+    from vlm.errors import VLMError
+
+    paths = write_shapes(tmp_path / "data", 4)
+    for source, message in [(SourceConfig(str(paths["shards"] / "00000.tar")),
+                             r"^data.sources\[1\]: SCST needs file-based training sources with reference captions "
+                             r"\(COCO, Karpathy, JSONL\), not shards \(.*00000.tar\)$"),
+                            (SourceConfig(str(paths["questions"]), images=str(paths["images"]),
+                                          annotations=str(paths["annotations"])),
+                             r"^data.sources\[1\]: SCST needs reference captions, and .*questions.json has none$")]:
+        cfg = TrainConfig(data=DataConfig(sources=[SourceConfig(str(paths["jsonl"])), source]),
+                          scst=SCSTConfig(enabled=True))
+        with pytest.raises(VLMError, match=message):
+            train(cfg, tmp_path / "run", init=str(tmp_path / "missing"))  # refused before --init is read
+        assert not (tmp_path / "run").exists()
+
+
+def test_a_cnn_trunk_trains_on_the_cpu_in_batches_of_any_size(tmp_path):
+    """torch 2.14's oneDNN crashes the process in the backward of a channels-last strided 1x1 convolution (a
+    ResNet's downsampling) for odd batches: on the CPU the trunk trains in the default layout. In a subprocess, as
+    the crash would take the test process with it."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "vlm.cli", "train", "--config", str(ROOT / "configs" / "tiny.yaml"),
+                          "--data.batch_size", "5", "--trainer.max_steps", "2", "--trainer.val_check_interval", "100",
+                          "--out", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+    model = Captioner.load(tmp_path / "run" / "model", device="cpu").model
+    assert model.encoder.channels_last  # loaded for inference, where channels-last is faster and crashes nothing

@@ -114,7 +114,7 @@ class SourceConfig:
     split: str | None = None
     """Karpathy split: train (includes restval), val or test."""
     weight: float = 1.0
-    """Share of training images drawn from this source, relative to the other sources."""
+    """Share of training images drawn from this source, relative to the other sources (a positive number)."""
     caption_key: str | None = None
     """WebDataset: the .json key holding the caption(s) to train on (a string or a list of strings), e.g.
     "vlm_caption" in shards written by ``vlm predict --format webdataset``; "txt" trains on the .txt alt-text;
@@ -162,7 +162,8 @@ class DataConfig:
     """Question-answer sequences decoded per image in a training batch (drawn without repeats while the
     scene has enough)."""
     batch_size: int = 64
-    """Images per batch (each carries captions_per_image + questions_per_image sequences)."""
+    """Images per batch (each carries captions_per_image + questions_per_image sequences); training data smaller
+    than one batch per process is trained on in batches of all of it."""
     num_workers: int = 1
     """Data loader worker processes."""
     batch_log: str | None = None
@@ -263,7 +264,9 @@ class DecodingConfig:
     sample: bool = False
     """Draw each token from the model's distribution instead of taking the most likely."""
     temperature: float = 1.0
-    """Sampling temperature."""
+    """Sampling temperature: any finite positive number; below 1 sharper, above 1 flatter. Towards 0 sampling tends
+    to greedy (however small, 1e-39 or 5e-324, it takes the most likely token), towards infinity to a uniform draw
+    among the tokens top_k and top_p keep."""
     top_k: int = 0
     """Sample among the k most likely tokens (0: all)."""
     top_p: float = 1.0
@@ -288,8 +291,8 @@ class DecodingConfig:
             raise ValueError(f"num_samples must be at least 1, got {self.num_samples}")
         if self.num_samples > 1 and not self.sample:
             raise ValueError(f"num_samples {self.num_samples} needs sample (greedy and beam give one sequence)")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if not 0 < self.temperature < float("inf"):  # also false for NaN, which would decode empty text
+            raise ValueError(f"temperature must be a finite positive number, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be 0 (off) or positive, got {self.top_k}")
         if not 0 < self.top_p <= 1:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import multiprocessing
 import pickle
 import random
@@ -257,6 +258,8 @@ def shard_sample(sample: dict, where: str, caption_key: str | None = None
             meta = json.loads(sample["json"])
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise VLMError(f"{where}.json: invalid JSON ({e})") from None
+        if not isinstance(meta, dict):
+            raise VLMError(f"{where}.json: expected a JSON object")
     if caption_key == "txt":
         captions = []
     elif caption_key is not None:
@@ -267,11 +270,30 @@ def shard_sample(sample: dict, where: str, caption_key: str | None = None
     if not captions and "txt" in sample and caption_key in (None, "txt"):
         captions = [sample["txt"].decode("utf-8", errors="replace")]
     captions = [" ".join(c.split()) for c in captions if isinstance(c, str) and c.strip()]
-    questions = [Question(q["question"], list(q["answers"]), q.get("question_id"), q.get("answer_type"))
-                 for q in meta.get("questions", []) if q.get("question") and q.get("answers")]
+    questions = shard_questions(meta.get("questions"), f"{where}.json")
     if not captions and not questions:
         raise VLMError(f"{where}: no caption (.txt or .json \"caption\"/\"captions\") and no questions")
     return image, captions, questions
+
+
+def shard_questions(given, where: str) -> list[Question]:
+    """The questions of a sample's .json, checked as the JSONL reader checks its lines (a question is an object
+    with a non-empty string "question" and "answers": a non-empty list of non-empty strings); a VLMError names the
+    first bad one, and the sample is skipped (or stops training with ``data.strict``)."""
+    if given is None:
+        return []
+    if not isinstance(given, list):
+        raise VLMError(f"{where}: \"questions\" must be a list")
+    questions = []
+    for n, q in enumerate(given):
+        if not isinstance(q, dict) or not isinstance(q.get("question"), str) or not q["question"].strip():
+            raise VLMError(f"{where}: questions[{n}] must be an object with a non-empty string \"question\"")
+        answers = q.get("answers", [q["answer"]] if "answer" in q else None)
+        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers):
+            raise VLMError(f"{where}: questions[{n}] needs \"answers\": a non-empty list of non-empty strings")
+        questions.append(Question(" ".join(q["question"].split()), [" ".join(a.split()) for a in answers],
+                                  q.get("question_id"), q.get("answer_type")))
+    return questions
 
 
 def reader_share(shards: list[str], reader: int, readers: int) -> tuple[list[str], int, int]:
@@ -307,20 +329,33 @@ class ShardDataset(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.skipped = skipped or SkipCounter()
 
-    def samples(self, reader: int = 0, readers: int = 1, order: int | None = None) -> Iterator[tuple[str, dict]]:
+    def samples(self, reader: int = 0, readers: int = 1, order: int | None = None
+                ) -> Iterator[tuple[str, dict | VLMError]]:
         """(where, raw sample) of every sample reader ``reader`` of ``readers`` reads (all of them by default), the
-        shards in their listed order, or with ``order`` in the shuffled order of that pass."""
+        shards in their listed order, or with ``order`` in the shuffled order of that pass.
+
+        A shard that breaks off (truncated, corrupt, a failed download) gives the samples it held, then (shard,
+        VLMError saying where it broke) in place of a sample, from the first of the readers sharing it; reading
+        goes on with the next shard, and the caller reports the error, or raises it with ``strict``."""
         import webdataset as wds
 
         shards = wds.shardlists.expand_urls(self.source.path)
         if order is not None:
             shards = [shards[i] for i in np.random.default_rng((self.seed, order)).permutation(len(shards))]
         shards, part, parts = reader_share(shards, reader, readers)
-        for j, sample in enumerate(wds.tariterators.tarfile_samples({"url": url} for url in shards)):
-            if j % parts == part:
-                yield f"{sample.get('__url__', self.source.path)}: {sample['__key__']}", sample
+        j = 0  # samples read so far, over this reader's shards
+        for url in shards:
+            read, key = 0, None
+            try:
+                for sample in wds.tariterators.tarfile_samples([{"url": url}]):
+                    if j % parts == part:
+                        yield f"{sample.get('__url__', url)}: {sample['__key__']}", sample
+                    j, read, key = j + 1, read + 1, sample["__key__"]
+            except Exception as e:  # tarfile's, a stream's, the network's: many kinds
+                if part == 0:
+                    yield url, broken_shard(url, e, read, key)
 
-    def _pass(self, reader: int, readers: int, number: int) -> Iterator[tuple[str, dict]]:
+    def _pass(self, reader: int, readers: int, number: int) -> Iterator[tuple[str, dict | VLMError]]:
         """One pass of this reader's samples, shuffled with a buffer when there is one."""
         if not self.shuffle_buffer:
             return self.samples(reader, readers)
@@ -334,6 +369,8 @@ class ShardDataset(IterableDataset):
             before = count
             for where, sample in self._pass(reader, readers, number):
                 try:
+                    if isinstance(sample, VLMError):  # the shard broke off here; its samples before are kept
+                        raise sample
                     data, captions, questions = shard_sample(sample, where, self.source.caption_key)
                     image = load_image(data, name=where)
                 except VLMError as e:
@@ -350,6 +387,14 @@ class ShardDataset(IterableDataset):
                 raise VLMError(f"{self.source.path}: reader {reader} of {readers} (DDP processes x data-loader "
                                "workers) got no usable sample; a shard has fewer samples than the readers sharing "
                                "it, or all were skipped. Use fewer data.num_workers or more shards")
+
+
+def broken_shard(url: str, error: Exception, read: int, key: str | None) -> VLMError:
+    """One line saying where shard ``url`` broke off: after ``read`` samples, the last with key ``key``."""
+    detail = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
+    detail = " ".join(detail.split())[:300] or "corrupt data"
+    where = f"after {read} sample(s), the last {key}" if read else "from its start"
+    return VLMError(f"{url}: unreadable {where} ({error.__class__.__name__}: {detail})")
 
 
 def shuffled(items: Iterable, size: int, rng: np.random.Generator) -> Iterator:
@@ -414,6 +459,8 @@ def shard_texts(source: SourceConfig, limit: int) -> list[str]:
     """Texts of the first samples of a shard source, to build the vocabulary from."""
     texts: list[str] = []
     for where, sample in ShardDataset(source, None, strict=False, repeat=False).samples():
+        if isinstance(sample, VLMError):  # a broken shard: training reports it
+            continue
         try:
             _, captions, questions = shard_sample(sample, where, source.caption_key)
         except VLMError:
@@ -427,12 +474,18 @@ def shard_texts(source: SourceConfig, limit: int) -> list[str]:
 class SourceData:
     """The records of file-based sources, read once (with their reports) and shared by the tokenizer and the data.
 
-    Each source's records are kept as `FlatRecords` (the lists that read them are freed), and shards as None."""
+    Each source's records are kept as `FlatRecords` (the lists that read them are freed), and shards as None.
+    ``name`` (the config key of ``sources``, for messages): a source whose weight is not positive is an error before
+    any source is read, and so is one with no caption or question (regions alone: nothing to train on, since they
+    only ground caption words) before the tokenizer and the model are built."""
 
-    def __init__(self, sources: list[SourceConfig], strict: bool):
+    def __init__(self, sources: list[SourceConfig], strict: bool, name: str = "data.sources"):
         self.sources = sources
         self.records: list[FlatRecords | None] = []
         self.reports: list[Report] = []
+        for i, source in enumerate(sources):
+            if not (isinstance(source.weight, (int, float)) and 0 < source.weight < math.inf):
+                raise VLMError(f"{name}[{i}].weight: expected a positive number, got {source.weight!r}")
         for source in sources:
             if detect_format(source) == "webdataset":
                 self.records.append(None)
@@ -442,6 +495,10 @@ class SourceData:
                 if not records:
                     raise VLMError(f"{source.path}: no usable records"
                                    + (f" ({report.problems[0]}, ...)" if report.problems else ""))
+                if not any(r.captions or r.questions for r in records):
+                    raise VLMError(f"{source.path}: no captions or questions to train on, only regions (which "
+                                   "ground caption words); give captions too, e.g. the captions file as path and "
+                                   "this one as annotations")
                 for problem in report.problems:
                     log.warning("skipped %s", problem)
                 self.records.append(FlatRecords(records))

@@ -8,6 +8,7 @@ batches of the uninterrupted one.
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from collections.abc import Callable, Iterator
@@ -40,6 +41,8 @@ from vlm.data.features import CachedDataset, build_cache
 from vlm.data.transforms import input_size
 from vlm.errors import VLMError
 from vlm.text.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 # torchdata's StatefulDataLoader calls a deprecated torch function on every iteration; the warning is not ours.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
@@ -132,7 +135,7 @@ class DataModule(L.LightningDataModule):
             self.train_set, self.weights = self._sources_train_set(
                 train_data or SourceData(cfg.sources, cfg.strict), tokenizer, train_transform or transform)
             if val_data is None and cfg.val_sources:
-                val_data = SourceData(cfg.val_sources, cfg.strict)
+                val_data = SourceData(cfg.val_sources, cfg.strict, "data.val_sources")
             self.val_set = self._sources_val_set(val_data, tokenizer, transform)
         else:
             self.train_set = SceneDataset("train", cfg, tokenizer, transform, image_size, seed)
@@ -190,15 +193,22 @@ class DataModule(L.LightningDataModule):
 
     def _loader(self, split: str, dataset: Dataset) -> StatefulDataLoader:
         """The one loader of every kind: stateful (a checkpoint records its position); training draws indexed data
-        in `TrainOrder` (dropping an incomplete last batch), streams in their own order."""
+        in `TrainOrder` (dropping an incomplete last batch), streams in their own order.
+
+        Training data smaller than one batch (per process) would give no batch at all: its batches are then all
+        of it, with a warning, rather than a run that trains nothing."""
         cached = bool(self.cfg.feature_cache)
         if cached:
             dataset = CachedDataset(dataset, self.cache_path(split), self.input_size)
-        sampler = None
+        sampler, batch_size = None, self.cfg.batch_size
         if split == "train" and not isinstance(dataset, IterableDataset):
-            sampler = TrainOrder(len(dataset), self.seed, self.cfg.batch_size, self.weights)
+            sampler = TrainOrder(len(dataset), self.seed, batch_size, self.weights)
+            if sampler.num_samples < batch_size:
+                log.warning("data.batch_size %d is more than the %d training samples per process: batches of %d",
+                            batch_size, sampler.num_samples, sampler.num_samples)
+                sampler.batch_size = batch_size = sampler.num_samples
         workers = self.cfg.num_workers
-        loader = StatefulDataLoader(dataset, batch_size=self.cfg.batch_size, sampler=sampler, num_workers=workers,
+        loader = StatefulDataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                                     collate_fn=partial(collate, pad_id=self.pad_id, features=cached),
                                     drop_last=sampler is not None, persistent_workers=workers > 0)
         self._loaders.append(loader)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -186,6 +187,20 @@ def _clean(text, where: str, what: str, problem: _Problems) -> str | None:
     return " ".join(text.split())
 
 
+def _bbox(value) -> PixelBox | None:
+    """A region's box [x, y, w, h] as a `PixelBox`, or None unless it is 4 finite numbers with w > 0 and h > 0 (a
+    NaN, infinite or empty box would make the grounding loss NaN or meaningless)."""
+    if not isinstance(value, (list, tuple)) or len(value) != 4:
+        return None
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+        return None
+    box = tuple(float(v) for v in value)
+    return box if box[2] > 0 and box[3] > 0 else None
+
+
+BAD_BBOX = "expected [x, y, w, h]: 4 finite numbers with w > 0 and h > 0"
+
+
 def _coco_index(path: str):
     """A pycocotools index of one COCO annotation file, fed the parsed file: read once, with our clear errors."""
     from pycocotools.coco import COCO
@@ -208,10 +223,16 @@ def _read_coco(source: SourceConfig, problem: _Problems, check_images: bool) -> 
                   for path, index in indexes.items()}
     folder = _image_dir(source, check_images)
     coco = indexes[source.path]
+    # pycocotools indexes images by id, the last entry of an id silently replacing the others: which file such an
+    # id's annotations describe cannot be told, so the id is reported and skipped.
+    seen = Counter(info.get("id") for info in coco.dataset.get("images", []) if isinstance(info, dict))
     records = []
     for image_id in sorted(coco.imgs):
         info = coco.imgs[image_id]
         where = f"{source.path}: image {image_id}"
+        if seen[image_id] > 1:
+            problem(f"{where}: {seen[image_id]} entries of \"images\" have this id (ids must be unique)")
+            continue
         if "file_name" not in info:
             problem(f"{where}: no file_name")
             continue
@@ -228,7 +249,11 @@ def _read_coco(source: SourceConfig, problem: _Problems, check_images: bool) -> 
                     if name is None:
                         problem(f"{at}: unknown category_id {ann.get('category_id')}")
                         continue
-                    record.regions.append(Region(name, tuple(float(v) for v in ann["bbox"])))
+                    bbox = _bbox(ann["bbox"])
+                    if bbox is None:
+                        problem(f"{at}: bad bbox {json.dumps(ann['bbox'])}: {BAD_BBOX}")
+                        continue
+                    record.regions.append(Region(name, bbox))
         records.append(record)
     return records
 
@@ -271,6 +296,7 @@ def _read_vqa(source: SourceConfig, problem: _Problems, check_images: bool) -> l
     if "questions" not in questions:
         raise VLMError(f"{source.path}: not a VQA questions file (no 'questions')")
     answers: dict = {}
+    annotated: Counter = Counter()  # annotations per question_id: more than one cannot be told apart
     if source.annotations:
         annotations = _read_json(source.annotations)
         if "annotations" not in annotations:
@@ -279,6 +305,8 @@ def _read_vqa(source: SourceConfig, problem: _Problems, check_images: bool) -> l
             if not isinstance(a, dict) or "question_id" not in a:
                 raise VLMError(f"{source.annotations}: annotations[{n}] has no question_id")
             answers[a["question_id"]] = a
+            annotated[a["question_id"]] += 1
+    asked = Counter(q.get("question_id") for q in questions["questions"] if isinstance(q, dict))
     folder = _image_dir(source, check_images)
     index = _image_index(folder) if folder else {}
     subtype = questions.get("data_subtype", "")
@@ -289,6 +317,13 @@ def _read_vqa(source: SourceConfig, problem: _Problems, check_images: bool) -> l
         if text is None:
             continue
         image_id, qid = q.get("image_id"), q.get("question_id")
+        # Answers and results are keyed by question_id: an id must name one question, with one annotation.
+        if qid is not None and asked[qid] > 1:
+            problem(f"{where}: question_id {qid} is the id of {asked[qid]} questions (ids must be unique)")
+            continue
+        if qid is not None and annotated[qid] > 1:
+            problem(f"{where}: question_id {qid} has {annotated[qid]} annotations in {source.annotations}")
+            continue
         ann = answers.get(qid)
         if source.annotations and ann is None:
             problem(f"{where}: question_id {qid} has no annotation in {source.annotations}")
@@ -322,15 +357,20 @@ def _target(answer) -> str | None:
 def _read_jsonl(source: SourceConfig, problem: _Problems) -> list[Record]:
     path = Path(source.path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_bytes().splitlines()  # decoded line by line: one bad line is reported by its number
     except FileNotFoundError:
         raise VLMError(f"{path}: no such file") from None
-    except (UnicodeDecodeError, IsADirectoryError) as e:
+    except IsADirectoryError as e:
         raise VLMError(f"{path}: cannot read ({e.__class__.__name__})") from None
     base = Path(source.images) if source.images else path.parent
     by_image: dict[str, Record] = {}
-    for n, line in enumerate(lines, 1):
+    for n, raw in enumerate(lines, 1):
         where = f"{path}:{n}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            problem(f"{where}: not UTF-8 ({e.reason} at byte {e.start + 1} of the line)")
+            continue
         if not line.strip():
             continue
         try:
@@ -362,13 +402,19 @@ def _read_jsonl(source: SourceConfig, problem: _Problems) -> list[Record]:
             questions.append(Question(text, [" ".join(a.split()) for a in answers], obj.get("question_id"),
                                       obj.get("answer_type")))
         regions = []
-        for r in obj.get("regions", []):
-            bbox = r.get("bbox") if isinstance(r, dict) else None
-            if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)
-                    and isinstance(r.get("phrase"), str)):
+        given = obj.get("regions")
+        if given is not None and not isinstance(given, list):  # null: no regions
+            problem(f"{where}: \"regions\" must be a list")
+            continue
+        for r in given or []:
+            if not (isinstance(r, dict) and "bbox" in r and isinstance(r.get("phrase"), str)):
                 problem(f"{where}: a region needs \"phrase\" and \"bbox\": [x, y, w, h]")
                 break
-            regions.append(Region(r["phrase"], tuple(float(v) for v in bbox)))
+            bbox = _bbox(r["bbox"])
+            if bbox is None:
+                problem(f"{where}: bad bbox {json.dumps(r['bbox'])}: {BAD_BBOX}")
+                break
+            regions.append(Region(r["phrase"], bbox))
         else:
             record = by_image.setdefault(image, Record(image, obj.get("image_id", obj["image"]), where=where))
             record.captions += captions

@@ -39,6 +39,9 @@ def validate(source: SourceConfig, max_words: int = 60, max_problems: int = 50) 
 
     if fmt == "webdataset":
         for where, sample in ShardDataset(source, None, strict=False, repeat=False).samples():
+            if isinstance(sample, VLMError):  # a shard that breaks off: its readable samples are still checked
+                problems.append(str(sample))
+                continue
             try:
                 image, captions, questions = shard_sample(sample, where, source.caption_key)
             except VLMError as e:

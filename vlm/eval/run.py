@@ -30,7 +30,8 @@ def evaluate_data(source: SourceConfig, captioner: Captioner | None = None, *, r
     """Metrics, and the files written to ``out`` (results, metrics.json, per_image.csv; the HTML ``report``).
 
     The captioner predicts with ``decoding`` (unless ``results`` names a results file to score) and, where the
-    records have regions, makes grounding maps as ``maps`` says; ``limit`` keeps the first records.
+    records have regions, makes grounding maps as ``maps`` says; ``limit`` keeps the first records (and of a
+    results file, the results of their images and questions).
     """
     if captioner is None and results is None:
         raise VLMError("give --model (to predict and score) or --results (to score a results file)")
@@ -45,6 +46,13 @@ def evaluate_data(source: SourceConfig, captioner: Captioner | None = None, *, r
 
     if results is not None:
         caption_results, vqa_results = read_results(results)
+        if limit:  # the results of the images left out are not errors, just not scored
+            images = {str(r.image_id) for r in records}
+            questions = {str(question_key(r, i)) for r in records for i in range(len(r.questions))}
+            caption_results = [c for c in caption_results if str(c["image_id"]) in images]
+            vqa_results = [v for v in vqa_results if str(v["question_id"]) in questions]
+            if not caption_results and not vqa_results:
+                raise VLMError(f"{results}: no result for the first {len(records)} images of {source.path} (--limit)")
     else:
         caption_results, vqa_results = predict(captioner, records, decoding)
     metrics, rows = score(records, caption_results, vqa_results, java=java)

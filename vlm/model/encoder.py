@@ -107,8 +107,9 @@ class ImageEncoder(nn.Module):
             self.features_only = True
         # A convolutional trunk runs channels-last, the layout oneDNN and cuDNN convolutions are fastest in;
         # a ViT's one patch convolution would only pay for the copy.
-        self.channels_last = sum(isinstance(m, nn.Conv2d) for m in trunk.modules()) > 1
-        self.trunk = trunk.to(memory_format=torch.channels_last) if self.channels_last else trunk
+        self.channels_last = False
+        self.trunk = trunk
+        self.use_channels_last(True)
         self.cfg = cfg
         self.proj = nn.Sequential(nn.LayerNorm(channels), nn.Linear(channels, width))
         self.norm = nn.LayerNorm(width)
@@ -158,6 +159,13 @@ class ImageEncoder(nn.Module):
         trained = {name for gid in sorted(groups)[len(groups) - n:] for name in groups[gid]}
         for name, p in self.trunk.named_parameters():
             p.requires_grad_(name in trained)
+
+    def use_channels_last(self, on: bool) -> None:
+        """Run a convolutional trunk (more than one convolution) channels-last or not: its weights, and the images
+        it reads, in that layout. A ViT's one patch convolution stays as it is."""
+        if sum(isinstance(m, nn.Conv2d) for m in self.trunk.modules()) > 1:
+            self.channels_last = on
+            self.trunk.to(memory_format=torch.channels_last if on else torch.contiguous_format)
 
     def feature_map(self, images: Tensor) -> Tensor:
         """The trunk's map at the chosen level, (B, C, h, w); with features final, its tokens (B, P + N, C)."""

@@ -40,7 +40,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
-from vlm.data.datasets import IMAGE_KEYS
+from vlm.data.datasets import IMAGE_KEYS, broken_shard
 from vlm.data.images import load_image
 from vlm.data.records import IMAGE_SUFFIXES
 from vlm.errors import VLMError
@@ -292,12 +292,11 @@ class ChunkStream(IterableDataset):
         import webdataset as wds
 
         samples = _readable(wds.tariterators.tarfile_samples([{"url": chunk.shard}]))
+        key = None
         for j, sample in enumerate(samples):
             if isinstance(sample, Exception):  # the shard breaks off here: what it held so far is kept
-                detail = " ".join(str(sample).split())[:300] or "corrupt data"
                 yield Item(chunk.index, j, {"key": None, "shard": chunk.shard, "member": None}, chunk.index * 10**6 + j,
-                           error=f"{chunk.shard}: unreadable from sample {j} on ({sample.__class__.__name__}: "
-                                 f"{detail})")
+                           error=str(broken_shard(chunk.shard, sample, j, key)))
                 return
             key = sample["__key__"]
             suffix = next((k for k in IMAGE_KEYS if k in sample), None)

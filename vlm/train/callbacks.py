@@ -130,7 +130,7 @@ class GenerationMetrics(Callback):
         if answers:
             truth = {(i, q): refs[i]["questions"][q] for i, q in answers}
             vqa = vqa_scores(answers, {k: t["answers"] for k, t in truth.items()},
-                             {k: t["kind"] for k, t in truth.items()})
+                             {k: t["kind"] or "unknown" for k, t in truth.items()})  # as `vlm eval` names them
             metrics |= {f"vqa/{k}": v for k, v in vqa.items()}
         metrics |= {f"collapse/{k}": v for k, v in collapse_guards(list(captions.values())).items()}
         self.metrics = metrics

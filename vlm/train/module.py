@@ -46,18 +46,28 @@ class CaptionModule(L.LightningModule):
         self._tick: float | None = None
         self._warned_long = False
         self.nonfinite_skipped = 0  # batches skipped for a NaN/inf loss (optim.nonfinite_skips)
+        self.empty_skipped = 0  # batches skipped for having nothing to learn (`_loss` gives None)
 
     @classmethod
     def create(cls, model: ModelConfig, optim: OptimConfig, tokenizer: Tokenizer) -> CaptionModule:
         return cls(asdict(model), asdict(optim), tokenizer.to_str())
 
     def configure_model(self) -> None:
-        """Under ``strategy: fsdp`` (vlm.train.sharding.FSDPStrategy, which sets a device mesh), shard the model."""
+        """Under ``strategy: fsdp`` (vlm.train.sharding.FSDPStrategy, which sets a device mesh), shard the model.
+
+        On the CPU a convolutional trunk trains in the default layout, not channels-last: torch 2.14's oneDNN
+        backward of a channels-last strided 1x1 convolution (a ResNet's downsampling) crashes the process (double
+        free, segmentation fault) for some batch sizes, odd ones among them."""
+        trainer = self._trainer  # None when loaded from a checkpoint outside a run
+        if trainer is not None and trainer.strategy.root_device.type == "cpu":
+            self.model.encoder.use_channels_last(False)
         if self.device_mesh is not None:
             shard_model(self.model, self.device_mesh["data_parallel"])
 
-    def _loss(self, batch: Batch, across_processes: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
-        """Weighted mean of the per-task token cross-entropies, and per-task losses and token accuracies.
+    def _loss(self, batch: Batch, across_processes: bool = False) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """Weighted mean of the per-task token cross-entropies, and per-task losses and token accuracies; None for
+        a batch with nothing to learn (no learned or grounded token in any process's batch: images with regions
+        but no text, texts cut off), which training skips.
 
         Each image is encoded once. Every task's loss is its mean over that task's learned tokens, so a
         short answer is not drowned by long captions; ``optim.task_weights`` then mixes the tasks. With
@@ -96,6 +106,8 @@ class CaptionModule(L.LightningModule):
         scale = 1
         if across_processes:
             counts, scale = self.trainer.strategy.reduce(counts, reduce_op="sum"), self.trainer.world_size
+        if not bool(counts.any()):  # the same on every process: the counts are summed over them
+            return None, {}
         weights = self.optim_cfg.task_weights
         total_weight = sum(weights[task] for task, count in zip(TASKS, counts[:-1].tolist(), strict=True) if count)
         smoothing = self.optim_cfg.label_smoothing if self.training else 0.0
@@ -120,10 +132,14 @@ class CaptionModule(L.LightningModule):
             logs[f"{task}_token_acc"] = (logits.argmax(-1) == labels)[learned].float().mean()
             loss = loss + weights[task] * task_loss * scale / counts[TASKS.index(task)]
         grounding_term = self.optim_cfg.grounding_weight * grounding * scale / counts[-1].clamp(min=1)
-        return loss / total_weight + grounding_term, logs
+        return (loss / total_weight if total_weight else loss) + grounding_term, logs
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
         loss, logs = self._loss(batch, across_processes=self.trainer.world_size > 1)
+        if loss is None:  # nothing to learn in this batch on any process: skipped by all of them alike
+            self.empty_skipped += 1
+            self.log("train/empty_batches", float(self.empty_skipped))
+            return None
         if skip_nonfinite(self, loss, self.optim_cfg.nonfinite_skips):
             self.log("train/nonfinite_skipped", float(self.nonfinite_skipped))
             return None  # no backward, no optimizer step
@@ -137,6 +153,8 @@ class CaptionModule(L.LightningModule):
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         loss, logs = self._loss(batch)
+        if loss is None:  # no text to score the loss on
+            return
         size = batch.images.shape[0]
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=size)
         self.log_dict({f"val/{k}": v for k, v in logs.items()}, sync_dist=True, batch_size=size)

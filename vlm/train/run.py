@@ -50,7 +50,10 @@ def train(cfg: TrainConfig, out: str | Path, resume: str | None = None, init: st
     train_data = val_data = None
     if data_cfg.sources:
         train_data = SourceData(data_cfg.sources, data_cfg.strict)
-        val_data = SourceData(data_cfg.val_sources, data_cfg.strict) if data_cfg.val_sources else None
+        val_data = (SourceData(data_cfg.val_sources, data_cfg.strict, "data.val_sources") if data_cfg.val_sources
+                    else None)
+        if cfg.scst.enabled:
+            check_scst_sources(train_data)
         texts = train_data.texts(data_cfg.tokenizer.max_texts)
     else:
         texts = scene_texts(TOKENIZER_SCENES, data_cfg.seed, data_cfg.scenes)
@@ -85,7 +88,13 @@ def train(cfg: TrainConfig, out: str | Path, resume: str | None = None, init: st
     trainer = L.Trainer(**trainer_args, default_root_dir=out, callbacks=callbacks, num_sanity_val_steps=0,
                         check_val_every_n_epoch=None, plugins=[AtomicCheckpointIO()])
     try:
-        trainer.fit(module, data, ckpt_path=ckpt_path, weights_only=True)
+        try:
+            trainer.fit(module, data, ckpt_path=ckpt_path, weights_only=True)
+        except VLMError as e:
+            raise worker_error(e) from None
+        if trainer.global_step == 0:  # never export an untrained model as if it were the result
+            raise VLMError("training ran no step (trainer.max_steps or trainer.max_time stopped it first, or the "
+                           "data gave no batch); no model exported")
         # The final state, also after a max_time stop; the full state (optimiser, loops) so that --resume continues.
         trainer.save_checkpoint(out / "checkpoints" / "last.ckpt", weights_only=False)
     finally:
@@ -96,6 +105,27 @@ def train(cfg: TrainConfig, out: str | Path, resume: str | None = None, init: st
     report["skipped_while_loading"] = data.skipped
     (out / "data_report.json").write_text(json.dumps(report, indent=2))
     return save_model(model, tokenizer, out / "model")
+
+
+def worker_error(error: VLMError) -> VLMError:
+    """A VLMError raised in a data-loader worker (bad data under ``data.strict``) as its own one line: torch raises
+    it again in the main process with the worker's traceback in the message."""
+    lines = str(error).rstrip().splitlines()
+    prefix = f"{type(error).__module__}.{type(error).__qualname__}: "
+    if len(lines) > 1 and lines[0].startswith("Caught ") and lines[-1].startswith(prefix):
+        return type(error)(lines[-1][len(prefix):])
+    return error
+
+
+def check_scst_sources(train_data: SourceData) -> None:
+    """SCST rewards each image's sampled captions against its reference captions, looked up by dataset index: it
+    needs file-based training sources with captions."""
+    for i, (source, records) in enumerate(zip(train_data.sources, train_data.records, strict=True)):
+        if records is None:
+            raise VLMError(f"data.sources[{i}]: SCST needs file-based training sources with reference captions "
+                           f"(COCO, Karpathy, JSONL), not shards ({source.path})")
+        if not any(r.captions for r in records):
+            raise VLMError(f"data.sources[{i}]: SCST needs reference captions, and {source.path} has none")
 
 
 def build_module(cfg: TrainConfig, tokenizer: Tokenizer, start: VisionLanguageModel | None) -> CaptionModule:
