@@ -251,3 +251,11 @@ def test_eval_report_is_self_contained_with_metrics_and_each_samples_maps(model_
                                      [e[3] for e in expected], questions=[e[4] for e in expected])
     for (_, _, shown_maps, _, _), m in zip(expected, recomputed, strict=True):
         np.testing.assert_allclose(np.array(shown_maps), m, atol=1e-5)
+
+
+@pytest.mark.parametrize("option", [["--report", "r.html"], ["--limit", "2"], ["--results", "r.json"],
+                                    ["--images", "imgs"]])
+def test_options_of_a_dataset_need_data_not_silently_ignored(model_dir, tmp_path, capsys, option) -> None:
+    code, _, err = _run(capsys, "--model", str(model_dir), "--num_scenes", "2", *option)
+    assert code == 1 and f"{option[0]}: needs --data" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r.html").exists()

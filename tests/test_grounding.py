@@ -298,3 +298,21 @@ def test_pointing_by_choice_equals_grounding_scores_of_each_choice(captioner) ->
     choices = [MapConfig("rollout", [0]), MapConfig("rollout", [1], 2), MapConfig("rollout", None, 2)]
     got = pointing_by_choice(captioner, cases, choices)
     assert got == [grounding_scores(captioner, cases, choice)["pointing_game"] for choice in choices]
+
+
+def test_grounding_scores_find_phrases_with_a_bpe_tokenizer() -> None:
+    """A byte-level BPE encodes "red" alone and inside "a small red circle" as different tokens (the latter with
+    its leading space): phrases are found by characters, as training finds them, not by token ids."""
+    from tests.conftest import image_sensitive_model
+    from vlm.data.builtin import scene_texts
+    from vlm.eval.grounding import _phrases
+    from vlm.text.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(scene_texts(300, seed=0), kind="bpe", vocab_size=400)
+    assert tok.encode("red")[0] not in tok.encode("a small red circle")  # what a token-id search missed
+    captioner = Captioner(image_sensitive_model(tok), tok, device="cpu")
+    scene = make_scene(3, "val", 0, 64)
+    case = GroundingCase(scene.image, [(o.phrase, o.box) for o in scene.objects], scene.captions[0])
+    for (phrase, _), found in zip(case.regions, _phrases(captioner, [case]), strict=True):
+        assert tok.decode(tok.encode(case.text)[found.span[0]:found.span[1]]).strip() == phrase
+    assert grounding_scores(captioner, [case])["phrases"] == len(scene.objects)

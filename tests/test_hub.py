@@ -364,3 +364,40 @@ def test_import_refuses_to_overwrite_its_source(tmp_path, capsys):
         assert err.count("\n") == 1 and f"--out {out}: is the directory of hf:{source} itself" in err
         assert {p.name: p.read_bytes() for p in source.iterdir()} == before
     load_hf(f"hf:{source}")  # still the Hugging Face model
+
+
+def test_deleting_no_patch_of_an_imported_model_leaves_its_phrase_probability(families):
+    """Deletion curves of a decoder that also reads its ViT's class token: the class column is never deleted and
+    patch i is key i + 1 (patch 0 once deleted the class token, and the last patch went even at fraction 0). A
+    GPT-2 tokenizer (byte-level BPE) finds the phrase inside the text too ("cat" is "Ġcat" there)."""
+    from vlm.eval.grounding import GroundingCase, deletion_curves
+
+    for family in ("blip", "vit-gpt2"):
+        _, _, model, tok = families[family]
+        captioner = Captioner(model, tok, device="cpu")
+        image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+        text = "a cat on the table"
+        result = deletion_curves(captioner, [GroundingCase(image, [("cat", (0, 0, 16, 16))], text)],
+                                 fractions=(0.0, 0.5))
+        seq = [*tok.caption_prompt(), *tok.encode(text)]
+        (span,) = tok.phrase_tokens(text, "cat")
+        with torch.no_grad():
+            image_kv, grid = model.encode(captioner.transform(image)[None])
+            probs = model.decode(image_kv, grid, torch.tensor([seq])).logits.softmax(-1)[0]
+        at = [len(tok.caption_prompt()) + i for i in span]
+        untouched = float(np.mean([probs[i - 1, seq[i]].item() for i in at]))
+        assert result["curve_attention"][1] != pytest.approx(untouched, rel=1e-4)  # deleting patches changes it
+        assert result["curve_attention"][0] == pytest.approx(untouched, rel=1e-5)
+
+
+def test_demo_and_eval_of_an_imported_captioner_skip_the_questions(families, tmp_path, capsys):
+    """An imported captioner answers no questions: `vlm demo` and `vlm eval` caption, map and ground it, and leave
+    the questions out (they stopped at the first question)."""
+    path, _, _, _ = families["blip"]
+    model = import_model(f"hf:{path}", tmp_path / "blip")
+    assert main(["demo", "--model", str(model), "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("scene") == 4 and "Q:" not in out and (tmp_path / "demo" / "attention" / "grid.png").exists()
+    assert main(["eval", "--model", str(model), "--num_scenes", "2", "--java", "false"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["vqa"] is None and metrics["grounding"]["phrases"] > 0 and "CIDEr-D" in metrics["caption"]

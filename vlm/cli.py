@@ -147,6 +147,11 @@ def evaluate(*, model: str | None = None, results: str | None = None, data: str 
     if data is None:
         from vlm.eval.builtin import evaluate_builtin
 
+        needing = [f"--{name}" for name, value in (("results", results), ("report", report), ("limit", limit),
+                                                    ("images", images), ("annotations", annotations),
+                                                    ("split", split)) if value is not None]
+        if needing:  # not silently ignored
+            raise VLMError(f"{needing[0]}: needs --data (without it the built-in scenes are scored)")
         if model is None:
             raise VLMError("--model: needed to score the built-in scenes (or give --results with --data)")
         if num_scenes < 1:
@@ -259,6 +264,8 @@ def demo(*, model: str, out: str = "runs/demo") -> None:
         path = folder / f"scene{i}.png"
         scene.image.save(path)
         print(f"{path}: {text}")
+        if not captioner.model.cfg.answers_questions:  # an imported captioner: no questions
+            continue
         questions = scene.questions[:3]
         for q, a in zip(questions, captioner.ask([scene.image] * len(questions), [q.question for q in questions]),
                         strict=True):

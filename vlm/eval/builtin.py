@@ -30,10 +30,13 @@ def evaluate_builtin(captioner: Captioner, num_scenes: int = 500, seed: int = 0,
     captions = captioner.caption(images, decoding, batch_size=batch_size)
     caption_metrics = caption_scores(dict(enumerate(captions)), {i: s.captions for i, s in enumerate(scenes)})
 
-    qa = [(i, q) for i, s in enumerate(scenes) for q in s.questions]
-    answers = captioner.ask([images[i] for i, _ in qa], [q.question for _, q in qa], decoding, batch_size=batch_size)
-    vqa = vqa_scores(dict(enumerate(answers)), {k: [q.answer] for k, (_, q) in enumerate(qa)},
-                     {k: q.question_type for k, (_, q) in enumerate(qa)})
+    vqa = None  # a model that answers no questions (an imported captioner) is scored on the rest
+    if captioner.model.cfg.answers_questions:
+        qa = [(i, q) for i, s in enumerate(scenes) for q in s.questions]
+        answers = captioner.ask([images[i] for i, _ in qa], [q.question for _, q in qa], decoding,
+                                batch_size=batch_size)
+        vqa = vqa_scores(dict(enumerate(answers)), {k: [q.answer] for k, (_, q) in enumerate(qa)},
+                         {k: q.question_type for k, (_, q) in enumerate(qa)})
 
     cases = [GroundingCase(s.image, [(o.phrase, o.box) for o in s.objects], s.captions[0]) for s in scenes]
     maps = maps or MapConfig()

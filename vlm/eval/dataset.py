@@ -32,11 +32,13 @@ def question_key(record: Record, index: int) -> Hashable:
 
 def predict(captioner, records: Sequence[Record], decoding: DecodingConfig | None = None, batch_size: int = 64,
             ) -> tuple[list[dict], list[dict]]:
-    """Caption every record that has reference captions and answer every question."""
+    """Caption every record that has reference captions and answer every question (none for a model that answers
+    no questions: an imported captioner)."""
     captioned = [r for r in records if r.captions]
     captions = captioner.caption([r.image for r in captioned], decoding, batch_size=batch_size)
     caption_results = [{"image_id": r.image_id, "caption": c} for r, c in zip(captioned, captions, strict=True)]
-    asked = [(r, i) for r in records for i in range(len(r.questions))]
+    answering = captioner.model.cfg.answers_questions
+    asked = [(r, i) for r in records for i in range(len(r.questions))] if answering else []
     answers = captioner.ask([r.image for r, _ in asked], [r.questions[i].question for r, i in asked],
                             decoding, batch_size=batch_size) if asked else []
     vqa_results = [{"question_id": question_key(r, i), "answer": a} for (r, i), a in zip(asked, answers, strict=True)]

@@ -43,10 +43,6 @@ class _Phrase:
     box: PixelBox
 
 
-def _find(seq: list[int], sub: list[int]) -> int | None:
-    return next((i for i in range(len(seq) - len(sub) + 1) if seq[i:i + len(sub)] == sub), None)
-
-
 def _phrases(captioner: Captioner, cases: Sequence[GroundingCase]) -> list[_Phrase]:
     tok = captioner.tokenizer
     out = []
@@ -54,11 +50,10 @@ def _phrases(captioner: Captioner, cases: Sequence[GroundingCase]) -> list[_Phra
         image = load_image(case.image)
         for phrase, box in case.regions:
             text = case.text if case.text is not None else phrase
-            ids, sub = tok.encode(text), tok.encode(phrase)
-            at = _find(ids, sub) if sub else None
-            if at is None:
+            spans = tok.phrase_tokens(text, phrase) if phrase.strip() else []  # by characters: BPE alike
+            if not spans:
                 raise VLMError(f"phrase {phrase!r} is not in the text {text!r}")
-            out.append(_Phrase(n, image, image.size, text, (at, at + len(sub)), box))
+            out.append(_Phrase(n, image, image.size, text, (spans[0][0], spans[0][-1] + 1), box))
     return out
 
 
@@ -165,10 +160,12 @@ def _deletion_probs(captioner: Captioner, phrases: Sequence[_Phrase], order: np.
     out = np.zeros((len(phrases), len(fractions)))
     with torch.no_grad():
         image_kv, grid = model.encode(pixels)
-        N = image_kv[0][0].shape[2]
+        prefix = getattr(model.encoder, "num_prefix", 0)  # class tokens lead the keys: never deleted, no patch
+        N = image_kv[0][0].shape[2] - prefix  # patches, as the maps (and order) number them
         for j, fraction in enumerate(fractions):
-            keep = np.sort(order[:, round(fraction * N):], axis=1)  # (S, N - k) patches left
-            index = torch.as_tensor(keep, device=ids.device)[:, None, :, None]  # (S, 1, N - k, 1)
+            left = np.sort(order[:, round(fraction * N):], axis=1) + prefix  # (S, N - k) patches left
+            keep = np.concatenate([np.broadcast_to(np.arange(prefix), (len(left), prefix)), left], axis=1)
+            index = torch.as_tensor(keep, device=ids.device)[:, None, :, None]  # (S, 1, P + N - k, 1)
             kv = [tuple(t.gather(2, index.expand(-1, t.shape[1], -1, t.shape[3])) for t in pair)
                   for pair in image_kv]
             probs = model.decode(kv, grid, ids).logits.softmax(-1)  # (S, T, V)
