@@ -223,3 +223,22 @@ def test_fsdp_validation_generation_equals_one_process_and_exports_a_loadable_mo
     exported, last = load(fsdp_resumed / "model"), load(fsdp_resumed / "checkpoints" / "last.ckpt")
     for (name, a), b in zip(exported.model.state_dict().items(), last.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_images_skipped_under_ddp_are_counted_over_both_processes(tmp_path):
+    """data_report.json's skipped_while_loading counted rank 0's loader alone: each process reads its own share of
+    the records, and logs each one it skips."""
+    from vlm.data.export import write_shapes
+
+    jsonl = write_shapes(tmp_path / "data", 16)["jsonl"]
+    for path in sorted((tmp_path / "data" / "images").glob("*.png"))[::2]:  # every other image unreadable
+        path.write_bytes(b"not a png")
+    out = tmp_path / "run"
+    result = run("-m", "vlm.cli", "train", "--config", TINY, "--out", str(out), "--trainer.devices", "2",
+                 "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.max_steps", "4",
+                 "--trainer.val_check_interval", "100", "--data.batch_size", "4", "--data.num_workers", "0",
+                 "--data.sources", json.dumps([{"path": str(jsonl)}]))
+    assert result.returncode == 0, result.stderr[-3000:]
+    logged = [line for line in result.stderr.splitlines() if line.startswith("skipped ")]
+    skipped = json.loads((out / "data_report.json").read_text())["skipped_while_loading"]
+    assert skipped == len(logged) >= 8  # 4 steps of 8 records: about half of them unreadable, on both processes

@@ -95,3 +95,17 @@ def test_feature_cache_gives_the_same_loss_as_images(tmp_path, tokenizer):
         loss_images, _ = module._loss(from_images)
         loss_cache, _ = module._loss(from_cache)
     torch.testing.assert_close(loss_cache, loss_images, rtol=1e-5, atol=1e-6)
+
+
+def test_train_last_keeps_the_batch_norm_statistics_of_the_frozen_stages():
+    """Training updates running statistics even where no parameter trains: the frozen stages' norms stay in eval
+    mode (from construction, as Lightning restores recorded modes directly), the trained stage's learn."""
+    enc = ImageEncoder(tiny_config(train_last=1).encoder, 32)
+    frozen, trained = enc.trunk.layer1[0].bn1, enc.trunk.layer2[0].bn1
+    assert not frozen.training and not enc.trunk.bn1.training  # before any train() call
+    enc.train()
+    assert not frozen.training and trained.training
+    before = {name: bn.running_mean.clone() for name, bn in (("frozen", frozen), ("trained", trained))}
+    enc(torch.randn(4, 3, 32, 32) * 3 + 1)
+    assert torch.equal(frozen.running_mean, before["frozen"])
+    assert (trained.running_mean - before["trained"]).abs().max() > 1e-3

@@ -135,3 +135,15 @@ def test_model_config_of_an_earlier_version_loads_without_the_dropped_null_patch
     config["decoder"]["null_patch"] = True
     with pytest.raises(ValueError, match="null_patch"):
         model_config_from_dict(config)
+
+
+@pytest.mark.parametrize("layers", [[3], [-4], []])
+def test_attention_layers_outside_the_decoder_are_refused_when_the_model_is_built(tokenizer, layers):
+    """They failed at the first training step with the grounding loss on, or made no map at all."""
+    cfg = tiny_config()  # two decoder layers
+    cfg.attention_layers = layers
+    with pytest.raises(ValueError, match=r"^model.attention_layers \[.*\]: the decoder has 2 layers \(0 to 1, or "
+                                         r"negative from the last\)$"):
+        VisionLanguageModel(cfg, len(tokenizer))
+    cfg.attention_layers = [1, -2]
+    VisionLanguageModel(cfg, len(tokenizer))

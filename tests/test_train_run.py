@@ -107,3 +107,40 @@ def test_a_cnn_trunk_trains_on_the_cpu_in_batches_of_any_size(tmp_path):
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
     model = Captioner.load(tmp_path / "run" / "model", device="cpu").model
     assert model.encoder.channels_last  # loaded for inference, where channels-last is faster and crashes nothing
+
+
+def test_a_run_without_validation_checkpoints_and_resumes_with_its_own_model_and_tokenizer(tmp_path, monkeypatch,
+                                                                                           caplog):
+    """With no data.val_sources nothing validates, so the checkpoint written after validation never came: last.ckpt
+    is written every val_check_interval steps instead. Resuming takes the checkpoint's model config and tokenizer:
+    other data (here the built-in scenes, whose words train another tokenizer) or another --model must not
+    renumber or reshape the trained weights (it failed loading them, or trained on remapped token ids), and the
+    setting not used is named."""
+    import json
+
+    import torch
+
+    from vlm.config import SourceConfig
+    from vlm.data.export import write_shapes
+    from vlm.train.checkpoints import AtomicCheckpointIO
+
+    saved = []
+    save = AtomicCheckpointIO.save_checkpoint
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint",
+                        lambda self, checkpoint, path, storage_options=None: (
+                            saved.append((Path(path).name, checkpoint["global_step"])), save(self, checkpoint, path)))
+    cfg = _tiny_train_config(max_steps=4, val_check_interval=2)
+    cfg.data.sources = [SourceConfig(str(write_shapes(tmp_path / "data", 8)["jsonl"]))]
+    first = train(cfg, tmp_path / "run")
+    assert saved == [("last.ckpt", 2), ("last.ckpt", 4), ("last.ckpt", 4)]  # periodic, periodic, final
+    tokenizer = (first / "tokenizer.json").read_text()
+    other = _tiny_train_config(max_steps=6, val_check_interval=2)  # the built-in scenes: another vocabulary
+    other.model.decoder.depth = 4
+    with caplog.at_level("WARNING", logger="vlm.train.run"):
+        resumed = train(other, tmp_path / "run", resume="last")
+    assert ("the model comes from --resume last: its own config is used, not model.decoder.depth=4 (the model's: 2)"
+            in caplog.messages)  # said, not silently ignored
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+    assert (resumed / "tokenizer.json").read_text() == tokenizer
+    assert json.loads((resumed / "config.json").read_text())["model"]["decoder"]["depth"] == 2
+    assert Captioner.load(resumed, device="cpu").caption([str(tmp_path / "data" / "images" / "000000000001.png")])

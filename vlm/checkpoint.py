@@ -51,10 +51,18 @@ def save_model(model: VisionLanguageModel, tokenizer: Tokenizer, out_dir: str | 
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, out / WEIGHTS)
+    os.chmod(out / WEIGHTS, file_mode())  # safetensors writes it private (0600), whatever the umask
     config = {"format_version": FORMAT_VERSION, "vocab_size": len(tokenizer), "model": asdict(model.cfg)}
     (out / CONFIG).write_text(json.dumps(config, indent=2))
     tokenizer.save(str(out / TOKENIZER))
     return out
+
+
+def file_mode() -> int:
+    """The mode the umask gives a new file (0o666 masked), for files written private (0600) by their writer."""
+    umask = os.umask(0)  # reading the umask means setting it
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def load_model(path: str | os.PathLike) -> tuple[VisionLanguageModel, Tokenizer]:

@@ -141,11 +141,22 @@ class ImageEncoder(nn.Module):
             self._train_only_last(cfg.train_last)
 
     def train(self, mode: bool = True) -> ImageEncoder:
-        """A frozen trunk stays in eval mode: its batch-norm statistics and dropout stay as loaded."""
+        """A frozen trunk stays in eval mode: its batch-norm statistics and dropout stay as loaded. So do the
+        running-statistics norms (batch norm) of frozen stages under ``train_last``."""
         super().train(mode)
         if not self.cfg.trainable:
             self.trunk.eval()
+        else:
+            self._freeze_norms()
         return self
+
+    def _freeze_norms(self) -> None:
+        """Eval mode for each norm with running statistics whose parameters are all frozen (a stage that
+        ``train_last`` does not train): training would otherwise still update its statistics."""
+        for m in self.trunk.modules():
+            stats = isinstance(getattr(m, "running_mean", None), Tensor)  # BatchNorm, InstanceNorm tracking stats
+            if stats and not any(p.requires_grad for p in m.parameters()):
+                m.eval()
 
     def _train_only_last(self, n: int) -> None:
         """Freeze the trunk but its last n parameter groups (timm's coarse groups: stages or blocks)."""
@@ -159,6 +170,9 @@ class ImageEncoder(nn.Module):
         trained = {name for gid in sorted(groups)[len(groups) - n:] for name in groups[gid]}
         for name, p in self.trunk.named_parameters():
             p.requires_grad_(name in trained)
+        # Eval mode from the start too: Lightning records each submodule's mode when fitting starts and sets it
+        # back directly after validation, bypassing train().
+        self._freeze_norms()
 
     def use_channels_last(self, on: bool) -> None:
         """Run a convolutional trunk (more than one convolution) channels-last or not: its weights, and the images

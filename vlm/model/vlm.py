@@ -45,6 +45,11 @@ class VisionLanguageModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vocab_size = vocab_size
+        depth = cfg.decoder.depth
+        if cfg.attention_layers is not None and not (
+                cfg.attention_layers and all(-depth <= i < depth for i in cfg.attention_layers)):
+            raise ValueError(f"model.attention_layers {cfg.attention_layers}: the decoder has {depth} layers "
+                             f"(0 to {depth - 1}, or negative from the last)")
         self.encoder = ImageEncoder(cfg.encoder, cfg.decoder.width, cfg.decoder.num_heads)
         self.decoder = TextDecoder(cfg.decoder, vocab_size)
 

@@ -28,8 +28,11 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from vlm.checkpoint import file_mode
+from vlm.config import ModelConfig, model_config_from_dict
 from vlm.data.batch import Batch
 from vlm.errors import VLMError
+from vlm.text.tokenizer import Tokenizer
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -45,6 +48,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, file_mode())  # mkstemp's file is private (0600); a checkpoint is an ordinary file
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -89,17 +93,35 @@ def resume_path(resume: str, out: str | os.PathLike, sharded: bool = False) -> P
     return path
 
 
+def resume_model(path: str | os.PathLike) -> tuple[ModelConfig, Tokenizer]:
+    """The model config and tokenizer of the run a checkpoint (checked by `resume_path`) belongs to, from its
+    hyper-parameters (plain dicts and the tokenizer's JSON, read with ``weights_only=True``)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hp = torch.load(path, map_location="cpu", weights_only=True)["hyper_parameters"]
+    try:
+        model_cfg = model_config_from_dict(hp["model"])
+        return model_cfg, Tokenizer.from_str(hp["tokenizer"], model_cfg.special_tokens)
+    except Exception as e:  # a checkpoint of another program, or of a broken run
+        raise VLMError(f"{path}: cannot resume from this checkpoint: no vlm model config and tokenizer in its "
+                       f"hyper_parameters ({e.__class__.__name__}: {' '.join(str(e).split())[:200]})") from None
+
+
 class StepSeed(Callback):
-    """Seeds torch's generator (CPU and GPUs) from (seed, global step, process rank) before every training step,
-    so random layers (dropout) and sampling draw the same after a resume as in the uninterrupted run, and each
-    process of a DDP run draws its own."""
+    """Seeds torch's generator (CPU and GPUs) from (seed, global step, process rank, and the micro-batch's place in
+    the step after the first) before every training batch, so random layers (dropout) and sampling draw the same
+    after a resume as in the uninterrupted run, and each process of a DDP run, and each micro-batch of an
+    accumulated step, draws its own."""
 
     def __init__(self, seed: int):
         self.seed = seed
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        entropy = (self.seed, trainer.global_step, trainer.global_rank)
+        # global_step counts optimizer steps: the micro-batches of one step (trainer.accumulate_grad_batches) differ
+        # by their place in it, which Lightning counts from each epoch's start, as batch_idx (restored on resume).
+        micro = batch_idx % trainer.accumulate_grad_batches
+        entropy = (self.seed, trainer.global_step, trainer.global_rank) + ((micro,) if micro else ())
         torch.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]))
 
 

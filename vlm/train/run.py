@@ -8,10 +8,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.strategies import Strategy
 
 from vlm.checkpoint import load_model, save_model
-from vlm.config import TrainConfig
+from vlm.config import ModelConfig, TrainConfig
 from vlm.data.builtin import scene_texts
 from vlm.data.datasets import SourceData
 from vlm.data.module import DataModule
@@ -20,7 +22,7 @@ from vlm.errors import VLMError
 from vlm.model.vlm import VisionLanguageModel
 from vlm.text.tokenizer import Tokenizer
 from vlm.train.callbacks import GenerationMetrics
-from vlm.train.checkpoints import AtomicCheckpointIO, BatchLog, StepSeed, resume_path
+from vlm.train.checkpoints import AtomicCheckpointIO, BatchLog, StepSeed, resume_model, resume_path
 from vlm.train.module import CaptionModule
 from vlm.train.progress import Progress
 from vlm.train.scst import SCSTModule
@@ -35,8 +37,10 @@ def train(cfg: TrainConfig, out: str | Path, resume: str | None = None, init: st
     """Train, write Lightning checkpoints to out/checkpoints and the exported model to out/model.
 
     ``resume`` (a checkpoint, or "last" for out/checkpoints/last.ckpt) continues a run: step, optimizer,
-    schedule and data position. ``init`` (an exported model or checkpoint) gives the starting weights,
-    model config and tokenizer (required by SCST).
+    schedule and data position, with the checkpoint's model config and tokenizer (``init`` and the config's model
+    and tokenizer settings are then unused: a new tokenizer would remap the token ids of the trained embeddings).
+    ``init`` (an exported model or checkpoint) gives the starting weights, model config and tokenizer (required by
+    SCST).
 
     Returns the exported model directory on the process that wrote it (rank 0), None on the others.
     """
@@ -58,20 +62,31 @@ def train(cfg: TrainConfig, out: str | Path, resume: str | None = None, init: st
     else:
         texts = scene_texts(TOKENIZER_SCENES, data_cfg.seed, data_cfg.scenes)
     tok_cfg = data_cfg.tokenizer
-    if init:
+    resumed = None  # the model config of the checkpoint a run resumes
+    if ckpt_path is not None:  # the same model and token ids, whatever --data, --model or --init say now
+        resumed, tokenizer = resume_model(ckpt_path)
+        start = None  # the weights come from the checkpoint
+    elif init:
         start, tokenizer = load_model(init)
     else:
         start, tokenizer = None, Tokenizer.train(texts, tok_cfg.kind, tok_cfg.vocab_size, tok_cfg.min_frequency)
-    module = build_module(cfg, tokenizer, start)
+    if resumed is not None or start is not None:
+        source = f"--resume {resume}" if resumed is not None else f"--init {init}"
+        warn_unused_model_settings(cfg.model, resumed or start.cfg, source)
+    module = build_module(cfg, tokenizer, start, resumed)
     trunk, size = module.model.encoder.trunk, module.model.cfg.encoder.image_size
     data = DataModule(data_cfg, tokenizer, image_transform(trunk, size), size,
                       train_transform=image_transform(trunk, size, data_cfg.crop_scale), seed=cfg.trainer.seed,
                       train_data=train_data, val_data=val_data, encoder=module.model.encoder)
     report = data_report(cfg, tokenizer, texts, train_data, val_data)
-    checkpoints = ModelCheckpoint(dirpath=out / "checkpoints", filename="step{step}", auto_insert_metric_name=False,
-                                  save_top_k=1, save_last=True,
-                                  **({"monitor": "val/caption/CIDEr-D", "mode": "max"}
-                                     if cfg.scst.enabled and cfg.val.generate else {"monitor": "val/loss"}))
+    if data.val_set is None:  # nothing validates, so nothing to save after: last.ckpt every interval, for --resume
+        checkpoints = ModelCheckpoint(dirpath=out / "checkpoints", every_n_train_steps=cfg.trainer.val_check_interval,
+                                      save_top_k=0, save_last=True)
+    else:  # last.ckpt and the best by validation, after each validation
+        checkpoints = ModelCheckpoint(dirpath=out / "checkpoints", filename="step{step}", auto_insert_metric_name=False,
+                                      save_top_k=1, save_last=True,
+                                      **({"monitor": "val/caption/CIDEr-D", "mode": "max"}
+                                         if cfg.scst.enabled and cfg.val.generate else {"monitor": "val/loss"}))
     trainer_args = asdict(cfg.trainer)
     trainer_args.pop("seed")
     if sharded:  # FSDP2, on GPUs and CPUs alike (vlm.train.sharding)
@@ -100,11 +115,32 @@ def train(cfg: TrainConfig, out: str | Path, resume: str | None = None, init: st
     finally:
         data.stop_workers()
     model = unsharded(module.model)  # under FSDP every process takes part in gathering the weights
+    skipped = skipped_over_processes(trainer.strategy, data.skipped)  # every process takes part
     if not trainer.is_global_zero:
         return None
-    report["skipped_while_loading"] = data.skipped
+    report["skipped_while_loading"] = skipped
     (out / "data_report.json").write_text(json.dumps(report, indent=2))
     return save_model(model, tokenizer, out / "model")
+
+
+def warn_unused_model_settings(given: ModelConfig, used: ModelConfig, source: str) -> None:
+    """A warning naming each model setting (changed from its default by the config or command line) that is not
+    used because the model comes from ``source``: never ignored silently."""
+    def flat(cfg: ModelConfig) -> dict:  # model.encoder.name: ..., model.attention_layers: ...
+        return {f"model.{part}" + (f".{key}" if key else ""): v for part, value in asdict(cfg).items()
+                for key, v in (value.items() if part in ("encoder", "decoder") else [("", value)])}
+
+    given_, used_, default = flat(given), flat(used), flat(ModelConfig())
+    unused = [f"{key}={given_[key]!r} (the model's: {used_.get(key)!r})" for key in given_
+              if given_[key] != default.get(key) and given_[key] != used_.get(key)]
+    if unused:
+        log.warning("the model comes from %s: its own config is used, not %s", source, ", ".join(unused))
+
+
+def skipped_over_processes(strategy: Strategy, skipped: int) -> int:
+    """Samples skipped while loading by all processes: each counts only those of its own loader workers."""
+    return int(strategy.reduce(torch.tensor(skipped, dtype=torch.long, device=strategy.root_device),
+                               reduce_op="sum").item())
 
 
 def worker_error(error: VLMError) -> VLMError:
@@ -128,11 +164,13 @@ def check_scst_sources(train_data: SourceData) -> None:
             raise VLMError(f"data.sources[{i}]: SCST needs reference captions, and {source.path} has none")
 
 
-def build_module(cfg: TrainConfig, tokenizer: Tokenizer, start: VisionLanguageModel | None) -> CaptionModule:
-    """Cross-entropy or SCST module; with ``start``, its model config and weights."""
-    if cfg.scst.enabled and start is None:
+def build_module(cfg: TrainConfig, tokenizer: Tokenizer, start: VisionLanguageModel | None,
+                 resumed: ModelConfig | None = None) -> CaptionModule:
+    """Cross-entropy or SCST module; with ``start``, its model config and weights; with ``resumed`` (the model
+    config of the checkpoint a run resumes, which then gives the weights), that config."""
+    if cfg.scst.enabled and start is None and resumed is None:
         raise VLMError("scst.enabled needs --init MODEL: a cross-entropy model or checkpoint to start from")
-    model_cfg = start.cfg if start is not None else cfg.model
+    model_cfg = resumed if resumed is not None else start.cfg if start is not None else cfg.model
     if cfg.scst.enabled:
         module = SCSTModule.create(model_cfg, cfg.optim, tokenizer, cfg.scst)
     else:
