@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -346,3 +347,25 @@ def test_a_source_of_regions_alone_is_an_error_before_training(shapes):
         SourceData([instances], strict=False)
     both = SourceConfig(str(shapes["captions"]), images=str(shapes["images"]), annotations=str(shapes["instances"]))
     assert all(r.regions and r.captions for r in SourceData([both], strict=False).records[0])
+
+
+def test_writing_fewer_shapes_over_an_earlier_export_leaves_no_stale_image_or_shard(tmp_path):
+    """A folder or shard pattern read after a smaller rerun found the earlier run's extra images and shards."""
+    write_shapes(tmp_path, 102)  # two shards
+    (tmp_path / "images" / "mine.png").write_bytes(b"a user's file")
+    files = write_shapes(tmp_path, 3)
+    assert sorted(p.name for p in files["images"].iterdir()) == [f"{i:012d}.png" for i in (1, 2, 3)] + ["mine.png"]
+    assert [p.name for p in files["shards"].iterdir()] == ["00000.tar"]
+    with tarfile.open(files["shards"] / "00000.tar") as tar:
+        assert len(tar.getnames()) == 3 * 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--image_size", "4"], "scene image size 4 (--image_size, or the model's encoder.image_size): the built-in scenes "
+                            "are square, with a side of at least 16 pixels"),
+    (["--split", "test"], "scene split 'test' (--split): expected one of train, val"),
+    (["--num_images", "0"], "--num_images 0: at least 1")])
+def test_vlm_data_shapes_refuses_sizes_splits_and_counts_it_cannot_write(tmp_path, capsys, args, message):
+    """An image side below 10 placed objects forever (the command hung); 1 or 2 failed deep in numpy."""
+    assert main(["data", "shapes", "--out", str(tmp_path / "out"), "--num_images", "2", *args]) == 1
+    assert capsys.readouterr().err.strip() == f"vlm data: error: {message}"

@@ -401,3 +401,21 @@ def test_demo_and_eval_of_an_imported_captioner_skip_the_questions(families, tmp
     assert main(["eval", "--model", str(model), "--num_scenes", "2", "--java", "false"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["vqa"] is None and metrics["grounding"]["phrases"] > 0 and "CIDEr-D" in metrics["caption"]
+
+
+def test_a_tokenizer_far_smaller_than_the_embedding_is_refused(families, tmp_path):
+    """Rows past the tokenizer's last id are padding and dropped; hundreds of them mean another model's tokenizer
+    (it imported, and captioned in the wrong words or not at all)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+
+    path, source, _, _ = families["vit-gpt2"]
+    copy = tmp_path / "other_tokenizer"
+    shutil.copytree(path, copy)
+    words = ["<|endoftext|>", "a", "red", "circle", "blue", "square"]
+    HFTokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="a")).save(
+        str(copy / "tokenizer.json"))
+    rows = source.config.decoder.vocab_size
+    with pytest.raises(VLMError, match=rf"other_tokenizer: the tokenizer has 6 tokens, the model's embedding {rows} "
+                                       r"rows: not this model's tokenizer \(padding adds fewer than 128 rows\)$"):
+        load_hf(f"hf:{copy}")

@@ -338,6 +338,8 @@ def data_shapes(*, out: str, num_images: int = 100, split: str = "val", image_si
     """
     from vlm.data.export import write_shapes
 
+    if num_images < 1:
+        raise VLMError(f"--num_images {num_images}: at least 1")
     files = write_shapes(out, num_images, split=split, seed=seed, image_size=image_size, scenes=scenes)
     for layout, path in files.items():
         print(f"{layout:12s} {path}")

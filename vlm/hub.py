@@ -358,10 +358,14 @@ def _activation(name: str) -> str:
 
 
 def _fit_vocab(state: dict[str, Tensor], tokens: int, path: Path) -> dict[str, Tensor]:
-    """Embedding rows past the tokenizer's last id (padding some models add) are dropped: no text holds them."""
+    """Embedding rows past the tokenizer's last id (padding some models add, to a multiple of at most 128) are
+    dropped: no text holds them. More rows than that is another model's tokenizer, whose captions would be wrong."""
     rows = state["decoder.tok_emb.weight"].shape[0]
     if rows < tokens:
         raise VLMError(f"{path}: the tokenizer has {tokens} tokens, the model's embedding only {rows}")
+    if rows - tokens >= 128:
+        raise VLMError(f"{path}: the tokenizer has {tokens} tokens, the model's embedding {rows} rows: not this "
+                       f"model's tokenizer (padding adds fewer than 128 rows)")
     if rows > tokens:
         state["decoder.tok_emb.weight"] = state["decoder.tok_emb.weight"][:tokens].contiguous()
         if "decoder.head_bias" in state:

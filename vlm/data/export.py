@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -84,6 +85,7 @@ def write_shapes(out: str | Path, num_images: int, split: str = "val", seed: int
             shard.addfile(info, io.BytesIO(data))
     if shard is not None:
         shard.close()
+    _remove_stale(out, num_images)
     info = {"description": f"vlm built-in {scenes} scenes, {split} split, seed {seed}", "version": "1.0"}
     files = {
         "captions": out / "captions.json", "instances": out / "instances.json", "questions": out / "questions.json",
@@ -100,6 +102,17 @@ def write_shapes(out: str | Path, num_images: int, split: str = "val", seed: int
     _dump(files["karpathy"], {"dataset": "shapes", "images": karpathy})
     files["jsonl"].write_text("".join(json.dumps(line) + "\n" for line in lines))
     return files
+
+
+def _remove_stale(out: Path, num_images: int) -> None:
+    """Remove the images and shards an earlier, larger export left in ``out`` (by their names: other files stay),
+    which a folder or a shard pattern would still find."""
+    for path in (out / "images").glob("*.png"):
+        if re.fullmatch(r"\d{12}\.png", path.name) and int(path.stem) > num_images:
+            path.unlink()
+    for path in (out / "shards").glob("*.tar"):
+        if re.fullmatch(r"\d{5}\.tar", path.name) and int(path.stem) * SHARD_SIZE >= num_images:
+            path.unlink()
 
 
 def _dump(path: Path, data: dict) -> None:

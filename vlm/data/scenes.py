@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 
 from vlm.data.boxes import PixelBox
 from vlm.data.records import Question
+from vlm.errors import VLMError
 
 COLORS = {
     "red": (220, 40, 40),
@@ -32,6 +33,7 @@ BACKGROUND = (120, 120, 120)
 SUPERSAMPLE = 4  # draw large, then downsample: smooth edges at small sizes
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 SPLITS = {"train": 0, "val": 1}
+MIN_IMAGE_SIZE = 16  # pixels: below 10, four objects 2 pixels apart find no room and placing them never ends
 FAMILIES = ("shapes", "relational", "mixed")
 """Scene families (`DataConfig.scenes`, `make_scene`'s family)."""
 
@@ -188,6 +190,11 @@ def make_scene(index: int, split: str = "train", seed: int = 0, image_size: int 
     if family not in FAMILIES:
         raise ValueError(f"unknown scene family {family!r} (data.scenes, --scenes): expected one of "
                          f"{', '.join(FAMILIES)}")
+    if split not in SPLITS:
+        raise VLMError(f"scene split {split!r} (--split): expected one of {', '.join(SPLITS)}")
+    if not isinstance(image_size, int) or image_size < MIN_IMAGE_SIZE:  # (a model's [height, width] is refused too)
+        raise VLMError(f"scene image size {image_size!r} (--image_size, or the model's encoder.image_size): the "
+                       f"built-in scenes are square, with a side of at least {MIN_IMAGE_SIZE} pixels")
     if family == "relational" or (family == "mixed" and index % 2):
         from vlm.data.relational import make_relational_scene  # it builds on this module
 
