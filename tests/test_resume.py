@@ -29,8 +29,9 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from tests.conftest import tiny_config
-from vlm.config import DataConfig, OptimConfig
+from vlm.config import DataConfig, OptimConfig, SourceConfig
 from vlm.data.datasets import mixture_weights
+from vlm.data.export import write_shapes
 from vlm.data.module import DataModule, TrainOrder
 from vlm.data.transforms import image_transform
 from vlm.train.checkpoints import AtomicCheckpointIO, BatchLog, StepSeed
@@ -152,6 +153,58 @@ def test_resume_continues_order_draws_optimizer_and_schedule(tokenizer, tmp_path
     assert int(a[0]["step"]) == int(b[0]["step"]) == 6
     assert all(torch.equal(a[i][k], b[i][k]) for i in a for k in a[i])
     assert full.lr_scheduler_configs[0].scheduler.last_epoch == resumed.lr_scheduler_configs[0].scheduler.last_epoch
+
+
+@pytest.fixture(scope="module")
+def shapes_on_disk(tmp_path_factory) -> dict[str, Path]:
+    return write_shapes(tmp_path_factory.mktemp("shapes"), 150)  # two shards: 100 and 50 samples
+
+
+def _fit_streams(tokenizer, folder: Path, sources: list[str], workers: int, buffer: int, every: int,
+                 ckpt: Path | None = None, crash_at: int | None = None) -> L.Trainer:
+    """6 steps on streamed sources in batches of 8, a checkpoint every ``every`` steps, dropout on."""
+    L.seed_everything(0, verbose=False)
+    cfg = tiny_config()
+    cfg.decoder.dropout = 0.1
+    module = CaptionModule.create(cfg, OptimConfig(warmup_steps=2), tokenizer)
+    data = DataModule(DataConfig(sources=[SourceConfig(s) for s in sources], batch_size=8, num_workers=workers,
+                                 shuffle_buffer=buffer, questions_per_image=1), tokenizer,
+                      image_transform(module.model.encoder.trunk, 64), 64, seed=0)
+    trainer = L.Trainer(max_steps=6, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                        callbacks=[*([_CrashAt(crash_at)] if crash_at else []),
+                                   ModelCheckpoint(dirpath=folder, save_last=True, every_n_train_steps=every),
+                                   BatchLog(folder / "batches.jsonl"), StepSeed(0)],
+                        plugins=[AtomicCheckpointIO()], default_root_dir=folder)
+    try:
+        trainer.fit(module, data, ckpt_path=ckpt, weights_only=True)
+    finally:
+        data.stop_workers()
+    return trainer
+
+
+@pytest.mark.parametrize("layout, workers, buffer", [("shards", 0, 0), ("shards", 2, 16), ("shards_and_jsonl", 1, 0)],
+                         ids=["shards", "shuffled_shards_in_two_workers", "shards_mixed_with_a_jsonl"])
+def test_resume_on_streamed_shards_continues_after_the_last_batch_trained_on(tokenizer, shapes_on_disk, tmp_path,
+                                                                             layout, workers, buffer):
+    """Lightning fetches a batch ahead of training from a loader of unknown length, and the checkpoint counted that
+    batch as seen: a resumed run on shards skipped it. Streams report a length, so the position is exact."""
+    sources = [str(shapes_on_disk["shards"] / "*.tar")]
+    if layout == "shards_and_jsonl":
+        sources.append(str(shapes_on_disk["jsonl"]))
+    full = _fit_streams(tokenizer, tmp_path / "full", sources, workers, buffer, every=6)
+    with pytest.raises(_Crash):
+        _fit_streams(tokenizer, tmp_path / "part", sources, workers, buffer, every=3, crash_at=3)
+    killed = _load(tmp_path / "part" / "last.ckpt")["state_dict"]
+    resumed = _fit_streams(tokenizer, tmp_path / "part", sources, workers, buffer, every=3,
+                           ckpt=tmp_path / "part" / "last.ckpt")
+    assert _steps(tmp_path / "part" / "batches.jsonl") == [0, 1, 2, 3, 4, 5]  # the resumed fit began at step 3
+    expected = _batches(tmp_path / "full" / "batches.jsonl")
+    assert len({line["texts"] for line in expected.values()}) == 6  # every step saw other texts
+    assert _batches(tmp_path / "part" / "batches.jsonl") == expected
+    a, b = full.lightning_module.state_dict(), resumed.lightning_module.state_dict()
+    assert max((a[k] - killed[k]).abs().max().item() for k in a) > 1e-3  # the weights trained after the checkpoint
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _vlm(out: Path, log_name: str, devices: int, *extra: str) -> subprocess.Popen:

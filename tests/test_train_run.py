@@ -144,3 +144,23 @@ def test_a_run_without_validation_checkpoints_and_resumes_with_its_own_model_and
     assert (resumed / "tokenizer.json").read_text() == tokenizer
     assert json.loads((resumed / "config.json").read_text())["model"]["decoder"]["depth"] == 2
     assert Captioner.load(resumed, device="cpu").caption([str(tmp_path / "data" / "images" / "000000000001.png")])
+
+
+def test_shards_missing_or_streamed_without_a_step_limit_are_one_line_errors_before_training(tmp_path):
+    """A listed shard that does not exist was skipped as unreadable in every pass; a stream without max_steps
+    never ends (and its learning-rate schedule had no end to decay to)."""
+    from vlm.config import SourceConfig
+    from vlm.data.export import write_shapes
+    from vlm.errors import VLMError
+
+    shards = write_shapes(tmp_path / "data", 4)["shards"]
+    cfg = _tiny_train_config()
+    cfg.data.sources = [SourceConfig(str(shards / "{00000..00001}.tar"))]
+    with pytest.raises(VLMError, match=rf"^{shards}/{{00000..00001}}.tar: no such shard {shards}/00001.tar$"):
+        train(cfg, tmp_path / "run")
+    cfg.data.sources = [SourceConfig(str(shards / "*.tar"))]
+    cfg.trainer.max_steps = -1
+    with pytest.raises(VLMError, match=r"^trainer.max_steps -1: training on shards streams them without end; give a "
+                                       r"number of steps$"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "model").exists()

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import multiprocessing
+import os
 import pickle
 import random
 import re
@@ -310,8 +311,45 @@ def reader_share(shards: list[str], reader: int, readers: int) -> tuple[list[str
     return [shards[shard]], reader // len(shards), len(range(shard, readers, len(shards)))
 
 
-class ShardDataset(IterableDataset):
-    """WebDataset tar shards (local paths, URLs or brace patterns) streamed without unpacking.
+def shard_urls(pattern: str, where: str) -> list[str]:
+    """The shards a source's path lists: brace patterns (``{00000..00099}``) expanded, globs of local shards matched
+    (sorted), URLs kept. A listed local shard that does not exist, or no shard at all, is an error naming ``where``
+    (the option or source)."""
+    import glob
+
+    import webdataset as wds
+
+    shards = []
+    for url in wds.shardlists.expand_urls(pattern):
+        local = "://" not in url and not url.startswith("pipe:")
+        if local and re.search(r"[*?[]", url) and not os.path.exists(url):  # a pattern of local shards
+            shards += sorted(glob.glob(url, recursive=True))
+        elif local and not os.path.isfile(url.removeprefix("file:")):
+            raise VLMError(f"{where}: no such shard {url}")
+        else:
+            shards.append(url)
+    if not shards:
+        raise VLMError(f"{where}: no shards")
+    return shards
+
+
+ENDLESS = 2**62  # the length a training stream reports: it is read again and again, until trainer.max_steps
+
+
+class EndlessStream(IterableDataset):
+    """A training stream, read again and again. It reports a length (`ENDLESS`) for resuming's sake: Lightning
+    fetches one batch ahead of training from a loader of unknown length (to see its end), so the loader's position
+    that a checkpoint stores counted a batch not yet trained on, and a resumed run skipped it. With a length,
+    Lightning fetches each batch as it trains on it, and torchdata's loader resumes the stream after the last one
+    trained on (by reading the stream again up to there, in each loader worker)."""
+
+    def __len__(self) -> int:
+        return ENDLESS
+
+
+class ShardDataset(EndlessStream):
+    """WebDataset tar shards (local paths, URLs, brace patterns or globs of local shards: `shard_urls`) streamed
+    without unpacking.
 
     Shards are split across the readers, DDP ranks times data-loader workers (`reader_share`), and read again and
     again in training. With a ``shuffle_buffer`` (training: ``data.shuffle_buffer``), each pass reads the shards
@@ -327,6 +365,7 @@ class ShardDataset(IterableDataset):
                            f"{shuffle_buffer}")
         self.source, self.sampler, self.strict, self.repeat, self.seed = source, sampler, strict, repeat, seed
         self.shuffle_buffer = shuffle_buffer
+        self.shards = shard_urls(source.path, source.path)  # listed once, up front: a missing shard is named now
         self.skipped = skipped or SkipCounter()
 
     def samples(self, reader: int = 0, readers: int = 1, order: int | None = None
@@ -339,7 +378,7 @@ class ShardDataset(IterableDataset):
         goes on with the next shard, and the caller reports the error, or raises it with ``strict``."""
         import webdataset as wds
 
-        shards = wds.shardlists.expand_urls(self.source.path)
+        shards = self.shards
         if order is not None:
             shards = [shards[i] for i in np.random.default_rng((self.seed, order)).permutation(len(shards))]
         shards, part, parts = reader_share(shards, reader, readers)
@@ -362,10 +401,15 @@ class ShardDataset(IterableDataset):
         return shuffled(self.samples(reader, readers, order=number), self.shuffle_buffer,
                         np.random.default_rng((self.seed, number, reader)))
 
+    def __len__(self) -> int:
+        if not self.repeat:  # one pass (validation, vocabulary): a length only reading could tell
+            raise TypeError("one pass over shards has no known length")
+        return ENDLESS
+
     def __iter__(self) -> Iterator[Item]:
         reader, readers = _stream_position()
         count = 0
-        for number in range(2**62):
+        for number in range(ENDLESS):
             before = count
             for where, sample in self._pass(reader, readers, number):
                 try:
@@ -423,7 +467,7 @@ def _stream_position() -> tuple[int, int]:
     return rank * workers + worker, world * workers
 
 
-class RecordStream(IterableDataset):
+class RecordStream(EndlessStream):
     """A file-based dataset read as an endless stream in a fresh random order each pass (to mix with shards)."""
 
     def __init__(self, dataset: RecordDataset, seed: int):
@@ -431,13 +475,13 @@ class RecordStream(IterableDataset):
 
     def __iter__(self) -> Iterator[Item]:
         reader, readers = _stream_position()
-        for epoch in range(2**62):
+        for epoch in range(ENDLESS):
             order = np.random.default_rng((self.seed, epoch)).permutation(len(self.dataset))
             for i in order[reader::readers]:
                 yield self.dataset[(int(i), epoch)]
 
 
-class StreamMixture(IterableDataset):
+class StreamMixture(EndlessStream):
     """Streams interleaved at random by weight: each item comes from stream k with probability weights[k]."""
 
     def __init__(self, streams: list[IterableDataset], weights: list[float], seed: int):

@@ -40,7 +40,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
-from vlm.data.datasets import IMAGE_KEYS, broken_shard
+from vlm.data.datasets import IMAGE_KEYS, broken_shard, shard_urls
 from vlm.data.images import load_image
 from vlm.data.records import IMAGE_SUFFIXES
 from vlm.errors import VLMError
@@ -126,19 +126,7 @@ def list_chunks(path: str, input_format: str = "auto", chunk_size: int = 1000) -
         raise VLMError(f"--input_format {input_format!r} is not one of {', '.join(INPUT_FORMATS)}")
     fmt = detect_input_format(path) if input_format == "auto" else input_format
     if fmt == "webdataset":
-        import webdataset as wds
-
-        shards = []
-        for url in wds.shardlists.expand_urls(path):
-            local = "://" not in url and not url.startswith("pipe:")
-            if local and _GLOB.search(url) and not os.path.exists(url):  # a pattern of local shards
-                shards += sorted(globbing.glob(url, recursive=True))
-            elif local and not os.path.isfile(url.removeprefix("file:")):
-                raise VLMError(f"--input {path}: no such shard {url}")
-            else:
-                shards.append(url)
-        if not shards:
-            raise VLMError(f"--input {path}: no shards")
+        shards = shard_urls(path, f"--input {path}")
         return fmt, [Chunk(i, shard=s) for i, s in enumerate(shards)]
     entries = {"folder": _folder, "glob": _glob, "list": _list_file, "jsonl": _jsonl}[fmt](path)
     if not entries:

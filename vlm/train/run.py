@@ -15,7 +15,7 @@ from lightning.pytorch.strategies import Strategy
 from vlm.checkpoint import load_model, save_model
 from vlm.config import ModelConfig, TrainConfig
 from vlm.data.builtin import scene_texts
-from vlm.data.datasets import SourceData
+from vlm.data.datasets import EndlessStream, SourceData
 from vlm.data.module import DataModule
 from vlm.data.transforms import image_transform
 from vlm.errors import VLMError
@@ -78,6 +78,9 @@ def train(cfg: TrainConfig, out: str | Path, resume: str | None = None, init: st
     data = DataModule(data_cfg, tokenizer, image_transform(trunk, size), size,
                       train_transform=image_transform(trunk, size, data_cfg.crop_scale), seed=cfg.trainer.seed,
                       train_data=train_data, val_data=val_data, encoder=module.model.encoder)
+    if isinstance(data.train_set, EndlessStream) and cfg.trainer.max_steps < 1:  # the schedule needs an end too
+        raise VLMError(f"trainer.max_steps {cfg.trainer.max_steps}: training on shards streams them without end; "
+                       "give a number of steps")
     report = data_report(cfg, tokenizer, texts, train_data, val_data)
     if data.val_set is None:  # nothing validates, so nothing to save after: last.ckpt every interval, for --resume
         checkpoints = ModelCheckpoint(dirpath=out / "checkpoints", every_n_train_steps=cfg.trainer.val_check_interval,
