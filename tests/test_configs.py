@@ -141,6 +141,7 @@ def test_shipped_config_trains_one_step(config, shapes, tmp_path, tokenizer, res
     finally:
         gc.enable()
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    assert not (tmp_path / "run" / "checkpoints").exists()  # fast_dev_run: a check, that replaces no checkpoint
 
 
 def test_cpu_ddp_config_trains_one_step_on_two_processes(shapes, tmp_path):

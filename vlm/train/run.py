@@ -95,8 +95,9 @@ def train(cfg: TrainConfig, out: str | Path, resume: str | None = None, init: st
     if sharded:  # FSDP2, on GPUs and CPUs alike (vlm.train.sharding)
         trainer_args["strategy"] = FSDPStrategy()
     # Progress: a bar with images/s and ETA on a terminal, a line every log_every_n_steps steps when piped.
-    callbacks = [checkpoints, LearningRateMonitor(), StepSeed(cfg.trainer.seed),
-                 Progress(every=cfg.trainer.log_every_n_steps)]
+    callbacks = [LearningRateMonitor(), StepSeed(cfg.trainer.seed), Progress(every=cfg.trainer.log_every_n_steps)]
+    if not cfg.trainer.fast_dev_run:  # a check of the setup writes no checkpoint (Lightning's saves one at the end)
+        callbacks.insert(0, checkpoints)
     if data_cfg.batch_log:
         callbacks.append(BatchLog(data_cfg.batch_log))
     if cfg.val.generate:
@@ -114,7 +115,9 @@ def train(cfg: TrainConfig, out: str | Path, resume: str | None = None, init: st
             raise VLMError("training ran no step (trainer.max_steps or trainer.max_time stopped it first, or the "
                            "data gave no batch); no model exported")
         # The final state, also after a max_time stop; the full state (optimiser, loops) so that --resume continues.
-        trainer.save_checkpoint(out / "checkpoints" / "last.ckpt", weights_only=False)
+        # Not after a fast_dev_run: it would replace the last.ckpt of a real run in ``out``.
+        if not cfg.trainer.fast_dev_run:
+            trainer.save_checkpoint(out / "checkpoints" / "last.ckpt", weights_only=False)
     finally:
         data.stop_workers()
     model = unsharded(module.model)  # under FSDP every process takes part in gathering the weights
