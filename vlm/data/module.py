@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 # torchdata's StatefulDataLoader calls a deprecated torch function on every iteration; the warning is not ours.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+# Lightning's caution for an IterableDataset with a length: a training stream's is `ENDLESS`, and its readers are split.
+warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
 
 Transform = Callable[[Image.Image], Tensor]
 

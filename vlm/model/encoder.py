@@ -146,7 +146,7 @@ class ImageEncoder(nn.Module):
         super().train(mode)
         if not self.cfg.trainable:
             self.trunk.eval()
-        else:
+        elif self.cfg.train_last:
             self._freeze_norms()
         return self
 
@@ -155,7 +155,8 @@ class ImageEncoder(nn.Module):
         ``train_last`` does not train): training would otherwise still update its statistics."""
         for m in self.trunk.modules():
             stats = isinstance(getattr(m, "running_mean", None), Tensor)  # BatchNorm, InstanceNorm tracking stats
-            if stats and not any(p.requires_grad for p in m.parameters()):
+            params = list(m.parameters())
+            if stats and params and not any(p.requires_grad for p in params):
                 m.eval()
 
     def _train_only_last(self, n: int) -> None:
