@@ -242,3 +242,32 @@ def test_images_skipped_under_ddp_are_counted_over_both_processes(tmp_path):
     logged = [line for line in result.stderr.splitlines() if line.startswith("skipped ")]
     skipped = json.loads((out / "data_report.json").read_text())["skipped_while_loading"]
     assert skipped == len(logged) >= 8  # 4 steps of 8 records: about half of them unreadable, on both processes
+
+
+def test_a_ddp_run_on_shards_resumed_with_more_steps_sees_the_batches_of_the_uninterrupted_run(tmp_path):
+    """Each process reads its own shards in loader workers; a run stopped at max_steps and resumed with more goes
+    on after the last batch trained on, on every process (it read the shards again from their start: Lightning ends
+    the loop's iterator at max_steps, and with it torchdata's count of the batches given out)."""
+    from vlm.data.export import write_shapes
+
+    shards = write_shapes(tmp_path / "data", 120)["shards"]  # two shards: one per process
+    common = ("--trainer.devices", "2", "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp",
+              "--trainer.val_check_interval", "100", "--data.batch_size", "4", "--data.num_workers", "1",
+              "--data.shuffle_buffer", "8", "--data.sources", json.dumps([{"path": str(shards / "*.tar")}]),
+              "--model.decoder.dropout", "0.1", "--optim.warmup_steps", "2",
+              "--optim.min_lr_ratio", "1")  # no decay: the schedule of a 3-step run is then the 6-step run's
+    logs = {}
+    for name, steps, extra in [("full", 6, ()), ("part", 3, ()), ("part", 6, ("--resume", "last"))]:
+        out = tmp_path / name
+        result = run("-m", "vlm.cli", "train", "--config", TINY, "--out", str(out), "--trainer.max_steps",
+                     str(steps), "--data.batch_log", str(out / "batches.jsonl"), *common, *extra)
+        assert result.returncode == 0, result.stderr[-3000:]
+        logs[name] = [json.loads(line) for line in (out / "batches.jsonl").read_text().splitlines()]
+    full = {(line["step"], line["rank"]): line for line in logs["full"]}
+    assert sorted(full) == [(step, rank) for step in range(6) for rank in (0, 1)]
+    assert len({line["texts"] for line in full.values()}) == 12  # every batch of every process differs
+    assert sorted((line["step"], line["rank"]) for line in logs["part"]) == sorted(full)  # each step once
+    assert {(line["step"], line["rank"]): line for line in logs["part"]} == full
+    a = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "part" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

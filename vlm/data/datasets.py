@@ -337,14 +337,36 @@ ENDLESS = 2**62  # the length a training stream reports: it is read again and ag
 
 
 class EndlessStream(IterableDataset):
-    """A training stream, read again and again. It reports a length (`ENDLESS`) for resuming's sake: Lightning
-    fetches one batch ahead of training from a loader of unknown length (to see its end), so the loader's position
-    that a checkpoint stores counted a batch not yet trained on, and a resumed run skipped it. With a length,
-    Lightning fetches each batch as it trains on it, and torchdata's loader resumes the stream after the last one
-    trained on (by reading the stream again up to there, in each loader worker)."""
+    """A training stream, read again and again. It reports a length (`ENDLESS`): Lightning fetches one batch ahead
+    of training from a loader of unknown length (to see its end), which a resumed run would have skipped; with a
+    length it fetches each batch as it trains on it. Where a resumed run starts is `ResumedStream`'s."""
 
     def __len__(self) -> int:
         return ENDLESS
+
+
+_rotation = 0  # set in a loader worker by `ResumedStream`: the worker reads as worker (id + rotation) % workers
+
+
+class ResumedStream(EndlessStream):
+    """A training stream going on after the first ``batches`` batches of ``batch_size`` (those a resumed run trained
+    on, over all its loader workers), exactly as the uninterrupted run's loader would.
+
+    The loader hands out batches from its workers in turn, so worker w had made batches w, w + W, ...; a fresh
+    loader starts with worker 0, which therefore reads as worker ``batches % W`` did (and so on), and each skips
+    the items its model made. Skipping reads them again (the samples a stream drops as unreadable are only known
+    by decoding them), in all the workers at once."""
+
+    def __init__(self, stream: IterableDataset, batches: int, batch_size: int):
+        self.stream, self.batches, self.batch_size = stream, batches, batch_size
+
+    def __iter__(self) -> Iterator[Item]:
+        global _rotation
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        _rotation = self.batches % workers
+        made = len(range((worker + _rotation) % workers, self.batches, workers))  # batches that worker made
+        return islice(iter(self.stream), made * self.batch_size, None)
 
 
 class ShardDataset(EndlessStream):
@@ -464,7 +486,7 @@ def _stream_position() -> tuple[int, int]:
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     info = torch.utils.data.get_worker_info()
     worker, workers = (info.id, info.num_workers) if info else (0, 1)
-    return rank * workers + worker, world * workers
+    return rank * workers + (worker + _rotation) % workers, world * workers
 
 
 class RecordStream(EndlessStream):

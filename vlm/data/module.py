@@ -24,12 +24,14 @@ from torch.utils.data import Dataset, DistributedSampler, IterableDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from vlm.config import DataConfig
-from vlm.data.batch import collate
+from vlm.data.batch import Batch, collate
 from vlm.data.builtin import SceneDataset
 from vlm.data.datasets import (
+    EndlessStream,
     Mixture,
     RecordDataset,
     RecordStream,
+    ResumedStream,
     Sampler,
     ShardDataset,
     SkipCounter,
@@ -105,6 +107,15 @@ class TrainOrder(DistributedSampler):
         self._restored = self.epoch if self._resume_at else None  # mid-epoch: that epoch goes on
 
 
+class StreamLoader(StatefulDataLoader):
+    """The loader of a training stream. Its position is the data module's (`ResumedStream`): torchdata's own state
+    counts the batches its iterator gave out, which after a stop at max_steps is none (Lightning ends the loop's
+    iterator), so a resumed run read the stream again from its start."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass
+
+
 class DataModule(L.LightningDataModule):
     """Training and validation data of a run (`DataConfig`):
 
@@ -132,6 +143,7 @@ class DataModule(L.LightningDataModule):
         self.weights: Tensor | None = None  # indexed sources mixed by weight: each sample's sampling weight
         self._skipped: SkipCounter | None = None
         self._loaders: list[StatefulDataLoader] = []  # every loader made, so that `stop_workers` reaches them
+        self.stream_batches = 0  # training batches taken so far, over resumes (`state_dict`)
         if cfg.sources:
             self._skipped = SkipCounter()
             self.train_set, self.weights = self._sources_train_set(
@@ -210,11 +222,28 @@ class DataModule(L.LightningDataModule):
                             batch_size, sampler.num_samples, sampler.num_samples)
                 sampler.batch_size = batch_size = sampler.num_samples
         workers = self.cfg.num_workers
-        loader = StatefulDataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                                    collate_fn=partial(collate, pad_id=self.pad_id, features=cached),
-                                    drop_last=sampler is not None, persistent_workers=workers > 0)
+        streaming = split == "train" and isinstance(dataset, EndlessStream)
+        if streaming and self.stream_batches:  # a resumed run: on after the batches trained on
+            dataset = ResumedStream(dataset, self.stream_batches, batch_size)
+        loader = (StreamLoader if streaming else StatefulDataLoader)(
+            dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+            collate_fn=partial(collate, pad_id=self.pad_id, features=cached), drop_last=sampler is not None,
+            persistent_workers=workers > 0)
         self._loaders.append(loader)
         return loader
+
+    def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+        if self.trainer is not None and self.trainer.training:
+            self.stream_batches += 1  # counted for every kind of data; a stream's position
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        """What a checkpoint keeps of the data module: the training batches taken (in a run of streams, the
+        position a resumed run goes on from; indexed data keeps its position in its sampler, `TrainOrder`)."""
+        return {"stream_batches": self.stream_batches}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.stream_batches = int(state.get("stream_batches", 0))
 
     def stop_workers(self) -> None:
         """Stop the loaders' worker processes now. A checkpoint saved after `Trainer.fit` asks each loader for its
