@@ -207,6 +207,20 @@ def test_resume_on_streamed_shards_continues_after_the_last_batch_trained_on(tok
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resuming_a_stream_with_other_workers_or_batches_says_its_position_is_approximate(
+        tokenizer, shapes_on_disk, tmp_path, caplog):
+    """The position counts batches of each worker's readers: with other workers it cannot be exact, and says so."""
+    sources = [str(shapes_on_disk["shards"] / "*.tar")]
+    with pytest.raises(_Crash):
+        _fit_streams(tokenizer, tmp_path, sources, workers=0, buffer=0, every=3, crash_at=3)
+    with caplog.at_level("WARNING", logger="vlm.data.module"):
+        resumed = _fit_streams(tokenizer, tmp_path, sources, workers=1, buffer=0, every=3, ckpt=tmp_path / "last.ckpt")
+    assert resumed.global_step == 6
+    warned = [r.getMessage() for r in caplog.records if r.name == "vlm.data.module"]
+    assert warned == ["data: resuming a stream with processes 1, num_workers 1, batch_size 8, not processes 1, "
+                      "num_workers 0, batch_size 8 as before: it goes on from about where it stopped, not exactly"]
+
+
 def _vlm(out: Path, log_name: str, devices: int, *extra: str) -> subprocess.Popen:
     """`vlm train` in the background in a process group of its own, its output to a file (a full pipe would
     stall it)."""

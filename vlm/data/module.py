@@ -107,6 +107,10 @@ class TrainOrder(DistributedSampler):
         self._restored = self.epoch if self._resume_at else None  # mid-epoch: that epoch goes on
 
 
+def _layout_text(layout: dict[str, int]) -> str:
+    return ", ".join(f"{key} {value}" for key, value in layout.items())
+
+
 class StreamLoader(StatefulDataLoader):
     """The loader of a training stream. Its position is the data module's (`ResumedStream`): torchdata's own state
     counts the batches its iterator gave out, which after a stop at max_steps is none (Lightning ends the loop's
@@ -144,6 +148,7 @@ class DataModule(L.LightningDataModule):
         self._skipped: SkipCounter | None = None
         self._loaders: list[StatefulDataLoader] = []  # every loader made, so that `stop_workers` reaches them
         self.stream_batches = 0  # training batches taken so far, over resumes (`state_dict`)
+        self._resumed_layout: dict[str, int] | None = None  # `_stream_layout` of the run resumed
         if cfg.sources:
             self._skipped = SkipCounter()
             self.train_set, self.weights = self._sources_train_set(
@@ -224,6 +229,10 @@ class DataModule(L.LightningDataModule):
         workers = self.cfg.num_workers
         streaming = split == "train" and isinstance(dataset, EndlessStream)
         if streaming and self.stream_batches:  # a resumed run: on after the batches trained on
+            now = self._stream_layout()
+            if self._resumed_layout not in (None, now):  # the position counts batches of each worker's readers
+                log.warning("data: resuming a stream with %s, not %s as before: it goes on from about where it "
+                            "stopped, not exactly", _layout_text(now), _layout_text(self._resumed_layout))
             dataset = ResumedStream(dataset, self.stream_batches, batch_size)
         loader = (StreamLoader if streaming else StatefulDataLoader)(
             dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
@@ -239,11 +248,18 @@ class DataModule(L.LightningDataModule):
 
     def state_dict(self) -> dict[str, int]:
         """What a checkpoint keeps of the data module: the training batches taken (in a run of streams, the
-        position a resumed run goes on from; indexed data keeps its position in its sampler, `TrainOrder`)."""
-        return {"stream_batches": self.stream_batches}
+        position a resumed run goes on from; indexed data keeps its position in its sampler, `TrainOrder`), and the
+        layout they were taken in."""
+        return {"stream_batches": self.stream_batches, **self._stream_layout()}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.stream_batches = int(state.get("stream_batches", 0))
+        self._resumed_layout = {key: state[key] for key in self._stream_layout() if key in state} or None
+
+    def _stream_layout(self) -> dict[str, int]:
+        """Processes, loader workers per process and batch size: a stream's readers and their batches."""
+        processes = self.trainer.world_size if self.trainer is not None else 1
+        return {"processes": processes, "num_workers": self.cfg.num_workers, "batch_size": self.cfg.batch_size}
 
     def stop_workers(self) -> None:
         """Stop the loaders' worker processes now. A checkpoint saved after `Trainer.fit` asks each loader for its
