@@ -122,6 +122,11 @@ def train(cfg: TrainConfig, out: str | Path, resume: str | None = None, init: st
         data.stop_workers()
     model = unsharded(module.model)  # under FSDP every process takes part in gathering the weights
     skipped = skipped_over_processes(trainer.strategy, data.skipped)  # every process takes part
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # The last collective is done: close the process group now rather than leave its threads to the
+        # interpreter's exit, where destroying them could abort the process ("terminate called without an active
+        # exception", printed after the run's last line).
+        torch.distributed.destroy_process_group()
     if not trainer.is_global_zero:
         return None
     report["skipped_while_loading"] = skipped
