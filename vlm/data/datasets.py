@@ -354,10 +354,11 @@ class ResumedStream(EndlessStream):
 
     The loader hands out batches from its workers in turn, so worker w had made batches w, w + W, ...; a fresh
     loader starts with worker 0, which therefore reads as worker ``batches % W`` did (and so on), and each skips
-    the items its model made. Skipping reads them again (the samples a stream drops as unreadable are only known
-    by decoding them), in all the workers at once."""
+    the items its model made (``stream.items(skip)``: shards decode them again, as which samples are unreadable and
+    dropped only decoding tells, but neither draw nor transform them; file records are not read), in all the
+    workers at once."""
 
-    def __init__(self, stream: IterableDataset, batches: int, batch_size: int):
+    def __init__(self, stream: ShardDataset | RecordStream | StreamMixture, batches: int, batch_size: int):
         self.stream, self.batches, self.batch_size = stream, batches, batch_size
 
     def __iter__(self) -> Iterator[Item]:
@@ -366,7 +367,7 @@ class ResumedStream(EndlessStream):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         _rotation = self.batches % workers
         made = len(range((worker + _rotation) % workers, self.batches, workers))  # batches that worker made
-        return islice(iter(self.stream), made * self.batch_size, None)
+        return self.stream.items(made * self.batch_size)
 
 
 class ShardDataset(EndlessStream):
@@ -429,6 +430,12 @@ class ShardDataset(EndlessStream):
         return ENDLESS
 
     def __iter__(self) -> Iterator[Item]:
+        return self.items()
+
+    def items(self, skip: int = 0) -> Iterator[Item]:
+        """The stream's items after its first ``skip`` (`ResumedStream`): those are only decoded (which samples
+        are unreadable, and so dropped, only decoding tells), neither drawn nor transformed, and the unreadable
+        among them are not reported again."""
         reader, readers = _stream_position()
         count = 0
         for number in range(ENDLESS):
@@ -442,10 +449,12 @@ class ShardDataset(EndlessStream):
                 except VLMError as e:
                     if self.strict:
                         raise
-                    self.skipped.add()
-                    log.warning("skipped %s", e)
+                    if count >= skip:
+                        self.skipped.add()
+                        log.warning("skipped %s", e)
                     continue
-                yield self.sampler(image, captions, questions, (count, 0))  # a reader's count runs on over passes
+                if count >= skip:
+                    yield self.sampler(image, captions, questions, (count, 0))  # a reader's count runs on over passes
                 count += 1
             if not self.repeat:
                 return
@@ -496,11 +505,19 @@ class RecordStream(EndlessStream):
         self.dataset, self.seed = dataset, seed
 
     def __iter__(self) -> Iterator[Item]:
+        return self.items()
+
+    def items(self, skip: int = 0) -> Iterator[Item]:
+        """The stream's items after its first ``skip`` (`ResumedStream`), which are not read (each index gives one
+        item, an unreadable image being replaced by the next readable one)."""
         reader, readers = _stream_position()
+        n = 0
         for epoch in range(ENDLESS):
             order = np.random.default_rng((self.seed, epoch)).permutation(len(self.dataset))
             for i in order[reader::readers]:
-                yield self.dataset[(int(i), epoch)]
+                if n >= skip:
+                    yield self.dataset[(int(i), epoch)]
+                n += 1
 
 
 class StreamMixture(EndlessStream):
@@ -511,10 +528,16 @@ class StreamMixture(EndlessStream):
         self.p = np.asarray(weights, dtype=float) / sum(weights)
 
     def __iter__(self) -> Iterator[Item]:
+        return self.items()
+
+    def items(self, skip: int = 0) -> Iterator[Item]:
+        """The mixture's items after its first ``skip`` (`ResumedStream`): the draws of those say how many items
+        of each stream to skip."""
         reader, _ = _stream_position()
         rng = np.random.default_rng((self.seed, reader))
-        iterators = [iter(s) for s in self.streams]
-        count = 0
+        skips = np.bincount([rng.choice(len(self.streams), p=self.p) for _ in range(skip)], minlength=len(self.streams))
+        iterators = [s.items(int(k)) for s, k in zip(self.streams, skips, strict=True)]
+        count = skip
         while True:
             image, groups, _ = next(iterators[rng.choice(len(iterators), p=self.p)])
             yield image, groups, count
