@@ -147,7 +147,7 @@ class DataModule(L.LightningDataModule):
         self.weights: Tensor | None = None  # indexed sources mixed by weight: each sample's sampling weight
         self._skipped: SkipCounter | None = None
         self._loaders: list[StatefulDataLoader] = []  # every loader made, so that `stop_workers` reaches them
-        self.stream_batches = 0  # training batches taken so far, over resumes (`state_dict`)
+        self.train_batches = 0  # training batches taken so far, over resumes (`state_dict`)
         self._resumed_layout: dict[str, int] | None = None  # `_stream_layout` of the run resumed
         if cfg.sources:
             self._skipped = SkipCounter()
@@ -228,12 +228,12 @@ class DataModule(L.LightningDataModule):
                 sampler.batch_size = batch_size = sampler.num_samples
         workers = self.cfg.num_workers
         streaming = split == "train" and isinstance(dataset, EndlessStream)
-        if streaming and self.stream_batches:  # a resumed run: on after the batches trained on
+        if streaming and self.train_batches:  # a resumed run: on after the batches trained on
             now = self._stream_layout()
             if self._resumed_layout not in (None, now):  # the position counts batches of each worker's readers
                 log.warning("data: resuming a stream with %s, not %s as before: it goes on from about where it "
                             "stopped, not exactly", _layout_text(now), _layout_text(self._resumed_layout))
-            dataset = ResumedStream(dataset, self.stream_batches, batch_size)
+            dataset = ResumedStream(dataset, self.train_batches, batch_size)
         loader = (StreamLoader if streaming else StatefulDataLoader)(
             dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
             collate_fn=partial(collate, pad_id=self.pad_id, features=cached), drop_last=sampler is not None,
@@ -243,17 +243,17 @@ class DataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         if self.trainer is not None and self.trainer.training:
-            self.stream_batches += 1  # counted for every kind of data; a stream's position
+            self.train_batches += 1  # counted for every kind of data: a stream's position
         return batch
 
     def state_dict(self) -> dict[str, int]:
         """What a checkpoint keeps of the data module: the training batches taken (in a run of streams, the
         position a resumed run goes on from; indexed data keeps its position in its sampler, `TrainOrder`), and the
         layout they were taken in."""
-        return {"stream_batches": self.stream_batches, **self._stream_layout()}
+        return {"train_batches": self.train_batches, **self._stream_layout()}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.stream_batches = int(state.get("stream_batches", 0))
+        self.train_batches = int(state.get("train_batches", 0))
         self._resumed_layout = {key: state[key] for key in self._stream_layout() if key in state} or None
 
     def _stream_layout(self) -> dict[str, int]:
