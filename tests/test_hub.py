@@ -401,6 +401,14 @@ def test_demo_and_eval_of_an_imported_captioner_skip_the_questions(families, tmp
     assert main(["eval", "--model", str(model), "--num_scenes", "2", "--java", "false"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["vqa"] is None and metrics["grounding"]["phrases"] > 0 and "CIDEr-D" in metrics["caption"]
+    from vlm.data.export import write_shapes
+
+    data = write_shapes(tmp_path / "data", 2)["jsonl"]  # captions and questions
+    assert main(["eval", "--model", str(model), "--data", str(data), "--java", "false", "--out",
+                 str(tmp_path / "eval")]) == 0
+    metrics = json.loads(capsys.readouterr().out)  # a dataset's questions are left out too
+    assert "vqa" not in metrics and metrics["caption"]["images"] == 2
+    assert not (tmp_path / "eval" / "vqa_results.json").exists()
 
 
 def test_a_tokenizer_far_smaller_than_the_embedding_is_refused(families, tmp_path):

@@ -113,22 +113,29 @@ class _CrashAt(Callback):
             raise _Crash
 
 
-def _fit(tokenizer, folder: Path, every: int, ckpt: Path | None = None, crash_at: int | None = None) -> L.Trainer:
-    """6 steps over 16 scenes in batches of 8 (2 steps per epoch), a checkpoint every ``every`` steps, dropout on."""
+SCENES = DataConfig(train_scenes=16, val_scenes=2, batch_size=8, num_workers=0, captions_per_image=1,
+                    questions_per_image=2)
+
+
+def _fit(tokenizer, folder: Path, every: int, ckpt: Path | None = None, crash_at: int | None = None,
+         data: DataConfig = SCENES) -> L.Trainer:
+    """6 steps in batches of 8 (of 16 scenes by default: 2 steps per epoch), a checkpoint every ``every`` steps,
+    dropout on."""
     L.seed_everything(0, verbose=False)
     cfg = tiny_config()
     cfg.decoder.dropout = 0.1
     module = CaptionModule.create(cfg, OptimConfig(warmup_steps=2), tokenizer)
-    data = DataModule(DataConfig(train_scenes=16, val_scenes=2, batch_size=8, num_workers=0,
-                                 captions_per_image=1, questions_per_image=2), tokenizer,
-                      image_transform(module.model.encoder.trunk, 64), 64, seed=0)
+    loaders = DataModule(data, tokenizer, image_transform(module.model.encoder.trunk, 64), 64, seed=0)
     trainer = L.Trainer(max_steps=6, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
                         callbacks=[*([_CrashAt(crash_at)] if crash_at else []),
                                    ModelCheckpoint(dirpath=folder, save_last=True, every_n_train_steps=every),
                                    BatchLog(folder / "batches.jsonl"), StepSeed(0)],
                         plugins=[AtomicCheckpointIO()], default_root_dir=folder)
-    trainer.fit(module, data, ckpt_path=ckpt, weights_only=True)
+    try:
+        trainer.fit(module, loaders, ckpt_path=ckpt, weights_only=True)
+    finally:
+        loaders.stop_workers()
     return trainer
 
 
@@ -160,27 +167,10 @@ def shapes_on_disk(tmp_path_factory) -> dict[str, Path]:
     return write_shapes(tmp_path_factory.mktemp("shapes"), 150)  # two shards: 100 and 50 samples
 
 
-def _fit_streams(tokenizer, folder: Path, sources: list[str], workers: int, buffer: int, every: int,
-                 ckpt: Path | None = None, crash_at: int | None = None) -> L.Trainer:
-    """6 steps on streamed sources in batches of 8, a checkpoint every ``every`` steps, dropout on."""
-    L.seed_everything(0, verbose=False)
-    cfg = tiny_config()
-    cfg.decoder.dropout = 0.1
-    module = CaptionModule.create(cfg, OptimConfig(warmup_steps=2), tokenizer)
-    data = DataModule(DataConfig(sources=[SourceConfig(s) for s in sources], batch_size=8, num_workers=workers,
-                                 shuffle_buffer=buffer, questions_per_image=1), tokenizer,
-                      image_transform(module.model.encoder.trunk, 64), 64, seed=0)
-    trainer = L.Trainer(max_steps=6, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                        callbacks=[*([_CrashAt(crash_at)] if crash_at else []),
-                                   ModelCheckpoint(dirpath=folder, save_last=True, every_n_train_steps=every),
-                                   BatchLog(folder / "batches.jsonl"), StepSeed(0)],
-                        plugins=[AtomicCheckpointIO()], default_root_dir=folder)
-    try:
-        trainer.fit(module, data, ckpt_path=ckpt, weights_only=True)
-    finally:
-        data.stop_workers()
-    return trainer
+def _streams(sources: list[str], workers: int, buffer: int) -> DataConfig:
+    """Streamed sources in batches of 8."""
+    return DataConfig(sources=[SourceConfig(s) for s in sources], batch_size=8, num_workers=workers,
+                      shuffle_buffer=buffer, questions_per_image=1)
 
 
 @pytest.mark.parametrize("layout, workers, buffer", [("shards", 0, 0), ("shards", 2, 16), ("shards_and_jsonl", 1, 0)],
@@ -192,12 +182,12 @@ def test_resume_on_streamed_shards_continues_after_the_last_batch_trained_on(tok
     sources = [str(shapes_on_disk["shards"] / "*.tar")]
     if layout == "shards_and_jsonl":
         sources.append(str(shapes_on_disk["jsonl"]))
-    full = _fit_streams(tokenizer, tmp_path / "full", sources, workers, buffer, every=6)
+    full = _fit(tokenizer, tmp_path / "full", every=6, data=_streams(sources, workers, buffer))
     with pytest.raises(_Crash):
-        _fit_streams(tokenizer, tmp_path / "part", sources, workers, buffer, every=3, crash_at=3)
+        _fit(tokenizer, tmp_path / "part", every=3, crash_at=3, data=_streams(sources, workers, buffer))
     killed = _load(tmp_path / "part" / "last.ckpt")["state_dict"]
-    resumed = _fit_streams(tokenizer, tmp_path / "part", sources, workers, buffer, every=3,
-                           ckpt=tmp_path / "part" / "last.ckpt")
+    resumed = _fit(tokenizer, tmp_path / "part", every=3, ckpt=tmp_path / "part" / "last.ckpt",
+                   data=_streams(sources, workers, buffer))
     assert _steps(tmp_path / "part" / "batches.jsonl") == [0, 1, 2, 3, 4, 5]  # the resumed fit began at step 3
     expected = _batches(tmp_path / "full" / "batches.jsonl")
     assert len({line["texts"] for line in expected.values()}) == 6  # every step saw other texts
@@ -212,9 +202,10 @@ def test_resuming_a_stream_with_other_workers_or_batches_says_its_position_is_ap
     """The position counts batches of each worker's readers: with other workers it cannot be exact, and says so."""
     sources = [str(shapes_on_disk["shards"] / "*.tar")]
     with pytest.raises(_Crash):
-        _fit_streams(tokenizer, tmp_path, sources, workers=0, buffer=0, every=3, crash_at=3)
+        _fit(tokenizer, tmp_path, every=3, crash_at=3, data=_streams(sources, workers=0, buffer=0))
     with caplog.at_level("WARNING", logger="vlm.data.module"):
-        resumed = _fit_streams(tokenizer, tmp_path, sources, workers=1, buffer=0, every=3, ckpt=tmp_path / "last.ckpt")
+        resumed = _fit(tokenizer, tmp_path, every=3, ckpt=tmp_path / "last.ckpt",
+                       data=_streams(sources, workers=1, buffer=0))
     assert resumed.global_step == 6
     warned = [r.getMessage() for r in caplog.records if r.name == "vlm.data.module"]
     assert warned == ["data: resuming a stream with processes 1, num_workers 1, batch_size 8, not processes 1, "

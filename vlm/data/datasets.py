@@ -30,7 +30,16 @@ from vlm.data.batch import Item, TrainingSequence, caption_sequence, map_boxes, 
 from vlm.data.boxes import PixelBox, mirrored_box, resized_box
 from vlm.data.draws import Key, draw_indices, draw_rng, rekey, split_key
 from vlm.data.images import load_image
-from vlm.data.records import Question, Record, Region, Report, detect_format, read_records
+from vlm.data.records import (
+    ANSWERS_NEEDED,
+    Question,
+    Record,
+    Region,
+    Report,
+    detect_format,
+    given_answers,
+    read_records,
+)
 from vlm.errors import VLMError
 from vlm.text.tokenizer import Tokenizer
 
@@ -289,11 +298,10 @@ def shard_questions(given, where: str) -> list[Question]:
     for n, q in enumerate(given):
         if not isinstance(q, dict) or not isinstance(q.get("question"), str) or not q["question"].strip():
             raise VLMError(f"{where}: questions[{n}] must be an object with a non-empty string \"question\"")
-        answers = q.get("answers", [q["answer"]] if "answer" in q else None)
-        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers):
-            raise VLMError(f"{where}: questions[{n}] needs \"answers\": a non-empty list of non-empty strings")
-        questions.append(Question(" ".join(q["question"].split()), [" ".join(a.split()) for a in answers],
-                                  q.get("question_id"), q.get("answer_type")))
+        answers = given_answers(q)
+        if answers is None:
+            raise VLMError(f"{where}: questions[{n}] needs {ANSWERS_NEEDED}")
+        questions.append(Question(" ".join(q["question"].split()), answers, q.get("question_id"), q.get("answer_type")))
     return questions
 
 

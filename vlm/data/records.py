@@ -201,6 +201,18 @@ def _bbox(value) -> PixelBox | None:
 BAD_BBOX = "expected [x, y, w, h]: 4 finite numbers with w > 0 and h > 0"
 
 
+ANSWERS_NEEDED = "\"answers\": a non-empty list of non-empty strings"
+
+
+def given_answers(question: dict) -> list[str] | None:
+    """A question object's answers ("answers", or one "answer"), whitespace normalised; None unless they are a
+    non-empty list of non-empty strings (`ANSWERS_NEEDED`). The JSONL lines' and the shard samples' check."""
+    answers = question.get("answers", [question["answer"]] if "answer" in question else None)
+    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers):
+        return None
+    return [" ".join(a.split()) for a in answers]
+
+
 def _coco_index(path: str):
     """A pycocotools index of one COCO annotation file, fed the parsed file: read once, with our clear errors."""
     from pycocotools.coco import COCO
@@ -392,15 +404,13 @@ def _read_jsonl(source: SourceConfig, problem: _Problems) -> list[Record]:
         questions = []
         if "question" in obj:
             text = _clean(obj["question"], where, "question", problem)
-            answers = obj.get("answers", [obj["answer"]] if "answer" in obj else None)
+            answers = given_answers(obj)
             if text is None:
                 continue
-            if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip()
-                                                                       for a in answers):
-                problem(f"{where}: a question needs \"answers\": a non-empty list of non-empty strings")
+            if answers is None:
+                problem(f"{where}: a question needs {ANSWERS_NEEDED}")
                 continue
-            questions.append(Question(text, [" ".join(a.split()) for a in answers], obj.get("question_id"),
-                                      obj.get("answer_type")))
+            questions.append(Question(text, answers, obj.get("question_id"), obj.get("answer_type")))
         regions = []
         given = obj.get("regions")
         if given is not None and not isinstance(given, list):  # null: no regions

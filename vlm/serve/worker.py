@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from vlm.api import Captioner
-from vlm.config import DecodingConfig, MapConfig
+from vlm.config import DecodingConfig
 from vlm.grounding.ground import text_tokens_and_maps
 
 
@@ -89,7 +89,7 @@ class ModelWorker:
             "ask": lambda js: _per_job(js, c.ask([j.args["image"] for j in js], [j.args["question"] for j in js],
                                                  _batched(js))),
             "attend": lambda js: [c.attend(**js[0].args)],
-            "ground": lambda js: [_ground(c, **js[0].args)],
+            "ground": lambda js: [text_tokens_and_maps(c, **js[0].args)],
         }
         try:
             self.batches.append((kind, len(group)))
@@ -130,7 +130,3 @@ def _per_job(jobs: list[Job], texts: list[str]) -> list[list[str]]:
     k = jobs[0].args["decoding"].num_samples
     return [texts[i * k:(i + 1) * k] for i in range(len(jobs))]
 
-
-def _ground(captioner: Captioner, image: Any, text: str, maps: MapConfig) -> tuple[list[str], Any]:
-    """The tokens of ``text`` and the map of each when the decoder reads it as the image's caption (as vlm ground)."""
-    return text_tokens_and_maps(captioner, image, text, maps)
