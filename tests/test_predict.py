@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import image_sensitive_model, random_images
+from tests.conftest import image_sensitive_model, random_images, tiny_config
 from vlm.api import Captioner
 from vlm.checkpoint import save_model
 from vlm.cli import main
@@ -31,6 +32,7 @@ from vlm.data.datasets import shard_texts
 from vlm.data.images import load_image
 from vlm.errors import VLMError
 from vlm.grounding.maps import box_from_map, combine
+from vlm.model.vlm import VisionLanguageModel
 from vlm.predict import predict, read_outputs
 from vlm.predict.outputs import CAPTION_KEY
 from vlm.predict.summary import content_phrases
@@ -529,3 +531,17 @@ def test_a_jsonl_key_of_null_falls_back_to_the_image(model_dir, folder, tmp_path
                        + json.dumps({"image": str(folder / "sub" / "im03.jpg"), "key": "mine"}) + "\n")
     predict(model_dir, str(listing), tmp_path / "out", **CPU)
     assert set(_records(tmp_path / "out")) == {str(folder / "sub" / "im00.png"), "mine"}
+
+
+def test_texts_that_end_at_once_are_recorded_empty_with_maps_on(tokenizer, folder, tmp_path):
+    cfg = tiny_config()
+    model = VisionLanguageModel(replace(cfg, decoder=replace(cfg.decoder, head_bias=True)), len(tokenizer)).eval()
+    with torch.no_grad():
+        model.decoder.head_bias[tokenizer.eos_id] = 100.0  # every caption and answer ends before its first token
+    model_dir = save_model(model, tokenizer, tmp_path / "model")
+    predict(model_dir, str(folder / "sub"), tmp_path / "out", questions=["what color is it ?"], maps=True, **CPU)
+    records = _records(tmp_path / "out")
+    assert len(records) == 4
+    for record in records.values():
+        assert record["caption"] == "" and record["caption_tokens"] == [] and record["phrases"] == []
+        assert record["answers"] == [{"question": "what color is it ?", "answer": "", "tokens": []}]

@@ -36,7 +36,8 @@ when why how while if
 
 def top_patches(maps: np.ndarray, k: int) -> list[list[list[float]]]:
     """Per token of maps (T, h, w): its k largest patches as [index, weight] (index = row * w + col)."""
-    flat = np.asarray(maps, dtype=np.float64).reshape(len(maps), -1)
+    maps = np.asarray(maps, dtype=np.float64)
+    flat = maps.reshape(len(maps), int(np.prod(maps.shape[1:])))  # an empty text has no rows
     k = min(k, flat.shape[1])
     order = np.argsort(-flat, axis=1, kind="stable")[:, :k]  # largest first, ties by index (a stable sort)
     weights = np.take_along_axis(flat, order, axis=1)
