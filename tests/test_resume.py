@@ -26,6 +26,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import webdataset as wds
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from tests.conftest import tiny_config
@@ -164,7 +165,15 @@ def test_resume_continues_order_draws_optimizer_and_schedule(tokenizer, tmp_path
 
 @pytest.fixture(scope="module")
 def shapes_on_disk(tmp_path_factory) -> dict[str, Path]:
-    return write_shapes(tmp_path_factory.mktemp("shapes"), 150)  # two shards: 100 and 50 samples
+    """The scenes' layouts (two shards: 100 and 50 samples), with every 7th shard sample's image unreadable."""
+    files = write_shapes(tmp_path_factory.mktemp("shapes"), 150)
+    for shard in files["shards"].glob("*.tar"):
+        samples = list(wds.WebDataset(str(shard), shardshuffle=False))
+        with wds.TarWriter(str(shard)) as sink:
+            for n, sample in enumerate(samples):
+                sink.write({k: b"not a png" if k == "png" and n % 7 == 3 else v for k, v in sample.items()
+                            if not k.startswith("__") or k == "__key__"})
+    return files
 
 
 def _streams(sources: list[str], workers: int, buffer: int) -> DataConfig:
@@ -189,6 +198,7 @@ def test_resume_on_streamed_shards_continues_after_the_last_batch_trained_on(tok
     resumed = _fit(tokenizer, tmp_path / "part", every=3, ckpt=tmp_path / "part" / "last.ckpt",
                    data=_streams(sources, workers, buffer))
     assert _steps(tmp_path / "part" / "batches.jsonl") == [0, 1, 2, 3, 4, 5]  # the resumed fit began at step 3
+    assert full.datamodule.skipped > 0  # unreadable samples were among those trained on
     expected = _batches(tmp_path / "full" / "batches.jsonl")
     assert len({line["texts"] for line in expected.values()}) == 6  # every step saw other texts
     assert _batches(tmp_path / "part" / "batches.jsonl") == expected

@@ -18,6 +18,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from vlm.config import SourceConfig
+from vlm.data import datasets
 from vlm.data.datasets import ShardDataset, shard_sample
 from vlm.data.validate import validate
 from vlm.errors import VLMError
@@ -123,6 +124,39 @@ def test_shuffled_shards_are_still_split_exactly_over_ranks_and_workers(tmp_path
     assert per_rank[0] + per_rank[1] != captions
     with pytest.raises(VLMError, match="data.shuffle_buffer: expected 0 .off. or a positive number"):
         ShardDataset(SourceConfig(str(tmp_path / "shards" / "00000.tar")), caption_of, strict=True, shuffle_buffer=-1)
+
+
+@pytest.mark.parametrize("buffer", [0, 3])
+def test_an_unreadable_sample_gives_its_place_to_the_next_readable_one_and_a_resume_decodes_nothing_before(
+        tmp_path, monkeypatch, buffer):
+    """In training each sample read is one item, an unreadable one's place going to the next readable one, so a
+    resumed stream's position needs no decoding: it skips samples undecoded and goes on as the stream did."""
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    names = ["ok 0", None, None, "ok 3", "ok 4", None, "ok 6", "ok 7", None]  # None: not an image
+    with wds.TarWriter(str(folder / "00000.tar")) as sink:
+        for n, name in enumerate(names):
+            sink.write({"__key__": f"{n:06d}", "png": _png() if name else b"broken", "txt": f"{name}".encode()})
+    decoded = []
+    real_load = datasets.load_image
+    monkeypatch.setattr(datasets, "load_image", lambda data, name: decoded.append(name) or real_load(data, name=name))
+    source = SourceConfig(str(folder / "00000.tar"))
+    stream = ShardDataset(source, lambda image, captions, questions, key: (captions[0], key[0]), strict=False,
+                          shuffle_buffer=buffer)
+    full = list(islice(stream.items(), 27))  # three passes
+    assert [key for _, key in full] == list(range(27))  # one item per sample read
+    readable = {name for name in names if name}
+    assert all(readable <= {text for text, _ in full[p:p + 9]} for p in (0, 9, 18))  # each pass: every one
+    if not buffer:  # each unreadable sample's place is the next readable one's (the next pass's for the last)
+        assert [text for text, _ in full[:9]] == ["ok 0", "ok 3", "ok 3", "ok 3", "ok 4", "ok 6", "ok 6", "ok 7",
+                                                  "ok 0"]
+    assert int(stream.skipped) == 12  # 4 unreadable samples in each of 3 passes
+    total = len(decoded)  # to the first readable sample at or after the last item's
+    assert total in (27, 28)
+    for skip in range(1, 27):
+        decoded.clear()
+        assert list(islice(stream.items(skip), 27 - skip)) == full[skip:]
+        assert len(decoded) == total - skip  # the samples before the position were not decoded
 
 
 def test_a_truncated_shard_is_reported_where_it_broke_and_reading_goes_on(tmp_path):

@@ -362,9 +362,8 @@ class ResumedStream(EndlessStream):
 
     The loader hands out batches from its workers in turn, so worker w had made batches w, w + W, ...; a fresh
     loader starts with worker 0, which therefore reads as worker ``batches % W`` did (and so on), and each skips
-    the items its model made (``stream.items(skip)``: shards decode them again, as which samples are unreadable and
-    dropped only decoding tells, but neither draw nor transform them; file records are not read), in all the
-    workers at once."""
+    the items its batches held (``stream.items(skip)``: shard samples are read but not decoded, file records not
+    read, nothing drawn or transformed), in all the workers at once."""
 
     def __init__(self, stream: ShardDataset | RecordStream | StreamMixture, batches: int, batch_size: int):
         self.stream, self.batches, self.batch_size = stream, batches, batch_size
@@ -441,14 +440,20 @@ class ShardDataset(EndlessStream):
         return self.items()
 
     def items(self, skip: int = 0) -> Iterator[Item]:
-        """The stream's items after its first ``skip`` (`ResumedStream`): those are only decoded (which samples
-        are unreadable, and so dropped, only decoding tells), neither drawn nor transformed, and the unreadable
-        among them are not reported again."""
+        """The stream's items after its first ``skip`` (`ResumedStream`), which are neither decoded nor drawn.
+
+        Each sample a reader reads is one item of its stream, so that positions do not depend on decoding: in
+        training (``repeat``), an unreadable sample (reported and counted) gives its place to the next readable
+        one, drawn again with the unreadable one's key (as a file record's index gives the next readable image);
+        a single pass (``repeat`` off) leaves it out."""
         reader, readers = _stream_position()
-        count = 0
+        count, waiting = 0, []  # samples read (over passes); keys of unreadable ones waiting for a readable one
         for number in range(ENDLESS):
-            before = count
+            seen, readable = count, False
             for where, sample in self._pass(reader, readers, number):
+                count += 1
+                if count <= skip:  # trained on before the resumed run: only counted
+                    continue
                 try:
                     if isinstance(sample, VLMError):  # the shard broke off here; its samples before are kept
                         raise sample
@@ -457,16 +462,17 @@ class ShardDataset(EndlessStream):
                 except VLMError as e:
                     if self.strict:
                         raise
-                    if count >= skip:
-                        self.skipped.add()
-                        log.warning("skipped %s", e)
+                    self.skipped.add()
+                    log.warning("skipped %s", e)
+                    if self.repeat:
+                        waiting.append(count - 1)
                     continue
-                if count >= skip:
-                    yield self.sampler(image, captions, questions, (count, 0))  # a reader's count runs on over passes
-                count += 1
+                for key in [*waiting, count - 1]:  # a reader's count runs on over passes
+                    yield self.sampler(image, captions, questions, (key, 0))
+                waiting, readable = [], True
             if not self.repeat:
                 return
-            if count == before:  # another pass would find nothing either: stop instead of looping forever
+            if count == seen or (not readable and seen >= skip):  # another pass would find none readable either
                 raise VLMError(f"{self.source.path}: reader {reader} of {readers} (DDP processes x data-loader "
                                "workers) got no usable sample; a shard has fewer samples than the readers sharing "
                                "it, or all were skipped. Use fewer data.num_workers or more shards")
