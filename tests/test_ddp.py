@@ -18,6 +18,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from vlm.config import ValConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 
@@ -35,6 +37,7 @@ def ddp_run(tmp_path_factory) -> Path:
                  "--data.batch_log", str(out / "batches.jsonl"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == f"exported model: {out / 'model'}"
+    (out / "output.txt").write_text(result.stdout + result.stderr)
     return out
 
 
@@ -46,6 +49,11 @@ def test_vlm_train_with_two_cpu_processes_trains_end_to_end(ddp_run):
     assert {"val/caption/CIDEr-D", "val/vqa/accuracy", "val/collapse/identical_share", "val/collapse/distinct_2",
             "val/collapse/vocabulary", "train/loss", "val/loss"} <= scalars
     assert events.Tags()["images"] == ["samples/0"]  # the sample image with its per-token overlays
+    # The tiny model comes to say the same (nothing) of most val images: each such validation says so once, not
+    # once per process (nor once more as a Python warning).
+    said = [line for line in (ddp_run / "output.txt").read_text().splitlines() if "captions are collapsing" in line]
+    collapsed = [e for e in events.Scalars("val/collapse/identical_share") if e.value >= ValConfig.collapse_share]
+    assert collapsed and len(said) == len(collapsed)
 
 
 VALIDATE = """

@@ -10,7 +10,6 @@ FSDP, generation runs with every shard gathered (``full_parameters``), entered b
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -136,11 +135,9 @@ class GenerationMetrics(Callback):
         self.metrics = metrics
         # Every process holds the same gathered metrics: no reduction needed.
         pl_module.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=False, rank_zero_only=False)
-        if metrics["collapse/identical_share"] >= self.collapse_share:
-            message = (f"step {trainer.global_step}: captions are collapsing: "
-                       f"{metrics['collapse/identical_share']:.0%} of val images get the same caption")
-            warnings.warn(message, stacklevel=1)
-            log.warning(message)
+        if metrics["collapse/identical_share"] >= self.collapse_share and trainer.is_global_zero:
+            log.warning("step %d: captions are collapsing: %.0f%% of val images get the same caption",
+                        trainer.global_step, 100 * metrics["collapse/identical_share"])
         if self.samples:
             # trainer.log_dir is a collective under DDP (rank 0's, broadcast): every process asks, rank 0 writes.
             folder = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
