@@ -285,8 +285,9 @@ def test_an_onnx_export_where_a_torch_model_is_needed_names_the_commands_that_ru
     export = tmp_path / "onnx"
     export.mkdir()
     (export / "onnx.json").write_text("{}")  # an export's facts and no torch weights
-    _one_error_line(main(["ground", "--model", str(export), "x.png", "red"]), capsys,
-                    "vlm caption, ask, attend and predict run it with --runtime onnx", "needs the torch model")
+    _one_error_line(main(["export", "--model", str(export), "--out", str(tmp_path / "again")]), capsys,
+                    "vlm caption, ask, attend, eval, ground, predict and demo run it with --runtime onnx",
+                    "needs the torch model")
 
 
 def test_export_refuses_to_overwrite_a_torch_model(saved, tmp_path, capsys):

@@ -15,6 +15,7 @@ from tests.conftest import image_sensitive_model, random_images, tiny_config
 from vlm.api import Captioner, load
 from vlm.cli import main
 from vlm.config import DecodingConfig
+from vlm.data.scenes import make_scene
 from vlm.deploy.export import EncoderGraph, _FlatLinear, export_onnx
 from vlm.deploy.runtime import OnnxModel, OrtDecoder
 from vlm.errors import VLMError
@@ -419,7 +420,8 @@ def test_a_damaged_or_mismatched_export_is_one_line(exported, tmp_path, capsys, 
                  str(tmp_path / "o")]) == 1  # the int8 export has no maps
     assert "exported without maps" in capsys.readouterr().err
     assert main(["caption", str(tmp_path / "a.png"), "--model", str(exported[2])]) == 1  # an export, torch runtime
-    assert "vlm caption, ask, attend and predict run it with --runtime onnx" in capsys.readouterr().err
+    assert ("an ONNX export (vlm export): vlm caption, ask, attend, eval, ground, predict and demo run it with "
+            "--runtime onnx") in capsys.readouterr().err
 
 
 def test_a_grid_that_does_not_fit_the_encoder_is_one_line(exported, tmp_path):
@@ -453,3 +455,24 @@ def test_an_imported_hub_model_exports_and_runs_as_its_torch_path(tmp_path, fami
     export_onnx(model, tokenizer, tmp_path / "plain")  # without maps: the step graph `vlm export` writes by default
     plain = load(tmp_path / "plain", runtime="onnx", threads=1)
     assert plain.caption(images, beam_size=2, max_new_tokens=8) == ours.caption(images, beam_size=2, max_new_tokens=8)
+
+
+def test_eval_ground_and_demo_run_an_export_with_runtime_onnx_as_the_torch_model(exported, tmp_path, capsys):
+    torch_dir, onnx_dir, *_ = exported
+    image, said = tmp_path / "scene.png", {}
+    make_scene(0, "val", image_size=64).image.save(image)
+    (caption,) = load(torch_dir, device="cpu").caption(image)
+    phrase = caption.split()[1]
+    for name, model, runtime in (("torch", torch_dir, "torch"), ("onnx", onnx_dir, "onnx")):
+        assert main(["eval", "--model", str(model), "--runtime", runtime, "--num_scenes", "6"]) == 0
+        metrics = json.loads(capsys.readouterr().out)
+        assert main(["ground", "--model", str(model), "--runtime", runtime, str(image), phrase]) == 0
+        found = json.loads(capsys.readouterr().out)
+        assert main(["demo", "--model", str(model), "--runtime", runtime, "--out", str(tmp_path / name)]) == 0
+        said[name] = (metrics, found, capsys.readouterr().out.replace(str(tmp_path / name), "OUT"))
+    (metrics, found, demo), (onnx_metrics, onnx_found, onnx_demo) = said["torch"], said["onnx"]
+    assert metrics["caption"]["mean_length"] > 1 and metrics["grounding"]["phrases"] > 6  # something to compare
+    assert onnx_metrics["caption"] == metrics["caption"] and onnx_metrics["vqa"] == metrics["vqa"]
+    assert onnx_metrics["grounding"] == pytest.approx(metrics["grounding"], abs=1e-4)
+    assert onnx_found["tokens"] == found["tokens"] and onnx_found["box"] == pytest.approx(found["box"], abs=1e-2)
+    assert onnx_demo == demo

@@ -123,7 +123,8 @@ def evaluate(*, model: str | None = None, results: str | None = None, data: str 
              images: str | None = None, format: str = "auto", annotations: str | None = None,
              split: str | None = None, limit: int | None = None, num_scenes: int = 500, scenes: str = "shapes",
              decoding: DecodingConfig,
-             maps: MapConfig, java: bool = True, out: str | None = None, report: str | None = None) -> None:
+             maps: MapConfig, java: bool = True, out: str | None = None, report: str | None = None,
+             runtime: str = "torch") -> None:
     """Score a model or a results file on a dataset (default: held-out built-in scenes); prints metrics as JSON.
 
     Args:
@@ -141,6 +142,7 @@ def evaluate(*, model: str | None = None, results: str | None = None, data: str 
         out: With --data: output directory for result files, metrics.json and per_image.csv (default: eval_out);
             without: also write the metrics JSON to this file.
         report: Also write an HTML report with maps to this file.
+        runtime: torch, or onnx: MODEL is an ONNX export (vlm export --format onnx) run on ONNX Runtime.
     """
     from vlm.api import load
 
@@ -156,7 +158,8 @@ def evaluate(*, model: str | None = None, results: str | None = None, data: str 
             raise VLMError("--model: needed to score the built-in scenes (or give --results with --data)")
         if num_scenes < 1:
             raise VLMError(f"--num-scenes: expected a positive number of scenes, got {num_scenes}")
-        metrics = evaluate_builtin(load(model), num_scenes=num_scenes, decoding=decoding, maps=maps, scenes=scenes)
+        metrics = evaluate_builtin(load(model, runtime=runtime), num_scenes=num_scenes, decoding=decoding, maps=maps,
+                                   scenes=scenes)
         text = dumps(metrics, indent=2)
         if out:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -167,7 +170,8 @@ def evaluate(*, model: str | None = None, results: str | None = None, data: str 
     from vlm.eval.run import evaluate_data
 
     source = SourceConfig(path=data, format=format, images=images, annotations=annotations, split=split)
-    metrics, written = evaluate_data(source, load(model) if model is not None else None, results=results,
+    captioner = load(model, runtime=runtime) if model is not None else None
+    metrics, written = evaluate_data(source, captioner, results=results,
                                      decoding=decoding, maps=maps, limit=limit, java=java, out=out or "eval_out",
                                      report=report)
     print(dumps(metrics, indent=2))
@@ -230,7 +234,7 @@ def predict(*, model: str, input: str, out: str, question: list[str] | None = No
 
 
 def ground(image: str, phrase: str, *, model: str, out: str | None = None, maps: MapConfig,
-           threshold: float = 0.5) -> None:
+           threshold: float = 0.5, runtime: str = "torch") -> None:
     """Find a phrase in an image: its map, a box, an overlay PNG and JSON.
 
     Args:
@@ -239,24 +243,26 @@ def ground(image: str, phrase: str, *, model: str, out: str | None = None, maps:
         model: Exported model directory or Lightning .ckpt.
         out: Write ground.png (the box drawn on the overlay) here.
         threshold: The box encloses the peak's region above this fraction of the peak.
+        runtime: torch, or onnx: MODEL is an ONNX export (vlm export --format onnx) run on ONNX Runtime.
     """
     from vlm.api import load
     from vlm.grounding.ground import ground as find
 
-    print(dumps(find(load(model), image, phrase, maps, threshold=threshold, out_dir=out), indent=2))
+    print(dumps(find(load(model, runtime=runtime), image, phrase, maps, threshold=threshold, out_dir=out), indent=2))
 
 
-def demo(*, model: str, out: str = "runs/demo") -> None:
+def demo(*, model: str, out: str = "runs/demo", runtime: str = "torch") -> None:
     """Show what a model learned: captions, answers and an overlay.
 
     Args:
         model: Exported model directory or Lightning .ckpt.
         out: Where to write the overlays.
+        runtime: torch, or onnx: MODEL is an ONNX export (vlm export --format onnx) run on ONNX Runtime.
     """
     from vlm.api import load
     from vlm.data.scenes import make_scene
 
-    captioner = load(model)
+    captioner = load(model, runtime=runtime)
     scenes = [make_scene(i, "val", image_size=captioner.model.cfg.encoder.image_size) for i in range(4)]
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
