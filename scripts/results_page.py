@@ -400,8 +400,9 @@ def provenance(report: dict, path: Path) -> str:
     device = m.get("card") or m.get("device", "cpu")
     load = (f"load average {m['load_average_at_start'][0]:.1f} at the start, {m['load_average_at_end'][0]:.1f} at the "
             "end" if "load_average_at_start" in m else "load average not recorded")
+    cpu = f"{m.get('cpu')} ({m['vector']})" if "vector" in m else m.get("cpu")  # widest vector instructions
     return (f"Commit `{report.get('commit')}`{dirty}, {report.get('date', '')[:16].replace('T', ' ')} UTC; "
-            f"{m.get('cpu')}, {m.get('cores')} cores, torch threads: {m.get('threads')}, torch {m.get('torch')}, "
+            f"{cpu}, {m.get('cores')} cores, torch threads: {m.get('threads')}, torch {m.get('torch')}, "
             f"{device}; {load}. Report: [{path.name}](../benchmarks/results/{path.name}).")
 
 

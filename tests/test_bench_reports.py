@@ -31,6 +31,8 @@ def test_report_records_provenance(modules, tmp_path):
     assert data["command"] and data["date"]
     machine = data["machine"]
     assert machine["threads"] == 1 and machine["cores"] >= 1 and machine["torch"]
+    flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    assert machine["vector"] in flags.split() and machine["vector"].startswith(("avx", "amx"))  # this x86-64 machine
     assert len(machine["load_average_at_start"]) == 3 and len(machine["load_average_at_end"]) == 3
     assert (data["config"], data["results"], data["ratios"], data["extra_section"]) == (
         {"batch": 2}, {"a": 1.0}, {"a_vs_b": 2.0}, {"k": 1})
