@@ -545,3 +545,12 @@ def test_texts_that_end_at_once_are_recorded_empty_with_maps_on(tokenizer, folde
     for record in records.values():
         assert record["caption"] == "" and record["caption_tokens"] == [] and record["phrases"] == []
         assert record["answers"] == [{"question": "what color is it ?", "answer": "", "tokens": []}]
+
+
+def test_lightnings_remarks_that_users_cannot_act_on_are_left_out(model_dir, folder, tmp_path, caplog, recwarn):
+    with caplog.at_level("INFO", logger="lightning"):
+        predict(model_dir, str(folder / "sub"), tmp_path / "out", **CPU)
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("lightning")]
+    assert any("GPU available" in m for m in said)  # Lightning's information still shows
+    assert not [m for m in said if "litlogger" in m]  # not its advertisement
+    assert not [str(w.message) for w in recwarn if "LeafSpec" in str(w.message)]  # nor torch's note to it

@@ -68,7 +68,7 @@ def test_vqa_metrics_of_questions_without_an_answer_type_are_named_unknown_as_vl
     metrics = GenerationMetrics(samples=0)
     metrics._captions = {0: "a red circle", 1: "a red square"}
     metrics._answers = {(0, 0): "red", (1, 0): "blue"}
-    trainer = SimpleNamespace(sanity_checking=False, global_step=0,
+    trainer = SimpleNamespace(sanity_checking=False, global_step=0, is_global_zero=True,
                               val_dataloaders=SimpleNamespace(dataset=References()))
     metrics.on_validation_epoch_end(trainer, SimpleNamespace(log_dict=lambda values, **_: logged.update(values)))
     assert {k: v for k, v in logged.items() if k.startswith("val/vqa/")} == {

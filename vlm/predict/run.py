@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import time
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from vlm.predict.module import PredictModule, Tasks, TorchBackend, check_decodin
 from vlm.predict.outputs import OUTPUT_FORMATS, ChunkWriter, check_job, done_chunks
 from vlm.text.clean import clean_text
 from vlm.text.tokenizer import Tokenizer
-from vlm.train.progress import Progress
+from vlm.train.progress import Progress, quiet_lightning
 
 TASKS = ("caption", "questions", "both")
 RUNTIMES = ("torch", "onnx")
@@ -193,17 +192,16 @@ def predict(model: str | os.PathLike | tuple[VisionLanguageModel, Tokenizer], in
     writer = ChunkWriter(out, format, chunks, job)
     data = PredictData(out, format, chunks, stream, writer, num_workers)
     progress = Progress(every=progress_every, shared=out / ".progress")
-    trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
-                        precision=precision, logger=False, enable_checkpointing=False, enable_model_summary=False,
-                        inference_mode=False, use_distributed_sampler=False, callbacks=[writer, progress],
-                        default_root_dir=out)
-    # the lanes run only on the CPU (PredictModule.on_predict_start)
-    module.lanes = writer.lanes = threads or max(1, (os.cpu_count() or 1) // max(1, trainer.num_devices))
     torch_threads = torch.get_num_threads()
-    predicting = time.monotonic()
     try:
-        with warnings.catch_warnings():  # Lightning's remark that an iterable dataset's batches have no indices
-            warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
+        with quiet_lightning():
+            trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
+                                precision=precision, logger=False, enable_checkpointing=False,
+                                enable_model_summary=False, inference_mode=False, use_distributed_sampler=False,
+                                callbacks=[writer, progress], default_root_dir=out)
+            # the lanes run only on the CPU (PredictModule.on_predict_start)
+            module.lanes = writer.lanes = threads or max(1, (os.cpu_count() or 1) // max(1, trainer.num_devices))
+            predicting = time.monotonic()
             trainer.predict(module, datamodule=data, return_predictions=False)
     finally:
         torch.set_num_threads(torch_threads)  # the lanes' one thread each ends with the run, even a failed one

@@ -1,4 +1,5 @@
-"""Progress of `vlm train` and `vlm predict`: one Lightning progress bar for both.
+"""Progress of `vlm train` and `vlm predict`: one Lightning progress bar for both, and Lightning's remarks that
+are not the user's to act on left out of their output (`quiet_lightning`).
 
 On a terminal, one line redrawn in place: done / total, items per second, elapsed and ETA (and the training
 loss). When stdout is not a terminal (a log file, a cluster job), a plain line every ``every`` batches and one at
@@ -12,17 +13,46 @@ process's count is not yet there, the line says how many processes it counts.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
 import sys
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
+
+UNACTIONABLE_WARNINGS = (
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # torch's, of a pytree class Lightning still uses
+    "Couldn't infer the batch indices",  # predicting from an iterable dataset, whose batches have no indices
+)
+
+
+class _NoTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("💡 Tip")  # an advertisement, at every Trainer
+
+
+@contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Leave Lightning's remarks that the user cannot act on (`UNACTIONABLE_WARNINGS`, and its tips) out of a
+    training or prediction run's output; its other warnings and information still show."""
+    logger, tips = logging.getLogger("lightning.pytorch.utilities.rank_zero"), _NoTips()
+    logger.addFilter(tips)
+    try:
+        with warnings.catch_warnings():
+            for message in UNACTIONABLE_WARNINGS:
+                warnings.filterwarnings("ignore", message=message)
+            yield
+    finally:
+        logger.removeFilter(tips)
 
 
 def _duration(seconds: float) -> str:

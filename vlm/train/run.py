@@ -24,7 +24,7 @@ from vlm.text.tokenizer import Tokenizer
 from vlm.train.callbacks import GenerationMetrics
 from vlm.train.checkpoints import AtomicCheckpointIO, BatchLog, StepSeed, resume_model, resume_path
 from vlm.train.module import CaptionModule
-from vlm.train.progress import Progress
+from vlm.train.progress import Progress, quiet_lightning
 from vlm.train.scst import SCSTModule
 from vlm.train.sharding import FSDPStrategy, unsharded
 
@@ -104,11 +104,13 @@ def train(cfg: TrainConfig, out: str | Path, resume: str | None = None, init: st
         callbacks.insert(0, GenerationMetrics(cfg.val.samples, cfg.val.collapse_share, maps=cfg.val.maps))
     # check_val_every_n_epoch=None: val_check_interval counts training batches across epochs, so data smaller
     # than one interval still validates.
-    trainer = L.Trainer(**trainer_args, default_root_dir=out, callbacks=callbacks, num_sanity_val_steps=0,
-                        check_val_every_n_epoch=None, plugins=[AtomicCheckpointIO()])
+    with quiet_lightning():
+        trainer = L.Trainer(**trainer_args, default_root_dir=out, callbacks=callbacks, num_sanity_val_steps=0,
+                            check_val_every_n_epoch=None, plugins=[AtomicCheckpointIO()])
     try:
         try:
-            trainer.fit(module, data, ckpt_path=ckpt_path, weights_only=True)
+            with quiet_lightning():
+                trainer.fit(module, data, ckpt_path=ckpt_path, weights_only=True)
         except VLMError as e:
             raise worker_error(e) from None
         if trainer.global_step == 0:  # never export an untrained model as if it were the result
