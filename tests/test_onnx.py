@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import image_sensitive_model, random_images, tiny_config
-from vlm.api import Captioner, load
+from vlm.api import NO_MAPS, Captioner, load
 from vlm.cli import main
 from vlm.config import DecodingConfig
 from vlm.data.scenes import make_scene
@@ -476,3 +476,14 @@ def test_eval_ground_and_demo_run_an_export_with_runtime_onnx_as_the_torch_model
     assert onnx_metrics["grounding"] == pytest.approx(metrics["grounding"], abs=1e-4)
     assert onnx_found["tokens"] == found["tokens"] and onnx_found["box"] == pytest.approx(found["box"], abs=1e-2)
     assert onnx_demo == demo
+
+    plain = exported[3]  # without maps: what needs them is left out, with the reason, and the rest is scored
+    assert main(["eval", "--model", str(plain), "--runtime", "onnx", "--num_scenes", "6"]) == 0
+    said = capsys.readouterr()
+    unmapped = json.loads(said.out)
+    assert unmapped["caption"] == metrics["caption"] and unmapped["grounding"] == {"skipped": NO_MAPS}
+    assert f"note: grounding {NO_MAPS}" in said.err
+    assert main(["demo", "--model", str(plain), "--runtime", "onnx", "--out", str(tmp_path / "plain")]) == 0
+    said = capsys.readouterr()
+    assert said.out.replace(str(tmp_path / "plain"), "OUT") == "\n".join(demo.splitlines()[:-1]) + "\n"
+    assert said.err == f"note: attention overlays {NO_MAPS}\n"

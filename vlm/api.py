@@ -77,6 +77,12 @@ class Captioner:
             return cls(*load_hf(str(path)), device)
         return cls(*load_model(path), device)
 
+    @property
+    def makes_maps(self) -> bool:
+        """Whether it makes per-token maps (`attend`, `text_maps`): an ONNX export made without ``--maps`` does not,
+        and what needs them (grounding scores, overlays) is then left out with `NO_MAPS` as the reason."""
+        return True
+
     def save(self, out_dir: str | os.PathLike) -> Path:
         """Export safetensors weights, config.json and tokenizer.json to out_dir (`vlm.checkpoint`)."""
         return save_model(self.model, self.tokenizer, out_dir)
@@ -248,6 +254,10 @@ class OnnxCaptioner(Captioner):
         preprocessing.pretrained_cfg = model.facts["data_config"]
         self.transform = image_transform(preprocessing, model.cfg.encoder.image_size)
 
+    @property
+    def makes_maps(self) -> bool:
+        return self.model.maps
+
     def save(self, out_dir: str | os.PathLike) -> Path:
         raise VLMError("an ONNX export is not saved as a torch model: export it from the torch model directory")
 
@@ -273,6 +283,8 @@ class OnnxCaptioner(Captioner):
 
 
 MAP_FIELDS = {f.name for f in fields(MapConfig)}
+NO_MAPS = "skipped: the ONNX export has no maps (export it with vlm export --maps)"
+"""Why grounding scores and overlays are left out for a captioner that makes no maps (`Captioner.makes_maps`)."""
 
 
 def _config(cls: type, given: Any, options: dict[str, Any]) -> Any:

@@ -165,6 +165,7 @@ def evaluate(*, model: str | None = None, results: str | None = None, data: str 
             Path(out).parent.mkdir(parents=True, exist_ok=True)
             Path(out).write_text(text)
         print(text)
+        _print_notes(metrics)
         return
     from vlm.config import SourceConfig
     from vlm.eval.run import evaluate_data
@@ -175,9 +176,17 @@ def evaluate(*, model: str | None = None, results: str | None = None, data: str 
                                      decoding=decoding, maps=maps, limit=limit, java=java, out=out or "eval_out",
                                      report=report)
     print(dumps(metrics, indent=2))
-    for note in (f"{name} {why}" for name, why in metrics.get("caption", {}).get("skipped", {}).items()):
-        print(f"note: {note}", file=sys.stderr)
+    _print_notes(metrics)
     print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
+
+
+def _print_notes(metrics: dict) -> None:
+    """What `vlm eval` left out, and why: a metric that needs Java or models it lacks, grounding without maps."""
+    skipped = {**(metrics.get("caption") or {}).get("skipped", {}), "grounding": (metrics.get("grounding") or {}).get(
+        "skipped")}
+    for name, why in skipped.items():
+        if why:
+            print(f"note: {name} {why}", file=sys.stderr)
 
 
 def predict(*, model: str, input: str, out: str, question: list[str] | None = None, task: str | None = None,
@@ -259,7 +268,7 @@ def demo(*, model: str, out: str = "runs/demo", runtime: str = "torch") -> None:
         out: Where to write the overlays.
         runtime: torch, or onnx: MODEL is an ONNX export (vlm export --format onnx) run on ONNX Runtime.
     """
-    from vlm.api import load
+    from vlm.api import NO_MAPS, load
     from vlm.data.scenes import make_scene
 
     captioner = load(model, runtime=runtime)
@@ -276,6 +285,9 @@ def demo(*, model: str, out: str = "runs/demo", runtime: str = "torch") -> None:
         for q, a in zip(questions, captioner.ask([scene.image] * len(questions), [q.question for q in questions]),
                         strict=True):
             print(f"    Q: {q.question}  A: {a}  (truth: {q.answer})")
+    if not captioner.makes_maps:
+        print(f"note: attention overlays {NO_MAPS}", file=sys.stderr)
+        return
     result = captioner.attend(scenes[0].image)
     result.save(folder / "attention")
     print(f"attention overlays of '{result.text}': {folder / 'attention' / 'grid.png'}")

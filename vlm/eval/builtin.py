@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vlm.api import Captioner
+from vlm.api import NO_MAPS, Captioner
 from vlm.config import DecodingConfig, MapConfig
 from vlm.data.scenes import make_scene
 from vlm.eval.caption import caption_scores, diversity
@@ -20,8 +20,8 @@ def evaluate_builtin(captioner: Captioner, num_scenes: int = 500, seed: int = 0,
 
     Grounding (`vlm.eval.grounding`): each object's phrase in the first reference caption (which names every
     object) is fed through the decoder; pointing game (the peak of the phrase's map inside the object's box),
-    mass in box and box IoU. ``decoding`` says how captions and answers are generated, ``maps`` how the maps are
-    made.
+    mass in box and box IoU; left out, with the reason, for a captioner that makes no maps. ``decoding`` says how
+    captions and answers are generated, ``maps`` how the maps are made.
     """
     size = captioner.model.cfg.encoder.image_size
     family, scenes = scenes, [make_scene(i, "val", seed, size, scenes) for i in range(num_scenes)]
@@ -40,7 +40,8 @@ def evaluate_builtin(captioner: Captioner, num_scenes: int = 500, seed: int = 0,
 
     cases = [GroundingCase(s.image, [(o.phrase, o.box) for o in s.objects], s.captions[0]) for s in scenes]
     maps = maps or MapConfig()
-    grounding = grounding_scores(captioner, cases, maps)
+    grounding = ({"method": maps.method, **grounding_scores(captioner, cases, maps)} if captioner.makes_maps
+                 else {"skipped": NO_MAPS})
 
     return {
         "scenes": num_scenes,
@@ -48,6 +49,6 @@ def evaluate_builtin(captioner: Captioner, num_scenes: int = 500, seed: int = 0,
         "caption": {"CIDEr-D": caption_metrics["CIDEr-D"], "BLEU-4": caption_metrics["BLEU-4"],
                     "ROUGE-L": caption_metrics["ROUGE-L"], **diversity(captions)},
         "vqa": vqa,
-        "grounding": {"method": maps.method, **grounding},
+        "grounding": grounding,
         "examples": [{"caption": c, "references": s.captions[:2]} for c, s in zip(captions[:3], scenes, strict=False)],
     }

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from vlm.api import Captioner
+from vlm.api import NO_MAPS, Captioner
 from vlm.config import DecodingConfig, MapConfig, SourceConfig
 from vlm.data.images import load_image
 from vlm.data.records import Record, read_records
@@ -58,7 +58,8 @@ def evaluate_data(source: SourceConfig, captioner: Captioner | None = None, *, r
     metrics, rows = score(records, caption_results, vqa_results, java=java)
     cases = [GroundingCase(r.image, [(g.phrase, tuple(g.bbox)) for g in r.regions]) for r in records if r.regions]
     if captioner is not None and cases:
-        metrics["grounding"] = {"method": maps.method, **grounding_scores(captioner, cases, maps)}
+        metrics["grounding"] = ({"method": maps.method, **grounding_scores(captioner, cases, maps)}
+                                if captioner.makes_maps else {"skipped": NO_MAPS})
     if not metrics:
         raise VLMError(f"{source.path}: nothing to score (no captions, questions, or regions with a model)")
     written = write_outputs(Path(out), metrics, rows, caption_results if results is None else None,
@@ -94,7 +95,7 @@ def _samples(captioner: Captioner | None, records: list[Record], caption_results
                 texts.append((entry, image, answer, q.question))
             sample["questions"].append(entry)
         samples.append(sample)
-    if captioner is not None and texts:
+    if captioner is not None and captioner.makes_maps and texts:
         tok = captioner.tokenizer
         text_maps = captioner.text_maps([t[1] for t in texts], [t[2] for t in texts], maps,
                                         questions=[t[3] for t in texts])
