@@ -159,6 +159,10 @@ def test_export_loads_back_and_the_captioner_takes_a_prompt_but_refuses_question
     assert main(["ask", str(tmp_path / "red.png"), "what is it ?", "--model", str(out)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "answers no questions" in err
+    assert main(["predict", "--model", str(out), "--input", str(tmp_path / "red.png"), "--out", str(tmp_path / "p"),
+                 "--question", "what is it ?"]) == 1  # vlm predict says it as vlm ask does
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "answers no questions" in err
     from fastapi.testclient import TestClient
 
     from vlm.serve import create_app

@@ -137,7 +137,7 @@ class Captioner:
         Control characters in a question count as spaces; an empty question is a `VLMError`; one longer than
         half the model's ``max_length`` is cut to fit, with a warning.
         """
-        self._check_answers()
+        self.check_answers()
         images, questions = _as_list(images), [questions] if isinstance(questions, str) else list(questions)
         if len(images) != len(questions):
             raise VLMError(f"{len(images)} images but {len(questions)} questions")
@@ -165,7 +165,7 @@ class Captioner:
         if question is not None:
             if prompt is not None:
                 raise VLMError("give a question or a caption prompt, not both")
-            self._check_answers()
+            self.check_answers()
             question = clean_text(question, "question")
         decoding = _config(DecodingConfig, decoding, {k: v for k, v in options.items() if k not in MAP_FIELDS})
         maps = _config(MapConfig, maps, {k: v for k, v in options.items() if k in MAP_FIELDS})
@@ -222,7 +222,8 @@ class Captioner:
             raise VLMError(str(e)) from None
         return [m.cpu().numpy() for m in made]
 
-    def _check_answers(self) -> None:
+    def check_answers(self) -> None:
+        """A one-line error for a model that takes no questions (an imported captioner)."""
         if not self.model.cfg.answers_questions:
             raise VLMError("this model is a captioner and answers no questions (its config's answers_questions is "
                            "false): caption or attend instead, with a prompt to lead the caption")

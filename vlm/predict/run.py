@@ -170,6 +170,8 @@ def predict(model: str | os.PathLike | tuple[VisionLanguageModel, Tokenizer], in
         raise VLMError("--prompt leads a caption: --task questions writes none")
     map_config = (map_config or MapConfig()) if maps else None
     captioner, backend, identity = _runtime(model, runtime, map_config)
+    if task != "caption":
+        captioner.check_answers()
     caption_start = captioner.caption_prompt(prompt)
     if len(caption_start) >= captioner.model.cfg.decoder.max_length:
         raise VLMError(f"--prompt: its {len(caption_start) - 1} tokens leave no room in the model's max_length "
