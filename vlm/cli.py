@@ -182,11 +182,11 @@ def evaluate(*, model: str | None = None, results: str | None = None, data: str 
 
 def _print_notes(metrics: dict) -> None:
     """What `vlm eval` left out, and why: a metric that needs Java or models it lacks, grounding without maps."""
-    skipped = {**(metrics.get("caption") or {}).get("skipped", {}), "grounding": (metrics.get("grounding") or {}).get(
-        "skipped")}
-    for name, why in skipped.items():
-        if why:
-            print(f"note: {name} {why}", file=sys.stderr)
+    notes = dict((metrics.get("caption") or {}).get("skipped", {}))
+    if (metrics.get("grounding") or {}).get("skipped"):
+        notes["grounding"] = metrics["grounding"]["skipped"]
+    for name, why in notes.items():
+        print(f"note: {name} {why}", file=sys.stderr)
 
 
 def predict(*, model: str, input: str, out: str, question: list[str] | None = None, task: str | None = None,
