@@ -452,7 +452,8 @@ def test_an_imported_hub_model_exports_and_runs_as_its_torch_path(tmp_path, fami
     assert b.text == a.text and a.maps.shape == b.maps.shape == (8, *theirs.model.grid)
     assert a.maps.std() > 0.1 * a.maps.mean()  # not uniform
     assert abs(b.maps - a.maps).max() < 1e-4
-    export_onnx(model, tokenizer, tmp_path / "plain")  # without maps: the step graph `vlm export` writes by default
+    # `vlm export` without maps (the step graph it writes by default), straight from the Hugging Face directory
+    assert main(["export", "--model", f"hf:{tmp_path / 'hf'}", "--out", str(tmp_path / "plain")]) == 0
     plain = load(tmp_path / "plain", runtime="onnx", threads=1)
     assert plain.caption(images, beam_size=2, max_new_tokens=8) == ours.caption(images, beam_size=2, max_new_tokens=8)
 

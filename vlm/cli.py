@@ -80,7 +80,7 @@ def ask(image: str, question: str, *, model: str, decoding: DecodingConfig, json
     Args:
         image: Image file.
         question: The question.
-        model: Exported model directory or Lightning .ckpt.
+        model: Exported model directory, Lightning .ckpt, or hf:NAME_OR_DIR (a Hugging Face captioner).
         json: One JSON object per answer ("image", "question", "answer"; with --num_samples K > 1 also "sample").
         runtime: torch, or onnx: MODEL is an ONNX export (vlm export --format onnx) run on ONNX Runtime.
     """
@@ -128,7 +128,7 @@ def evaluate(*, model: str | None = None, results: str | None = None, data: str 
     """Score a model or a results file on a dataset (default: held-out built-in scenes); prints metrics as JSON.
 
     Args:
-        model: Exported model directory or Lightning .ckpt.
+        model: Exported model directory, Lightning .ckpt, or hf:NAME_OR_DIR (a Hugging Face captioner).
         results: Score this results file (COCO captions or VQA answers) instead of a model.
         data: Annotation file (COCO, Karpathy, VQA questions, JSONL).
         images: Image folder of --data.
@@ -199,7 +199,7 @@ def predict(*, model: str, input: str, out: str, question: list[str] | None = No
     """Caption and question a whole collection on any number of processes, resumably, with per-token evidence.
 
     Args:
-        model: Exported model directory or Lightning .ckpt.
+        model: Exported model directory, Lightning .ckpt, or hf:NAME_OR_DIR (a Hugging Face captioner).
         input: A folder (recursive), a glob, a text file of paths, a JSONL file ("image", optional "key" and
             "phrases", other fields carried) or WebDataset shards (path, {000..009} pattern, URL).
         out: Output directory: one file per chunk, manifest.json, errors.jsonl; rerun to resume.
@@ -249,7 +249,7 @@ def ground(image: str, phrase: str, *, model: str, out: str | None = None, maps:
     Args:
         image: Image file.
         phrase: The phrase to find, e.g. 'a red circle'.
-        model: Exported model directory or Lightning .ckpt.
+        model: Exported model directory, Lightning .ckpt, or hf:NAME_OR_DIR (a Hugging Face captioner).
         out: Write ground.png (the box drawn on the overlay) here.
         threshold: The box encloses the peak's region above this fraction of the peak.
         runtime: torch, or onnx: MODEL is an ONNX export (vlm export --format onnx) run on ONNX Runtime.
@@ -264,7 +264,7 @@ def demo(*, model: str, out: str = "runs/demo", runtime: str = "torch") -> None:
     """Show what a model learned: captions, answers and an overlay.
 
     Args:
-        model: Exported model directory or Lightning .ckpt.
+        model: Exported model directory, Lightning .ckpt, or hf:NAME_OR_DIR (a Hugging Face captioner).
         out: Where to write the overlays.
         runtime: torch, or onnx: MODEL is an ONNX export (vlm export --format onnx) run on ONNX Runtime.
     """
@@ -298,7 +298,7 @@ def serve(*, model: str, host: str = "127.0.0.1", port: int = 8000, max_upload_m
     """Serve a model: a web page and a JSON API (caption, ask, attend, ground).
 
     Args:
-        model: Exported model directory or Lightning .ckpt.
+        model: Exported model directory, Lightning .ckpt, or hf:NAME_OR_DIR (a Hugging Face captioner).
         host: Address to bind (default: this machine only).
         port: Port to listen on.
         max_upload_mb: Largest accepted upload, in MiB.
@@ -421,18 +421,19 @@ def export(*, model: str, out: str, format: str = "onnx", maps: bool = False, qu
     """Export a model for deployment: ONNX encoder and decoder step with its key/value cache, for --runtime onnx.
 
     Args:
-        model: Exported model directory or Lightning .ckpt.
+        model: Exported model directory, Lightning .ckpt, or hf:NAME_OR_DIR (a Hugging Face captioner).
         out: Output directory (encoder.onnx, decoder.onnx, onnx.json, config.json, tokenizer.json).
         format: onnx (the only format).
         maps: Also output each step's attention weights, for raw and rollout maps (vlm attend --runtime onnx).
         quantize: int8: ONNX Runtime's dynamic int8 quantization of the linear layers.
     """
-    from vlm.checkpoint import load_model
+    from vlm.api import load
     from vlm.deploy.export import export_onnx
 
     if format != "onnx":
         raise VLMError(f"--format: expected onnx, got {format!r}")
-    written = export_onnx(*load_model(model), out, maps=maps, quantize=quantize)
+    captioner = load(model, device="cpu")  # as every command loads it: a directory, a .ckpt or hf:NAME_OR_DIR
+    written = export_onnx(captioner.model, captioner.tokenizer, out, maps=maps, quantize=quantize)
     print(f"exported {model} to {written} (ONNX, {'int8' if quantize else 'fp32'}, "
           f"{'with' if maps else 'without'} maps)")
 
