@@ -143,9 +143,12 @@ def test_export_loads_back_and_the_captioner_takes_a_prompt_but_refuses_question
     path, _, model, tok = families["blip"]
     out = import_model(f"hf:{path}", tmp_path / "blip")
     again, tok2 = load_model(out)
+    converted, tok3 = load_model(f"hf:{path}")  # what --init hf:DIR and vlm export --model hf:DIR read
     pixels, ids = _pixels(), _ids(tok)
     with torch.no_grad():
         assert torch.equal(again.eval()(pixels, ids).logits, model(pixels, ids).logits)
+        assert torch.equal(converted.eval()(pixels, ids).logits, model(pixels, ids).logits)
+    assert tok3.special_tokens == tok2.special_tokens and len(tok3) == len(tok2)
     assert tok2.special_tokens == {"bos": "[DEC]", "eos": "[SEP]", "pad": "[PAD]", "unk": "[UNK]"}
     captioner = Captioner.load(out, device="cpu")
     image = Image.new("RGB", (40, 30), (200, 30, 30))

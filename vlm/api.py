@@ -62,20 +62,17 @@ class Captioner:
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device | None = None, runtime: str = "torch",
              threads: int | None = None) -> Captioner:
-        """Load an exported model directory or a Lightning checkpoint (.ckpt), never running its code
-        (`vlm.checkpoint`); with ``runtime="onnx"``, an ONNX export (``vlm export --format onnx``) on ONNX Runtime
-        (`OnnxCaptioner`, CPU, ``threads`` intra-op threads, default all cores)."""
+        """Load an exported model directory, a Lightning checkpoint (.ckpt) or ``hf:NAME_OR_DIR`` (a Hugging Face
+        captioner, converted in memory), never running its code (`vlm.checkpoint`); with ``runtime="onnx"``, an ONNX
+        export (``vlm export --format onnx``) on ONNX Runtime (`OnnxCaptioner`, CPU, ``threads`` intra-op threads,
+        default all cores)."""
         if runtime == "onnx":
             from vlm.deploy.runtime import OnnxModel
 
             return OnnxCaptioner(*OnnxModel.load(path, threads))
         if runtime != "torch":
             raise VLMError(f"runtime: expected torch or onnx, got {runtime!r}")
-        if str(path).startswith("hf:"):  # a Hugging Face captioner, converted in memory (vlm.hub)
-            from vlm.hub import load_hf
-
-            return cls(*load_hf(str(path)), device)
-        return cls(*load_model(path), device)
+        return cls(*load_model(path), device)  # a directory, a .ckpt, or hf:NAME_OR_DIR converted in memory
 
     @property
     def makes_maps(self) -> bool:

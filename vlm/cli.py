@@ -45,8 +45,8 @@ def train(config: TrainConfig, *, out: str = "runs/default", resume: str | None 
     Args:
         out: Output directory.
         resume: Continue a run from a checkpoint: a .ckpt path, or last (OUT/checkpoints/last.ckpt).
-        init: Start from these weights (exported model or .ckpt), with their model config and tokenizer; SCST
-            (scst.enabled) needs it.
+        init: Start from these weights (exported model, .ckpt or hf:NAME_OR_DIR), with their model config and
+            tokenizer; SCST (scst.enabled) needs it.
     """
     from vlm.train.run import train as fit
 
