@@ -90,7 +90,7 @@ class ServeProcess:
     """`vlm serve` of an exported model started as a real process on a free port of 127.0.0.1 (one torch thread),
     its output going to ``log``. `ready` waits for it to answer; `stop` ends it: call it in a fixture's finaliser."""
 
-    def __init__(self, model_dir: Path, log: Path):
+    def __init__(self, model_dir: Path, log: Path, *options: str):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -98,7 +98,7 @@ class ServeProcess:
         with open(log, "w") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "vlm.cli", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
-                 "--port", str(port)], env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=out,
+                 "--port", str(port), *options], env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=out,
                 stderr=subprocess.STDOUT)
 
     def ready(self, timeout: float = 120) -> str:

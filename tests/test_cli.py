@@ -286,7 +286,7 @@ def test_an_onnx_export_where_a_torch_model_is_needed_names_the_commands_that_ru
     export.mkdir()
     (export / "onnx.json").write_text("{}")  # an export's facts and no torch weights
     _one_error_line(main(["export", "--model", str(export), "--out", str(tmp_path / "again")]), capsys,
-                    "vlm caption, ask, attend, eval, ground, predict and demo run it with --runtime onnx",
+                    "vlm caption, ask, attend, eval, ground, predict, demo and serve run it with --runtime onnx",
                     "needs the torch model")
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import image_sensitive_model, random_images, tiny_config
+from tests.conftest import ServeProcess, image_sensitive_model, random_images, tiny_config
 from vlm.api import NO_MAPS, Captioner, load
 from vlm.cli import main
 from vlm.config import DecodingConfig
@@ -420,7 +420,7 @@ def test_a_damaged_or_mismatched_export_is_one_line(exported, tmp_path, capsys, 
                  str(tmp_path / "o")]) == 1  # the int8 export has no maps
     assert "exported without maps" in capsys.readouterr().err
     assert main(["caption", str(tmp_path / "a.png"), "--model", str(exported[2])]) == 1  # an export, torch runtime
-    assert ("an ONNX export (vlm export): vlm caption, ask, attend, eval, ground, predict and demo run it with "
+    assert ("an ONNX export (vlm export): vlm caption, ask, attend, eval, ground, predict, demo and serve run it with "
             "--runtime onnx") in capsys.readouterr().err
 
 
@@ -488,3 +488,32 @@ def test_eval_ground_and_demo_run_an_export_with_runtime_onnx_as_the_torch_model
     said = capsys.readouterr()
     assert said.out.replace(str(tmp_path / "plain"), "OUT") == "\n".join(demo.splitlines()[:-1]) + "\n"
     assert said.err == f"note: attention overlays {NO_MAPS}\n"
+
+
+def test_serve_runs_an_export_with_runtime_onnx_as_the_torch_model(exported, tmp_path):
+    import httpx
+
+    torch_dir, onnx_dir, *_ = exported
+    server = ServeProcess(onnx_dir, tmp_path / "serve.log", "--runtime", "onnx")
+    try:
+        url = server.ready()
+        images = [make_scene(i, "val", image_size=64).image for i in range(2)]
+        files = [{"image": ("a.png", _png(image), "image/png")} for image in images]
+        ours = load(torch_dir, device="cpu")
+        captions = [httpx.post(url + "api/caption", files=f, timeout=60).json()["caption"] for f in files]
+        assert captions == ours.caption(images) and len(set(captions)) == 2
+        body = httpx.post(url + "api/attend", files=files[0], data={"method": "rollout"}, timeout=60).json()
+        expected = ours.attend(images[0], method="rollout")
+        assert body["tokens"] == expected.tokens and np.abs(np.array(body["maps"]) - expected.maps).max() < 1e-4
+        refused = httpx.post(url + "api/attend", files=files[0], data={"method": "chefer"}, timeout=60)
+        assert refused.status_code == 400 and "chefer" in refused.json()["error"]
+    finally:
+        server.stop()
+
+
+def _png(image) -> bytes:
+    import io
+
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()

@@ -40,7 +40,7 @@ from vlm.text.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
-ONNX_COMMANDS = ("caption", "ask", "attend", "eval", "ground", "predict", "demo")
+ONNX_COMMANDS = ("caption", "ask", "attend", "eval", "ground", "predict", "demo", "serve")
 """The `vlm` commands with ``--runtime onnx``: the error for an ONNX export where a torch model is needed names
 them, so that it is true of every command (tests/test_cli.py checks them against the commands' options)."""
 

@@ -294,7 +294,7 @@ def demo(*, model: str, out: str = "runs/demo", runtime: str = "torch") -> None:
 
 
 def serve(*, model: str, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 20.0,
-          max_pixels: int | None = None) -> None:
+          max_pixels: int | None = None, runtime: str = "torch") -> None:
     """Serve a model: a web page and a JSON API (caption, ask, attend, ground).
 
     Args:
@@ -303,13 +303,14 @@ def serve(*, model: str, host: str = "127.0.0.1", port: int = 8000, max_upload_m
         port: Port to listen on.
         max_upload_mb: Largest accepted upload, in MiB.
         max_pixels: Largest accepted image, in pixels (default: $VLM_MAX_PIXELS or the loader's limit).
+        runtime: torch, or onnx: MODEL is an ONNX export (vlm export --format onnx) run on ONNX Runtime.
     """
     import uvicorn
 
     from vlm.api import load
     from vlm.serve import create_app
 
-    app = create_app(load(model), max_upload_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels)
+    app = create_app(load(model, runtime=runtime), max_upload_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     with _listen(host, port) as sock:  # bound here, so that a busy port is our one-line error, not uvicorn's exit
         print(f"serving {model} on http://{host}:{sock.getsockname()[1]}/", flush=True)  # port 0: the one chosen
