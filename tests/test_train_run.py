@@ -117,6 +117,7 @@ def test_a_run_without_validation_checkpoints_and_resumes_with_its_own_model_and
     renumber or reshape the trained weights (it failed loading them, or trained on remapped token ids), and the
     setting not used is named."""
     import json
+    import warnings
 
     import torch
 
@@ -131,8 +132,11 @@ def test_a_run_without_validation_checkpoints_and_resumes_with_its_own_model_and
                             saved.append((Path(path).name, checkpoint["global_step"])), save(self, checkpoint, path)))
     cfg = _tiny_train_config(max_steps=4, val_check_interval=2)
     cfg.data.sources = [SourceConfig(str(write_shapes(tmp_path / "data", 8)["jsonl"]))]
-    first = train(cfg, tmp_path / "run")
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        first = train(cfg, tmp_path / "run")
     assert saved == [("last.ckpt", 2), ("last.ckpt", 4), ("last.ckpt", 4)]  # periodic, periodic, final
+    assert not [str(w.message) for w in said if "across ranks is zero" in str(w.message)]  # no empty validation loop
     tokenizer = (first / "tokenizer.json").read_text()
     other = _tiny_train_config(max_steps=6, val_check_interval=2)  # the built-in scenes: another vocabulary
     other.model.decoder.depth = 4

@@ -92,6 +92,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: str | None = None, init: st
                                          if cfg.scst.enabled and cfg.val.generate else {"monitor": "val/loss"}))
     trainer_args = asdict(cfg.trainer)
     trainer_args.pop("seed")
+    if data.val_set is None:  # no validation loop at all (Lightning warned of an empty one at every interval)
+        trainer_args["limit_val_batches"] = 0
     if sharded:  # FSDP2, on GPUs and CPUs alike (vlm.train.sharding)
         trainer_args["strategy"] = FSDPStrategy()
     # Progress: a bar with images/s and ETA on a terminal, a line every log_every_n_steps steps when piped.
