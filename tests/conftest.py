@@ -86,6 +86,18 @@ def image_sensitive_model(tokenizer: Tokenizer, max_length: int = 24) -> VisionL
     return model.eval()
 
 
+def spoil_shard_images(folder: Path, every: int = 7) -> None:
+    """Make every ``every``-th sample's image (from the 4th) of each shard in ``folder`` unreadable, in place."""
+    import webdataset as wds
+
+    for shard in sorted(folder.glob("*.tar")):
+        samples = list(wds.WebDataset(str(shard), shardshuffle=False))
+        with wds.TarWriter(str(shard)) as sink:
+            for n, sample in enumerate(samples):
+                sink.write({k: b"not a png" if k == "png" and n % every == 3 else v for k, v in sample.items()
+                            if not k.startswith("__") or k == "__key__"})
+
+
 class ServeProcess:
     """`vlm serve` of an exported model started as a real process on a free port of 127.0.0.1 (one torch thread),
     its output going to ``log``. `ready` waits for it to answer; `stop` ends it: call it in a fixture's finaliser."""

@@ -18,6 +18,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from tests.conftest import spoil_shard_images
 from vlm.config import ValConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -259,6 +260,7 @@ def test_a_ddp_run_on_shards_resumed_with_more_steps_sees_the_batches_of_the_uni
     from vlm.data.export import write_shapes
 
     shards = write_shapes(tmp_path / "data", 120)["shards"]  # two shards: one per process
+    spoil_shard_images(shards)  # unreadable samples among them: their places go to the next readable ones
     common = ("--trainer.devices", "2", "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp",
               "--trainer.val_check_interval", "100", "--data.batch_size", "4", "--data.num_workers", "1",
               "--data.shuffle_buffer", "8", "--data.sources", json.dumps([{"path": str(shards / "*.tar")}]),
@@ -272,6 +274,7 @@ def test_a_ddp_run_on_shards_resumed_with_more_steps_sees_the_batches_of_the_uni
         assert result.returncode == 0, result.stderr[-3000:]
         logs[name] = [json.loads(line) for line in (out / "batches.jsonl").read_text().splitlines()]
     full = {(line["step"], line["rank"]): line for line in logs["full"]}
+    assert json.loads((tmp_path / "full" / "data_report.json").read_text())["skipped_while_loading"] > 0
     assert sorted(full) == [(step, rank) for step in range(6) for rank in (0, 1)]
     assert len({line["texts"] for line in full.values()}) == 12  # every batch of every process differs
     assert sorted((line["step"], line["rank"]) for line in logs["part"]) == sorted(full)  # each step once

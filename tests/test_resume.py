@@ -26,10 +26,9 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-import webdataset as wds
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from tests.conftest import tiny_config
+from tests.conftest import spoil_shard_images, tiny_config
 from vlm.config import DataConfig, OptimConfig, SourceConfig
 from vlm.data.datasets import mixture_weights
 from vlm.data.export import write_shapes
@@ -167,12 +166,7 @@ def test_resume_continues_order_draws_optimizer_and_schedule(tokenizer, tmp_path
 def shapes_on_disk(tmp_path_factory) -> dict[str, Path]:
     """The scenes' layouts (two shards: 100 and 50 samples), with every 7th shard sample's image unreadable."""
     files = write_shapes(tmp_path_factory.mktemp("shapes"), 150)
-    for shard in files["shards"].glob("*.tar"):
-        samples = list(wds.WebDataset(str(shard), shardshuffle=False))
-        with wds.TarWriter(str(shard)) as sink:
-            for n, sample in enumerate(samples):
-                sink.write({k: b"not a png" if k == "png" and n % 7 == 3 else v for k, v in sample.items()
-                            if not k.startswith("__") or k == "__key__"})
+    spoil_shard_images(files["shards"])
     return files
 
 
