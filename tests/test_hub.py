@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from tests.hub_models import BERT_VOCAB, MEAN, STD, tiny_blip, tiny_vit_bert, tiny_vit_gpt2
-from vlm.api import Captioner
+from vlm.api import Captioner, read_model
 from vlm.checkpoint import load_model
 from vlm.cli import main
 from vlm.config import DecodingConfig, MapConfig
@@ -143,7 +143,7 @@ def test_export_loads_back_and_the_captioner_takes_a_prompt_but_refuses_question
     path, _, model, tok = families["blip"]
     out = import_model(f"hf:{path}", tmp_path / "blip")
     again, tok2 = load_model(out)
-    converted, tok3 = load_model(f"hf:{path}")  # what --init hf:DIR and vlm export --model hf:DIR read
+    converted, tok3 = read_model(f"hf:{path}")  # what --init hf:DIR and vlm export --model hf:DIR read
     pixels, ids = _pixels(), _ids(tok)
     with torch.no_grad():
         assert torch.equal(again.eval()(pixels, ids).logits, model(pixels, ids).logits)

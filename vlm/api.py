@@ -72,7 +72,7 @@ class Captioner:
             return OnnxCaptioner(*OnnxModel.load(path, threads))
         if runtime != "torch":
             raise VLMError(f"runtime: expected torch or onnx, got {runtime!r}")
-        return cls(*load_model(path), device)  # a directory, a .ckpt, or hf:NAME_OR_DIR converted in memory
+        return cls(*read_model(path), device)
 
     @property
     def makes_maps(self) -> bool:
@@ -278,6 +278,17 @@ class OnnxCaptioner(Captioner):
             return [m.numpy() for m in self.model.token_maps(image_kv, prompts, targets, maps, per_layer=per_layer)]
         except ValueError as e:  # another method than raw, a layer or head out of range
             raise VLMError(str(e)) from None
+
+
+def read_model(path: str | os.PathLike) -> tuple[VisionLanguageModel, Tokenizer]:
+    """The model (CPU, train mode as built) and tokenizer of what every command's MODEL names: an exported directory
+    or a Lightning .ckpt (`vlm.checkpoint.load_model`), or ``hf:NAME_OR_DIR``, a Hugging Face captioner converted in
+    memory (`vlm.hub.load_hf`); never running the source's code."""
+    if str(path).startswith("hf:"):
+        from vlm.hub import load_hf
+
+        return load_hf(str(path))
+    return load_model(path)
 
 
 MAP_FIELDS = {f.name for f in fields(MapConfig)}

@@ -66,16 +66,11 @@ def file_mode() -> int:
 
 
 def load_model(path: str | os.PathLike) -> tuple[VisionLanguageModel, Tokenizer]:
-    """The model (on the CPU, in train mode as built) and tokenizer of an exported directory, a .ckpt file, or
-    ``hf:NAME_OR_DIR`` (a Hugging Face captioner, converted in memory by `vlm.hub.load_hf`).
+    """The model (on the CPU, in train mode as built) and tokenizer of an exported directory or a .ckpt file.
 
     Every problem (a missing file, a bad config, weights that do not fit it, a pickle that is not plain data)
     is a `VLMError` of one line naming the file.
     """
-    if str(path).startswith("hf:"):
-        from vlm.hub import load_hf
-
-        return load_hf(str(path))
     path = Path(path)
     if path.is_dir():
         return _load_exported(path)

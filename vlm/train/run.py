@@ -12,7 +12,8 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.strategies import Strategy
 
-from vlm.checkpoint import load_model, save_model
+from vlm.api import read_model
+from vlm.checkpoint import save_model
 from vlm.config import ModelConfig, TrainConfig
 from vlm.data.builtin import scene_texts
 from vlm.data.datasets import EndlessStream, SourceData
@@ -67,7 +68,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: str | None = None, init: st
         resumed, tokenizer = resume_model(ckpt_path)
         start = None  # the weights come from the checkpoint
     elif init:
-        start, tokenizer = load_model(init)
+        start, tokenizer = read_model(init)
     else:
         start, tokenizer = None, Tokenizer.train(texts, tok_cfg.kind, tok_cfg.vocab_size, tok_cfg.min_frequency)
     if resumed is not None or start is not None:
