@@ -18,7 +18,7 @@ from PIL import Image
 
 from tests.conftest import image_sensitive_model, random_images
 from vlm.api import Captioner, load
-from vlm.cli import COMMANDS, build_parser, main
+from vlm.cli import COMMANDS, SHARED_HELP, build_parser, main
 from vlm.data.scenes import make_scene
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -208,6 +208,18 @@ def test_options_come_from_the_dataclasses_with_their_aliases(spelling):
     assert args.temperature == DecodingConfig.temperature and args.method == MapConfig.method  # one default each
     fields = {p.arg_name: p.description for p in docstring_parser.parse_from_object(DecodingConfig).params}
     assert " ".join(fields["top_k"].split()) in " ".join(parser.format_help().split())  # help: the field's docstring
+
+
+def test_every_option_has_help_and_shared_options_say_the_same():
+    """--model and --runtime mean the same on every command: their help is said once (`SHARED_HELP`)."""
+    for name, command in COMMANDS.items():
+        if not callable(command):
+            continue
+        parser = build_parser(f"vlm {name}", command)
+        helps = {a.dest: a.help for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
+        assert all(helps.values()), (name, [dest for dest, text in helps.items() if not text])
+        for option in SHARED_HELP.keys() & inspect.signature(command).parameters.keys():
+            assert helps[option] == SHARED_HELP[option], (name, option)
 
 
 def test_cli_passes_decoding_flags(tiny_model, tokenizer, tmp_path, capsys):

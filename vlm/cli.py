@@ -61,9 +61,7 @@ def caption(images: list[str], *, model: str, decoding: DecodingConfig, json: bo
 
     Args:
         images: Image files.
-        model: Exported model directory, Lightning .ckpt, or hf:NAME_OR_DIR (a Hugging Face captioner).
         json: One JSON object per caption ("image", "caption"; with --num_samples K > 1 also "sample", 0 to K-1).
-        runtime: torch, or onnx: MODEL is an ONNX export (vlm export --format onnx) run on ONNX Runtime.
         prompt: Text the caption continues, e.g. 'a picture of' (the caption printed begins with it).
     """
     from vlm.api import load
@@ -80,9 +78,7 @@ def ask(image: str, question: str, *, model: str, decoding: DecodingConfig, json
     Args:
         image: Image file.
         question: The question.
-        model: Exported model directory, Lightning .ckpt, or hf:NAME_OR_DIR (a Hugging Face captioner).
         json: One JSON object per answer ("image", "question", "answer"; with --num_samples K > 1 also "sample").
-        runtime: torch, or onnx: MODEL is an ONNX export (vlm export --format onnx) run on ONNX Runtime.
     """
     from vlm.api import load
 
@@ -104,10 +100,8 @@ def attend(image: str, *, model: str, out: str, question: str | None = None, dec
 
     Args:
         image: Image file.
-        model: Exported model directory, Lightning .ckpt, or hf:NAME_OR_DIR (a Hugging Face captioner).
         out: Output directory.
         question: Answer this question instead of captioning.
-        runtime: torch, or onnx: MODEL is an ONNX export (vlm export --format onnx) run on ONNX Runtime.
         prompt: Text the caption continues, e.g. 'a picture of' (maps are drawn for the words after it).
     """
     from vlm.api import load
@@ -128,7 +122,6 @@ def evaluate(*, model: str | None = None, results: str | None = None, data: str 
     """Score a model or a results file on a dataset (default: held-out built-in scenes); prints metrics as JSON.
 
     Args:
-        model: Exported model directory, Lightning .ckpt, or hf:NAME_OR_DIR (a Hugging Face captioner).
         results: Score this results file (COCO captions or VQA answers) instead of a model.
         data: Annotation file (COCO, Karpathy, VQA questions, JSONL).
         images: Image folder of --data.
@@ -142,7 +135,6 @@ def evaluate(*, model: str | None = None, results: str | None = None, data: str 
         out: With --data: output directory for result files, metrics.json and per_image.csv (default: eval_out);
             without: also write the metrics JSON to this file.
         report: Also write an HTML report with maps to this file.
-        runtime: torch, or onnx: MODEL is an ONNX export (vlm export --format onnx) run on ONNX Runtime.
     """
     from vlm.api import load
 
@@ -199,7 +191,6 @@ def predict(*, model: str, input: str, out: str, question: list[str] | None = No
     """Caption and question a whole collection on any number of processes, resumably, with per-token evidence.
 
     Args:
-        model: Exported model directory, Lightning .ckpt, or hf:NAME_OR_DIR (a Hugging Face captioner).
         input: A folder (recursive), a glob, a text file of paths, a JSONL file ("image", optional "key" and
             "phrases", other fields carried) or WebDataset shards (path, {000..009} pattern, URL).
         out: Output directory: one file per chunk, manifest.json, errors.jsonl; rerun to resume.
@@ -222,7 +213,6 @@ def predict(*, model: str, input: str, out: str, question: list[str] | None = No
         precision: Lightning precision, e.g. bf16-mixed.
         progress_every: Batches between progress lines when stdout is not a terminal.
         prompt: Text each caption continues, e.g. 'a picture of' (the caption written begins with it).
-        runtime: torch, or onnx: MODEL is an ONNX export (vlm export --format onnx), run on the CPU.
         threads: CPU threads per process (default: the cores shared among the processes): batches run side by
             side, one thread each (torch's or ONNX Runtime's).
     """
@@ -249,10 +239,8 @@ def ground(image: str, phrase: str, *, model: str, out: str | None = None, maps:
     Args:
         image: Image file.
         phrase: The phrase to find, e.g. 'a red circle'.
-        model: Exported model directory, Lightning .ckpt, or hf:NAME_OR_DIR (a Hugging Face captioner).
         out: Write ground.png (the box drawn on the overlay) here.
         threshold: The box encloses the peak's region above this fraction of the peak.
-        runtime: torch, or onnx: MODEL is an ONNX export (vlm export --format onnx) run on ONNX Runtime.
     """
     from vlm.api import load
     from vlm.grounding.ground import ground as find
@@ -264,9 +252,7 @@ def demo(*, model: str, out: str = "runs/demo", runtime: str = "torch") -> None:
     """Show what a model learned: captions, answers and an overlay.
 
     Args:
-        model: Exported model directory, Lightning .ckpt, or hf:NAME_OR_DIR (a Hugging Face captioner).
         out: Where to write the overlays.
-        runtime: torch, or onnx: MODEL is an ONNX export (vlm export --format onnx) run on ONNX Runtime.
     """
     from vlm.api import NO_MAPS, load
     from vlm.data.scenes import make_scene
@@ -298,12 +284,10 @@ def serve(*, model: str, host: str = "127.0.0.1", port: int = 8000, max_upload_m
     """Serve a model: a web page and a JSON API (caption, ask, attend, ground).
 
     Args:
-        model: Exported model directory, Lightning .ckpt, or hf:NAME_OR_DIR (a Hugging Face captioner).
         host: Address to bind (default: this machine only).
         port: Port to listen on.
         max_upload_mb: Largest accepted upload, in MiB.
         max_pixels: Largest accepted image, in pixels (default: $VLM_MAX_PIXELS or the loader's limit).
-        runtime: torch, or onnx: MODEL is an ONNX export (vlm export --format onnx) run on ONNX Runtime.
     """
     import uvicorn
 
@@ -422,7 +406,6 @@ def export(*, model: str, out: str, format: str = "onnx", maps: bool = False, qu
     """Export a model for deployment: ONNX encoder and decoder step with its key/value cache, for --runtime onnx.
 
     Args:
-        model: Exported model directory, Lightning .ckpt, or hf:NAME_OR_DIR (a Hugging Face captioner).
         out: Output directory (encoder.onnx, decoder.onnx, onnx.json, config.json, tokenizer.json).
         format: onnx (the only format).
         maps: Also output each step's attention weights, for raw and rollout maps (vlm attend --runtime onnx).
@@ -461,6 +444,12 @@ COMMANDS: dict[str, Callable[..., None] | Group] = {
 
 OPTION_GROUPS = (DecodingConfig, MapConfig)
 """Dataclasses whose fields become a command's options when one of its parameters has their type."""
+
+SHARED_HELP = {
+    "model": "Exported model directory, Lightning .ckpt, or hf:NAME_OR_DIR (a Hugging Face captioner).",
+    "runtime": "torch, or onnx: MODEL is an ONNX export (vlm export --format onnx) run on ONNX Runtime, on the CPU.",
+}
+"""The help of options that many commands share, said once; a command's docstring may say its own instead."""
 
 
 def _summary(command: Callable[..., None] | Group) -> str:
@@ -531,7 +520,7 @@ def build_parser(prog: str, command: Callable[..., None] | Group) -> ArgumentPar
     parser = ArgumentParser(prog=prog, description=doc.description, exit_on_error=False, allow_abbrev=False,
                             formatter_class=_HelpFormatter,
                             epilog=None if "config" in params else "Option names take - or _ alike (--top-k, --top_k).")
-    helps = {p.arg_name: p.description for p in doc.params}
+    helps = {**SHARED_HELP, **{p.arg_name: p.description for p in doc.params}}
     hints = typing.get_type_hints(command)
     for param in params.values():
         hint = hints[param.name]
