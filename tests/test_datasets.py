@@ -369,3 +369,37 @@ def test_vlm_data_shapes_refuses_sizes_splits_and_counts_it_cannot_write(tmp_pat
     """An image side below 10 placed objects forever (the command hung); 1 or 2 failed deep in numpy."""
     assert main(["data", "shapes", "--out", str(tmp_path / "out"), "--num_images", "2", *args]) == 1
     assert capsys.readouterr().err.strip() == f"vlm data: error: {message}"
+
+
+class _Keys:
+    """A stand-in for a RecordDataset of 5 records: each item is its key, so a stream's order is what it yields."""
+
+    def __len__(self) -> int:
+        return 5
+
+    def __getitem__(self, key):
+        return key, "groups", None
+
+
+def test_a_resumed_file_stream_or_mixture_goes_on_where_it_would_be_after_skip_items(monkeypatch):
+    """`items(skip)` (a resumed run's stream) equals the stream with its first ``skip`` items dropped, for skips
+    inside an epoch and across whole epochs, which it neither reads nor draws."""
+    from itertools import islice
+
+    from vlm.data import datasets
+    from vlm.data.datasets import RecordStream, StreamMixture
+
+    stream = RecordStream(_Keys(), seed=0)
+    full = list(islice(stream.items(), 40))
+    epochs = [full[e * 5:(e + 1) * 5] for e in range(8)]
+    assert all(sorted(key for key, _, _ in epoch) == [(i, e) for i in range(5)] for e, epoch in enumerate(epochs))
+    assert len({tuple(i for (i, _), _, _ in epoch) for epoch in epochs}) > 1  # each epoch in an order of its own
+    for skip in range(30):
+        assert list(islice(stream.items(skip), 10)) == full[skip:skip + 10]
+    mixture = StreamMixture([RecordStream(_Keys(), 1), RecordStream(_Keys(), 2)], [0.3, 0.7], seed=0)
+    full = list(islice(mixture.items(), 40))
+    for skip in range(30):
+        assert list(islice(mixture.items(skip), 10)) == full[skip:skip + 10]
+    monkeypatch.setattr(datasets, "_stream_position", lambda: (7, 8))  # reader 7 of 8, for 5 records
+    with pytest.raises(VLMError, match="5 records for 8 readers .* reader 7 gets none"):
+        next(stream.items())

@@ -525,13 +525,15 @@ class RecordStream(EndlessStream):
         """The stream's items after its first ``skip`` (`ResumedStream`), which are not read (each index gives one
         item, an unreadable image being replaced by the next readable one)."""
         reader, readers = _stream_position()
-        n = 0
-        for epoch in range(ENDLESS):
-            order = np.random.default_rng((self.seed, epoch)).permutation(len(self.dataset))
-            for i in order[reader::readers]:
-                if n >= skip:
-                    yield self.dataset[(int(i), epoch)]
-                n += 1
+        share = len(range(reader, len(self.dataset), readers))  # this reader's indices of each epoch
+        if not share:
+            raise VLMError(f"{len(self.dataset)} records for {readers} readers (DDP processes x data-loader "
+                           f"workers): reader {reader} gets none; use fewer data.num_workers")
+        first = skip // share  # the epochs skipped whole are not even drawn
+        for epoch in range(first, ENDLESS):
+            order = np.random.default_rng((self.seed, epoch)).permutation(len(self.dataset))[reader::readers]
+            for i in order[skip - first * share if epoch == first else 0:]:
+                yield self.dataset[(int(i), epoch)]
 
 
 class StreamMixture(EndlessStream):
@@ -549,7 +551,8 @@ class StreamMixture(EndlessStream):
         of each stream to skip."""
         reader, _ = _stream_position()
         rng = np.random.default_rng((self.seed, reader))
-        skips = np.bincount([rng.choice(len(self.streams), p=self.p) for _ in range(skip)], minlength=len(self.streams))
+        drawn = rng.choice(len(self.streams), size=skip, p=self.p)  # the same draws as one at a time
+        skips = np.bincount(drawn, minlength=len(self.streams))
         iterators = [s.items(int(k)) for s, k in zip(self.streams, skips, strict=True)]
         count = skip
         while True:
