@@ -28,7 +28,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from vlm.checkpoint import file_mode
+from vlm.checkpoint import file_mode, state_from_checkpoint
 from vlm.config import ModelConfig, model_config_from_dict
 from vlm.data.batch import Batch
 from vlm.errors import VLMError
@@ -96,12 +96,10 @@ def resume_path(resume: str, out: str | os.PathLike, sharded: bool = False) -> P
 def resume_model(path: str | os.PathLike) -> tuple[ModelConfig, Tokenizer]:
     """The model config and tokenizer of the run a checkpoint (checked by `resume_path`) belongs to, from its
     hyper-parameters (plain dicts and the tokenizer's JSON, read with ``weights_only=True``)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        hp = torch.load(path, map_location="cpu", weights_only=True)["hyper_parameters"]
     try:
-        model_cfg = model_config_from_dict(hp["model"])
-        return model_cfg, Tokenizer.from_str(hp["tokenizer"], model_cfg.special_tokens)
+        _, model, tokenizer = state_from_checkpoint(path)
+        model_cfg = model_config_from_dict(model)
+        return model_cfg, Tokenizer.from_str(tokenizer, model_cfg.special_tokens)
     except Exception as e:  # a checkpoint of another program, or of a broken run
         raise VLMError(f"{path}: cannot resume from this checkpoint: no vlm model config and tokenizer in its "
                        f"hyper_parameters ({e.__class__.__name__}: {' '.join(str(e).split())[:200]})") from None

@@ -107,12 +107,11 @@ def train(cfg: TrainConfig, out: str | Path, resume: str | None = None, init: st
         callbacks.insert(0, GenerationMetrics(cfg.val.samples, cfg.val.collapse_share, maps=cfg.val.maps))
     # check_val_every_n_epoch=None: val_check_interval counts training batches across epochs, so data smaller
     # than one interval still validates.
-    with quiet_lightning():
-        trainer = L.Trainer(**trainer_args, default_root_dir=out, callbacks=callbacks, num_sanity_val_steps=0,
-                            check_val_every_n_epoch=None, plugins=[AtomicCheckpointIO()])
     try:
         try:
             with quiet_lightning():
+                trainer = L.Trainer(**trainer_args, default_root_dir=out, callbacks=callbacks, num_sanity_val_steps=0,
+                                    check_val_every_n_epoch=None, plugins=[AtomicCheckpointIO()])
                 trainer.fit(module, data, ckpt_path=ckpt_path, weights_only=True)
         except VLMError as e:
             raise worker_error(e) from None
