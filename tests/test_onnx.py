@@ -488,6 +488,10 @@ def test_eval_ground_and_demo_run_an_export_with_runtime_onnx_as_the_torch_model
     said = capsys.readouterr()
     assert said.out.replace(str(tmp_path / "plain"), "OUT") == "\n".join(demo.splitlines()[:-1]) + "\n"
     assert said.err == f"note: attention overlays {NO_MAPS}\n"
+    assert main(["predict", "--model", str(plain), "--runtime", "onnx", "--input", str(image), "--out",
+                 str(tmp_path / "predicted"), "--maps"]) == 1  # refused before any work
+    assert capsys.readouterr().err == f"vlm predict: error: {plain}: exported without maps; export again with vlm " \
+                                      "export --maps\n" and not (tmp_path / "predicted").exists()
 
 
 def test_serve_runs_an_export_with_runtime_onnx_as_the_torch_model(exported, tmp_path):

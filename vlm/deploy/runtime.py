@@ -224,14 +224,19 @@ class OnnxModel:
                            f"not match the encoder's {keys_values.shape[4]} image tokens")
         return OnnxImages(keys_values[0], keys_values[1]), self.grid  # views, not copies
 
+    def require_maps(self) -> None:
+        """A one-line error for an export made without attention outputs (no maps on it)."""
+        if not self.maps:
+            raise VLMError(f"{self.path}: exported without maps; export again with vlm export --maps")
+
     def bind(self, cache: np.ndarray, images: OnnxImages, maps: bool, self_weights: bool = False,
              threads: int | None = None) -> BoundStep:
         """The decoder step on a cache (2, L, R, H, C, hd) and images, bound once for all of a decoding's steps
         (`BoundStep`); with maps, the steps also return the cross-attention, with self_weights the self-attention.
         On the session of ``threads`` threads (a lane's), else on one thread for at most SMALL_STEP_ROWS rows and on
         all the model's above."""
-        if maps and not self.maps:
-            raise VLMError(f"{self.path}: exported without maps; export again with vlm export --maps")
+        if maps:
+            self.require_maps()
         if threads is None:
             threads = 1 if cache.shape[2] <= SMALL_STEP_ROWS else self.lanes
         return BoundStep(self, self.session(DECODER, threads), cache, images, maps, self_weights)

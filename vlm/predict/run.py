@@ -74,8 +74,7 @@ def _runtime(model: str | os.PathLike | tuple[VisionLanguageModel, Tokenizer], r
     captioner = Captioner.load(model, runtime="onnx", threads=1)
     onnx = captioner.model
     if map_config is not None:  # refused now, in one line, not in the first batch
-        if not onnx.maps:
-            raise VLMError(f"{onnx.path}: exported without maps; export again with vlm export --maps")
+        onnx.require_maps()
         try:
             onnx.token_maps(None, [], [], map_config)  # the runtime's own checks (method, head, layers), no image
         except ValueError as e:
