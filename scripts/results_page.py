@@ -361,6 +361,37 @@ def onnx_quality(report: dict) -> str:
     return about + "\n\n" + table(["metric", "torch", "ONNX fp32", "ONNX int8", "gap", "bound"], rows)
 
 
+def onednn(report: dict) -> str:
+    r, c = report["results"], report["config"]
+    model = r["model"]
+    about = ("PyTorch's float32 product on the CPU (`F.linear`: MKL) against oneDNN's on a reordered weight "
+             "(`vlm.model.linear`, which the model's layers use for inference on the CPU), one `linear` of each size "
+             f"(rows {', '.join(map(str, c['rows']))} x the inputs and outputs of the default model's and the "
+             "benchmark model's layers), medians of "
+             f"{c['reps']} alternating repetitions: oneDNN's speed-up, by thread count. `vlm.model.linear.MIN_PRODUCT` "
+             f"({r['min_product']:,} multiply-adds) sends a product to oneDNN from that size up: it must lie above the "
+             "largest product oneDNN lost. Then scripts/bench.py's model encoding 32 images and greedily generating "
+             "16 tokens each, both ways.")
+    rows = []
+    for threads, speedups in report["speedups"].items():
+        chosen = [v for k, v in speedups.items() if multiply_adds(k) >= r["min_product"]]
+        rows.append([threads.replace("_", " "), f"{min(chosen):.2f}-{max(chosen):.2f}x",
+                     f"{sorted(chosen)[len(chosen) // 2]:.2f}x", fmt(r["largest_losing_product"][threads])])
+    text = about + "\n\n" + table(["torch threads", "speed-up from MIN_PRODUCT up", "median",
+                                    "largest product oneDNN lost"], rows)
+    model_rows = [["ms per image, F.linear", fmt(model["ms_per_image"]["torch"])],
+                  ["ms per image, oneDNN", fmt(model["ms_per_image"]["onednn"])],
+                  ["speed-up", fmt(report["ratios"]["model_onednn_vs_torch"], 2)],
+                  ["the same tokens", str(model["same_tokens"])]]
+    return text + "\n\n" + table(["the model (encode + generate)", "value"], model_rows)
+
+
+def multiply_adds(size: str) -> int:
+    """Multiply-adds of a product named rows x inputs x outputs ("32x256x1024")."""
+    rows, k, n = (int(v) for v in size.split("x"))
+    return rows * k * n
+
+
 @dataclass
 class Section:
     name: str  # benchmarks/results/NAME.json
@@ -387,6 +418,7 @@ SECTIONS = [
             "scored on the same held-out scenes. SCST trains on captions only; VQA accuracy and the pointing game "
             "show what that costs the other tasks."),
     Section("predict", "`vlm predict` throughput", predict),
+    Section("onednn", "oneDNN products on the CPU", onednn),
     Section("relational", "Relational questions", relational),
     Section("onnx_quality", "int8 quality on ONNX Runtime", onnx_quality),
     Section("help_time", "Start-up time of the command line", about="Seconds for `vlm --help` and `vlm caption --help` "

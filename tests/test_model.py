@@ -1,13 +1,18 @@
+import pickle
 from dataclasses import asdict
 
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
+import vlm.model.linear as onednn
 from tests.conftest import tiny_config
 from vlm.config import DecodingConfig, model_config_from_dict
 from vlm.model.generate import generate
+from vlm.model.linear import OneDNNLinear, ReorderedWeight, linear, use_onednn
 from vlm.model.vlm import VisionLanguageModel
 
 ENCODERS = [
@@ -147,3 +152,60 @@ def test_attention_layers_outside_the_decoder_are_refused_when_the_model_is_buil
         VisionLanguageModel(cfg, len(tokenizer))
     cfg.attention_layers = [1, -2]
     VisionLanguageModel(cfg, len(tokenizer))
+
+
+def test_onednn_products_equal_f_linear_follow_the_weight_and_leave_the_rest_to_torch():
+    layer = use_onednn(nn.Sequential(nn.Linear(256, 256)))[0]
+    assert type(layer) is OneDNNLinear
+    x = torch.randn(32, 256)  # 32 x 256 x 256 multiply-adds: over MIN_PRODUCT
+    with torch.no_grad():
+        for _ in range(2):
+            y = layer(x)
+            assert layer.reordered.tensor is not None  # oneDNN's product ran
+            torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-4)
+            layer.weight.mul_(-2)  # the next product must follow the changed weight
+    with torch.no_grad():  # torch.compile traces the plain product (as `optim.compile`'s validation does)
+        torch.testing.assert_close(torch.compile(layer, backend="eager", fullgraph=True)(x),
+                                   F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-4)
+    copied = pickle.loads(pickle.dumps(layer))  # oneDNN's layout cannot be pickled: a copy reorders its own
+    assert copied.reordered.tensor is None and torch.equal(copied.weight, layer.weight)
+    w, b = layer.weight.detach(), layer.bias.detach()
+    reordered = ReorderedWeight()
+    with torch.no_grad():
+        linear(x[:1], w, b, reordered)  # 65,536 multiply-adds: F.linear's
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert linear(x, w, b, reordered).dtype == torch.bfloat16
+        with FlopCounterMode(display=False) as flops:  # the operators are watched: plain ones
+            linear(x, w, b, reordered)
+    assert flops.get_total_flops() == 2 * 32 * 256 * 256
+    x.requires_grad_()
+    linear(x, w, b, reordered).sum().backward()  # autograd: F.linear's
+    torch.testing.assert_close(x.grad, w.sum(0).expand(32, -1))
+    assert reordered.tensor is None
+
+
+def test_a_model_encodes_and_generates_on_onednn_as_on_f_linear(tokenizer, monkeypatch):
+    torch.manual_seed(0)
+    config = tiny_config(name="test_vit", feature_level=-1, model_args={"img_size": 64})
+    model = VisionLanguageModel(config, len(tokenizer)).eval()
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) > 20 and all(type(m) is OneDNNLinear for m in linears)  # the timm trunk's too
+    monkeypatch.setattr(onednn, "MIN_PRODUCT", 0)  # the tiny model's products: all through oneDNN
+    images, prompts = torch.randn(3, 3, 64, 64), [tokenizer.caption_prompt()] * 3
+
+    def run():
+        with torch.no_grad():
+            image_kv, _ = model.encode(images)
+            return generate(model, image_kv, prompts, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                            config=DecodingConfig(max_new_tokens=8, min_new_tokens=8, beam_size=2),
+                            return_attention=True)
+
+    ours = run()
+    assert all(m.reordered.tensor is not None for m in linears) and model.decoder._head_weight.tensor is not None
+    monkeypatch.setattr(onednn, "ENABLED", False)
+    plain = run()
+    assert len(set(plain.scores)) == 3  # the images make a difference
+    assert ours.tokens == plain.tokens
+    torch.testing.assert_close(torch.tensor(ours.scores), torch.tensor(plain.scores), rtol=0, atol=1e-5)
+    for a, b in zip(ours.attentions, plain.attentions, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)

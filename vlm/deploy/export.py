@@ -54,6 +54,7 @@ from torch import Tensor, nn
 from vlm.checkpoint import WEIGHTS, save_model
 from vlm.errors import VLMError
 from vlm.model.attention import Attention
+from vlm.model.linear import OneDNNLinear
 from vlm.model.vlm import VisionLanguageModel
 from vlm.text.tokenizer import Tokenizer
 
@@ -255,7 +256,7 @@ def _flatten_linears(encoder: nn.Module, pixels: Tensor) -> None:
     def record(module: nn.Module, args: tuple) -> None:
         seen.setdefault(module, set()).add(args[0].shape[1] if args[0].dim() == 3 else None)
 
-    linears = [m for m in encoder.modules() if type(m) is nn.Linear]
+    linears = [m for m in encoder.modules() if type(m) in (nn.Linear, OneDNNLinear)]
     hooks = [m.register_forward_pre_hook(record) for m in linears]
     with torch.no_grad():
         encoder(pixels)

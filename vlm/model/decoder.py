@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from vlm.config import DecoderConfig
 from vlm.model.attention import Attention
+from vlm.model.linear import ReorderedWeight, linear
 
 KeysValues = tuple[Tensor, Tensor]  # each (batch, H, length, hd)
 
@@ -204,6 +205,7 @@ class TextDecoder(nn.Module):
         self.head_bias = nn.Parameter(torch.zeros(vocab_size)) if cfg.head_bias else None
         nn.init.normal_(self.tok_emb.weight, std=0.02)
         nn.init.normal_(self.pos_emb.weight, std=0.02)
+        self._head_weight = ReorderedWeight()
 
     def image_keys_values(self, memory: Tensor) -> list[KeysValues]:
         """Cross-attention keys/values of every layer from patch features (B, N, D), computed once.
@@ -268,8 +270,7 @@ class TextDecoder(nn.Module):
         h = self.ln_f(x)
         if self.head_transform is not None:
             h = self.head_transform(h)
-        logits = h @ self.tok_emb.weight.t()
-        return logits if self.head_bias is None else logits + self.head_bias
+        return linear(h, self.tok_emb.weight, self.head_bias, self._head_weight)  # the head is tied to tok_emb
 
     def cross_attention_weights(self, cross_inputs: list[Tensor], image_kv: list[KeysValues]) -> list[Tensor]:
         """Each layer's cross-attention weights (B, H, T, N) from its inputs (B, T, D), one sequence per image.

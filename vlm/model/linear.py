@@ -1,0 +1,86 @@
+"""Linear layers that infer on the CPU through oneDNN, on a weight reordered once into oneDNN's layout.
+
+PyTorch multiplies float32 matrices on the CPU with MKL, which on AMD processors runs its AVX2 kernels even where
+the processor has AVX-512; oneDNN (also inside PyTorch) uses the processor's widest ones. On the AVX-512 EPYC of
+docs/results.md ("oneDNN products") oneDNN ran every product of `MIN_PRODUCT` multiply-adds or more faster than
+``F.linear`` (1.06-3.2x, median 2.1x; the same float32 arithmetic: results agree to rounding, and the model's
+tokens were the same), and some smaller ones slower, where a call's fixed cost dominates: `linear` takes oneDNN
+from `MIN_PRODUCT` up. Where MKL already runs a processor's widest kernels the two should be close (not measured).
+
+It takes that path only where it computes what ``F.linear`` would and nothing more is needed: float32 CPU tensors,
+no autocast, nothing asking for gradients, and nobody watching the operators (tracing, an ONNX export among them,
+``torch.compile`` and dispatch modes, such as FLOP counting, all see plain ``F.linear``). The reordered weight is
+made on first use and again whenever the weight changes (an optimizer step, a load, a move); it is not part of the
+state dict, and it is one more copy of the weight in memory while the model infers on the CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+ENABLED = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+"""Whether `linear` may use oneDNN: this PyTorch has its linear operator. Set it False to multiply with
+``F.linear`` everywhere."""
+
+MIN_PRODUCT = 1_100_000
+"""The multiply-adds (rows x inputs x outputs) from which a product goes to oneDNN: above the largest one that
+oneDNN lost to MKL on 1 or 2 threads here (16 x 256 x 256, 0.97x on 2 threads; scripts/onednn.py)."""
+
+
+class ReorderedWeight:
+    """oneDNN's reordered copy of one weight, remade when the weight changes. Copies of it start empty."""
+
+    def __init__(self):
+        self.key: tuple | None = None
+        self.tensor: Tensor | None = None
+
+    def of(self, weight: Tensor) -> Tensor:
+        key = (weight.data_ptr(), weight._version, weight.shape)
+        if self.key != key:
+            with torch.no_grad():
+                self.tensor, self.key = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None), key
+        return self.tensor
+
+    def __getstate__(self) -> dict:  # oneDNN's layout cannot be pickled; a copy reorders its own weight
+        return {"key": None, "tensor": None}
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None, reordered: ReorderedWeight) -> Tensor:
+    """``F.linear(x, weight, bias)``; on oneDNN, with ``reordered`` holding the reordered weight, where it may."""
+    if _onednn(x, weight, bias):
+        return torch.ops.mkldnn._linear_pointwise(x, reordered.of(weight), bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+def _onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    if not ENABLED or torch.compiler.is_compiling() or torch.jit.is_tracing():  # ONNX export traces too
+        return False
+    return (type(x) is Tensor and x.device.type == "cpu" and x.dtype == torch.float32
+            and weight.device.type == "cpu" and weight.dtype == torch.float32
+            and x.numel() * weight.shape[0] >= MIN_PRODUCT
+            and not torch.is_autocast_enabled("cpu")
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                  or (bias is not None and bias.requires_grad)))
+            and _get_current_dispatch_mode() is None)
+
+
+class OneDNNLinear(nn.Linear):
+    """``nn.Linear`` computed by `linear`: on the CPU, through oneDNN."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        reordered = self.__dict__.get("reordered")
+        if reordered is None:  # made here: `use_onednn` turns existing layers into this class
+            reordered = self.__dict__["reordered"] = ReorderedWeight()
+        return linear(x, self.weight, self.bias, reordered)
+
+
+def use_onednn(module: nn.Module) -> nn.Module:
+    """Make every plain ``nn.Linear`` inside ``module`` (the encoder's too) a `OneDNNLinear`: the same layer, with
+    the same parameters and state dict. Returns the module."""
+    for m in module.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = OneDNNLinear
+    return module
