@@ -371,7 +371,7 @@ def onednn(report: dict) -> str:
              f"{c['reps']} alternating repetitions: oneDNN's speed-up, by thread count. `vlm.model.linear.MIN_PRODUCT` "
              f"({r['min_product']:,} multiply-adds) sends a product to oneDNN from that size up: it must lie above the "
              "largest product oneDNN lost. Then scripts/bench.py's model encoding 32 images and greedily generating "
-             "16 tokens each, both ways.")
+             "16 tokens each, and a training step of it (32 images, captions of 24 tokens, AdamW), both ways.")
     rows = []
     for threads, speedups in report["speedups"].items():
         chosen = [v for k, v in speedups.items() if multiply_adds(k) >= r["min_product"]]
@@ -379,11 +379,16 @@ def onednn(report: dict) -> str:
                      f"{sorted(chosen)[len(chosen) // 2]:.2f}x", fmt(r["largest_losing_product"][threads])])
     text = about + "\n\n" + table(["torch threads", "speed-up from MIN_PRODUCT up", "median",
                                     "largest product oneDNN lost"], rows)
-    model_rows = [["ms per image, F.linear", fmt(model["ms_per_image"]["torch"])],
-                  ["ms per image, oneDNN", fmt(model["ms_per_image"]["onednn"])],
-                  ["speed-up", fmt(report["ratios"]["model_onednn_vs_torch"], 2)],
-                  ["the same tokens", str(model["same_tokens"])]]
-    return text + "\n\n" + table(["the model (encode + generate)", "value"], model_rows)
+    model_rows = [["encode + generate, ms per image", fmt(model["ms_per_image"]["torch"]),
+                   fmt(model["ms_per_image"]["onednn"]), fmt(report["ratios"]["model_onednn_vs_torch"], 2),
+                   f"the same tokens: {model['same_tokens']}"]]
+    if training := r.get("training"):
+        model_rows.append(["training step, ms", fmt(training["ms_per_step"]["torch"], 1),
+                           fmt(training["ms_per_step"]["onednn"], 1),
+                           fmt(report["ratios"]["training_onednn_vs_torch"], 2),
+                           f"gradients differ by {training['largest_relative_gradient_difference']:.1e} at most "
+                           "(relative)"])
+    return text + "\n\n" + table(["the model", "F.linear", "oneDNN", "speed-up", "agreement"], model_rows)
 
 
 def multiply_adds(size: str) -> int:

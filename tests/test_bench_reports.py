@@ -102,11 +102,14 @@ def test_onednn_section_takes_the_speed_ups_from_min_product_up(modules, tmp_pat
     _bench, results_page = modules
     _bench.report(tmp_path / "onednn.json", config={"reps": 3, "rows": [1, 32, 64]},
                   results={"largest_losing_product": {"1_threads": 65536}, "min_product": 1_100_000,
-                           "model": {"ms_per_image": {"onednn": 3.0, "torch": 4.5}, "same_tokens": True}},
-                  ratios={"model_onednn_vs_torch": 1.5},
+                           "model": {"ms_per_image": {"onednn": 3.0, "torch": 4.5}, "same_tokens": True},
+                           "training": {"ms_per_step": {"onednn": 300.0, "torch": 450.0},
+                                        "largest_relative_gradient_difference": 2e-6}},
+                  ratios={"model_onednn_vs_torch": 1.5, "training_onednn_vs_torch": 1.5},
                   speedups={"1_threads": {"1x256x256": 0.3, "16x256x256": 1.9, "32x256x256": 1.2, "64x256x256": 2.0,
                                           "256x256x256": 1.4}})
     page = results_page.render_page(tmp_path)
     assert "## oneDNN products on the CPU" in page
     assert "| 1 threads | 1.20-2.00x | 1.40x | 65,536 |" in page  # 16 rows (1,048,576) lie under MIN_PRODUCT
-    assert "| speed-up | 1.50 |" in page and "| the same tokens | True |" in page
+    assert "| encode + generate, ms per image | 4.500 | 3.000 | 1.50 | the same tokens: True |" in page
+    assert "| training step, ms | 450.0 | 300.0 | 1.50 | gradients differ by 2.0e-06 at most (relative) |" in page

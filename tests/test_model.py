@@ -68,16 +68,24 @@ def _mlp_pass(f, mlp, x: torch.Tensor) -> tuple[list[torch.Tensor], int]:
     return [y, x.grad, *(p.grad for p in mlp.parameters())], activations
 
 
-@pytest.mark.parametrize("autocast", [False, True])
-def test_decoder_mlp_recomputes_its_gelu_with_the_same_gradients(tiny_model, autocast):
+@pytest.mark.parametrize(("autocast", "on_onednn"), [(False, False), (True, False), (False, True)])
+def test_decoder_mlp_recomputes_its_gelu_with_the_same_gradients(tiny_model, autocast, on_onednn, monkeypatch):
     mlp = tiny_model.decoder.blocks[0].mlp
+    with torch.no_grad():
+        mlp[2].bias.normal_()  # it starts at zero
     x = torch.randn(3, 7, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        if on_onednn:  # ours with every product on oneDNN, against F.linear's
+            monkeypatch.setattr(onednn, "MIN_PRODUCT", 0)
         ours, ours_bytes = _mlp_pass(mlp, mlp, x)
+        monkeypatch.setattr(onednn, "ENABLED", False)
         plain, plain_bytes = _mlp_pass(lambda v: mlp[2](F.gelu(mlp[0](v))), mlp, x)
     for a, b in zip(ours, plain, strict=True):
         assert a.dtype == b.dtype
-        torch.testing.assert_close(a, b, rtol=0, atol=0)  # the same operations in the same dtypes
+        if on_onednn:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        else:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)  # the same operations in the same dtypes
     hidden = 3 * 7 * mlp[0].out_features * (2 if autocast else 4)
     assert ours_bytes <= plain_bytes - hidden  # gelu(h) is no longer kept for backward
 
@@ -178,16 +186,62 @@ def test_onednn_products_equal_f_linear_follow_the_weight_and_leave_the_rest_to_
         with FlopCounterMode(display=False) as flops:  # the operators are watched: plain ones
             linear(x, w, b, reordered)
     assert flops.get_total_flops() == 2 * 32 * 256 * 256
-    x.requires_grad_()
-    linear(x, w, b, reordered).sum().backward()  # autograd: F.linear's
-    torch.testing.assert_close(x.grad, w.sum(0).expand(32, -1))
     assert reordered.tensor is None
+
+
+def test_onednn_products_train_with_f_linears_gradients():
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(4, 8, 256), torch.randn(512, 256), torch.randn(512)  # 16 M multiply-adds
+    grads = []
+    for on in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        y = linear(*leaves) if on else F.linear(*leaves)
+        assert (type(y.grad_fn).__name__ == "_ProductBackward") == on  # forward and backward on oneDNN
+        (y * torch.linspace(-1, 1, 512)).sum().backward()
+        grads.append([y.detach()] + [t.grad for t in leaves])
+    for ours, theirs in zip(*grads, strict=True):
+        assert theirs.abs().max() > 1
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-4)
+    leaves = [x.clone(), weight.clone().requires_grad_(), None]  # the input needs no gradient: none computed
+    linear(*leaves).sum().backward()
+    torch.testing.assert_close(leaves[1].grad, x.reshape(-1, 256).sum(0).expand(512, -1), rtol=1e-5, atol=1e-4)
+
+
+def test_a_model_trains_on_onednn_with_the_gradients_of_f_linear(tokenizer, monkeypatch):
+    torch.manual_seed(0)
+    model = VisionLanguageModel(tiny_config(name="test_vit", feature_level=-1, model_args={"img_size": 64}),
+                                len(tokenizer)).train()
+    with torch.no_grad():  # biases start at zero: make them count
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    monkeypatch.setattr(onednn, "MIN_PRODUCT", 0)  # every product of the tiny model through oneDNN
+    images, ids = torch.randn(2, 3, 64, 64), torch.randint(5, len(tokenizer), (4, 9))
+    products = []
+    apply = onednn._Product.apply
+    monkeypatch.setattr(onednn._Product, "apply", lambda *a: products.append(1) or apply(*a))
+    grads = []
+    for on in (True, False):
+        monkeypatch.setattr(onednn, "ENABLED", on)
+        model.zero_grad()
+        out = model(images, ids)
+        F.cross_entropy(out.logits.flatten(0, 1), ids.roll(-1, 1).flatten()).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert len(products) >= 30  # the trunk's, the decoder's and the head's products
+    assert grads[0].keys() == grads[1].keys()
+    for name, theirs in grads[1].items():
+        torch.testing.assert_close(grads[0][name], theirs, rtol=1e-4, atol=1e-6, msg=name)
+    assert sum(float(g.abs().sum()) for g in grads[1].values()) > 1
 
 
 def test_a_model_encodes_and_generates_on_onednn_as_on_f_linear(tokenizer, monkeypatch):
     torch.manual_seed(0)
     config = tiny_config(name="test_vit", feature_level=-1, model_args={"img_size": 64})
     model = VisionLanguageModel(config, len(tokenizer)).eval()
+    with torch.no_grad():  # biases start at zero: make them count
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     assert len(linears) > 20 and all(type(m) is OneDNNLinear for m in linears)  # the timm trunk's too
     monkeypatch.setattr(onednn, "MIN_PRODUCT", 0)  # the tiny model's products: all through oneDNN

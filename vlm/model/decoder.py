@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from vlm.config import DecoderConfig
 from vlm.model.attention import Attention
-from vlm.model.linear import ReorderedWeight, linear
+from vlm.model.linear import ReorderedWeight, linear, matmul
 
 KeysValues = tuple[Tensor, Tensor]  # each (batch, H, length, hd)
 
@@ -62,15 +62,16 @@ class _GeluLinear(torch.autograd.Function):
 
     Autograd would keep both h (for the GELU's gradient) and gelu(h) (for the linear's); the GELU is cheap
     to recompute, so this halves the stored MLP activations. It computes in h's dtype, which under autocast
-    is already the low precision one (the weight is cast as autocast would cast it).
+    is already the low precision one (the weight is cast as autocast would cast it). Its products are
+    `vlm.model.linear`'s: on oneDNN in float32 on the CPU.
     """
 
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor | None, approximate: str) -> Tensor:
         ctx.save_for_backward(h, weight)
         ctx.has_bias, ctx.approximate = bias is not None, approximate
-        return F.linear(F.gelu(h, approximate=approximate), weight.to(h.dtype),
-                        None if bias is None else bias.to(h.dtype))
+        bias = None if bias is None else bias.to(h.dtype)
+        return linear(F.gelu(h, approximate=approximate), weight.to(h.dtype), bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -84,11 +85,11 @@ class _GeluLinear(torch.autograd.Function):
         grad_weight = grad_bias = grad_h = None
         rows = grad.reshape(-1, grad.shape[-1])  # (S * T, D)
         if needs_weight:
-            grad_weight = (rows.t() @ g.detach().reshape(-1, g.shape[-1])).to(weight.dtype)
+            grad_weight = matmul(rows.t(), g.detach().reshape(-1, g.shape[-1])).to(weight.dtype)
         if needs_bias and ctx.has_bias:
             grad_bias = rows.sum(0).to(weight.dtype)
         if needs_h:
-            (grad_h,) = torch.autograd.grad(g, h_, grad @ weight.to(h.dtype))
+            (grad_h,) = torch.autograd.grad(g, h_, matmul(grad, weight.to(h.dtype)))
         return grad_h, grad_weight, grad_bias, None
 
 

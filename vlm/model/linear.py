@@ -1,4 +1,5 @@
-"""Linear layers that infer on the CPU through oneDNN, on a weight reordered once into oneDNN's layout.
+"""The model's linear layers on the CPU through oneDNN: inference on a weight reordered once into oneDNN's
+layout, training with the backward's products on oneDNN too.
 
 PyTorch multiplies float32 matrices on the CPU with MKL, which on AMD processors runs its AVX2 kernels even where
 the processor has AVX-512; oneDNN (also inside PyTorch) uses the processor's widest ones. On the AVX-512 EPYC of
@@ -7,11 +8,12 @@ docs/results.md ("oneDNN products") oneDNN ran every product of `MIN_PRODUCT` mu
 tokens were the same), and some smaller ones slower, where a call's fixed cost dominates: `linear` takes oneDNN
 from `MIN_PRODUCT` up. Where MKL already runs a processor's widest kernels the two should be close (not measured).
 
-It takes that path only where it computes what ``F.linear`` would and nothing more is needed: float32 CPU tensors,
-no autocast, nothing asking for gradients, and nobody watching the operators (tracing, an ONNX export among them,
-``torch.compile`` and dispatch modes, such as FLOP counting, all see plain ``F.linear``). The reordered weight is
-made on first use and again whenever the weight changes (an optimizer step, a load, a move); it is not part of the
-state dict, and it is one more copy of the weight in memory while the model infers on the CPU.
+It takes that path only for float32 CPU tensors without autocast, and never while something watches the operators
+(tracing, an ONNX export among them, ``torch.compile`` and dispatch modes, such as FLOP counting, all see plain
+``F.linear``). Without gradients the product reads the reordered weight, made on first use and again whenever the
+weight changes (an optimizer step, a load, a move): not part of the state dict, it is one more copy of the weight
+in memory while the model infers on the CPU. With gradients (`_Product`) it reads the weight as it is, which
+changes at every step, and computes the input's and the weight's gradients on oneDNN as well.
 """
 
 from __future__ import annotations
@@ -48,23 +50,53 @@ class ReorderedWeight:
         return {"key": None, "tensor": None}
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None, reordered: ReorderedWeight) -> Tensor:
-    """``F.linear(x, weight, bias)``; on oneDNN, with ``reordered`` holding the reordered weight, where it may."""
-    if _onednn(x, weight, bias):
-        return torch.ops.mkldnn._linear_pointwise(x, reordered.of(weight), bias, "none", [], "")
-    return F.linear(x, weight, bias)
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None, reordered: ReorderedWeight | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)``, on oneDNN where it may. Without gradients, on the weight as ``reordered``
+    holds it (none: the weight as it is); with them, `_Product`'s products, forward and backward."""
+    if not _onednn(x, weight):
+        return F.linear(x, weight, bias)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return _Product.apply(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, weight if reordered is None else reordered.of(weight), bias,
+                                              "none", [], "")
 
 
-def _onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+def matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` of a (..., K) and b (K, N), on oneDNN where it may (without gradients)."""
+    return linear(a.contiguous(), b.t().contiguous(), None) if _onednn(a, b.t()) else a @ b
+
+
+def _onednn(x: Tensor, weight: Tensor) -> bool:
     if not ENABLED or torch.compiler.is_compiling() or torch.jit.is_tracing():  # ONNX export traces too
         return False
     return (type(x) is Tensor and x.device.type == "cpu" and x.dtype == torch.float32
             and weight.device.type == "cpu" and weight.dtype == torch.float32
             and x.numel() * weight.shape[0] >= MIN_PRODUCT
             and not torch.is_autocast_enabled("cpu")
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                                  or (bias is not None and bias.requires_grad)))
             and _get_current_dispatch_mode() is None)
+
+
+class _Product(torch.autograd.Function):
+    """``F.linear`` with its forward product and backward's two (the input's and the weight's gradient) on
+    oneDNN. The weight changes at every step, so it is used as it is, not reordered; it saves what F.linear saves."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x, weight = ctx.saved_tensors
+        needs_x, needs_weight, needs_bias = ctx.needs_input_grad
+        rows = grad.reshape(-1, grad.shape[-1])  # (R, out)
+        grad_x = matmul(grad, weight) if needs_x else None
+        grad_weight = matmul(rows.t(), x.reshape(-1, x.shape[-1])) if needs_weight else None
+        grad_bias = rows.sum(0) if needs_bias and ctx.has_bias else None
+        return grad_x, grad_weight, grad_bias
 
 
 class OneDNNLinear(nn.Linear):
