@@ -26,7 +26,8 @@ Peak training memory: on CPU, the rise of the process's peak resident memory (ru
 resident memory once the model, the optimiser and the batch exist, measured for each side in a fresh
 subprocess over 3 training steps, and the rise of live tensor memory over 2 more steps from torch's memory
 timeline; on CUDA, torch's peak allocated memory. The matmul peak is the median
-rate of a large fp32 (CPU) or bf16 (CUDA) matrix product; FLOPs are counted by torch's FlopCounterMode.
+rate of a large fp32 (CPU) or bf16 (CUDA) matrix product (on the CPU, the faster of torch's and oneDNN's, which our
+layers use: `vlm.model.linear`); FLOPs are counted by torch's FlopCounterMode.
 The ONNX rows' ceilings take the higher of that peak and ONNX Runtime's own (`onnx_matmul_peak`: its product on the
 large square and on the model's largest shape), since their products run on ONNX Runtime.
 """
