@@ -1,11 +1,13 @@
 """`vlm predict` throughput against a plain loop over `Captioner.caption` and against transformers' generation.
 
 Our model and transformers' VisionEncoderDecoder are those of scripts/bench.py (same dimensions, random weights;
-ours with a 1000-word tokenizer). Images: --images PNG and JPEG files of mixed sizes on disk. Every side
-generates exactly --new-tokens tokens per image (the end token forbidden before), greedy, batches of --batch-size.
+ours with a 1000-word tokenizer); the default model is `ModelConfig()`'s (random weights, the same tokenizer).
+Images: --images PNG and JPEG files of mixed sizes on disk. Every side generates exactly --new-tokens tokens per
+image (the end token forbidden before), greedy, batches of --batch-size.
 
 - predict: `vlm.predict.predict` in this process (one device, --workers loader workers), with and without --maps;
 - loop: `Captioner.caption` over the same paths in batches of the same size (decoding in the main process);
+- predict_default, loop_default: the same two with the default model (the issue's comparison with the loop);
 - predict_onnx, loop_onnx: the same two on ONNX Runtime (`runtime="onnx"`), the model exported with
   `vlm export --format onnx` (--onnx 0 leaves them out);
 - hf: what transformers' image-to-text pipeline did (it is gone from transformers 5): ViTImageProcessor in
@@ -56,8 +58,10 @@ from bench import DIMS, Side, build_hf, build_ours, generation_flops, matmul_pea
 from vlm.api import Captioner, load  # noqa: E402
 from vlm.checkpoint import save_model  # noqa: E402
 from vlm.cli import main as vlm  # noqa: E402
-from vlm.config import DecodingConfig  # noqa: E402
+from vlm.config import DecodingConfig, ModelConfig  # noqa: E402
 from vlm.data.images import load_image  # noqa: E402
+from vlm.data.transforms import input_size  # noqa: E402
+from vlm.model.vlm import VisionLanguageModel  # noqa: E402
 from vlm.predict import predict  # noqa: E402
 from vlm.text.tokenizer import Tokenizer  # noqa: E402
 
@@ -78,12 +82,13 @@ def make_images(folder: Path, n: int, seed: int = 0) -> list[str]:
     return paths
 
 
-def our_model(folder: Path) -> Path:
+def our_model(folder: Path, default: bool = False) -> Path:
+    """scripts/bench.py's model (default: the default model, `ModelConfig()`) with a 1000-word tokenizer, saved."""
     torch.manual_seed(0)
-    model = build_ours(torch.device("cpu")).eval()
+    model = (VisionLanguageModel(ModelConfig(), DIMS["vocab"]) if default else build_ours(torch.device("cpu"))).eval()
     tokenizer = Tokenizer.train([" ".join(f"w{i}" for i in range(DIMS["vocab"] - 5))], vocab_size=DIMS["vocab"])
     assert len(tokenizer) == DIMS["vocab"], len(tokenizer)
-    return save_model(model, tokenizer, folder / "model")
+    return save_model(model, tokenizer, folder / ("default_model" if default else "model"))
 
 
 def hf_side(paths: list[str], batch: int, new_tokens: int):
@@ -140,7 +145,7 @@ def least_seconds_per_image(captioner: Captioner, reading_seconds: float, peak: 
     resizing, ``reading_seconds`` on one thread: the loop's profile) shared out over every core. No job on these
     cores takes less: the products and the reading together use all of them."""
     side = Side("ours", captioner.model, torch.device("cpu"), nullcontext)
-    pixels = torch.randn(args.batch_size, 3, DIMS["image"], DIMS["image"])
+    pixels = torch.randn(args.batch_size, 3, *input_size(captioner.model.cfg.encoder.image_size))
     flops = generation_flops(side, pixels, args.new_tokens, 1) / args.batch_size
     return flops / peak + reading_seconds / (os.cpu_count() or 1)
 
@@ -188,20 +193,22 @@ def main() -> None:
     decoding = DecodingConfig(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model = our_model(tmp)
+        model, default_model = our_model(tmp), our_model(tmp, default=True)
         paths = make_images(tmp / "images", args.images)
-        captioner = Captioner.load(model, device="cpu")
+        captioner, default_captioner = Captioner.load(model, device="cpu"), Captioner.load(default_model, device="cpu")
         runs = iter(range(10**6))
         profiles = {}
 
-        def ours(maps: bool = False, runtime: str = "torch"):
+        def ours(maps: bool = False, runtime: str = "torch", default: bool = False):
             def run():
-                summary = predict(model if runtime == "torch" else tmp / "onnx", str(tmp / "images"),
+                source = (default_model if default else model) if runtime == "torch" else tmp / "onnx"
+                summary = predict(source, str(tmp / "images"),
                                   tmp / f"out{next(runs)}", batch_size=args.batch_size, num_workers=args.workers,
                                   accelerator="cpu", devices=1, decoding=decoding, maps=maps, progress_every=10**9,
                                   runtime=runtime)
                 profile = summary["profile"]
-                profiles["predict" + ("_maps" if maps else "") + ("_onnx" if runtime == "onnx" else "")] = {
+                profiles["predict" + ("_maps" if maps else "") + ("_onnx" if runtime == "onnx" else "")
+                         + ("_default" if default else "")] = {
                     "wall": round(summary["seconds"] * 1000 / args.images, 3),
                     **per_thousand({k: v for k, v in profile.items() if k not in ("lanes", "workers")}, args.images),
                     "lanes": profile["lanes"], "workers": profile["workers"],
@@ -209,7 +216,8 @@ def main() -> None:
             return run
 
         sides = {"predict": ours(), "loop": lambda: captioner.caption(paths, decoding, args.batch_size),
-                 "hf": hf_side(paths, args.batch_size, args.new_tokens)}
+                 "hf": hf_side(paths, args.batch_size, args.new_tokens), "predict_default": ours(default=True),
+                 "loop_default": lambda: default_captioner.caption(paths, decoding, args.batch_size)}
         if args.onnx:
             assert vlm(["export", "--model", str(model), "--format", "onnx", "--out", str(tmp / "onnx")]) == 0
             on_ort = load(tmp / "onnx", runtime="onnx")
@@ -218,9 +226,14 @@ def main() -> None:
         seconds = alternate(sides, reps=args.reps)
         maps_overhead = paired_overhead(ours(), ours(maps=True), reps=args.maps_reps)
         profiles["loop"] = loop_profile(captioner, paths[:args.profile_images], decoding, args.batch_size)
+        profiles["loop_default"] = loop_profile(default_captioner, paths[:args.profile_images], decoding,
+                                                args.batch_size)
         reading = (profiles["loop"]["decode"] + profiles["loop"]["transform"]) / 1000
         peak = matmul_peak(torch.device("cpu"), args.reps)
-        least = {"torch": least_seconds_per_image(captioner, reading, peak, args)}
+        least = {"torch": least_seconds_per_image(captioner, reading, peak, args),
+                 "default": least_seconds_per_image(default_captioner, (profiles["loop_default"]["decode"]
+                                                                       + profiles["loop_default"]["transform"]) / 1000,
+                                                    peak, args)}
         if args.onnx:  # the predict_onnx ratios' bound: products at ONNX Runtime's own peak where it beats torch's
             least["onnx"] = least_seconds_per_image(
                 captioner, reading, max(peak, onnx_matmul_peak(os.cpu_count() or 1, args.reps, args.batch_size)), args)
@@ -239,7 +252,8 @@ def main() -> None:
     results = {"images_per_s": {k: round(v, 2) for k, v in rates.items()},
                "maps_overhead": round(maps_overhead, 3), "scaling_wall_s": {k: round(v, 2) for k, v in scaling.items()},
                "peak_rss": rss}
-    ratios = {"predict_over_loop": round(rates["predict"] / rates["loop"], 3),
+    ratios = {"predict_default_over_loop_default": round(rates["predict_default"] / rates["loop_default"], 3),
+              "predict_over_loop": round(rates["predict"] / rates["loop"], 3),
               "predict_over_hf": round(rates["predict"] / rates["hf"], 3),
               **({"predict_onnx_over_loop": round(rates["predict_onnx"] / rates["loop"], 3),
                   "predict_onnx_over_loop_onnx": round(rates["predict_onnx"] / rates["loop_onnx"], 3),
@@ -247,9 +261,11 @@ def main() -> None:
               "two_over_one_process": round(scaling["1_processes_s"] / scaling["2_processes_s"], 3),
               "rss_growth": round(rss[counts[-1]] / rss[counts[0]] - 1, 3) if len(counts) > 1 else None}
     # the ratios' roofline bounds: the other side's time over the least time an image can take here
-    ceilings = {k: round(1 / rates[k.split("_over_")[-1]] / least["onnx" if k.startswith("predict_onnx") else "torch"],
-                         2) for k in ratios if k.split("_over_")[-1] in rates}
+    which = {"predict_onnx": "onnx", "predict_default": "default"}  # a ratio's least time: by its numerator
+    ceilings = {k: round(1 / rates[k.split("_over_")[-1]] / least[which.get(k.split("_over_")[0], "torch")], 2)
+                for k in ratios if k.split("_over_")[-1] in rates}
     results["least_ms_per_image"] = round(least["torch"] * 1e3, 3)
+    results["least_ms_per_image_default"] = round(least["default"] * 1e3, 3)
     if "onnx" in least:
         results["least_ms_per_image_onnx"] = round(least["onnx"] * 1e3, 3)
     profile = {"unit": "seconds per 1000 images", **profiles}

@@ -89,12 +89,14 @@ def test_predict_section_shows_where_the_time_goes(modules, tmp_path):
     _bench.report(tmp_path / "predict.json", config={"images": 10, "batch_size": 2, "new_tokens": 4},
                   results={"images_per_s": {"predict": 3.0, "loop": 2.0}, "maps_overhead": 0.1,
                            "peak_rss": {"1_images_mib": 5.0}, "scaling_wall_s": {"1_processes_s": 1.0}},
-                  ratios={"predict_over_loop": 1.5},
+                  ratios={"predict_default_over_loop_default": 1.6, "predict_over_loop": 1.5},
                   profile={"unit": "seconds per 1000 images", "predict": {"wall": 8.1, "encode": 9.18},
-                           "loop": {"wall": 10.9, "encode": 4.74, "text": 0.02}})
+                           "loop": {"wall": 10.9, "encode": 4.74, "text": 0.02},
+                           "loop_default": {"wall": 5.0, "encode": 1.0}})
     page = results_page.render_page(tmp_path)
+    assert "| ratio predict_default_over_loop_default | 1.60 | >= 1.5 |" in page  # the target for it
+    assert "| stage | predict | plain loop | plain loop, default model |" in page
     assert "Where the time goes, in seconds per 1000 images" in page
-    assert "| stage | predict | plain loop |" in page
     assert "| encode | 9.18 | 4.74 |" in page and "| text |  | 0.02 |" in page
 
 
