@@ -263,3 +263,18 @@ def test_a_model_encodes_and_generates_on_onednn_as_on_f_linear(tokenizer, monke
     torch.testing.assert_close(torch.tensor(ours.scores), torch.tensor(plain.scores), rtol=0, atol=1e-5)
     for a, b in zip(ours.attentions, plain.attentions, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_inference_after_a_fused_optimizer_step_reads_the_new_weights():
+    layer = use_onednn(nn.Sequential(nn.Linear(256, 256)))[0]
+    x = torch.randn(32, 256)  # over MIN_PRODUCT
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1, fused=True)  # it leaves the weight's _version as it is
+    outputs = []
+    for _ in range(2):
+        with torch.no_grad():  # inference between training steps, as validation does
+            outputs.append(layer(x))
+            torch.testing.assert_close(outputs[-1], F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-4)
+        layer(x).square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert (outputs[1] - outputs[0]).abs().max() > 1  # the step changed the weights

@@ -11,9 +11,9 @@ from `MIN_PRODUCT` up. Where MKL already runs a processor's widest kernels the t
 It takes that path only for float32 CPU tensors without autocast, and never while something watches the operators
 (tracing, an ONNX export among them, ``torch.compile`` and dispatch modes, such as FLOP counting, all see plain
 ``F.linear``). Without gradients the product reads the reordered weight, made on first use and again whenever the
-weight changes (an optimizer step, a load, a move): not part of the state dict, it is one more copy of the weight
-in memory while the model infers on the CPU. With gradients (`_Product`) it reads the weight as it is, which
-changes at every step, and computes the input's and the weight's gradients on oneDNN as well.
+weight may have changed (an optimizer step, fused ones included, a load, a move): not part of the state dict, it is
+one more copy of the weight in memory while the model infers on the CPU. With gradients (`_Product`) it reads the
+weight as it is, which changes at every step, and computes the input's and the weight's gradients on oneDNN too.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 ENABLED = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -32,15 +33,29 @@ MIN_PRODUCT = 1_100_000
 oneDNN lost to MKL on 1 or 2 threads here (16 x 256 x 256, 0.97x on 2 threads; scripts/onednn.py)."""
 
 
+_optimizer_steps = 0
+"""Optimizer steps taken in this process: fused optimizers (AdamW's ``fused=True``) update a weight in place without
+counting a new version of it, so a reordered copy is remade after any step."""
+
+
+def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
 class ReorderedWeight:
-    """oneDNN's reordered copy of one weight, remade when the weight changes. Copies of it start empty."""
+    """oneDNN's reordered copy of one weight, remade when the weight changes (its storage or version, or an optimizer
+    step). Copies of it start empty."""
 
     def __init__(self):
         self.key: tuple | None = None
         self.tensor: Tensor | None = None
 
     def of(self, weight: Tensor) -> Tensor:
-        key = (weight.data_ptr(), weight._version, weight.shape)
+        key = (weight.data_ptr(), weight._version, weight.shape, _optimizer_steps)
         if self.key != key:
             with torch.no_grad():
                 self.tensor, self.key = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None), key

@@ -53,7 +53,7 @@ class VisionLanguageModel(nn.Module):
                              f"(0 to {depth - 1}, or negative from the last)")
         self.encoder = ImageEncoder(cfg.encoder, cfg.decoder.width, cfg.decoder.num_heads)
         self.decoder = TextDecoder(cfg.decoder, vocab_size)
-        use_onednn(self)  # on the CPU, inference runs its products through oneDNN (vlm.model.linear)
+        use_onednn(self)  # on the CPU its products run on oneDNN (vlm.model.linear)
 
     def encode(self, images: Tensor) -> tuple[EncodedImages, tuple[int, int]]:
         """Images (B, 3, H, W) -> each decoder layer's cross-attention keys/values, and the grid (h, w)."""
