@@ -373,9 +373,9 @@ def onednn(report: dict) -> str:
     r, c = report["results"], report["config"]
     model = r["model"]
     about = ("PyTorch's float32 product on the CPU (`F.linear`: MKL) against oneDNN's on a reordered weight "
-             "(`vlm.model.linear`, which the model's layers use for inference on the CPU), one `linear` of each size "
-             f"(rows {', '.join(map(str, c['rows']))} x the inputs and outputs of the default model's and the "
-             "benchmark model's layers), medians of "
+             "(`vlm.model.linear`, which the model's layers use on the CPU, inferring and training), one `linear` "
+             f"of each size (rows {', '.join(map(str, c['rows']))} x the inputs and outputs of the default "
+             "model's and the benchmark model's layers), medians of "
              f"{c['reps']} alternating repetitions: oneDNN's speed-up, by thread count. `vlm.model.linear.MIN_PRODUCT` "
              f"({r['min_product']:,} multiply-adds) sends a product to oneDNN from that size up: it must lie above the "
              "largest product oneDNN lost. Then scripts/bench.py's model encoding 32 images and greedily generating "

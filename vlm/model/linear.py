@@ -4,7 +4,7 @@ layout, training with the backward's products on oneDNN too.
 PyTorch multiplies float32 matrices on the CPU with MKL, which on AMD processors runs its AVX2 kernels even where
 the processor has AVX-512; oneDNN (also inside PyTorch) uses the processor's widest ones. On the AVX-512 EPYC of
 docs/results.md ("oneDNN products") oneDNN ran every product of `MIN_PRODUCT` multiply-adds or more faster than
-``F.linear`` (1.06-3.2x, median 2.1x; the same float32 arithmetic: results agree to rounding, and the model's
+``F.linear`` (1.1-3.3x, median 2.0x; the same float32 arithmetic: results agree to rounding, and the model's
 tokens were the same), and some smaller ones slower, where a call's fixed cost dominates: `linear` takes oneDNN
 from `MIN_PRODUCT` up. Where MKL already runs a processor's widest kernels the two should be close (not measured).
 
