@@ -83,7 +83,8 @@ def make_images(folder: Path, n: int, seed: int = 0) -> list[str]:
 
 
 def our_model(folder: Path, default: bool = False) -> Path:
-    """scripts/bench.py's model (default: the default model, `ModelConfig()`) with a 1000-word tokenizer, saved."""
+    """scripts/bench.py's model, or with ``default`` the default model (`ModelConfig()`), and a 1000-word tokenizer,
+    saved."""
     torch.manual_seed(0)
     model = (VisionLanguageModel(ModelConfig(), DIMS["vocab"]) if default else build_ours(torch.device("cpu"))).eval()
     tokenizer = Tokenizer.train([" ".join(f"w{i}" for i in range(DIMS["vocab"] - 5))], vocab_size=DIMS["vocab"])
