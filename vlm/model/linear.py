@@ -73,21 +73,26 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, reordered: ReorderedW
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         return _Product.apply(x, weight, bias)
-    return torch.ops.mkldnn._linear_pointwise(x, weight if reordered is None else reordered.of(weight), bias,
-                                              "none", [], "")
+    return _product(x, weight if reordered is None else reordered.of(weight), bias)
 
 
 def matmul(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b`` of a (..., K) and b (K, N), on oneDNN where it may (without gradients)."""
-    return linear(a.contiguous(), b.t().contiguous(), None) if _onednn(a, b.t()) else a @ b
+    return _product(a.contiguous(), b.t().contiguous(), None) if _onednn(a, b.t()) else a @ b
+
+
+def _product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """oneDNN's ``x @ weight.T + bias`` (weight: as it is, or reordered)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 def _onednn(x: Tensor, weight: Tensor) -> bool:
+    # the cheap refusals first: the model's small products (most of a small decoder's step) leave at the size
     if not ENABLED or torch.compiler.is_compiling() or torch.jit.is_tracing():  # ONNX export traces too
         return False
-    return (type(x) is Tensor and x.device.type == "cpu" and x.dtype == torch.float32
+    return (x.numel() * weight.shape[0] >= MIN_PRODUCT
+            and type(x) is Tensor and x.device.type == "cpu" and x.dtype == torch.float32
             and weight.device.type == "cpu" and weight.dtype == torch.float32
-            and x.numel() * weight.shape[0] >= MIN_PRODUCT
             and not torch.is_autocast_enabled("cpu")
             and _get_current_dispatch_mode() is None)
 
@@ -100,7 +105,7 @@ class _Product(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return _product(x, weight, bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
