@@ -399,6 +399,21 @@ def onednn(report: dict) -> str:
     return text + "\n\n" + table(["the model", "F.linear", "oneDNN", "speed-up", "agreement"], model_rows)
 
 
+def allocator(report: dict) -> str:
+    c, rates, ratios = report["config"], report["results"]["images_per_s"], report["ratios"]
+    about = ("Inference on the CPU with freed memory kept for reuse (`vlm.allocator`, what `Captioner` sets on the "
+             "CPU) against the C library's defaults, each run in a fresh process (the setting is a process's), the two "
+             f"alternating over {c['reps']} runs (medians), timed from the model's loading to the last caption: "
+             f"`Captioner.caption` over {c['images']} images (loop), `vlm predict` over them (predict), and the "
+             f"encoder alone over {c['encode_batches']} batches of random pixels (encode); batches of "
+             f"{c['batch_size']}, {c['new_tokens']} new tokens, scripts/predict.py's two models.")
+    names = {"bench": "benchmark model", "default": "default model"}
+    rows = [[side, names[model], fmt(rates[f"{side}_{model}_default"], 1), fmt(rates[f"{side}_{model}_kept"], 1),
+             fmt(ratios[f"{side}_{model}_kept_over_default"], 2)]
+            for side in ("loop", "predict", "encode") for model in names if f"{side}_{model}_kept" in rates]
+    return about + "\n\n" + table(["images/s", "model", "glibc's defaults", "freed memory kept", "speed-up"], rows)
+
+
 def multiply_adds(size: str) -> int:
     """Multiply-adds of a product named rows x inputs x outputs ("32x256x1024")."""
     rows, k, n = (int(v) for v in size.split("x"))
@@ -432,6 +447,7 @@ SECTIONS = [
             "show what that costs the other tasks."),
     Section("predict", "`vlm predict` throughput", predict),
     Section("onednn", "oneDNN products on the CPU", onednn),
+    Section("allocator", "Freed memory kept", allocator),
     Section("relational", "Relational questions", relational),
     Section("onnx_quality", "int8 quality on ONNX Runtime", onnx_quality),
     Section("help_time", "Start-up time of the command line", about="Seconds for `vlm --help` and `vlm caption --help` "

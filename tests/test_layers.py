@@ -12,8 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "vlm"
 
-LAYERS = [("errors", "config"), ("model", "text"), ("data",), ("grounding", "checkpoint"), ("deploy", "hub"), ("api",),
-          ("eval",), ("train",), ("predict",), ("serve",), ("cli",)]
+LAYERS = [("errors", "config", "allocator"), ("model", "text"), ("data",), ("grounding", "checkpoint"),
+          ("deploy", "hub"), ("api",), ("eval",), ("train",), ("predict",), ("serve",), ("cli",)]
 """vlm's parts, lowest first. A module may import its own part and the parts of lower layers, never a part beside
 it or above it. The code argues for this order: the model knows nothing of tokens or data; grounding turns a model's
 attention into maps and checkpoint reads and writes a model, both below the API that combines them for inference

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vlm.allocator import keep_freed_memory
 from vlm.checkpoint import load_model, save_model
 from vlm.config import DecodingConfig, MapConfig
 from vlm.data.images import ImageLike, is_single_image, load_image
@@ -55,6 +56,8 @@ class Captioner:
 
     def __init__(self, model: VisionLanguageModel, tokenizer: Tokenizer, device: str | torch.device | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cpu":
+            keep_freed_memory()  # inference's activations reuse freed memory (`vlm.allocator`)
         self.model = model.eval().to(self.device)
         self.tokenizer = tokenizer
         self.transform = image_transform(model.encoder.trunk, model.cfg.encoder.image_size)
@@ -247,6 +250,7 @@ class OnnxCaptioner(Captioner):
 
     def __init__(self, model, tokenizer: Tokenizer):
         self.device = torch.device("cpu")
+        keep_freed_memory()
         self.model, self.tokenizer = model, tokenizer
         preprocessing = torch.nn.Module()  # timm reads the mean, std and interpolation from pretrained_cfg
         preprocessing.pretrained_cfg = model.facts["data_config"]
