@@ -6,8 +6,9 @@ back once more than twice that lies free. An inference step allocates and frees 
 of 32 through a ViT block: 8.5 MB for the MLP's hidden layer alone), so glibc maps and unmaps them again and again,
 and every page of every such tensor is faulted in and zeroed by the kernel before the model writes it. Kept for
 reuse instead, on the 2-core virtual machine of docs/results.md ("Freed memory kept", scripts/allocator.py):
-encoding ran 1.7-1.9x as fast, `Captioner.caption` 1.3x; `vlm predict`, whose batches run in lanes of their own
-threads, changed within the machine's noise.
+encoding ran 1.7-2.8x as fast, `Captioner.caption` 1.3-1.7x, and steadier (with glibc's defaults, runs of the
+same work took either about 2 s or about 3.7 s, as its moving threshold settled); `vlm predict`, whose batches run
+in lanes of their own threads, gained 7-8%.
 
 `keep_freed_memory` asks glibc to serve blocks of up to 32 MiB (its largest threshold) from its heaps and never to
 hand freed memory back while less than 2 GiB of it lies free: the process keeps its peak resident memory, which is
