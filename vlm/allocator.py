@@ -6,16 +6,15 @@ back once more than twice that lies free. An inference step allocates and frees 
 of 32 through a ViT block: 8.5 MB for the MLP's hidden layer alone), so glibc maps and unmaps them again and again,
 and every page of every such tensor is faulted in and zeroed by the kernel before the model writes it. Kept for
 reuse instead, on the 2-core virtual machine of docs/results.md ("Freed memory kept", scripts/allocator.py):
-encoding ran 1.7-2.8x as fast, `Captioner.caption` 1.3-1.7x, and steadier (with glibc's defaults, runs of the
-same work took either about 2 s or about 3.7 s, as its moving threshold settled); `vlm predict`, whose batches run
-in lanes of their own threads, gained 7-8%.
+encoding ran 1.7-2.8x as fast and `Captioner.caption` 1.3-1.7x, and steadier (the default model's loop over the same
+1,000 images took 1.9-2.0 s or 3.6-3.9 s with glibc's defaults, as its moving threshold settled, and 2.0-2.3 s kept).
+`vlm predict`, whose batches run in lanes of their own threads, changed little (1.07-1.08x).
 
 `keep_freed_memory` asks glibc to serve blocks of up to 32 MiB (its largest threshold) from its heaps and never to
 hand freed memory back while less than 2 GiB of it lies free: the process keeps its peak resident memory, which is
 what a long inference job holds anyway. `vlm.api.Captioner` calls it when it infers on the CPU, so `vlm caption`,
-`vlm predict` and the Python API do (training does not).
-On other C libraries (macOS, musl) it does nothing. Set `ENABLED` False before loading a model to keep the C
-library's defaults.
+`vlm predict` and the Python API do (training does not). On other C libraries (macOS, musl) it does nothing. Set
+`ENABLED` False before loading a model to keep the C library's defaults.
 """
 
 from __future__ import annotations
