@@ -25,7 +25,13 @@ image (the end token forbidden before), greedy, batches of --batch-size.
   workers, the model in the lanes, waiting and writing on the main thread), so stages overlap and may add up to
   more than the wall.
   loop: the same stages of `Captioner.caption`'s work, timed one after the other by this script over the first
-  --profile-images images (one batch at a time, the process's torch threads).
+  --profile-images images (one batch at a time, the process's torch threads); loop_one_thread and
+  loop_default_one_thread: the same on one torch thread.
+- work bounds (their own section): each ratio's bound from measured work, the other side's time per image over the
+  one-thread profile's time per image (reading, encoding, generating, decoding text) shared out over the cores: no
+  schedule of that work on these cores (reading overlapped with the model, batches side by side) takes less, as one
+  thread per core runs the products and the per-token operators at least as efficiently as a team does here (the
+  loop's profiles: 2 threads take more core-seconds than 1).
 
     .venv/bin/python scripts/predict.py                                   # the issue's sizes
     .venv/bin/python scripts/predict.py --images 16 --rss-images 8,32 --reps 1 --json /tmp/p.json   # smoke
@@ -117,8 +123,12 @@ def per_thousand(seconds: dict, images: int) -> dict:
 
 
 @torch.no_grad()
-def loop_profile(captioner: Captioner, paths: list[str], decoding: DecodingConfig, batch: int) -> dict:
-    """Seconds per 1,000 images of each stage of `Captioner.caption`'s work, one after the other."""
+def loop_profile(captioner: Captioner, paths: list[str], decoding: DecodingConfig, batch: int,
+                 threads: int | None = None) -> dict:
+    """Seconds per 1,000 images of each stage of `Captioner.caption`'s work, one after the other, on ``threads``
+    torch threads (default: the process's)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads or saved)
     seconds = dict.fromkeys(("decode", "transform", "encode", "generate", "text"), 0.0)
     start = captioner.caption_prompt()
     for i in range(0, len(paths), batch):
@@ -135,8 +145,10 @@ def loop_profile(captioner: Captioner, paths: list[str], decoding: DecodingConfi
         t5 = time.perf_counter()
         for stage, t in zip(seconds, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
             seconds[stage] += t
-    return {"wall": round(sum(seconds.values()) * 1000 / len(paths), 3), **per_thousand(seconds, len(paths)),
-            "torch_threads": torch.get_num_threads()}
+    profile = {"wall": round(sum(seconds.values()) * 1000 / len(paths), 3), **per_thousand(seconds, len(paths)),
+               "torch_threads": torch.get_num_threads()}
+    torch.set_num_threads(saved)
+    return profile
 
 
 def least_seconds_per_image(captioner: Captioner, reading_seconds: float, peak: float, args: argparse.Namespace
@@ -229,6 +241,10 @@ def main() -> None:
         profiles["loop"] = loop_profile(captioner, paths[:args.profile_images], decoding, args.batch_size)
         profiles["loop_default"] = loop_profile(default_captioner, paths[:args.profile_images], decoding,
                                                 args.batch_size)
+        profiles["loop_one_thread"] = loop_profile(captioner, paths[:args.profile_images], decoding, args.batch_size,
+                                                   threads=1)
+        profiles["loop_default_one_thread"] = loop_profile(default_captioner, paths[:args.profile_images], decoding,
+                                                           args.batch_size, threads=1)
         reading = (profiles["loop"]["decode"] + profiles["loop"]["transform"]) / 1000
         peak = matmul_peak(torch.device("cpu"), args.reps)
         least = {"torch": least_seconds_per_image(captioner, reading, peak, args),
@@ -265,13 +281,18 @@ def main() -> None:
     which = {"predict_onnx": "onnx", "predict_default": "default"}  # a ratio's least time: by its numerator
     ceilings = {k: round(1 / rates[k.split("_over_")[-1]] / least[which.get(k.split("_over_")[0], "torch")], 2)
                 for k in ratios if k.split("_over_")[-1] in rates}
+    work = {name: profiles[f"loop{name}_one_thread"]["wall"] / 1000 / (os.cpu_count() or 1)  # seconds per image
+            for name in ("", "_default")}
+    work_bounds = {k: round(1 / rates[k.split("_over_")[-1]] / work["_default" if "default" in k else ""], 2)
+                   for k in ("predict_default_over_loop_default", "predict_over_loop", "predict_over_hf")}
     results["least_ms_per_image"] = round(least["torch"] * 1e3, 3)
     results["least_ms_per_image_default"] = round(least["default"] * 1e3, 3)
     if "onnx" in least:
         results["least_ms_per_image_onnx"] = round(least["onnx"] * 1e3, 3)
     profile = {"unit": "seconds per 1000 images", **profiles}
     path = report(args.json, config={**vars(args), "dims": DIMS}, results=results, ratios=ratios,
-                  threads=torch.get_num_threads(), profile=profile, roofline_ratio_ceilings=ceilings)
+                  threads=torch.get_num_threads(), profile=profile, roofline_ratio_ceilings=ceilings,
+                  work_ratio_bounds=work_bounds)
     print(json.dumps({"results": results, "ratios": ratios, "profile": profile}, indent=2))
     print(path)
 

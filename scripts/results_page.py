@@ -303,9 +303,11 @@ def predict(report: dict) -> str:
     rows += [["`--maps` extra time", fmt(r["maps_overhead"]), PREDICT_TARGETS["maps_overhead"]]]
     rows += [[f"peak RSS, {k.replace('_', ' ')}", fmt(v), ""] for k, v in r["peak_rss"].items()]
     rows += [[f"wall time, {k.replace('_', ' ')}", fmt(v), ""] for k, v in r["scaling_wall_s"].items()]
-    ceilings = report.get("roofline_ratio_ceilings", {})
-    rows += [[f"ratio {k}" + (f" (ceiling {fmt(ceilings[k], 2)})" if k in ceilings else ""), fmt(v, 2),
-              PREDICT_TARGETS.get(k, "")] for k, v in ratios.items()]
+    ceilings, bounds = report.get("roofline_ratio_ceilings", {}), report.get("work_ratio_bounds", {})
+    for k, v in ratios.items():
+        notes = ([f"ceiling {fmt(ceilings[k], 2)}"] if k in ceilings else []) + (
+            [f"work bound {fmt(bounds[k], 2)}"] if k in bounds else [])
+        rows.append([f"ratio {k}" + (f" ({', '.join(notes)})" if notes else ""), fmt(v, 2), PREDICT_TARGETS.get(k, "")])
     c = report["config"]
     default = ("the default model (`predict_default`, `loop_default`: `ModelConfig()`, random weights) and "
                if "predict_default" in r["images_per_s"] else "")
@@ -327,6 +329,10 @@ def predict(report: dict) -> str:
              + (f"; the `predict_onnx` ratios' with the products at ONNX Runtime's own matmul peak, where that is "
                 f"higher: {fmt(r['least_ms_per_image_onnx'])} ms)." if "least_ms_per_image_onnx" in r
                 else ")." if "least_ms_per_image" in r else ".")
+             + (" A ratio's work bound is the same from measured work: the other side's time per image over the "
+                "one-thread profile's (`loop_one_thread`: reading, encoding and generating on one torch thread) "
+                "shared out over the cores, the least time any schedule of that work can take here (one thread per "
+                "core wastes less than a team: see the profiles)." if "work_ratio_bounds" in report else "")
              + (f" `--maps`' extra time is the median over {pairs} pairs of runs (torch runtime), without and with "
                 "maps back to back, of the ratio within each pair." if (pairs := c.get("maps_reps", c.get("reps")))
                 else ""))
@@ -346,7 +352,8 @@ def predict_profile(profile: dict | None) -> str:
         return ""
     names = {"predict": "predict", "predict_maps": "predict --maps", "predict_onnx": "predict on ORT",
              "loop": "plain loop", "predict_default": "predict, default model",
-             "loop_default": "plain loop, default model"}
+             "loop_default": "plain loop, default model", "loop_one_thread": "plain loop, 1 thread",
+             "loop_default_one_thread": "plain loop, default model, 1 thread"}
     runs = [k for k in names if k in profile]
     stages = list(dict.fromkeys(k for run in runs for k in profile[run]))
     rows = [[stage.replace("_", " "), *[fmt(profile[run].get(stage), 2) for run in runs]] for stage in stages]

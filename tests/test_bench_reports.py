@@ -92,12 +92,14 @@ def test_predict_section_shows_where_the_time_goes(modules, tmp_path):
                   ratios={"predict_default_over_loop_default": 1.6, "predict_over_loop": 1.5},
                   profile={"unit": "seconds per 1000 images", "predict": {"wall": 8.1, "encode": 9.18},
                            "loop": {"wall": 10.9, "encode": 4.74, "text": 0.02},
-                           "loop_default": {"wall": 5.0, "encode": 1.0}})
+                           "loop_default": {"wall": 5.0, "encode": 1.0}, "loop_one_thread": {"encode": 3.0}},
+                  roofline_ratio_ceilings={"predict_over_loop": 2.5}, work_ratio_bounds={"predict_over_loop": 1.25})
     page = results_page.render_page(tmp_path)
     assert "| ratio predict_default_over_loop_default | 1.60 | >= 1.5 |" in page  # the target for it
-    assert "| stage | predict | plain loop | plain loop, default model |" in page
+    assert "| ratio predict_over_loop (ceiling 2.50, work bound 1.25) | 1.50 | >= 1.5 |" in page
+    assert "| stage | predict | plain loop | plain loop, default model | plain loop, 1 thread |" in page
     assert "Where the time goes, in seconds per 1000 images" in page
-    assert "| encode | 9.18 | 4.74 |" in page and "| text |  | 0.02 |" in page
+    assert "| encode | 9.18 | 4.74 | 1.00 | 3.00 |" in page and "| text |  | 0.02 |  |  |" in page
 
 
 def test_onednn_section_takes_the_speed_ups_from_min_product_up(modules, tmp_path):
