@@ -129,6 +129,14 @@ def test_the_onnx_captioner_captions_answers_and_attends_as_torch(exported):
         theirs.attend(images[0], method="chefer")
 
 
+def test_the_onnx_captioner_keeps_freed_memory_as_the_torch_one_on_the_cpu(exported, monkeypatch):
+    """Both captioners ask for it (`vlm.allocator`, tested in a fresh process by tests/test_allocator.py)."""
+    calls = []
+    monkeypatch.setattr("vlm.api.keep_freed_memory", lambda: calls.append("kept"))
+    load(exported[1], runtime="onnx", threads=1)
+    assert calls == ["kept"]
+
+
 def test_onnx_decoding_runs_torch_on_one_thread_and_sessions_sleep_between_runs(exported, monkeypatch):
     """ONNX Runtime's sessions sleep rather than spin between runs, each graph has a one-thread session for small
     steps and lanes, a call over several images takes a lane per thread, and the decoding loop's torch operations
