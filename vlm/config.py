@@ -6,6 +6,7 @@ and a YAML key; the docstring under a field is its help text; unknown keys are e
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -383,6 +384,32 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     val: ValConfig = field(default_factory=ValConfig)
     scst: SCSTConfig = field(default_factory=SCSTConfig)
+
+    def validate(self) -> None:
+        """ValueError naming the first option out of range among the counts and rates `vlm train` would otherwise
+        trip over mid-run (a division by zero, an empty model) or report without the option's name."""
+        m, d, o, t = self.model.decoder, self.data, self.optim, self.trainer
+        counts = {"model.decoder.width": m.width, "model.decoder.depth": m.depth, "model.decoder.num_heads":
+                  m.num_heads, "model.decoder.max_length": m.max_length, "data.batch_size": d.batch_size,
+                  "trainer.accumulate_grad_batches": t.accumulate_grad_batches, "trainer.val_check_interval":
+                  t.val_check_interval, "trainer.log_every_n_steps": t.log_every_n_steps}
+        for name, value in counts.items():
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        for name, value in {"data.num_workers": d.num_workers, "optim.warmup_steps": o.warmup_steps}.items():
+            if value < 0:
+                raise ValueError(f"{name} must be 0 or more, got {value}")
+        rates = {"optim.lr": (o.lr, "a positive number", lambda v: 0 < v < math.inf),
+                 "optim.encoder_lr": (o.encoder_lr, "a positive number or null",
+                                      lambda v: v is None or 0 < v < math.inf),
+                 "optim.weight_decay": (o.weight_decay, "0 or more", lambda v: 0 <= v < math.inf),
+                 "optim.label_smoothing": (o.label_smoothing, "in [0, 1)", lambda v: 0 <= v < 1),
+                 "model.decoder.dropout": (m.dropout, "in [0, 1)", lambda v: 0 <= v < 1),
+                 "data.hflip": (d.hflip, "in [0, 1]", lambda v: 0 <= v <= 1),
+                 "data.crop_scale": (d.crop_scale, "in (0, 1]", lambda v: 0 < v <= 1)}
+        for name, (value, wanted, ok) in rates.items():
+            if not ok(value):  # also false for NaN
+                raise ValueError(f"{name} must be {wanted}, got {value}")
 
 
 def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:

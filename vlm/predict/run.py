@@ -154,9 +154,13 @@ def predict(model: str | os.PathLike | tuple[VisionLanguageModel, Tokenizer], in
             raise VLMError("--format parquet needs pyarrow: pip install 'vlm[parquet]'") from None
     if threads is not None and threads < 1:
         raise VLMError(f"--threads {threads}: expected a positive number of threads")
-    if batch_size < 1 or top_k < 1 or num_workers < 0 or not 0.0 < threshold <= 1.0:
-        raise VLMError(f"--batch_size {batch_size}, --top_k {top_k}, --num_workers {num_workers}, --threshold "
-                       f"{threshold}: expected positive sizes and a threshold in (0, 1]")
+    for name, value in {"--batch_size": batch_size, "--top_k": top_k, "--progress_every": progress_every}.items():
+        if value < 1:
+            raise VLMError(f"{name} {value}: expected a positive number")
+    if num_workers < 0:
+        raise VLMError(f"--num_workers {num_workers}: expected 0 or more")
+    if not 0.0 < threshold <= 1.0:
+        raise VLMError(f"--threshold {threshold}: expected a number in (0, 1]")
     limit = pixel_limit(max_pixels)  # a bad value is an argument error, not every image's
     devices = int(devices) if isinstance(devices, str) and devices.isdigit() else devices
     if runtime not in RUNTIMES:

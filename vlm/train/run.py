@@ -45,6 +45,10 @@ def train(cfg: TrainConfig, out: str | Path, resume: str | None = None, init: st
 
     Returns the exported model directory on the process that wrote it (rank 0), None on the others.
     """
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise VLMError(str(e)) from None
     out = Path(out)
     sharded = cfg.trainer.strategy == "fsdp"
     if sharded and cfg.scst.enabled:
