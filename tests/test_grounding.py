@@ -17,7 +17,7 @@ from vlm.data.scenes import make_scene
 from vlm.errors import VLMError
 from vlm.eval.grounding import GroundingCase, deletion_curves, grounding_scores, phrase_maps, pointing_by_choice
 from vlm.grounding.ground import ground
-from vlm.grounding.maps import box_from_map, iou, peak, pointing_hit
+from vlm.grounding.maps import box_from_map, connected_region, iou, peak, pointing_hit, resize
 from vlm.grounding.methods import generated_raw_maps, token_maps
 from vlm.model.generate import generate
 from vlm.model.vlm import VisionLanguageModel
@@ -158,6 +158,43 @@ def test_box_from_map_encloses_the_peak_region_only() -> None:
     x, y, w, h = box_from_map(grid, (40, 40), fraction=0.5)
     assert 5 <= x <= 10 and 5 <= y <= 10 and x + w <= 35 and y + h <= 25 and w > h
     assert iou((x, y, w, h), (10, 10, 20, 10)) > 0.5
+
+
+def _flood(keep: np.ndarray, start: tuple[int, int]) -> np.ndarray:
+    """The 4-neighbour region of start in keep, pixel by pixel (the reference)."""
+    seen = np.zeros_like(keep)
+    seen[start] = True
+    stack = [start]
+    while stack:
+        r, c = stack.pop()
+        for nr, nc in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)):
+            if 0 <= nr < keep.shape[0] and 0 <= nc < keep.shape[1] and keep[nr, nc] and not seen[nr, nc]:
+                seen[nr, nc] = True
+                stack.append((nr, nc))
+    return seen
+
+
+def test_connected_region_equals_a_pixel_by_pixel_flood_fill() -> None:
+    rng = np.random.default_rng(0)
+    spiral = np.zeros((15, 15), dtype=bool)  # a path of many turns, and a pixel touching it only diagonally
+    spiral[1, 1:14] = spiral[1:14, 13] = spiral[13, 1:14] = spiral[3:14, 1] = spiral[3, 1:12] = True
+    spiral[3:12, 11] = spiral[11, 3:12] = spiral[5:12, 3] = spiral[5, 3:10] = spiral[5:10, 9] = True
+    spiral[0, 0] = spiral[0, 14] = True
+    masks = [(spiral, (7, 9))]
+    for _ in range(60):
+        up = resize(rng.random((int(rng.integers(2, 9)), int(rng.integers(2, 9)))),
+                    (int(rng.integers(5, 60)), int(rng.integers(5, 60))))
+        keep = up >= rng.uniform(0.3, 0.9) * up.max()
+        masks.append((keep, np.unravel_index(int(np.argmax(up)), up.shape)))
+    partial = 0
+    for keep, start in masks:
+        region = connected_region(keep, start)
+        assert np.array_equal(region, _flood(keep, start))
+        partial += 1 < region.sum() < keep.sum()  # neither the start alone nor all of keep
+    assert partial > 20
+    assert connected_region(spiral, (7, 9)).sum() == spiral.sum() - 2  # all of the path, not the diagonal corners
+    with pytest.raises(ValueError, match="start"):
+        connected_region(spiral, (0, 1))
 
 
 def test_iou_by_hand() -> None:

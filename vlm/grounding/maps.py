@@ -9,6 +9,9 @@ which matches the `PixelBox` ``(x, y, w, h)`` that the grounding metrics below t
 
 from __future__ import annotations
 
+import functools
+import itertools
+
 import numpy as np
 
 from vlm.data.boxes import PixelBox
@@ -30,8 +33,10 @@ def _check_size(size: tuple[int, int]) -> tuple[int, int]:
     return width, height
 
 
+@functools.lru_cache(maxsize=1024)
 def _interp_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """Linear-interpolation matrix ``(n_out, n_in)`` with cell centres aligned (``align_corners=False``).
+    """Linear-interpolation matrix ``(n_out, n_in)`` with cell centres aligned (``align_corners=False``), read-only
+    (kept for the next map of the same sizes).
 
     Output sample ``i`` reads source position ``(i + 0.5) * n_in / n_out - 0.5``, clamped to the valid
     range exactly like ``torch.nn.functional.interpolate(mode="bilinear", align_corners=False)``.
@@ -45,6 +50,7 @@ def _interp_matrix(n_in: int, n_out: int) -> np.ndarray:
     rows = np.arange(n_out)
     np.add.at(mat, (rows, lo), 1.0 - frac)
     np.add.at(mat, (rows, hi), frac)
+    mat.flags.writeable = False
     return mat
 
 
@@ -141,20 +147,46 @@ def box_from_map(map_: np.ndarray, size: tuple[int, int], fraction: float = 0.5,
     small = (max(1, round(width * scale)), max(1, round(height * scale)))
     up = resize(map_, small)
     keep = up >= fraction * up.max() if up.max() > 0 else np.ones_like(up, dtype=bool)
-    start = np.unravel_index(int(np.argmax(up)), up.shape)
+    seen = connected_region(keep, np.unravel_index(int(np.argmax(up)), up.shape))
+    rows, cols = np.flatnonzero(seen.any(1)), np.flatnonzero(seen.any(0))
+    sx, sy = width / small[0], height / small[1]
+    x0, y0 = cols[0] * sx, rows[0] * sy
+    return float(x0), float(y0), float((cols[-1] + 1) * sx - x0), float((rows[-1] + 1) * sy - y0)
+
+
+def connected_region(keep: np.ndarray, start: tuple[int, int]) -> np.ndarray:
+    """The 4-neighbour connected region of ``keep`` (a boolean (H, W) array) holding ``start`` (which it must hold).
+
+    Grown run by run rather than pixel by pixel: passes take in, by turns, the whole of every row run and of every
+    column run of ``keep`` that the region touches, until a pass adds nothing (or the region is all of ``keep``); the
+    passes count the turns of a path through the region, not its pixels.
+    """
+    keep = np.asarray(keep, dtype=bool)
+    if not keep[start]:
+        raise ValueError(f"the region's start {tuple(start)} is not in it")
+    rows, cols = _run_labels(keep), _run_labels(keep.T).T  # (H, W) run numbers, 0 outside keep
     seen = np.zeros_like(keep)
     seen[start] = True
-    stack = [start]
-    while stack:
-        r, c = stack.pop()
-        for nr, nc in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)):
-            if 0 <= nr < keep.shape[0] and 0 <= nc < keep.shape[1] and keep[nr, nc] and not seen[nr, nc]:
-                seen[nr, nc] = True
-                stack.append((nr, nc))
-    rows, cols = np.nonzero(seen)
-    sx, sy = width / small[0], height / small[1]
-    x0, y0 = cols.min() * sx, rows.min() * sy
-    return float(x0), float(y0), float((cols.max() + 1) * sx - x0), float((rows.max() + 1) * sy - y0)
+    size, most = 1, int(np.count_nonzero(keep))
+    for passes in itertools.count(1):
+        labels = cols if passes % 2 == 0 else rows
+        touched = np.zeros(int(labels.max()) + 1, dtype=bool)
+        touched[labels[seen]] = True
+        seen = touched.take(labels)
+        grown = int(np.count_nonzero(seen))
+        # Done when it holds all of keep, or when a pass adds nothing to what a pass the other way closed.
+        if grown == most or (grown == size and passes > 1):
+            return seen
+        size = grown
+
+
+def _run_labels(keep: np.ndarray) -> np.ndarray:
+    """Each row's maximal runs of True in keep (H, W) numbered 1, 2, ... across the array; 0 where keep is False."""
+    padded = np.zeros((keep.shape[0], keep.shape[1] + 1), dtype=bool)  # a False column ends every row's last run
+    padded[:, :-1] = keep
+    flat = padded.ravel()
+    starts = flat & ~np.concatenate(([False], flat[:-1]))
+    return (np.cumsum(starts) * flat).reshape(padded.shape)[:, :-1]
 
 
 def iou(a: PixelBox, b: PixelBox) -> float:

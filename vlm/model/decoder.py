@@ -273,12 +273,13 @@ class TextDecoder(nn.Module):
             h = self.head_transform(h)
         return linear(h, self.tok_emb.weight, self.head_bias, self._head_weight)  # the head is tied to tok_emb
 
-    def cross_attention_weights(self, cross_inputs: list[Tensor], image_kv: list[KeysValues]) -> list[Tensor]:
-        """Each layer's cross-attention weights (B, H, T, N) from its inputs (B, T, D), one sequence per image.
+    def cross_attention_weights(self, cross_inputs: list[Tensor], image_keys: list[Tensor]) -> list[Tensor]:
+        """Each layer's cross-attention weights (B, H, T, N) from its inputs (B, T, D) and the image keys (B, H, N, hd)
+        (`image_keys_values`' first), one sequence per image.
 
         Generation keeps these inputs at every step (its attention is the fused kernel, which returns no
         weights) and computes the weights here, once, for the tokens it keeps. The parameters must be whole:
         under FSDP, generation runs inside ``full_parameters``.
         """
-        return [block.cross_attn.weights(block.cross_attn.queries(h), kv[0])
-                for block, h, kv in zip(self.blocks, cross_inputs, image_kv, strict=True)]
+        return [block.cross_attn.weights(block.cross_attn.queries(h), k)
+                for block, h, k in zip(self.blocks, cross_inputs, image_keys, strict=True)]

@@ -189,8 +189,9 @@ class TorchDecoder:
             self.cache.reorder(parent)
 
     def attention(self, material: Tensor, images: Tensor) -> Tensor:
-        kv = [(k[images], v[images]) for k, v in self.image_kv]  # per layer (S, H, N, hd)
-        weights = self.model.decoder.cross_attention_weights(list(material.unbind(2)), kv)  # L x (S, H, T, N)
+        in_order = images.equal(torch.arange(self.num_images, device=images.device))  # one sequence per image
+        keys = [k if in_order else k[images] for k, _ in self.image_kv]  # per layer (S, H, N, hd)
+        weights = self.model.decoder.cross_attention_weights(list(material.unbind(2)), keys)  # L x (S, H, T, N)
         return torch.stack(weights, dim=1).permute(0, 3, 1, 2, 4).contiguous()  # (S, T, L, H, N)
 
 

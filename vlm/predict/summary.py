@@ -49,17 +49,14 @@ def words(tokens: Sequence[str]) -> list[tuple[str, list[int]]]:
     """The caption's words, each with the indices of its tokens: word-level tokens are words; byte-level BPE
     tokens start a word with "Ġ" (and WordPiece ones continue one with "##")."""
     out: list[tuple[str, list[int]]] = []
+    bpe = any(t.startswith("Ġ") for t in tokens)
     for i, token in enumerate(tokens):
-        if out and (token.startswith("##") or (_bpe(tokens) and not token.startswith("Ġ"))):
+        if out and (token.startswith("##") or (bpe and not token.startswith("Ġ"))):
             text, idx = out[-1]
             out[-1] = (text + token.removeprefix("##"), [*idx, i])
         else:
             out.append((token.removeprefix("Ġ"), [i]))
     return out
-
-
-def _bpe(tokens: Sequence[str]) -> bool:
-    return any(t.startswith("Ġ") for t in tokens)
 
 
 def content_phrases(tokens: Sequence[str]) -> list[tuple[str, list[int]]]:
