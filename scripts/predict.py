@@ -1,7 +1,7 @@
 """`vlm predict` throughput against a plain loop over `Captioner.caption` and against transformers' generation.
 
 Our model and transformers' VisionEncoderDecoder are those of scripts/bench.py (same dimensions, random weights;
-ours with a 1000-word tokenizer); the default model is `ModelConfig()`'s (random weights, the same tokenizer).
+ours with a 1000-word tokenizer, `words`); the default model is `ModelConfig()`'s (random weights, the same tokenizer).
 Images: --images PNG and JPEG files of mixed sizes on disk. Every side generates exactly --new-tokens tokens per
 image (the end token forbidden before), greedy, batches of --batch-size.
 
@@ -69,6 +69,7 @@ from vlm.data.images import load_image  # noqa: E402
 from vlm.data.transforms import input_size  # noqa: E402
 from vlm.model.vlm import VisionLanguageModel  # noqa: E402
 from vlm.predict import predict  # noqa: E402
+from vlm.predict.summary import STOP_WORDS  # noqa: E402
 from vlm.text.tokenizer import Tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,12 +89,19 @@ def make_images(folder: Path, n: int, seed: int = 0) -> list[str]:
     return paths
 
 
+def words(n: int) -> list[str]:
+    """n words, those of `vlm.predict.summary.STOP_WORDS` among them, the rest made of letters: a caption of random
+    tokens then has runs of content words, so that --maps boxes phrases as it does for a real captioner's text."""
+    made = (a + b + c + d for a in "bdfgklmnprst" for b in "aeiou" for c in "bdfgklmnprst" for d in "aeiou")
+    return [*sorted(STOP_WORDS), *(w for w in made if w not in STOP_WORDS)][:n]
+
+
 def our_model(folder: Path, default: bool = False) -> Path:
     """scripts/bench.py's model, or with ``default`` the default model (`ModelConfig()`), and a 1000-word tokenizer,
     saved."""
     torch.manual_seed(0)
     model = (VisionLanguageModel(ModelConfig(), DIMS["vocab"]) if default else build_ours(torch.device("cpu"))).eval()
-    tokenizer = Tokenizer.train([" ".join(f"w{i}" for i in range(DIMS["vocab"] - 5))], vocab_size=DIMS["vocab"])
+    tokenizer = Tokenizer.train([" ".join(words(DIMS["vocab"] - 5))], vocab_size=DIMS["vocab"])
     assert len(tokenizer) == DIMS["vocab"], len(tokenizer)
     return save_model(model, tokenizer, folder / ("default_model" if default else "model"))
 
