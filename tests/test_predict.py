@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from tests.conftest import image_sensitive_model, random_images, tiny_config
 from vlm.api import Captioner
@@ -35,7 +36,7 @@ from vlm.grounding.maps import box_from_map, combine
 from vlm.model.vlm import VisionLanguageModel
 from vlm.predict import predict, read_outputs
 from vlm.predict.outputs import CAPTION_KEY
-from vlm.predict.summary import content_phrases
+from vlm.predict.summary import content_phrases, phrase_boxes
 from vlm.train.progress import Progress
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -523,6 +524,22 @@ def test_bf16_autocast_reaches_the_lanes(model_dir, folder, tmp_path):
         logprobs[name] = {k: [t["logprob"] for t in r["caption_tokens"]] for k, r in _records(tmp_path / name).items()}
     assert logprobs["bf16_two"] != logprobs["fp32_two"]  # bf16 changes the numbers: equal ones below are evidence
     assert logprobs["bf16_two"] == logprobs["bf16_one"]
+
+
+def test_numpys_blas_runs_one_thread_in_the_lanes_and_as_before_after(model_dir, folder, tmp_path, monkeypatch):
+    """The maps' numpy products run beside the model: OpenBLAS's own threads would take its cores."""
+    seen = []
+
+    def recording(*args, **kwargs):
+        seen.append({i["user_api"]: i["num_threads"] for i in threadpool_info()}["blas"])
+        return phrase_boxes(*args, **kwargs)
+
+    monkeypatch.setattr("vlm.predict.module.phrase_boxes", recording)
+    with threadpool_limits(limits=2, user_api="blas"):  # more than one before, whatever the machine
+        predict(model_dir, str(folder / "sub"), tmp_path / "p", maps=True, threads=2, batch_size=2, **CPU)
+        after = {i["user_api"]: i["num_threads"] for i in threadpool_info()}["blas"]
+    assert seen and set(seen) == {1}
+    assert after == 2
 
 
 def test_a_jsonl_key_of_null_falls_back_to_the_image(model_dir, folder, tmp_path):
