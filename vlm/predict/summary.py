@@ -40,9 +40,9 @@ def top_patches(maps: np.ndarray, k: int) -> list[list[list[float]]]:
     flat = maps.reshape(len(maps), int(np.prod(maps.shape[1:])))  # an empty text has no rows
     k = min(k, flat.shape[1])
     order = np.argsort(-flat, axis=1, kind="stable")[:, :k]  # largest first, ties by index (a stable sort)
-    weights = np.take_along_axis(flat, order, axis=1)
-    return [[[i, round(w, 6)] for i, w in zip(row_i, row_w, strict=True)]
-            for row_i, row_w in zip(order.tolist(), weights.tolist(), strict=True)]
+    pairs = np.empty((*order.shape, 2), dtype=object)  # its tolist() gives Python ints and floats, built in C
+    pairs[..., 0], pairs[..., 1] = order, np.round(np.take_along_axis(flat, order, axis=1), 6)
+    return pairs.tolist()
 
 
 def words(tokens: Sequence[str]) -> list[tuple[str, list[int]]]:
