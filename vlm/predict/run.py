@@ -201,7 +201,7 @@ def predict(model: str | os.PathLike | tuple[VisionLanguageModel, Tokenizer], in
     torch_threads = torch.get_num_threads()
     try:
         # numpy's BLAS (the maps' small products, in the lanes) runs one thread: its own threads, which spin after
-        # each product, took the cores from the model beside it (--maps cost 30-40% more here, with them 5-9%).
+        # each product, took the cores from the model beside it (--maps cost 30-40% more with them here, 5-9% without).
         with quiet_lightning(), threadpool_limits(limits=1, user_api="blas"):
             trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
                                 precision=precision, logger=False, enable_checkpointing=False,
