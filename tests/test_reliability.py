@@ -398,6 +398,8 @@ def _cases() -> list[tuple[str, str, list[str], str]]:
          "nomodel"),
         ("import", "missing directory", ["import", "--from", "hf:{dir}/nohub", "--out", "{dir}/i"], "nohub"),
         ("import", "no hf prefix", ["import", "--from", "{dir}", "--out", "{dir}/i"], "hf:"),
+        ("predict", "no patches per map", ["predict", "--model", "{model}", "--input", "{dir}", "--out", "{dir}/p",
+                                           "--maps", "--map_top_k", "0"], "--map_top_k 0: expected a positive"),
         ("predict", "no progress interval", ["predict", "--model", "{model}", "--input", "{dir}", "--out", "{dir}/p",
                                              "--progress_every", "0"], "--progress_every 0: expected a positive"),
         ("train", "bad config value", ["train", "--config", "{yaml}"], "max_steps"),

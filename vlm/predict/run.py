@@ -155,7 +155,7 @@ def predict(model: str | os.PathLike | tuple[VisionLanguageModel, Tokenizer], in
             raise VLMError("--format parquet needs pyarrow: pip install 'vlm[parquet]'") from None
     if threads is not None and threads < 1:
         raise VLMError(f"--threads {threads}: expected a positive number of threads")
-    for name, value in {"--batch_size": batch_size, "--top_k": top_k, "--progress_every": progress_every}.items():
+    for name, value in {"--batch_size": batch_size, "--map_top_k": top_k, "--progress_every": progress_every}.items():
         if value < 1:
             raise VLMError(f"{name} {value}: expected a positive number")
     if num_workers < 0:
