@@ -168,3 +168,13 @@ def test_shards_missing_or_streamed_without_a_step_limit_are_one_line_errors_bef
                                        r"number of steps$"):
         train(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "model").exists()
+
+
+def test_a_check_run_without_validation_exports_into_a_new_directory(tmp_path):
+    """A fast_dev_run without validation saves no checkpoint, so nothing else makes the output directory."""
+    cfg = _tiny_train_config(fast_dev_run=1)
+    cfg.data.val_scenes = 0
+    out = tmp_path / "new" / "run"
+    exported = train(cfg, out)
+    assert (out / "data_report.json").is_file() and (exported / "model.safetensors").is_file()
+    assert not (out / "checkpoints").exists()  # nothing but the export and the report was written

@@ -393,6 +393,8 @@ class TrainConfig:
                   m.num_heads, "model.decoder.max_length": m.max_length, "data.batch_size": d.batch_size,
                   "trainer.accumulate_grad_batches": t.accumulate_grad_batches, "trainer.val_check_interval":
                   t.val_check_interval, "trainer.log_every_n_steps": t.log_every_n_steps}
+        if not d.sources:  # the built-in scenes
+            counts["data.train_scenes"] = d.train_scenes
         for name, value in counts.items():
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")

@@ -138,6 +138,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: str | None = None, init: st
     if not trainer.is_global_zero:
         return None
     report["skipped_while_loading"] = skipped
+    out.mkdir(parents=True, exist_ok=True)  # a fast_dev_run without validation has written nothing there yet
     (out / "data_report.json").write_text(json.dumps(report, indent=2))
     return save_model(model, tokenizer, out / "model")
 
