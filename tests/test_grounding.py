@@ -176,7 +176,7 @@ def _flood(keep: np.ndarray, start: tuple[int, int]) -> np.ndarray:
 
 def test_connected_region_equals_a_pixel_by_pixel_flood_fill() -> None:
     rng = np.random.default_rng(0)
-    spiral = np.zeros((15, 15), dtype=bool)  # a path of many turns, and a pixel touching it only diagonally
+    spiral = np.zeros((15, 15), dtype=bool)  # a path of many turns, and two pixels touching it only diagonally
     spiral[1, 1:14] = spiral[1:14, 13] = spiral[13, 1:14] = spiral[3:14, 1] = spiral[3, 1:12] = True
     spiral[3:12, 11] = spiral[11, 3:12] = spiral[5:12, 3] = spiral[5, 3:10] = spiral[5:10, 9] = True
     spiral[0, 0] = spiral[0, 14] = True
