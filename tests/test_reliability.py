@@ -412,6 +412,7 @@ def _cases() -> list[tuple[str, str, list[str], str]]:
                "trainer.accumulate_grad_batches must be at least 1, got 0"),
               ("no decoder layers", "--model.decoder.depth", "0", "model.decoder.depth must be at least 1"),
               ("no scenes", "--data.train_scenes", "0", "data.train_scenes must be at least 1, got 0"),
+              ("no room for words", "--data.tokenizer.vocab_size", "5", "data.tokenizer: vocab_size 5: a word-level"),
               ("negative learning rate", "--optim.lr", "-0.1", "optim.lr must be a positive number, got -0.1"),
               ("smoothing all", "--optim.label_smoothing", "1", "optim.label_smoothing must be in [0, 1)")]],
         ("train", "missing config", ["train", "--config", "{dir}/none.yaml"], "none.yaml"),

@@ -74,7 +74,10 @@ def train(cfg: TrainConfig, out: str | Path, resume: str | None = None, init: st
     elif init:
         start, tokenizer = read_model(init)
     else:
-        start, tokenizer = None, Tokenizer.train(texts, tok_cfg.kind, tok_cfg.vocab_size, tok_cfg.min_frequency)
+        try:
+            start, tokenizer = None, Tokenizer.train(texts, tok_cfg.kind, tok_cfg.vocab_size, tok_cfg.min_frequency)
+        except ValueError as e:  # kind or vocab_size
+            raise VLMError(f"data.tokenizer: {e}") from None
     if resumed is not None or start is not None:
         source = f"--resume {resume}" if resumed is not None else f"--init {init}"
         warn_unused_model_settings(cfg.model, resumed or start.cfg, source)
