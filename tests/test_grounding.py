@@ -197,6 +197,23 @@ def test_connected_region_equals_a_pixel_by_pixel_flood_fill() -> None:
         connected_region(spiral, (0, 1))
 
 
+def test_peak_is_the_maximum_of_the_whole_upsampled_map() -> None:
+    """peak evaluates the upsampled map at the pixels that can hold its maximum only: it finds the full map's."""
+    rng = np.random.default_rng(0)
+    same = 0
+    for case in range(600):
+        grid = rng.random((int(rng.integers(1, 16)), int(rng.integers(1, 16))))
+        if case % 3 == 1:
+            grid = np.round(grid * 2) / 2  # plateaus: ties
+        size = (int(rng.integers(1, 500)), int(rng.integers(1, 500)))
+        up = resize(grid, size)
+        x, y = peak(grid, size)
+        row, col = int(y - 0.5), int(x - 0.5)
+        assert up[row, col] >= up.max() - 1e-12  # a maximum (ties differ from a full argmax by rounding alone)
+        same += (row, col) == np.unravel_index(int(np.argmax(up)), up.shape)
+    assert same > 550
+
+
 def test_iou_by_hand() -> None:
     assert iou((0, 0, 10, 10), (5, 0, 10, 10)) == pytest.approx(50 / 150)
     assert iou((0, 0, 10, 10), (20, 20, 5, 5)) == 0.0

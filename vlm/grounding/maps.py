@@ -41,8 +41,7 @@ def _interp_matrix(n_in: int, n_out: int) -> np.ndarray:
     Output sample ``i`` reads source position ``(i + 0.5) * n_in / n_out - 0.5``, clamped to the valid
     range exactly like ``torch.nn.functional.interpolate(mode="bilinear", align_corners=False)``.
     """
-    src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
-    src = np.clip(src, 0.0, n_in - 1)
+    src = _sources(n_in, n_out)
     lo = np.floor(src).astype(np.int64)
     hi = np.minimum(lo + 1, n_in - 1)
     frac = src - lo
@@ -52,6 +51,11 @@ def _interp_matrix(n_in: int, n_out: int) -> np.ndarray:
     np.add.at(mat, (rows, hi), frac)
     mat.flags.writeable = False
     return mat
+
+
+def _sources(n_in: int, n_out: int) -> np.ndarray:
+    """The source position (ascending, clamped to ``[0, n_in - 1]``) each of n_out output samples reads."""
+    return np.clip((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5, 0.0, n_in - 1)
 
 
 def resize(map_: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -81,16 +85,38 @@ def peak(map_: np.ndarray, size: tuple[int, int], upsampled: bool = True) -> tup
     """Pixel coordinates ``(x, y)`` of the map's maximum: the centre of the argmax pixel of the bilinearly
     upsampled map, or with ``upsampled=False`` the centre of the argmax grid cell.
 
-    Ties resolve to the first pixel (or cell) in row-major order.
+    Ties resolve to the first pixel (or cell) in row-major order (pixels whose values differ by rounding alone may
+    count as tied or not). The upsampled map is evaluated only at the pixels that can hold its maximum
+    (`_peak_candidates`), not over the whole image.
     """
+    arr = _as_map(map_)
+    width, height = _check_size(size)
     if not upsampled:
-        arr = _as_map(map_)
-        width, height = _check_size(size)
         row, col = np.unravel_index(int(np.argmax(arr)), arr.shape)
         return (float(col) + 0.5) * width / arr.shape[1], (float(row) + 0.5) * height / arr.shape[0]
-    up = resize(map_, size)
+    rows, cols = _peak_candidates(arr.shape[0], height), _peak_candidates(arr.shape[1], width)
+    up = _interp_matrix(arr.shape[0], height)[rows] @ arr @ _interp_matrix(arr.shape[1], width)[cols].T
     row, col = np.unravel_index(int(np.argmax(up)), up.shape)
-    return float(col) + 0.5, float(row) + 0.5
+    return float(cols[col]) + 0.5, float(rows[row]) + 0.5
+
+
+@functools.lru_cache(maxsize=1024)
+def _peak_candidates(n_in: int, n_out: int) -> np.ndarray:
+    """The output samples (ascending) among which a linear interpolation of n_in values to n_out samples
+    (`_interp_matrix`) takes its maximum, the first of tied ones included: on each interval between two source
+    samples the interpolation is linear, so its largest output there is the one nearest an end of the interval.
+    Those are, for every source sample, the last output at or before it and the first at or after it. A bilinear map
+    is linear along rows within each interval of columns and along columns within each interval of rows, so the
+    first maximum of the whole map lies on a candidate row and a candidate column.
+    """
+    src = _sources(n_in, n_out)
+    knots = np.arange(n_in, dtype=np.float64)
+    first = np.searchsorted(src, knots, side="left")  # first output at or after each source sample
+    last = np.searchsorted(src, knots, side="right") - 1  # last output at or before it
+    found = np.unique(np.concatenate([first, last]))
+    found = found[(found >= 0) & (found < n_out)]
+    found.flags.writeable = False
+    return found
 
 
 def pointing_hit(map_: np.ndarray, box: PixelBox, size: tuple[int, int], upsampled: bool = True) -> bool:
