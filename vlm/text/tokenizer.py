@@ -55,10 +55,10 @@ class Tokenizer:
     def train(cls, texts: Iterable[str], kind: str = "word", vocab_size: int = 8000,
               min_frequency: int = 1) -> Tokenizer:
         """A word-level or byte-level BPE vocabulary from the training texts (lower-cased, NFKC-normalised)."""
-        if kind == "word" and vocab_size <= len(SPECIAL_TOKENS):  # every word would be unknown
-            raise ValueError(f"vocab_size {vocab_size}: a word-level vocabulary needs room for words beside its "
-                             f"{len(SPECIAL_TOKENS)} special tokens")
         if kind == "word":
+            if vocab_size <= len(SPECIAL_TOKENS):  # every word would be unknown
+                raise ValueError(f"vocab_size {vocab_size}: a word-level vocabulary needs room for words beside its "
+                                 f"{len(SPECIAL_TOKENS)} special tokens")
             tok = HFTokenizer(models.WordLevel(unk_token=UNK))
             tok.pre_tokenizer = pre_tokenizers.Whitespace()  # words and punctuation runs
             tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words, tidies punctuation
