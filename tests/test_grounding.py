@@ -79,6 +79,12 @@ def test_generated_raw_maps_are_token_maps_without_a_second_pass(captioner, conf
     assert (expected[0] - expected[0].mean()).abs().max() > 1e-3  # the maps are not flat
     for m, e in zip(made, expected, strict=True):
         torch.testing.assert_close(m, e, atol=1e-6, rtol=1e-5)
+    # sequences of different lengths (an empty one too) are computed together and come back as they went in
+    parts = [gen.attentions[1][:2], gen.attentions[0], gen.attentions[1][:0]]
+    cut = generated_raw_maps(model, parts, grid, config, prefix=model.encoder.num_prefix)
+    assert [len(m) for m in cut] == [2, len(gen.tokens[0]), 0]
+    torch.testing.assert_close(cut[0], made[1][:2])
+    torch.testing.assert_close(cut[1], made[0])
     for bad in (replace(config, head=99), replace(config, layers=[7])):  # refused as token_maps refuses them
         with pytest.raises(ValueError, match="out of range"):
             generated_raw_maps(model, gen.attentions, grid, bad, prefix=model.encoder.num_prefix)

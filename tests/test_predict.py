@@ -7,6 +7,7 @@ One tiny untrained model whose texts depend on the image (`image_sensitive_model
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import os
@@ -540,6 +541,30 @@ def test_numpys_blas_runs_one_thread_in_the_lanes_and_as_before_after(model_dir,
         after = {i["user_api"]: i["num_threads"] for i in threadpool_info()}["blas"]
     assert seen and set(seen) == {1}
     assert after == 2
+
+
+def test_full_collections_skip_what_existed_before_the_run_and_a_callers_freeze_stays(model_dir, folder, tmp_path,
+                                                                                        monkeypatch):
+    """The records in flight trigger Python's full collections, which would rescan the model, torch and Lightning
+    each time while the lanes wait: those objects are frozen for the run, and only for it."""
+    frozen = []
+
+    def recording(*args, **kwargs):
+        frozen.append(gc.get_freeze_count())
+        return phrase_boxes(*args, **kwargs)
+
+    monkeypatch.setattr("vlm.predict.module.phrase_boxes", recording)
+    assert gc.get_freeze_count() == 0
+    predict(model_dir, str(folder / "sub"), tmp_path / "p", maps=True, threads=2, batch_size=2, **CPU)
+    assert frozen and min(frozen) > 100_000  # torch alone makes that many objects
+    assert gc.get_freeze_count() == 0  # as before the run
+    gc.freeze()  # the caller's own
+    try:
+        before = gc.get_freeze_count()
+        predict(model_dir, str(folder / "sub"), tmp_path / "q", maps=True, threads=2, batch_size=2, **CPU)
+        assert gc.get_freeze_count() >= before
+    finally:
+        gc.unfreeze()
 
 
 def test_a_jsonl_key_of_null_falls_back_to_the_image(model_dir, folder, tmp_path):

@@ -89,19 +89,20 @@ def generated_raw_maps(model: VisionLanguageModel, attentions: Sequence[Tensor],
     (`vlm.model.generate.decode` with ``return_attention``, on either backend): what `token_maps` makes of the same
     tokens with ``method="raw"`` (heads averaged or one head, the ``prefix`` columns dropped, the chosen layers
     averaged), without a second pass over the decoder. ``model``: anything with the model's ``cfg`` (an ONNX
-    export's `OnnxModel` too)."""
+    export's `OnnxModel` too). The sequences are computed together, as one (sum of T, L, H, N) tensor."""
     config = config or MapConfig()
     if config.method != "raw":
         raise ValueError(f"generated_raw_maps makes raw maps, not {config.method}")
     check_map_config(model, config)
+    if not attentions:
+        return []
     chosen = chosen_layers(model, config.layers)
-    maps = []
-    for attn in attentions:  # (T, L, H, N)
-        parts = (attn.mean(2) if config.head is None else attn[:, :, config.head]).transpose(0, 1)  # (L, T, N)
-        if prefix:
-            parts = patches_only(parts, prefix, "raw")
-        maps.append(combine_layers(parts, "raw", chosen).float().reshape(-1, *grid))
-    return maps
+    attn = torch.cat(list(attentions))  # (sum T, L, H, N)
+    parts = (attn.mean(2) if config.head is None else attn[:, :, config.head]).transpose(0, 1)  # (L, sum T, N)
+    if prefix:
+        parts = patches_only(parts, prefix, "raw")
+    maps = combine_layers(parts, "raw", chosen).float().reshape(-1, *grid)  # (sum T, h, w)
+    return list(maps.split([len(a) for a in attentions]))
 
 
 def patches_only(parts: Tensor, prefix: int, method: str) -> Tensor:

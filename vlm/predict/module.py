@@ -213,13 +213,14 @@ class PredictModule(L.LightningModule):
                     else self.backend.maps(image_kv, grid, prompts, gen.tokens, config))
             if config is not None:
                 started = self._timed("maps", started)
-        out = []
+        patches = iter(top_patches(np.concatenate(maps), self.tasks.top_k) if config is not None and maps else ())
+        out = []  # every token's top patches come from one call, in sequence order
         for ids, logprobs, made in zip(gen.tokens, gen.token_logprobs, maps, strict=True):
             tokens = [{"token": t, "id": i, "logprob": lp}
                       for t, i, lp in zip(self.tokenizer.tokens(ids), ids, logprobs, strict=True)]
             if made is not None:
-                for token, patches in zip(tokens, top_patches(made, self.tasks.top_k), strict=True):
-                    token["patches"] = patches
+                for token in tokens:
+                    token["patches"] = next(patches)
             out.append((self.tokenizer.decode([*lead, *ids]), tokens, made))
         self._timed("records", started)
         return out
