@@ -21,6 +21,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -125,11 +126,34 @@ def alternate(fns: dict[str, Callable[[], object]], reps: int, device: str = "cp
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def peak_resident_bytes() -> int:
+    """This process's peak resident memory, in bytes: Linux's VmHWM, the peak of its own address space.
+
+    Not ru_maxrss: Linux carries it across the exec that starts a child process, so a fresh process started from a
+    larger one (a benchmark that has built its models) would report the parent's size.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # elsewhere: KiB, or bytes on macOS
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
 def paired_overhead(plain: Callable[[], object], extra: Callable[[], object], reps: int, device: str = "cpu") -> float:
     """Median over reps of extra's time over plain's, each pair run back to back (the order alternating), minus 1.
 
     A ratio within each pair cancels the machine's drift, which medians of the two sides taken apart do not.
     """
+    return statistics.median(paired_ratios(plain, extra, reps, device)) - 1
+
+
+def paired_ratios(plain: Callable[[], object], extra: Callable[[], object], reps: int, device: str = "cpu"
+                  ) -> list[float]:
+    """Extra's time over plain's in each of reps pairs run back to back (the order alternating), after a warm-up."""
     plain(), extra()
     ratios = []
     for r in range(reps):
@@ -138,7 +162,7 @@ def paired_overhead(plain: Callable[[], object], extra: Callable[[], object], re
         else:
             p, e = timed(plain, device), timed(extra, device)
         ratios.append(e / p)
-    return statistics.median(ratios) - 1
+    return ratios
 
 
 def report(path: str | Path, config: dict, results: dict, ratios: dict | None = None, *,

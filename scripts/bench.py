@@ -22,7 +22,7 @@ measured matmul peak; for generation, the encoder's FLOPs at that peak plus, for
 longer of the step's FLOPs at that peak and the time to read every decoder weight once, which a decode step of
 any batch must do (measured as one sum over a buffer of all of them: the memory's own rate). The time torch's
 one-row products take to stream the same weights is reported beside it.
-Peak training memory: on CPU, the rise of the process's peak resident memory (ru_maxrss) over its
+Peak training memory: on CPU, the rise of the process's peak resident memory (VmHWM) over its
 resident memory once the model, the optimiser and the batch exist, measured for each side in a fresh
 subprocess over 3 training steps, and the rise of live tensor memory over 2 more steps from torch's memory
 timeline; on CUDA, torch's peak allocated memory. The matmul peak is the median
@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -46,7 +45,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _bench import add_json_option, alternate, paired_overhead, report, sync, timed
+from _bench import add_json_option, alternate, paired_overhead, peak_resident_bytes, report, sync, timed
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -412,8 +411,7 @@ def memory_probe(name: str, device_name: str, batch: int, length: int) -> dict:
     for _ in range(3):
         side.train_step(*data)
     sync(device)
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_resident_bytes()
     result = {"peak_minus_base_mb": (peak - base) / 2**20, "base_mb": base / 2**20}
     if device.type == "cpu":
         result["tensor_peak_minus_floor_mb"] = _tensor_memory_rise(side, data) / 2**20

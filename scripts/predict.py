@@ -14,7 +14,7 @@ image (the end token forbidden before), greedy, batches of --batch-size.
   batches, `generate`, `batch_decode`, on the HF VisionEncoderDecoder;
 - scaling: `vlm predict` as a command on 1 and on 2 CPU processes (DDP), wall time including start-up (medians
   of --reps runs of each, alternated);
-- memory: peak resident memory (ru_maxrss) of a fresh process predicting each of --rss-images images;
+- memory: peak resident memory (VmHWM) of a fresh process predicting each of --rss-images images;
 - ceilings: each ratio's roofline bound, the other side's time per image over the least time one image can take on
   this machine (`least_seconds_per_image`: its model FLOPs at the matmul peak, plus its image reading, from the loop's
   profile, shared out over the cores); the predict_onnx ratios' at ONNX Runtime's own matmul peak where that is
@@ -53,7 +53,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _bench import add_json_option, alternate, paired_overhead, report
+from _bench import add_json_option, alternate, paired_ratios, report
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -172,15 +172,15 @@ def least_seconds_per_image(captioner: Captioner, reading_seconds: float, peak: 
 
 
 def peak_rss(model: Path, folder: Path, out: Path, args: argparse.Namespace) -> float:
-    """MiB of peak resident memory of a fresh process predicting every image of folder."""
-    code = (f"import resource, sys; sys.path.insert(0, {str(ROOT)!r})\n"
+    """MiB of peak resident memory of a fresh process predicting every image of folder (`peak_resident_bytes`)."""
+    code = (f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'scripts')!r}]\n"
             "from vlm.predict import predict\nfrom vlm.config import DecodingConfig\n"
             f"predict({str(model)!r}, {str(folder)!r}, {str(out)!r}, batch_size={args.batch_size}, "
             f"num_workers={args.workers}, accelerator='cpu', devices=1, decoding=DecodingConfig("
             f"max_new_tokens={args.new_tokens}, min_new_tokens={args.new_tokens}), progress_every=10**9)\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            "from _bench import peak_resident_bytes\nprint(peak_resident_bytes())")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(result.stdout.strip().splitlines()[-1]) / 1024
+    return int(result.stdout.strip().splitlines()[-1]) / 2**20
 
 
 def cli_seconds(model: Path, folder: Path, out: Path, devices: int, args: argparse.Namespace) -> float:
@@ -245,7 +245,7 @@ def main() -> None:
             sides |= {"predict_onnx": ours(runtime="onnx"),
                       "loop_onnx": lambda: on_ort.caption(paths, decoding, args.batch_size)}
         seconds = alternate(sides, reps=args.reps)
-        maps_overhead = paired_overhead(ours(), ours(maps=True), reps=args.maps_reps)
+        maps_ratios = paired_ratios(ours(), ours(maps=True), reps=args.maps_reps)
         profiles["loop"] = loop_profile(captioner, paths[:args.profile_images], decoding, args.batch_size)
         profiles["loop_default"] = loop_profile(default_captioner, paths[:args.profile_images], decoding,
                                                 args.batch_size)
@@ -275,7 +275,9 @@ def main() -> None:
     rates = {name: args.images / s for name, s in seconds.items()}
     counts = sorted(rss)
     results = {"images_per_s": {k: round(v, 2) for k, v in rates.items()},
-               "maps_overhead": round(maps_overhead, 3), "scaling_wall_s": {k: round(v, 2) for k, v in scaling.items()},
+               "maps_overhead": round(statistics.median(maps_ratios) - 1, 3),
+               "maps_overhead_pairs": sorted(round(v - 1, 3) for v in maps_ratios),
+               "scaling_wall_s": {k: round(v, 2) for k, v in scaling.items()},
                "peak_rss": rss}
     ratios = {"predict_default_over_loop_default": round(rates["predict_default"] / rates["loop_default"], 3),
               "predict_over_loop": round(rates["predict"] / rates["loop"], 3),

@@ -160,10 +160,10 @@ def speed(report: dict) -> str:
              f"vocabulary {c['vocab']}, dropout 0), the same {c['optimizer_impl']} AdamW, batch {c['batch']}, "
              f"captions of {c['caption_length']} tokens, exactly {c['new_tokens']} generated tokens, medians of "
              f"{c['reps']} alternating repetitions. Throughputs are images/s; memory is the peak rise over a "
-             "training step (tensors: from torch's memory timeline; resident: `ru_maxrss`, each side in a fresh "
-             "process). The ceiling is a roofline bound on the ratio: HF's time over the least time our work could "
-             f"take, our counted FLOPs at the measured matmul peak ({m['matmul_peak_gflop_per_s']:.0f} GFLOP/s; on the "
-             "CPU the faster of torch's product and oneDNN's, which our layers use) and, "
+             "training step (tensors: from torch's memory timeline; resident: the process's VmHWM, each side in a "
+             "fresh process). The ceiling is a roofline bound on the ratio: HF's time over the least time our work "
+             f"could take, our counted FLOPs at the measured matmul peak ({m['matmul_peak_gflop_per_s']:.0f} GFLOP/s; "
+             "on the CPU the faster of torch's product and oneDNN's, which our layers use) and, "
              f"per generated token, at least one read of the decoder weights "
              f"({m['decoder_weight_read_ms']:.2f} ms: one sum over a buffer of them all, the memory's own rate; "
              f"torch's one-row products take {m['decoder_weight_products_ms']:.2f} ms). Maps' cost is the median of "
@@ -301,6 +301,9 @@ def predict(report: dict) -> str:
     r, ratios = report["results"], report.get("ratios", {})
     rows = [[f"images/s, {k}", fmt(v), ""] for k, v in r["images_per_s"].items()]
     rows += [["`--maps` extra time", fmt(r["maps_overhead"]), PREDICT_TARGETS["maps_overhead"]]]
+    if "maps_overhead_pairs" in r:
+        pairs = r["maps_overhead_pairs"]
+        rows += [["`--maps` extra time, each pair (least to most)", ", ".join(fmt(v) for v in pairs), ""]]
     rows += [[f"peak RSS, {k.replace('_', ' ')}", fmt(v), ""] for k, v in r["peak_rss"].items()]
     rows += [[f"wall time, {k.replace('_', ' ')}", fmt(v), ""] for k, v in r["scaling_wall_s"].items()]
     ceilings, bounds = report.get("roofline_ratio_ceilings", {}), report.get("work_ratio_bounds", {})
@@ -318,7 +321,8 @@ def predict(report: dict) -> str:
              "(transformers 5 has no image-to-text pipeline, so the script runs the pipeline's steps). `predict_onnx` "
              "and `loop_onnx` are the latter model's two on ONNX Runtime (`runtime=\"onnx\"`, "
              "the model exported with `vlm export --format onnx`). Peak resident memory of fresh processes "
-             "predicting each image count (torch runtime); wall time of the command on 1 and 2 processes, start-up "
+             "predicting each image count (torch runtime; the main process's VmHWM); wall time of the command on 1 "
+             "and 2 processes, start-up "
              f"included (medians of {c.get('reps', 1)} runs of each, alternated). A ratio's ceiling is its roofline "
              "bound: the other side's time per image over the least time one image can take on these cores, its "
              "model FLOPs at the matmul peak plus its image decoding and resizing (the loop's profile) shared out "

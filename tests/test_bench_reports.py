@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -117,3 +119,14 @@ def test_onednn_section_takes_the_speed_ups_from_min_product_up(modules, tmp_pat
     assert "| 1 threads | 1.20-2.00x | 1.40x | 65,536 |" in page  # 16 rows (1,048,576) lie under MIN_PRODUCT
     assert "| encode + generate, ms per image | 4.500 | 3.000 | 1.50 | the same tokens: True |" in page
     assert "| training step, ms | 450.0 | 300.0 | 1.50 | gradients differ by 2.0e-06 at most (relative) |" in page
+
+
+def test_a_fresh_process_reports_its_own_peak_memory_not_its_parents(modules):
+    """Memory probes run in fresh processes started from a benchmark that holds its models: ru_maxrss would carry
+    the parent's size over the exec."""
+    _bench, _ = modules
+    held = np.ones(2**28, dtype=np.uint8)  # 256 MiB, every page touched
+    code = f"import sys; sys.path.insert(0, {str(SCRIPTS)!r}); import _bench; print(_bench.peak_resident_bytes())"
+    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert _bench.peak_resident_bytes() > held.nbytes  # this process's peak counts what it holds
+    assert child < held.nbytes / 4  # the child's is its own: a Python interpreter, tens of MiB
