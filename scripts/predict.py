@@ -267,18 +267,17 @@ def main() -> None:
             for d in ((1, 2) if r % 2 == 0 else (2, 1)):
                 walls[d].append(cli_seconds(model, tmp / "images", tmp / f"cli{d}", d, args))
         scaling = {f"{d}_processes_s": statistics.median(w) for d, w in walls.items()}
-        rss = {}
+        rss = {}  # image count -> MiB
         for n in (int(v) for v in args.rss_images.split(",")):
             make_images(tmp / f"rss{n}", n, seed=1)
-            rss[f"{n}_images_mib"] = round(peak_rss(model, tmp / f"rss{n}", tmp / f"rss_out{n}", args), 1)
+            rss[n] = round(peak_rss(model, tmp / f"rss{n}", tmp / f"rss_out{n}", args), 1)
             shutil.rmtree(tmp / f"rss{n}")
     rates = {name: args.images / s for name, s in seconds.items()}
-    counts = sorted(rss)
     results = {"images_per_s": {k: round(v, 2) for k, v in rates.items()},
                "maps_overhead": round(statistics.median(maps_ratios) - 1, 3),
                "maps_overhead_pairs": sorted(round(v - 1, 3) for v in maps_ratios),
                "scaling_wall_s": {k: round(v, 2) for k, v in scaling.items()},
-               "peak_rss": rss}
+               "peak_rss": {f"{n}_images_mib": mib for n, mib in rss.items()}}
     ratios = {"predict_default_over_loop_default": round(rates["predict_default"] / rates["loop_default"], 3),
               "predict_over_loop": round(rates["predict"] / rates["loop"], 3),
               "predict_over_hf": round(rates["predict"] / rates["hf"], 3),
@@ -286,7 +285,7 @@ def main() -> None:
                   "predict_onnx_over_loop_onnx": round(rates["predict_onnx"] / rates["loop_onnx"], 3),
                   "predict_onnx_over_hf": round(rates["predict_onnx"] / rates["hf"], 3)} if args.onnx else {}),
               "two_over_one_process": round(scaling["1_processes_s"] / scaling["2_processes_s"], 3),
-              "rss_growth": round(rss[counts[-1]] / rss[counts[0]] - 1, 3) if len(counts) > 1 else None}
+              "rss_growth": round(rss[max(rss)] / rss[min(rss)] - 1, 3) if len(rss) > 1 else None}
     # the ratios' roofline bounds: the other side's time over the least time an image can take here
     which = {"predict_onnx": "onnx", "predict_default": "default"}  # a ratio's least time: by its numerator
     ceilings = {k: round(1 / rates[k.split("_over_")[-1]] / least[which.get(k.split("_over_")[0], "torch")], 2)
