@@ -213,7 +213,7 @@ class PredictModule(L.LightningModule):
                     else self.backend.maps(image_kv, grid, prompts, gen.tokens, config))
             if config is not None:
                 started = self._timed("maps", started)
-        patches = iter(top_patches(np.concatenate(maps), self.tasks.top_k) if config is not None and maps else ())
+        patches = iter(top_patches(np.concatenate(maps), self.tasks.top_k) if config is not None else ())
         out = []  # every token's top patches come from one call, in sequence order
         for ids, logprobs, made in zip(gen.tokens, gen.token_logprobs, maps, strict=True):
             tokens = [{"token": t, "id": i, "logprob": lp}

@@ -75,9 +75,9 @@ def content_phrases(tokens: Sequence[str]) -> list[tuple[str, list[int]]]:
 
 def find_phrase(tokens: Sequence[str], phrase: str) -> list[int] | None:
     """The token indices of the first whole-word, case-insensitive occurrence of phrase in the caption."""
-    caption = [w.lower() for w, _ in words(tokens)]
-    wanted = phrase.lower().split()
     spans = words(tokens)
+    caption = [w.lower() for w, _ in spans]
+    wanted = phrase.lower().split()
     for start in range(len(caption) - len(wanted) + 1):
         if caption[start:start + len(wanted)] == wanted:
             return [i for _, idx in spans[start:start + len(wanted)] for i in idx]
