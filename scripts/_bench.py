@@ -25,6 +25,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -141,6 +142,48 @@ def peak_resident_bytes() -> int:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # elsewhere: KiB, or bytes on macOS
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+def tree_pss_bytes(pid: int | None = None) -> int:
+    """Proportional set size of a process (default: this one) and all its descendants, in bytes (Linux's
+    smaps_rollup): a page shared among them, as a forked worker's view of the model's weights, counts once in all,
+    split among its sharers. 0 where the system does not say."""
+    total, stack = 0, [pid or os.getpid()]
+    while stack:
+        process = stack.pop()
+        try:
+            for task in os.listdir(f"/proc/{process}/task"):
+                with open(f"/proc/{process}/task/{task}/children") as children:
+                    stack += [int(child) for child in children.read().split()]
+            with open(f"/proc/{process}/smaps_rollup") as rollup:
+                total += next(int(line.split()[1]) * 1024 for line in rollup if line.startswith("Pss:"))
+        except (OSError, StopIteration):  # gone meanwhile, or no /proc
+            continue
+    return total
+
+
+class PeakTreeMemory:
+    """The peak of `tree_pss_bytes` while the block runs, sampled every ``interval`` seconds in a thread, and at
+    its end (``peak``, bytes): the memory of a process that starts workers (data-loader workers that run the model)."""
+
+    def __init__(self, interval: float = 0.1):
+        self.interval, self.peak = interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, tree_pss_bytes())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakTreeMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, tree_pss_bytes())
 
 
 def paired_overhead(plain: Callable[[], object], extra: Callable[[], object], reps: int, device: str = "cpu") -> float:

@@ -7,7 +7,7 @@ batches of --batch-size, on all threads, with scripts/predict.py's two models (s
 one, random weights):
 
 - loop: `Captioner.caption` over the paths (reading, then the model on the process's torch threads);
-- predict: `vlm.predict.predict` over the folder (one loader worker, the model in lanes);
+- predict: `vlm.predict.predict` over the folder (its default loader workers, one per core, which run the model);
 - encode: `VisionLanguageModel.encode` alone over --encode-batches batches of random pixels (no reading): where the
   setting matters most.
 
@@ -51,7 +51,7 @@ def run(side: str, model: Path, images: Path, kept: bool, args: argparse.Namespa
     decoding = DecodingConfig(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
     start = time.perf_counter()
     if side == "predict":
-        predict(model, str(images), tempfile.mkdtemp(dir=images.parent), batch_size=args.batch_size, num_workers=1,
+        predict(model, str(images), tempfile.mkdtemp(dir=images.parent), batch_size=args.batch_size,
                 accelerator="cpu", devices=1, decoding=decoding, progress_every=10**9)
     else:
         captioner = Captioner.load(model, device="cpu")

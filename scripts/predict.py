@@ -5,7 +5,8 @@ ours with a 1000-word tokenizer, `words`); the default model is `ModelConfig()`'
 Images: --images PNG and JPEG files of mixed sizes on disk. Every side generates exactly --new-tokens tokens per
 image (the end token forbidden before), greedy, batches of --batch-size.
 
-- predict: `vlm.predict.predict` in this process (one device, --workers loader workers), with and without --maps;
+- predict: `vlm.predict.predict` in this process (one device, --workers loader workers, which on the CPU run the
+  model too; default: one per core), with and without --maps;
 - loop: `Captioner.caption` over the same paths in batches of the same size (decoding in the main process);
 - predict_default, loop_default: the same two with the default model (the issue's comparison with the loop);
 - predict_onnx, loop_onnx: the same two on ONNX Runtime (`runtime="onnx"`), the model exported with
@@ -14,15 +15,16 @@ image (the end token forbidden before), greedy, batches of --batch-size.
   batches, `generate`, `batch_decode`, on the HF VisionEncoderDecoder;
 - scaling: `vlm predict` as a command on 1 and on 2 CPU processes (DDP), wall time including start-up (medians
   of --reps runs of each, alternated);
-- memory: peak resident memory (VmHWM) of a fresh process predicting each of --rss-images images;
+- memory: the peak memory of a fresh process and its data-loader workers (which run the model) predicting each of
+  --memory-images images: their proportional set size, the pages they share counted once (`PeakTreeMemory`);
 - ceilings: each ratio's roofline bound, the other side's time per image over the least time one image can take on
   this machine (`least_seconds_per_image`: its model FLOPs at the matmul peak, plus its image reading, from the loop's
   profile, shared out over the cores); the predict_onnx ratios' at ONNX Runtime's own matmul peak where that is
   higher (bench.py's `onnx_matmul_peak`);
 - profile (its own section): where the time goes, in seconds per 1,000 images. predict: its own stage timers
   (the summary's ``profile``, `vlm.predict.run.profile`) from the last timed run with and without maps: wall
-  time, then the busy time of each stage summed over the threads that ran it (reading in the data-loader
-  workers, the model in the lanes, waiting and writing on the main thread), so stages overlap and may add up to
+  time, then the busy time of each stage summed over the processes that ran it (reading and the model in the
+  data-loader workers, waiting and writing in the main process), so stages overlap and may add up to
   more than the wall.
   loop: the same stages of `Captioner.caption`'s work, timed one after the other by this script over the first
   --profile-images images (one batch at a time, the process's torch threads); loop_one_thread and
@@ -34,7 +36,7 @@ image (the end token forbidden before), greedy, batches of --batch-size.
   loop's profiles: 2 threads take more core-seconds than 1).
 
     .venv/bin/python scripts/predict.py                                   # the issue's sizes
-    .venv/bin/python scripts/predict.py --images 16 --rss-images 8,32 --reps 1 --json /tmp/p.json   # smoke
+    .venv/bin/python scripts/predict.py --images 16 --memory-images 8,32 --reps 1 --json /tmp/p.json   # smoke
 """
 
 from __future__ import annotations
@@ -171,14 +173,15 @@ def least_seconds_per_image(captioner: Captioner, reading_seconds: float, peak: 
     return flops / peak + reading_seconds / (os.cpu_count() or 1)
 
 
-def peak_rss(model: Path, folder: Path, out: Path, args: argparse.Namespace) -> float:
-    """MiB of peak resident memory of a fresh process predicting every image of folder (`peak_resident_bytes`)."""
+def peak_memory(model: Path, folder: Path, out: Path, args: argparse.Namespace) -> float:
+    """MiB of peak memory of a fresh process and its workers predicting every image of folder (`PeakTreeMemory`)."""
     code = (f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'scripts')!r}]\n"
             "from vlm.predict import predict\nfrom vlm.config import DecodingConfig\n"
-            f"predict({str(model)!r}, {str(folder)!r}, {str(out)!r}, batch_size={args.batch_size}, "
+            "from _bench import PeakTreeMemory\nwith PeakTreeMemory() as memory:\n"
+            f"    predict({str(model)!r}, {str(folder)!r}, {str(out)!r}, batch_size={args.batch_size}, "
             f"num_workers={args.workers}, accelerator='cpu', devices=1, decoding=DecodingConfig("
             f"max_new_tokens={args.new_tokens}, min_new_tokens={args.new_tokens}), progress_every=10**9)\n"
-            "from _bench import peak_resident_bytes\nprint(peak_resident_bytes())")
+            "print(memory.peak)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(result.stdout.strip().splitlines()[-1]) / 2**20
 
@@ -189,6 +192,8 @@ def cli_seconds(model: Path, folder: Path, out: Path, devices: int, args: argpar
                str(out), "--batch_size", str(args.batch_size), "--num_workers", str(args.workers),
                "--max_new_tokens", str(args.new_tokens), "--min_new_tokens", str(args.new_tokens),
                "--accelerator", "cpu", "--devices", str(devices), "--progress_every", str(10**9)]
+    if args.workers is None:  # the default: the cores shared among the processes
+        command[command.index("--num_workers"):command.index("--num_workers") + 2] = []
     if devices > 1:
         command += ["--strategy", "ddp"]
     start = time.perf_counter()
@@ -201,12 +206,13 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=None,
+                        help="vlm predict's --num_workers (default: its own, one per core on the CPU)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--maps-reps", type=int, default=7,
                         help="pairs of runs (plain, --maps) whose median ratio is --maps' cost: 3 pairs of 2000 images "
                              "read 6-17%% on this machine within one session")
-    parser.add_argument("--rss-images", default="1000,10000", help="image counts whose peak memory is compared")
+    parser.add_argument("--memory-images", default="1000,10000", help="image counts whose peak memory is compared")
     parser.add_argument("--profile-images", type=int, default=500, help="images of the loop's profile")
     parser.add_argument("--onnx", type=int, default=1, help="1: also predict and loop on ONNX Runtime")
     add_json_option(parser, "predict")
@@ -231,8 +237,8 @@ def main() -> None:
                 profiles["predict" + ("_maps" if maps else "") + ("_onnx" if runtime == "onnx" else "")
                          + ("_default" if default else "")] = {
                     "wall": round(summary["seconds"] * 1000 / args.images, 3),
-                    **per_thousand({k: v for k, v in profile.items() if k not in ("lanes", "workers")}, args.images),
-                    "lanes": profile["lanes"], "workers": profile["workers"],
+                    **per_thousand({k: v for k, v in profile.items() if k != "workers"}, args.images),
+                    "workers": profile["workers"],
                     "worker_torch_threads": 1}  # what PyTorch's DataLoader sets in each worker
             return run
 
@@ -267,17 +273,17 @@ def main() -> None:
             for d in ((1, 2) if r % 2 == 0 else (2, 1)):
                 walls[d].append(cli_seconds(model, tmp / "images", tmp / f"cli{d}", d, args))
         scaling = {f"{d}_processes_s": statistics.median(w) for d, w in walls.items()}
-        rss = {}  # image count -> MiB
-        for n in (int(v) for v in args.rss_images.split(",")):
-            make_images(tmp / f"rss{n}", n, seed=1)
-            rss[n] = round(peak_rss(model, tmp / f"rss{n}", tmp / f"rss_out{n}", args), 1)
-            shutil.rmtree(tmp / f"rss{n}")
+        memory = {}  # image count -> MiB
+        for n in (int(v) for v in args.memory_images.split(",")):
+            make_images(tmp / f"memory{n}", n, seed=1)
+            memory[n] = round(peak_memory(model, tmp / f"memory{n}", tmp / f"memory_out{n}", args), 1)
+            shutil.rmtree(tmp / f"memory{n}")
     rates = {name: args.images / s for name, s in seconds.items()}
     results = {"images_per_s": {k: round(v, 2) for k, v in rates.items()},
                "maps_overhead": round(statistics.median(maps_ratios) - 1, 3),
                "maps_overhead_pairs": sorted(round(v - 1, 3) for v in maps_ratios),
                "scaling_wall_s": {k: round(v, 2) for k, v in scaling.items()},
-               "peak_rss": {f"{n}_images_mib": mib for n, mib in rss.items()}}
+               "peak_memory": {f"{n}_images_mib": mib for n, mib in memory.items()}}
     ratios = {"predict_default_over_loop_default": round(rates["predict_default"] / rates["loop_default"], 3),
               "predict_over_loop": round(rates["predict"] / rates["loop"], 3),
               "predict_over_hf": round(rates["predict"] / rates["hf"], 3),
@@ -285,7 +291,7 @@ def main() -> None:
                   "predict_onnx_over_loop_onnx": round(rates["predict_onnx"] / rates["loop_onnx"], 3),
                   "predict_onnx_over_hf": round(rates["predict_onnx"] / rates["hf"], 3)} if args.onnx else {}),
               "two_over_one_process": round(scaling["1_processes_s"] / scaling["2_processes_s"], 3),
-              "rss_growth": round(rss[max(rss)] / rss[min(rss)] - 1, 3) if len(rss) > 1 else None}
+              "memory_growth": round(memory[max(memory)] / memory[min(memory)] - 1, 3) if len(memory) > 1 else None}
     # the ratios' roofline bounds: the other side's time over the least time an image can take here
     which = {"predict_onnx": "onnx", "predict_default": "default"}  # a ratio's least time: by its numerator
     ceilings = {k: round(1 / rates[k.split("_over_")[-1]] / least[which.get(k.split("_over_")[0], "torch")], 2)

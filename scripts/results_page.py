@@ -293,7 +293,7 @@ def relational(report: dict) -> str:
 
 
 PREDICT_TARGETS = {"predict_default_over_loop_default": ">= 1.5", "predict_over_loop": ">= 1.5",
-                   "predict_over_hf": ">= 2", "maps_overhead": "<= 0.15", "rss_growth": "<= 0.10",
+                   "predict_over_hf": ">= 2", "maps_overhead": "<= 0.15", "memory_growth": "<= 0.10",
                    "predict_onnx_over_loop": ">= 1.5", "predict_onnx_over_hf": ">= 2"}
 
 
@@ -304,7 +304,7 @@ def predict(report: dict) -> str:
     if "maps_overhead_pairs" in r:
         pairs = r["maps_overhead_pairs"]
         rows += [["`--maps` extra time, each pair (least to most)", ", ".join(fmt(v) for v in pairs), ""]]
-    rows += [[f"peak RSS, {k.replace('_', ' ')}", fmt(v), ""] for k, v in r["peak_rss"].items()]
+    rows += [[f"peak memory, {k.replace('_', ' ')}", fmt(v), ""] for k, v in r["peak_memory"].items()]
     rows += [[f"wall time, {k.replace('_', ' ')}", fmt(v), ""] for k, v in r["scaling_wall_s"].items()]
     ceilings, bounds = report.get("roofline_ratio_ceilings", {}), report.get("work_ratio_bounds", {})
     for k, v in ratios.items():
@@ -320,9 +320,10 @@ def predict(report: dict) -> str:
              "dimensions (scripts/bench.py's), and against transformers' generation on that VisionEncoderDecoder "
              "(transformers 5 has no image-to-text pipeline, so the script runs the pipeline's steps). `predict_onnx` "
              "and `loop_onnx` are the latter model's two on ONNX Runtime (`runtime=\"onnx\"`, "
-             "the model exported with `vlm export --format onnx`). Peak resident memory of fresh processes "
-             "predicting each image count (torch runtime; the main process's VmHWM); wall time of the command on 1 "
-             "and 2 processes, start-up "
+             "the model exported with `vlm export --format onnx`). Peak memory of fresh processes predicting each "
+             "image count, with their data-loader workers, which run the model (torch runtime; proportional set "
+             "size, sampled every 0.1 s: pages the workers share with the main process count once); wall time of "
+             "the command on 1 and 2 processes, start-up "
              f"included (medians of {c.get('reps', 1)} runs of each, alternated). A ratio's ceiling is its roofline "
              "bound: the other side's time per image over the least time one image can take on these cores, its "
              "model FLOPs at the matmul peak plus its image decoding and resizing (the loop's profile) shared out "
@@ -344,10 +345,10 @@ def predict(report: dict) -> str:
 
 
 PROFILE_ABOUT = """Where the time goes, in {unit} (`vlm predict`'s own stage timers, the summary's `profile`,
-and the script's timers around the loop's stages). A stage's time is summed over the threads that ran it, so stages
-that overlap (the data-loader workers reading while the model runs; batches side by side in lanes of one torch
-thread each) add up to more than the wall time. Model work (encode + generate) bounds the rest: on these 2 cores
-its one-thread core-seconds halved are the floor of the wall time."""
+and the script's timers around the loop's stages). A stage's time is summed over the processes that ran it, so
+stages that overlap (the data-loader workers, each reading and running the model on one torch thread, side by side;
+the main process waiting and writing) add up to more than the wall time. Model work (encode + generate) bounds the
+rest: on these 2 cores its one-thread core-seconds halved are the floor of the wall time."""
 
 
 def predict_profile(profile: dict | None) -> str:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +93,7 @@ def test_predict_section_shows_where_the_time_goes(modules, tmp_path):
     _bench, results_page = modules
     _bench.report(tmp_path / "predict.json", config={"images": 10, "batch_size": 2, "new_tokens": 4},
                   results={"images_per_s": {"predict": 3.0, "loop": 2.0}, "maps_overhead": 0.1,
-                           "peak_rss": {"1_images_mib": 5.0}, "scaling_wall_s": {"1_processes_s": 1.0}},
+                           "peak_memory": {"1_images_mib": 5.0}, "scaling_wall_s": {"1_processes_s": 1.0}},
                   ratios={"predict_default_over_loop_default": 1.6, "predict_over_loop": 1.5},
                   profile={"unit": "seconds per 1000 images", "predict": {"wall": 8.1, "encode": 9.18},
                            "loop": {"wall": 10.9, "encode": 4.74, "text": 0.02},
@@ -130,3 +133,29 @@ def test_a_fresh_process_reports_its_own_peak_memory_not_its_parents(modules):
     child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert _bench.peak_resident_bytes() > held.nbytes  # this process's peak counts what it holds
     assert child < held.nbytes / 4  # the child's is its own: a Python interpreter, tens of MiB
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="Linux's /proc")
+def test_the_tree_memory_probe_counts_a_workers_memory_and_the_pages_it_shares_once(modules):
+    """`vlm predict`'s data-loader workers run the model: their memory counts, and the pages a forked worker shares
+    with its parent (the model's weights) count once, not once per process as resident sizes would."""
+    _bench, _ = modules
+    shared = np.ones(2**27, dtype=np.uint8)  # 128 MiB, touched before the fork
+    before = _bench.tree_pss_bytes()
+    grows = "import numpy, time; held = numpy.ones(2**28, dtype=numpy.uint8); print(1, flush=True); time.sleep(30)"
+    worker = subprocess.Popen([sys.executable, "-c", grows], stdout=subprocess.PIPE, text=True)
+    forked = os.fork()
+    if forked == 0:  # reads the shared pages, as a data-loader worker reads the weights, and waits
+        time.sleep(30 if int(shared[::4096].sum()) else 0)
+        os._exit(0)
+    try:
+        assert worker.stdout.readline().strip() == "1"  # the worker holds its 256 MiB
+        with _bench.PeakTreeMemory(interval=0.05) as probe:
+            time.sleep(0.2)
+    finally:
+        worker.kill()
+        os.kill(forked, signal.SIGKILL)
+        worker.wait()
+        os.waitpid(forked, 0)
+    added = probe.peak - before
+    assert 2**28 < added < 2**28 + 2**26 + 2**25  # the worker's 256 MiB and an interpreter, not the 128 MiB again

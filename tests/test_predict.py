@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from threadpoolctl import threadpool_info, threadpool_limits
 
+import vlm.predict.module
 from tests.conftest import image_sensitive_model, random_images, tiny_config
 from vlm.api import Captioner
 from vlm.checkpoint import save_model
@@ -36,8 +37,9 @@ from vlm.errors import VLMError
 from vlm.grounding.maps import box_from_map, combine
 from vlm.model.vlm import VisionLanguageModel
 from vlm.predict import predict, read_outputs
+from vlm.predict.module import TorchBackend
 from vlm.predict.outputs import CAPTION_KEY
-from vlm.predict.summary import content_phrases, phrase_boxes
+from vlm.predict.summary import content_phrases
 from vlm.train.progress import Progress
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,15 +215,40 @@ def test_tokens_do_not_depend_on_the_batch(runs, model_dir, folder, shards, tmp_
     _assert_same(_records(runs["tmp"] / "one_shards"), _records(tmp_path / "beams"))
 
 
-def test_batches_side_by_side_write_one_lanes_records_in_input_order(model_dir, folder, tmp_path):
-    args = dict(chunk_size=6, batch_size=1, max_pixels=MAX_PIXELS, **CPU)
-    lanes = predict(model_dir, str(folder), tmp_path / "lanes", threads=3, **args)
-    one = predict(model_dir, str(folder), tmp_path / "one", threads=1, **args)
-    assert lanes["profile"]["lanes"] == 3 and one["profile"]["lanes"] == 1
-    records = read_outputs(tmp_path / "lanes")
+def _seen_in(monkeypatch, owner, name: str, log: Path, what) -> None:
+    """Make ``owner.name`` (a function) append ``what()`` to the file ``log`` on every call: a file, as the
+    data-loader workers that call it are processes of their own."""
+    original = getattr(owner, name)
+
+    def recording(*args, **kwargs):
+        with open(log, "a") as f:
+            f.write(json.dumps(what()) + "\n")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, recording)
+
+
+def _seen(log: Path) -> list:
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_on_the_cpu_the_workers_run_the_model_and_the_records_come_in_input_order(model_dir, folder, tmp_path,
+                                                                                  monkeypatch):
+    """Three workers each read chunks and predict them (one process each); the records are those of the main
+    process predicting alone, in listing order."""
+    _seen_in(monkeypatch, TorchBackend, "encode", tmp_path / "pids", os.getpid)
+    args = dict(chunk_size=3, batch_size=1, max_pixels=MAX_PIXELS, accelerator="cpu", devices=1)
+    workers = predict(model_dir, str(folder), tmp_path / "workers", num_workers=3, **args)
+    assert workers["profile"]["workers"] == 3
+    in_workers = set(_seen(tmp_path / "pids"))
+    (tmp_path / "pids").unlink()
+    alone = predict(model_dir, str(folder), tmp_path / "alone", num_workers=0, **args)
+    assert alone["profile"]["workers"] == 0 and set(_seen(tmp_path / "pids")) == {os.getpid()}
+    assert len(in_workers) == 3 and os.getpid() not in in_workers
+    records = read_outputs(tmp_path / "workers")
     assert [r["index"] for r in records] == sorted(r["index"] for r in records)  # as listed, whatever ends first
-    _not_trivial(_records(tmp_path / "one"))
-    assert records == read_outputs(tmp_path / "one")
+    _not_trivial(_records(tmp_path / "alone"))
+    assert records == read_outputs(tmp_path / "alone")
 
 
 def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_outputs(model_dir, tmp_path):
@@ -384,8 +411,8 @@ def test_onnx_runtime_writes_the_torch_runtimes_records(model_dir, onnx_dir, fol
     args = dict(questions=["what color is it ?"], maps=True, map_config=MapConfig("rollout"), top_k=4,
                 batch_size=2, **CPU)
     predict(model_dir, str(folder / "sub"), tmp_path / "torch", **args)
-    summary = predict(onnx_dir, str(folder / "sub"), tmp_path / "onnx", runtime="onnx", threads=2, **args)
-    assert summary["profile"]["lanes"] == 2  # the two batches side by side, on one-thread sessions
+    summary = predict(onnx_dir, str(folder / "sub"), tmp_path / "onnx", runtime="onnx", **{**args, "num_workers": 2})
+    assert summary["profile"]["workers"] == 2  # the two batches side by side, on one-thread sessions
     torch_records, onnx_records = _records(tmp_path / "torch"), _records(tmp_path / "onnx")
     assert len(torch_records) == 4
     _not_trivial(torch_records)
@@ -514,54 +541,45 @@ def test_recaptioned_shards_hold_images_that_training_reads_whatever_the_input_f
     assert all(shard_sample(s, s["__key__"], CAPTION_KEY) for s in samples)
 
 
-def test_bf16_autocast_reaches_the_lanes(model_dir, folder, tmp_path):
-    """--precision bf16-mixed runs every lane in bf16 (autocast is per thread), so a batch's numbers do not depend
-    on the lane that ran it."""
-    args = dict(batch_size=2, accelerator="cpu", devices=1, num_workers=0)
+def test_bf16_autocast_reaches_the_workers(model_dir, folder, tmp_path):
+    """--precision bf16-mixed runs the model in bf16 in the data-loader workers as in the main process (Lightning's
+    autocast wraps the step, not the workers), so a batch's numbers do not depend on where it ran."""
+    args = dict(batch_size=2, accelerator="cpu", devices=1)
     logprobs = {}
-    for name, precision, threads in (("bf16_one", "bf16-mixed", 1), ("bf16_two", "bf16-mixed", 2),
+    for name, precision, workers in (("bf16_main", "bf16-mixed", 0), ("bf16_two", "bf16-mixed", 2),
                                      ("fp32_two", "32-true", 2)):
-        predict(model_dir, str(folder / "sub"), tmp_path / name, precision=precision, threads=threads, **args)
+        predict(model_dir, str(folder / "sub"), tmp_path / name, precision=precision, num_workers=workers, **args)
         logprobs[name] = {k: [t["logprob"] for t in r["caption_tokens"]] for k, r in _records(tmp_path / name).items()}
     assert logprobs["bf16_two"] != logprobs["fp32_two"]  # bf16 changes the numbers: equal ones below are evidence
-    assert logprobs["bf16_two"] == logprobs["bf16_one"]
+    assert logprobs["bf16_two"] == logprobs["bf16_main"]
 
 
-def test_numpys_blas_runs_one_thread_in_the_lanes_and_as_before_after(model_dir, folder, tmp_path, monkeypatch):
+def test_numpys_blas_runs_one_thread_in_the_workers_and_as_before_after(model_dir, folder, tmp_path, monkeypatch):
     """The maps' numpy products run beside the model: OpenBLAS's own threads would take its cores."""
-    seen = []
-
-    def recording(*args, **kwargs):
-        seen.append({i["user_api"]: i["num_threads"] for i in threadpool_info()}["blas"])
-        return phrase_boxes(*args, **kwargs)
-
-    monkeypatch.setattr("vlm.predict.module.phrase_boxes", recording)
+    _seen_in(monkeypatch, vlm.predict.module, "phrase_boxes", tmp_path / "blas",
+             lambda: {i["user_api"]: i["num_threads"] for i in threadpool_info()}["blas"])
     with threadpool_limits(limits=2, user_api="blas"):  # more than one before, whatever the machine
-        predict(model_dir, str(folder / "sub"), tmp_path / "p", maps=True, threads=2, batch_size=2, **CPU)
+        predict(model_dir, str(folder / "sub"), tmp_path / "p", maps=True, batch_size=2, **{**CPU, "num_workers": 2})
         after = {i["user_api"]: i["num_threads"] for i in threadpool_info()}["blas"]
-    assert seen and set(seen) == {1}
+    assert _seen(tmp_path / "blas") and set(_seen(tmp_path / "blas")) == {1}
     assert after == 2
 
 
 def test_full_collections_skip_what_existed_before_the_run_and_a_callers_freeze_stays(model_dir, folder, tmp_path,
                                                                                         monkeypatch):
     """The records in flight trigger Python's full collections, which would rescan the model, torch and Lightning
-    each time while the lanes wait: those objects are frozen for the run, and only for it."""
-    frozen = []
-
-    def recording(*args, **kwargs):
-        frozen.append(gc.get_freeze_count())
-        return phrase_boxes(*args, **kwargs)
-
-    monkeypatch.setattr("vlm.predict.module.phrase_boxes", recording)
+    each time: those objects are frozen for the run (the data-loader workers inherit the freeze), and only for it."""
+    _seen_in(monkeypatch, vlm.predict.module, "phrase_boxes", tmp_path / "frozen", gc.get_freeze_count)
     assert gc.get_freeze_count() == 0
-    predict(model_dir, str(folder / "sub"), tmp_path / "p", maps=True, threads=2, batch_size=2, **CPU)
+    two = {**CPU, "num_workers": 2}
+    predict(model_dir, str(folder / "sub"), tmp_path / "p", maps=True, batch_size=2, **two)
+    frozen = _seen(tmp_path / "frozen")
     assert frozen and min(frozen) > 100_000  # torch alone makes that many objects
     assert gc.get_freeze_count() == 0  # as before the run
     gc.freeze()  # the caller's own
     try:
         before = gc.get_freeze_count()
-        predict(model_dir, str(folder / "sub"), tmp_path / "q", maps=True, threads=2, batch_size=2, **CPU)
+        predict(model_dir, str(folder / "sub"), tmp_path / "q", maps=True, batch_size=2, **two)
         assert gc.get_freeze_count() >= before
     finally:
         gc.unfreeze()

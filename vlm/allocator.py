@@ -8,7 +8,7 @@ and every page of every such tensor is faulted in and zeroed by the kernel befor
 reuse instead, on the 2-core virtual machine of docs/results.md ("Freed memory kept", scripts/allocator.py):
 encoding ran 1.7-2.8x as fast and `Captioner.caption` 1.3-1.7x, and steadier (the default model's loop over the same
 1,000 images took 1.9-2.0 s or 3.6-3.9 s with glibc's defaults, as its moving threshold settled, and 2.0-2.3 s kept).
-`vlm predict`, whose batches run in lanes of their own threads, changed little (1.07-1.08x).
+`vlm predict`, measured when it ran its batches in threads of one process, changed little (1.07-1.08x).
 
 `keep_freed_memory` asks glibc to serve blocks of up to 32 MiB (its largest threshold) from its heaps and never to
 hand freed memory back while less than 2 GiB of it lies free: the process keeps its peak resident memory, which is

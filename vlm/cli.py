@@ -183,11 +183,11 @@ def _print_notes(metrics: dict) -> None:
 
 def predict(*, model: str, input: str, out: str, question: list[str] | None = None, task: str | None = None,
             decoding: DecodingConfig, maps: bool = False, map_config: MapConfig, map_top_k: int = 5,
-            threshold: float = 0.5, batch_size: int = 16, num_workers: int = 1, chunk_size: int = 1000,
+            threshold: float = 0.5, batch_size: int = 16, num_workers: int | None = None, chunk_size: int = 1000,
             input_format: str = "auto", format: str = "jsonl", max_pixels: int | None = None,
             accelerator: str = "auto", devices: str = "auto", num_nodes: int = 1, strategy: str = "auto",
             precision: str = "32-true", progress_every: int = 50, prompt: str | None = None,
-            runtime: str = "torch", threads: int | None = None) -> None:
+            runtime: str = "torch") -> None:
     """Caption and question a whole collection on any number of processes, resumably, with per-token evidence.
 
     Args:
@@ -200,7 +200,8 @@ def predict(*, model: str, input: str, out: str, question: list[str] | None = No
         map_top_k: Patches kept per token map.
         threshold: A phrase's box encloses its peak's region above this fraction of the peak (as vlm ground).
         batch_size: Images per batch (per process).
-        num_workers: Data-loader workers per process (reading and resizing images).
+        num_workers: Data-loader workers per process (default: its share of the cores), reading and resizing
+            images; on the CPU each also runs the model, one thread each (0: all in the main process, one thread).
         chunk_size: Images per output file for a listed input (a shard input writes one file per shard).
         input_format: auto, folder, glob, list, jsonl or webdataset.
         format: jsonl, parquet or webdataset (new shards: images, original alt-text, the new caption as
@@ -213,8 +214,6 @@ def predict(*, model: str, input: str, out: str, question: list[str] | None = No
         precision: Lightning precision, e.g. bf16-mixed.
         progress_every: Batches between progress lines when stdout is not a terminal.
         prompt: Text each caption continues, e.g. 'a picture of' (the caption written begins with it).
-        threads: CPU threads per process (default: the cores shared among the processes): batches run side by
-            side, one thread each (torch's or ONNX Runtime's).
     """
     from vlm.predict import predict as run
 
@@ -223,7 +222,7 @@ def predict(*, model: str, input: str, out: str, question: list[str] | None = No
                   num_workers=num_workers, chunk_size=chunk_size, input_format=input_format, format=format,
                   max_pixels=max_pixels, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
                   strategy=strategy, precision=precision, progress_every=progress_every, prompt=prompt,
-                  runtime=runtime, threads=threads)
+                  runtime=runtime)
     if summary is not None:  # the first process
         errors = f", {summary['errors_this_run']} unreadable (see {Path(out) / 'errors.jsonl'})"
         print(f"predicted {summary['records_this_run']} images in {summary['chunks_this_run']} chunks"

@@ -5,20 +5,18 @@ turns a batch into output records.
 `vlm.model.generate.generate`, the one map function `vlm.grounding.methods.token_maps`); `--runtime onnx` puts
 `vlm.deploy.runtime.OnnxBackend` (the same three methods on an ONNX export) in its place.
 
-On the CPU the step runs ``lanes`` batches at once, each in a thread of its own with one thread of torch (or of
-ONNX Runtime: `vlm.predict.run` loads an export on one-thread sessions): the decoding loop's small per-token
-operations gain little from a team of threads (which stalls whenever the data-loader workers take a core), and much
-from batches side by side (on 2 cores with 1 worker, ONNX Runtime predicted ~25% more images/s in 2 lanes than with
-2 threads in one). The records still come out in batch order
-(`ChunkWriter`), and a batch's numbers do not depend on its lane.
+On the CPU each data-loader worker runs the model on the batches it reads, on one torch thread (`RunInWorker`), side
+by side with the others in processes of their own: the decoding loop's many small operations, whose Python holds the
+GIL, would queue on one interpreter's lock in threads of one process. With no workers, and on an accelerator, the
+step runs the model in the main process. Either way a batch's numbers do not depend on where it ran.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import defaultdict
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -33,7 +31,7 @@ from vlm.grounding.methods import generated_raw_maps, token_maps
 from vlm.model.decoder import KeysValues
 from vlm.model.generate import Generation, generate
 from vlm.model.vlm import VisionLanguageModel
-from vlm.predict.inputs import Item
+from vlm.predict.inputs import Batch, Item, collate
 from vlm.predict.summary import phrase_boxes, top_patches
 from vlm.text.tokenizer import Tokenizer
 
@@ -88,7 +86,7 @@ class PredictModule(L.LightningModule):
     with the prompt's text, its tokens are the generated ones."""
 
     def __init__(self, backend: Any, cfg: ModelConfig, tokenizer: Tokenizer, tasks: Tasks,
-                 decoding: DecodingConfig, model_id: str, caption_start: list[int] | None = None, lanes: int = 1):
+                 decoding: DecodingConfig, model_id: str, caption_start: list[int] | None = None):
         super().__init__()
         self.backend, self.cfg = backend, cfg  # a TorchBackend is a submodule (its model moves with this module)
         self.tokenizer, self.tasks, self.decoding, self.model_id = tokenizer, tasks, decoding, model_id
@@ -96,75 +94,55 @@ class PredictModule(L.LightningModule):
         limit = cfg.decoder.max_length // 2  # a question leaves room for its answer, as Captioner.ask
         self.question_prompts = [tokenizer.cut_prompt(tokenizer.question_prompt(q), limit) for q in tasks.questions]
         self.answering = replace(decoding, max_new_tokens=decoding.token_budget(answer=True))
-        self.lanes = lanes
-        """Batches run at once on the CPU, one torch thread each (1: in the step itself; on an accelerator
-        always so, with the process's threads)."""
         self.seconds: dict[str, float] = defaultdict(float)
-        """Time spent per stage in this process (lanes added up): encode, generate, maps, records."""
-        self._lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
+        """Time spent per stage by this process and its data-loader workers (added up): decode, transform,
+        encode, generate, maps, records, wait_for_data."""
         self._threads: int | None = None
         self._batch_end: float | None = None
-
-    def _timed(self, stage: str, started: float) -> float:
-        """Add the time since ``started`` to the stage's; the time now."""
-        now = time.perf_counter()
-        with self._lock:
-            self.seconds[stage] += now - started
-        return now
 
     def on_predict_start(self) -> None:
         if self.device.type != "cpu":
             return
         self._threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # one lane: the step itself, with one thread (no team to share the cores with)
-        if self.lanes > 1:
-            self._pool = ThreadPoolExecutor(self.lanes, thread_name_prefix="vlm-predict",
-                                            initializer=torch.set_num_threads, initargs=(1,))
+        torch.set_num_threads(1)  # a batch in the step runs on one thread, as in a worker: the same numbers
 
     def on_predict_end(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
         if self._threads is not None:
             torch.set_num_threads(self._threads)
 
     def on_predict_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         if self._batch_end is not None:
-            self._timed("wait_for_data", self._batch_end)
+            self.seconds["wait_for_data"] += time.perf_counter() - self._batch_end
 
     def on_predict_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._batch_end = time.perf_counter()  # after the writer's turn: what follows is the wait for data
 
-    def predict_step(self, batch: dict, batch_idx: int = 0) -> list[dict | None] | Future:
-        """One record per item of the batch (None for an unreadable image or a placeholder); with lanes, the
-        future of them (`ChunkWriter` takes them in batch order)."""
-        with self._lock:
-            for stage, seconds in batch.get("seconds", {}).items():  # the reader's, in its worker
-                self.seconds[stage] += seconds
-        if self._pool is not None:
-            autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
-            return self._pool.submit(self._predict_lane, batch, autocast)
-        return self._predict(batch)
+    def predict_step(self, batch: dict, batch_idx: int = 0) -> list[dict | None]:
+        """One record per item of the batch (None for an unreadable image or a placeholder): made by the worker
+        that read it (`RunInWorker`), else here."""
+        for stage, seconds in batch["seconds"].items():  # the worker's
+            self.seconds[stage] += seconds
+        records = batch.pop("records", None)
+        return records if records is not None else self.predict_batch(batch, self.seconds)
 
-    def _predict_lane(self, batch: dict, autocast: torch.dtype | None) -> list[dict | None]:
-        """`_predict` in a lane's thread, in the predict loop's grad mode and autocast (``--precision``): both are
-        per thread, so the loop's do not reach the lanes."""
-        with torch.no_grad(), torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
-            return self._predict(batch)
+    def predict_batch(self, batch: dict, seconds: dict[str, float]) -> list[dict | None]:
+        """The records of a collated batch (`collate`), adding each stage's time to ``seconds``."""
+        def timed(stage: str, started: float) -> float:
+            now = time.perf_counter()
+            seconds[stage] = seconds.get(stage, 0.0) + now - started
+            return now
 
-    def _predict(self, batch: dict) -> list[dict | None]:
         items: list[Item] = batch["items"]
         good = [item for item in items if item.error is None and not item.empty]
         records = {id(item): self._record(item) for item in good}
         if good:
             started = time.perf_counter()
             image_kv, grid = self.backend.encode(batch["pixels"])
-            self._timed("encode", started)
+            timed("encode", started)
             seeds = self._seeds(good)
             if self.tasks.caption:
                 texts = self._texts(image_kv, grid, [self.caption_start] * len(good),
-                                    replace(self.decoding, seed=seeds), lead=self.caption_start[1:])
+                                    replace(self.decoding, seed=seeds), timed, lead=self.caption_start[1:])
                 started = time.perf_counter()
                 for item, (text, tokens, maps) in zip(good, texts, strict=True):
                     record = records[id(item)]
@@ -174,9 +152,9 @@ class PredictModule(L.LightningModule):
                         ids = [t["id"] for t in tokens]
                         record["phrases"] = phrase_boxes(maps, self.tokenizer.tokens(ids), item.size, item.phrases,
                                                          self.tasks.threshold)
-                self._timed("records", started)
+                timed("records", started)
             for question, prompt in zip(self.tasks.questions, self.question_prompts, strict=True):
-                texts = self._texts(image_kv, grid, [prompt] * len(good), replace(self.answering, seed=seeds))
+                texts = self._texts(image_kv, grid, [prompt] * len(good), replace(self.answering, seed=seeds), timed)
                 for item, (text, tokens, maps) in zip(good, texts, strict=True):
                     record = records[id(item)]
                     record.setdefault("answers", []).append({"question": question, "answer": text, "tokens": tokens})
@@ -196,9 +174,10 @@ class PredictModule(L.LightningModule):
         return [int(self.decoding.seed) + item.seed for item in items]
 
     def _texts(self, image_kv: list[KeysValues], grid: tuple[int, int], prompts: list[list[int]],
-               decoding: DecodingConfig, lead: list[int] = ()) -> list[tuple[str, list[dict], np.ndarray | None]]:
+               decoding: DecodingConfig, timed: Callable[[str, float], float], lead: list[int] = ()
+               ) -> list[tuple[str, list[dict], np.ndarray | None]]:
         """Each image's text (after the ``lead`` ids' text), its generated tokens ({token, id, logprob[,
-        patches]}) and, with maps, their token maps."""
+        patches]}) and, with maps, their token maps; ``timed(stage, started)`` counts each stage's time."""
         started = time.perf_counter()
         config = self.tasks.maps
         one_pass = config is not None and config.method == "raw"  # raw maps: the weights decoding computes anyway
@@ -206,13 +185,13 @@ class PredictModule(L.LightningModule):
         if one_pass:
             maps = [m.cpu().numpy() for m in generated_raw_maps(self.backend.model, gen.attentions, grid, config,
                                                                 prefix=self.backend.num_prefix)]
-            started = self._timed("generate_and_maps", started)
+            started = timed("generate_and_maps", started)
         else:
-            started = self._timed("generate", started)
+            started = timed("generate", started)
             maps = ([None] * len(prompts) if config is None
                     else self.backend.maps(image_kv, grid, prompts, gen.tokens, config))
             if config is not None:
-                started = self._timed("maps", started)
+                started = timed("maps", started)
         patches = iter(top_patches(np.concatenate(maps), self.tasks.top_k) if config is not None else ())
         out = []  # every token's top patches come from one call, in sequence order
         for ids, logprobs, made in zip(gen.tokens, gen.token_logprobs, maps, strict=True):
@@ -222,11 +201,28 @@ class PredictModule(L.LightningModule):
                 for token in tokens:
                     token["patches"] = next(patches)
             out.append((self.tokenizer.decode([*lead, *ids]), tokens, made))
-        self._timed("records", started)
+        timed("records", started)
         return out
 
     def configure_optimizers(self) -> None:
         return None
+
+
+class RunInWorker:
+    """The data loader's collate on the CPU: the worker that read a batch makes its records too (`PredictModule`'s
+    `predict_batch`), on its one torch thread (PyTorch's DataLoader sets one in each worker), under the trainer's
+    precision (``forward_context``: autocast for a mixed precision). The pixels stay in the worker; the records,
+    the items and the stages' seconds go to the main process, which writes them."""
+
+    def __init__(self, module: PredictModule, forward_context: Callable[[], AbstractContextManager] = nullcontext):
+        self.module, self.forward_context = module, forward_context
+
+    def __call__(self, batch: Batch) -> dict:
+        collated = collate(batch)
+        with torch.no_grad(), self.forward_context():
+            collated["records"] = self.module.predict_batch(collated, collated["seconds"])
+        collated["pixels"] = None
+        return collated
 
 
 def check_decoding(decoding: DecodingConfig) -> None:

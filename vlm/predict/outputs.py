@@ -26,8 +26,6 @@ import json
 import os
 import tarfile
 import time
-from collections import deque
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -212,42 +210,21 @@ def _without_nulls(value: Any) -> Any:
 
 class ChunkWriter(BasePredictionWriter):
     """Writes each chunk's records as its batches come, and commits the chunk when its last batch is done; at the
-    end the first process gathers manifest.json and errors.jsonl.
+    end the first process gathers manifest.json and errors.jsonl."""
 
-    A prediction may be a future (`PredictModule` running batches in lanes): batches are written in the order
-    they came, each once its records are ready, with at most ``lanes`` of them waiting."""
-
-    def __init__(self, out: Path, fmt: str, chunks: list[Chunk], job: dict, lanes: int = 1):
+    def __init__(self, out: Path, fmt: str, chunks: list[Chunk], job: dict):
         super().__init__(write_interval="batch")
-        self.out, self.fmt, self.job, self.lanes = out, fmt, job, lanes
+        self.out, self.fmt, self.job = out, fmt, job
         self.chunks = {c.index: c for c in chunks}
         self.open: dict[int, _Sink] = {}
-        self.waiting: deque[tuple[dict, Future]] = deque()
         self.pending: set[str] = set()
         """Chunks this run predicts (set by the data module)."""
         self.summary: dict | None = None
-        self.seconds = {"write": 0.0, "wait_for_lanes": 0.0}
-        """Time this process spent writing records and committing chunks, and waiting for a lane's batch."""
+        self.seconds = {"write": 0.0}
+        """Time this process spent writing records and committing chunks."""
 
     def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any,
                            batch_indices: Any, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        if not isinstance(prediction, Future):
-            self._write(batch, prediction)
-            return
-        self.waiting.append((batch, prediction))
-        while self.waiting and (self.waiting[0][1].done() or len(self.waiting) > self.lanes):
-            self._next()
-
-    def _next(self) -> None:
-        """Write the oldest waiting batch, once its records are ready."""
-        batch, future = self.waiting[0]
-        started = time.perf_counter()
-        records = future.result()
-        self.seconds["wait_for_lanes"] += time.perf_counter() - started
-        self.waiting.popleft()
-        self._write(batch, records)
-
-    def _write(self, batch: dict, prediction: list[dict | None]) -> None:
         started = time.perf_counter()
         chunk = batch["chunk"]
         sink = self.open.get(chunk) or self.open.setdefault(chunk, _Sink(self.out, self.chunks[chunk], self.fmt))
@@ -263,8 +240,6 @@ class ChunkWriter(BasePredictionWriter):
         self.seconds["write"] += time.perf_counter() - started
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        while self.waiting:
-            self._next()
         if self.open:  # a chunk whose last batch never came: the stream ended early
             raise VLMError(f"chunks {sorted(self.chunks[c].id for c in self.open)} ended without their last batch")
         trainer.strategy.barrier("vlm-predict-gather")

@@ -25,7 +25,7 @@ from vlm.errors import VLMError
 from vlm.grounding.methods import check_map_config
 from vlm.model.vlm import VisionLanguageModel
 from vlm.predict.inputs import Chunk, ChunkStream, collate, list_chunks, listing_digest
-from vlm.predict.module import PredictModule, Tasks, TorchBackend, check_decoding
+from vlm.predict.module import PredictModule, RunInWorker, Tasks, TorchBackend, check_decoding
 from vlm.predict.outputs import OUTPUT_FORMATS, ChunkWriter, check_job, done_chunks
 from vlm.text.clean import clean_text
 from vlm.text.tokenizer import Tokenizer
@@ -60,8 +60,8 @@ def export_id(path: Path) -> str:
 def _runtime(model: str | os.PathLike | tuple[VisionLanguageModel, Tokenizer], runtime: str,
              map_config: MapConfig | None) -> tuple[Captioner, object, str]:
     """The captioner (config, tokenizer, image transform, caption prompt), the backend that runs its model for
-    `PredictModule`, and the model's identity. An ONNX export runs on one-thread sessions: the lanes share out
-    the cores."""
+    `PredictModule`, and the model's identity. An ONNX export runs on one-thread sessions, as torch runs on one thread
+    in each data-loader worker."""
     if runtime == "torch":
         captioner = Captioner(*model, "cpu") if isinstance(model, tuple) else Captioner.load(model, "cpu")
         if map_config is not None:  # refused now, in one line, not in the first batch
@@ -111,19 +111,28 @@ class PredictData(L.LightningDataModule):
         sizes = [c.size for c in self.stream.chunks]
         self.total_items = sum(sizes) if all(s is not None for s in sizes) else None
 
+    def transfer_batch_to_device(self, batch: dict, device: torch.device, dataloader_idx: int) -> dict:
+        """Only the pixels move: Lightning's default walks every item and record of the batch (~0.1 ms an image)."""
+        if batch["pixels"] is not None:
+            batch["pixels"] = batch["pixels"].to(device)
+        return batch
+
     def predict_dataloader(self) -> DataLoader:
-        return DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, collate_fn=collate,
+        trainer, read_only = self.trainer, collate
+        if self.num_workers and trainer.strategy.root_device.type == "cpu":  # the workers run the model as well
+            read_only = RunInWorker(trainer.lightning_module, trainer.precision_plugin.forward_context)
+        return DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, collate_fn=read_only,
                           persistent_workers=False)
 
 
 def predict(model: str | os.PathLike | tuple[VisionLanguageModel, Tokenizer], input: str, out: str | os.PathLike, *,
             questions: list[str] | tuple[str, ...] = (), task: str | None = None,
             decoding: DecodingConfig | None = None, maps: bool = False, map_config: MapConfig | None = None,
-            top_k: int = 5, threshold: float = 0.5, batch_size: int = 16, num_workers: int = 1,
+            top_k: int = 5, threshold: float = 0.5, batch_size: int = 16, num_workers: int | None = None,
             chunk_size: int = 1000, input_format: str = "auto", format: str = "jsonl", max_pixels: int | None = None,
             accelerator: str = "auto", devices: int | str = "auto", num_nodes: int = 1, strategy: str = "auto",
             precision: str = "32-true", progress_every: int = 50, prompt: str | None = None,
-            runtime: str = "torch", threads: int | None = None) -> dict | None:
+            runtime: str = "torch") -> dict | None:
     """Caption and/or question every image of ``input`` into ``out``, resumably; the summary (on the first
     process; None on the others).
 
@@ -133,9 +142,10 @@ def predict(model: str | os.PathLike | tuple[VisionLanguageModel, Tokenizer], in
     each token's map (made as ``map_config`` says; its ``top_k`` patches) and box each phrase (`vlm.predict.summary`).
     format: jsonl, parquet or webdataset (`vlm.predict.outputs`). prompt: text each caption continues (and begins
     with), as `Captioner.caption(prompt=)`. runtime: torch, or onnx: ``model`` is an ONNX export (`vlm export
-    --format onnx`), run on ONNX Runtime on the CPU. threads, on the CPU: batches each process runs at once, each in
-    a thread of its own with one thread of torch or ONNX Runtime (default: the cores shared among the processes;
-    `vlm.predict.module`). The rest is the Lightning trainer's.
+    --format onnx`), run on ONNX Runtime on the CPU. num_workers: each process's data-loader workers (default: its
+    share of the cores), which read and transform the images; on the CPU each also runs the model on the batches it
+    reads, on one thread (0: the main process does all, on one thread; `vlm.predict.module`). The rest is the
+    Lightning trainer's.
     A second call with the same arguments skips finished chunks and redoes the rest.
 
     The summary's ``profile``: this process's seconds per stage (`profile`).
@@ -156,12 +166,10 @@ def predict(model: str | os.PathLike | tuple[VisionLanguageModel, Tokenizer], in
             import pyarrow  # noqa: F401
         except ImportError:
             raise VLMError("--format parquet needs pyarrow: pip install 'vlm[parquet]'") from None
-    if threads is not None and threads < 1:
-        raise VLMError(f"--threads {threads}: expected a positive number of threads")
     for name, value in {"--batch_size": batch_size, "--map_top_k": top_k, "--progress_every": progress_every}.items():
         if value < 1:
             raise VLMError(f"{name} {value}: expected a positive number")
-    if num_workers < 0:
+    if num_workers is not None and num_workers < 0:
         raise VLMError(f"--num_workers {num_workers}: expected 0 or more")
     if not 0.0 < threshold <= 1.0:
         raise VLMError(f"--threshold {threshold}: expected a number in (0, 1]")
@@ -199,7 +207,7 @@ def predict(model: str | os.PathLike | tuple[VisionLanguageModel, Tokenizer], in
     module = PredictModule(backend, captioner.model.cfg, captioner.tokenizer, tasks, decoding, identity, caption_start)
     stream = ChunkStream(chunks, captioner.transform, batch_size, max_pixels, keep_raw=format == "webdataset")
     writer = ChunkWriter(out, format, chunks, job)
-    data = PredictData(out, format, chunks, stream, writer, num_workers)
+    data = PredictData(out, format, chunks, stream, writer, 0)
     progress = Progress(every=progress_every, shared=out / ".progress")
     torch_threads = torch.get_num_threads()
     try:
@@ -210,12 +218,11 @@ def predict(model: str | os.PathLike | tuple[VisionLanguageModel, Tokenizer], in
                                 precision=precision, logger=False, enable_checkpointing=False,
                                 enable_model_summary=False, inference_mode=False, use_distributed_sampler=False,
                                 callbacks=[writer, progress], default_root_dir=out)
-            # the lanes run only on the CPU (PredictModule.on_predict_start)
-            module.lanes = writer.lanes = threads or max(1, (os.cpu_count() or 1) // max(1, trainer.num_devices))
+            data.num_workers = num_workers if num_workers is not None else max(1, cores() // trainer.num_devices)
             predicting = time.monotonic()
             trainer.predict(module, datamodule=data, return_predictions=False)
     finally:
-        torch.set_num_threads(torch_threads)  # the lanes' one thread each ends with the run, even a failed one
+        torch.set_num_threads(torch_threads)  # the step's one thread ends with the run, even a failed one
     if writer.summary is None:
         return None
     seconds = time.monotonic() - started
@@ -225,14 +232,20 @@ def predict(model: str | os.PathLike | tuple[VisionLanguageModel, Tokenizer], in
                                                 predicting - started)}
 
 
+def cores() -> int:
+    """The cores this process may run on (its affinity where the system says: a container's or a job's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 @contextmanager
 def frozen_gc() -> Iterator[None]:
     """Python's full garbage collections skip the objects that exist on entry (the model, torch, Lightning: about
     500,000 of them), until exit.
 
     The records in flight (each token's patches are lists) trigger full collections, which scanned all of those
-    objects each time, holding the GIL for ~0.1-0.2 s while every lane waited: ~1.1 s of a 10 s run of 2,000 images
-    with --maps here, most of what --maps cost. Objects frozen before (the caller's own ``gc.freeze()``) stay frozen.
+    objects each time, holding the GIL for ~0.1-0.2 s: ~1.1 s of a 10 s run of 2,000 images with --maps here, most of
+    what --maps cost. The data-loader workers, forked inside, inherit the freeze. Objects frozen before (the caller's
+    own ``gc.freeze()``) stay frozen.
     """
     frozen_before = gc.get_freeze_count()
     gc.freeze()
@@ -245,12 +258,12 @@ def frozen_gc() -> Iterator[None]:
 
 def profile(module: PredictModule, writer: ChunkWriter, workers: int, predicting: float, starting: float) -> dict:
     """Where this process's time went, in seconds: ``start`` (loading the model, listing the input) and
-    ``predict`` (Lightning's predict loop) of the wall time; then the stages, each summed over the threads
-    that ran it: ``decode`` and ``transform`` (the readers, in the data-loader workers: overlapped with the
-    model), ``encode``, ``generate`` (with raw maps: ``generate_and_maps``), ``maps`` (other methods) and
-    ``records`` (tokens, patches, phrase boxes) (the model step: in the lanes, side by side), and on the main
-    thread ``wait_for_data``, ``wait_for_lanes`` and ``write``; ``lanes`` and ``workers`` say how many ran."""
+    ``predict`` (Lightning's predict loop) of the wall time; then the stages, each summed over the processes
+    that ran it: ``decode`` and ``transform`` (reading, in the data-loader workers), ``encode``, ``generate`` (with
+    raw maps: ``generate_and_maps``), ``maps`` (other methods) and ``records`` (tokens, patches, phrase boxes) (the
+    model: in the workers on the CPU, side by side; else in the main process), and in the main process
+    ``wait_for_data`` (for the next batch: read, and on the CPU predicted) and ``write``; ``workers`` says how many
+    data-loader workers ran."""
     stages = {**module.seconds, **writer.seconds}
-    lanes = module.lanes if module.device.type == "cpu" else 1
     return {"start": round(starting, 3), "predict": round(predicting, 3),
-            **{k: round(v, 3) for k, v in sorted(stages.items())}, "lanes": lanes, "workers": workers}
+            **{k: round(v, 3) for k, v in sorted(stages.items())}, "workers": workers}
