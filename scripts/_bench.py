@@ -144,11 +144,13 @@ def peak_resident_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def tree_pss_bytes(pid: int | None = None) -> int:
-    """Proportional set size of a process (default: this one) and all its descendants, in bytes (Linux's
-    smaps_rollup): a page shared among them, as a forked worker's view of the model's weights, counts once in all,
-    split among its sharers. 0 where the system does not say."""
-    total, stack = 0, [pid or os.getpid()]
+def tree_memory_bytes(pid: int | None = None) -> int:
+    """Memory of a process (default: this one) and all its descendants, in bytes (Linux's smaps_rollup): the process's
+    resident set, and each descendant's private pages. A forked worker's view of the model's weights and of the
+    libraries is its parent's pages, counted once there; what it allocates or writes is its own. (Proportional set
+    sizes would split shared libraries' pages with every other process that maps them, the benchmark that started
+    this one included.) 0 where the system does not say."""
+    total, stack, root = 0, [pid or os.getpid()], True
     while stack:
         process = stack.pop()
         try:
@@ -156,14 +158,17 @@ def tree_pss_bytes(pid: int | None = None) -> int:
                 with open(f"/proc/{process}/task/{task}/children") as children:
                     stack += [int(child) for child in children.read().split()]
             with open(f"/proc/{process}/smaps_rollup") as rollup:
-                total += next(int(line.split()[1]) * 1024 for line in rollup if line.startswith("Pss:"))
-        except (OSError, StopIteration):  # gone meanwhile, or no /proc
-            continue
+                fields = dict(line.split()[:2] for line in rollup if line.split()[0].endswith(":"))
+            counted = ("Rss:",) if root else ("Private_Clean:", "Private_Dirty:")
+            total += sum(int(fields[name]) for name in counted) * 1024
+        except (OSError, KeyError, ValueError):  # gone meanwhile, or no /proc
+            pass
+        root = False
     return total
 
 
 class PeakTreeMemory:
-    """The peak of `tree_pss_bytes` while the block runs, sampled every ``interval`` seconds in a thread, and at
+    """The peak of `tree_memory_bytes` while the block runs, sampled every ``interval`` seconds in a thread, and at
     its end (``peak``, bytes): the memory of a process that starts workers (data-loader workers that run the model)."""
 
     def __init__(self, interval: float = 0.1):
@@ -173,7 +178,7 @@ class PeakTreeMemory:
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, tree_pss_bytes())
+            self.peak = max(self.peak, tree_memory_bytes())
             self._stop.wait(self.interval)
 
     def __enter__(self) -> PeakTreeMemory:
@@ -183,7 +188,7 @@ class PeakTreeMemory:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, tree_pss_bytes())
+        self.peak = max(self.peak, tree_memory_bytes())
 
 
 def paired_overhead(plain: Callable[[], object], extra: Callable[[], object], reps: int, device: str = "cpu") -> float:

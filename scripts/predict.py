@@ -16,7 +16,8 @@ image (the end token forbidden before), greedy, batches of --batch-size.
 - scaling: `vlm predict` as a command on 1 and on 2 CPU processes (DDP), wall time including start-up (medians
   of --reps runs of each, alternated);
 - memory: the peak memory of a fresh process and its data-loader workers (which run the model) predicting each of
-  --memory-images images: their proportional set size, the pages they share counted once (`PeakTreeMemory`);
+  --memory-images images: the main process's resident memory and each worker's private memory, so that the pages a
+  worker shares with it (the weights, the libraries) count once (`PeakTreeMemory`);
 - ceilings: each ratio's roofline bound, the other side's time per image over the least time one image can take on
   this machine (`least_seconds_per_image`: its model FLOPs at the matmul peak, plus its image reading, from the loop's
   profile, shared out over the cores); the predict_onnx ratios' at ONNX Runtime's own matmul peak where that is

@@ -141,7 +141,7 @@ def test_the_tree_memory_probe_counts_a_workers_memory_and_the_pages_it_shares_o
     with its parent (the model's weights) count once, not once per process as resident sizes would."""
     _bench, _ = modules
     shared = np.ones(2**27, dtype=np.uint8)  # 128 MiB, touched before the fork
-    before = _bench.tree_pss_bytes()
+    before = _bench.tree_memory_bytes()
     grows = "import numpy, time; held = numpy.ones(2**28, dtype=numpy.uint8); print(1, flush=True); time.sleep(30)"
     worker = subprocess.Popen([sys.executable, "-c", grows], stdout=subprocess.PIPE, text=True)
     forked = os.fork()

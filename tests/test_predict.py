@@ -232,12 +232,13 @@ def _seen(log: Path) -> list:
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
+@pytest.mark.parametrize("chunk_size", [3, 100])
 def test_on_the_cpu_the_workers_run_the_model_and_the_records_come_in_input_order(model_dir, folder, tmp_path,
-                                                                                  monkeypatch):
-    """Three workers each read chunks and predict them (one process each); the records are those of the main
-    process predicting alone, in listing order."""
+                                                                                  monkeypatch, chunk_size):
+    """Three workers each read batches and predict them (one process each), even when all the images are one chunk;
+    the records are those of the main process predicting alone, in listing order."""
     _seen_in(monkeypatch, TorchBackend, "encode", tmp_path / "pids", os.getpid)
-    args = dict(chunk_size=3, batch_size=1, max_pixels=MAX_PIXELS, accelerator="cpu", devices=1)
+    args = dict(chunk_size=chunk_size, batch_size=1, max_pixels=MAX_PIXELS, accelerator="cpu", devices=1)
     workers = predict(model_dir, str(folder), tmp_path / "workers", num_workers=3, **args)
     assert workers["profile"]["workers"] == 3
     in_workers = set(_seen(tmp_path / "pids"))

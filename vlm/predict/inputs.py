@@ -233,8 +233,10 @@ def _reader() -> tuple[int, int]:
 class ChunkStream(IterableDataset):
     """Batches of the pending chunks that fall to this reader (rank x data-loader worker).
 
-    ``rank`` and ``world`` are set by the data module once the processes know them; each worker reads pending
-    chunks ``reader, reader + readers, ...`` and decodes and transforms its images itself.
+    ``rank`` and ``world`` are set by the data module once the processes know them. Shards fall to the readers by
+    turns (``reader, reader + readers, ...``: a shard is streamed once, by one worker); a listing's chunks fall to
+    the processes by turns and their batches to the process's workers by turns (`_listed`). Each worker decodes and
+    transforms its images itself.
     """
 
     def __init__(self, chunks: list[Chunk], transform: Callable[[Image.Image], Tensor], batch_size: int,
@@ -246,9 +248,12 @@ class ChunkStream(IterableDataset):
 
     def __iter__(self) -> Iterator[Batch]:
         worker, workers = _reader()
+        if all(chunk.entries is not None for chunk in self.chunks):
+            yield from self._listed(worker, workers)
+            return
         reader, readers = self.rank * workers + worker, self.world * workers
         for chunk in self.chunks[reader::readers]:
-            items = self._items(chunk)
+            items = self._shard_items(chunk)
             current = next(items, None)
             if current is None:  # an empty shard: a placeholder ends its chunk
                 yield Batch(chunk.index, [Item(chunk.index, 0, {}, 0, empty=True)], True)
@@ -262,19 +267,31 @@ class ChunkStream(IterableDataset):
                     batch, self._seconds = [], {"decode": 0.0, "transform": 0.0}
                 current = following
 
-    def _items(self, chunk: Chunk) -> Iterator[Item]:
-        if chunk.entries is not None:
-            for j, entry in enumerate(chunk.entries):
-                meta = {"key": entry.key, "image": entry.image, "index": chunk.first + j}
-                if entry.fields:
-                    meta["input"] = entry.fields
-                raw = None
-                if self.keep_raw:
-                    raw = {"suffix": Path(entry.image).suffix.lower().lstrip(".")}  # else re-encoded (_load)
-                item = Item(chunk.index, j, meta, chunk.first + j, raw=raw, phrases=entry.phrases)
-                yield self._load(item, entry.image, entry.image)
-        else:
-            yield from self._shard_items(chunk)
+    def _listed(self, worker: int, workers: int) -> Iterator[Batch]:
+        """A listing's batches: this process's chunks (``rank, rank + world, ...``), cut into batches that its workers
+        take by turns (batch ``worker, worker + workers, ...``), so that one chunk keeps every worker busy. PyTorch's
+        DataLoader takes the workers' batches by turns too, so they reach the writer in order."""
+        number = 0
+        for chunk in self.chunks[self.rank::self.world]:
+            entries = chunk.entries
+            for start in range(0, len(entries), self.batch_size):
+                if number % workers == worker:
+                    items = [self._entry_item(chunk, j) for j in range(start, min(start + self.batch_size,
+                                                                                  len(entries)))]
+                    yield Batch(chunk.index, items, start + self.batch_size >= len(entries), self._seconds)
+                    self._seconds = {"decode": 0.0, "transform": 0.0}
+                number += 1
+
+    def _entry_item(self, chunk: Chunk, j: int) -> Item:
+        entry = chunk.entries[j]
+        meta = {"key": entry.key, "image": entry.image, "index": chunk.first + j}
+        if entry.fields:
+            meta["input"] = entry.fields
+        raw = None
+        if self.keep_raw:
+            raw = {"suffix": Path(entry.image).suffix.lower().lstrip(".")}  # else re-encoded (_load)
+        item = Item(chunk.index, j, meta, chunk.first + j, raw=raw, phrases=entry.phrases)
+        return self._load(item, entry.image, entry.image)
 
     def _shard_items(self, chunk: Chunk) -> Iterator[Item]:
         import webdataset as wds
