@@ -91,15 +91,18 @@ class PredictData(L.LightningDataModule):
     shared with the others, read as `ChunkStream` batches."""
 
     def __init__(self, out: Path, fmt: str, chunks: list[Chunk], stream: ChunkStream, writer: ChunkWriter,
-                 num_workers: int):
+                 num_workers: int | None):
         super().__init__()
         self.out, self.fmt, self.chunks, self.stream, self.writer = out, fmt, chunks, stream, writer
         self.num_workers = num_workers
+        """Data-loader workers of each process (None: one per core of the process, decided in setup)."""
         self.total_items: int | None = None
         """Images every process reads together (None: unknown, shards); the progress line's total."""
         self.skipped = 0
 
     def setup(self, stage: str) -> None:
+        if self.num_workers is None:
+            self.num_workers = max(1, cores() // self.trainer.num_devices)
         done = done_chunks(self.out, self.chunks, self.fmt)
         pending = [c.index for c in self.chunks if c.index not in done]
         pending = self.trainer.strategy.broadcast(pending, src=0)  # every process acts on the first one's view
@@ -118,10 +121,10 @@ class PredictData(L.LightningDataModule):
         return batch
 
     def predict_dataloader(self) -> DataLoader:
-        trainer, read_only = self.trainer, collate
+        trainer, collate_fn = self.trainer, collate
         if self.num_workers and trainer.strategy.root_device.type == "cpu":  # the workers run the model as well
-            read_only = RunInWorker(trainer.lightning_module, trainer.precision_plugin.forward_context)
-        return DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, collate_fn=read_only,
+            collate_fn = RunInWorker(trainer.lightning_module, trainer.precision_plugin.forward_context)
+        return DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, collate_fn=collate_fn,
                           persistent_workers=False)
 
 
@@ -207,7 +210,7 @@ def predict(model: str | os.PathLike | tuple[VisionLanguageModel, Tokenizer], in
     module = PredictModule(backend, captioner.model.cfg, captioner.tokenizer, tasks, decoding, identity, caption_start)
     stream = ChunkStream(chunks, captioner.transform, batch_size, max_pixels, keep_raw=format == "webdataset")
     writer = ChunkWriter(out, format, chunks, job)
-    data = PredictData(out, format, chunks, stream, writer, 0)
+    data = PredictData(out, format, chunks, stream, writer, num_workers)
     progress = Progress(every=progress_every, shared=out / ".progress")
     torch_threads = torch.get_num_threads()
     try:
@@ -218,7 +221,6 @@ def predict(model: str | os.PathLike | tuple[VisionLanguageModel, Tokenizer], in
                                 precision=precision, logger=False, enable_checkpointing=False,
                                 enable_model_summary=False, inference_mode=False, use_distributed_sampler=False,
                                 callbacks=[writer, progress], default_root_dir=out)
-            data.num_workers = num_workers if num_workers is not None else max(1, cores() // trainer.num_devices)
             predicting = time.monotonic()
             trainer.predict(module, datamodule=data, return_predictions=False)
     finally:
