@@ -16,10 +16,11 @@ Sources (``input_format`` "auto" tells them apart):
   download) keeps the samples read before, its chunk's errors saying where it broke.
 
 The work is split into chunks: fixed-size runs of a listing (``chunk_size`` images), or one chunk per shard. A
-chunk is the unit of output (one file), of resumption (done or not) and of work: reader r of R (DDP processes
-times data-loader workers) takes pending chunks r, r + R, ..., so every image is read by exactly one reader
-whatever the number of processes, with no padding. A reader cuts each chunk into batches of its own (never across
-chunks), so an image's batch, and with it every number computed for it, is the same on any number of processes.
+chunk is the unit of output (one file), of resumption (done or not) and of work: process p of P takes pending
+chunks p, p + P, ..., and cuts each into batches (never across chunks); worker w of W takes the process's batches
+w, w + W, ... of a listing, or, of shards (streamed once each), reader r of R (processes times workers) takes the
+shards r, r + R, .... So every image is read by exactly one reader whatever the number of processes, with no
+padding, and an image's batch, and with it every number computed for it, is the same on any number of processes.
 """
 
 from __future__ import annotations
