@@ -190,11 +190,11 @@ def peak_memory(model: Path, folder: Path, out: Path, args: argparse.Namespace) 
 def cli_seconds(model: Path, folder: Path, out: Path, devices: int, args: argparse.Namespace) -> float:
     shutil.rmtree(out, ignore_errors=True)
     command = [sys.executable, "-m", "vlm.cli", "predict", "--model", str(model), "--input", str(folder), "--out",
-               str(out), "--batch_size", str(args.batch_size), "--num_workers", str(args.workers),
+               str(out), "--batch_size", str(args.batch_size),
                "--max_new_tokens", str(args.new_tokens), "--min_new_tokens", str(args.new_tokens),
                "--accelerator", "cpu", "--devices", str(devices), "--progress_every", str(10**9)]
-    if args.workers is None:  # the default: the cores shared among the processes
-        command[command.index("--num_workers"):command.index("--num_workers") + 2] = []
+    if args.workers is not None:  # else predict's default: the cores shared among the processes
+        command += ["--num_workers", str(args.workers)]
     if devices > 1:
         command += ["--strategy", "ddp"]
     start = time.perf_counter()

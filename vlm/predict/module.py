@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -214,7 +214,7 @@ class RunInWorker:
     precision (``forward_context``: autocast for a mixed precision). The pixels stay in the worker; the records,
     the items and the stages' seconds go to the main process, which writes them."""
 
-    def __init__(self, module: PredictModule, forward_context: Callable[[], AbstractContextManager] = nullcontext):
+    def __init__(self, module: PredictModule, forward_context: Callable[[], AbstractContextManager]):
         self.module, self.forward_context = module, forward_context
 
     def __call__(self, batch: Batch) -> dict:
