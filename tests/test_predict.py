@@ -235,17 +235,23 @@ def _seen(log: Path) -> list:
 @pytest.mark.parametrize("chunk_size", [3, 100])
 def test_on_the_cpu_the_workers_run_the_model_and_the_records_come_in_input_order(model_dir, folder, tmp_path,
                                                                                   monkeypatch, chunk_size):
-    """Three workers each read batches and predict them (one process each), even when all the images are one chunk;
-    the records are those of the main process predicting alone, in listing order."""
+    """Three workers each read batches and predict them (one process each), even when all the images are one chunk,
+    and write each record's text, so that the main process only writes; the records are those of the main process
+    predicting alone, in listing order."""
     _seen_in(monkeypatch, TorchBackend, "encode", tmp_path / "pids", os.getpid)
+    _seen_in(monkeypatch, vlm.predict.module, "record_text", tmp_path / "text_pids", os.getpid)
     args = dict(chunk_size=chunk_size, batch_size=1, max_pixels=MAX_PIXELS, accelerator="cpu", devices=1)
     workers = predict(model_dir, str(folder), tmp_path / "workers", num_workers=3, **args)
     assert workers["profile"]["workers"] == 3
-    in_workers = set(_seen(tmp_path / "pids"))
+    in_workers, texts_in_workers = set(_seen(tmp_path / "pids")), set(_seen(tmp_path / "text_pids"))
     (tmp_path / "pids").unlink()
+    (tmp_path / "text_pids").unlink()
     alone = predict(model_dir, str(folder), tmp_path / "alone", num_workers=0, **args)
     assert alone["profile"]["workers"] == 0 and set(_seen(tmp_path / "pids")) == {os.getpid()}
-    assert len(in_workers) == 3 and os.getpid() not in in_workers
+    assert set(_seen(tmp_path / "text_pids")) == {os.getpid()}
+    model_seconds = alone["profile"]["encode"] + alone["profile"]["generate"]
+    assert alone["profile"]["main_cpu"] > 0.5 * model_seconds > 0  # the main process's own CPU time ran the model
+    assert len(in_workers) == 3 and os.getpid() not in in_workers and texts_in_workers == in_workers
     records = read_outputs(tmp_path / "workers")
     assert [r["index"] for r in records] == sorted(r["index"] for r in records)  # as listed, whatever ends first
     _not_trivial(_records(tmp_path / "alone"))

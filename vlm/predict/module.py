@@ -32,6 +32,7 @@ from vlm.model.decoder import KeysValues
 from vlm.model.generate import Generation, generate
 from vlm.model.vlm import VisionLanguageModel
 from vlm.predict.inputs import Batch, Item, collate
+from vlm.predict.outputs import record_text
 from vlm.predict.summary import phrase_boxes, top_patches
 from vlm.text.tokenizer import Tokenizer
 
@@ -86,8 +87,11 @@ class PredictModule(L.LightningModule):
     with the prompt's text, its tokens are the generated ones."""
 
     def __init__(self, backend: Any, cfg: ModelConfig, tokenizer: Tokenizer, tasks: Tasks,
-                 decoding: DecodingConfig, model_id: str, caption_start: list[int] | None = None):
+                 decoding: DecodingConfig, model_id: str, caption_start: list[int] | None = None,
+                 output_format: str = "jsonl"):
         super().__init__()
+        self.output_format = output_format
+        """The output files' format, which a record's text takes (`vlm.predict.outputs.record_text`)."""
         self.backend, self.cfg = backend, cfg  # a TorchBackend is a submodule (its model moves with this module)
         self.tokenizer, self.tasks, self.decoding, self.model_id = tokenizer, tasks, decoding, model_id
         self.caption_start = caption_start or tokenizer.caption_prompt()
@@ -96,7 +100,7 @@ class PredictModule(L.LightningModule):
         self.answering = replace(decoding, max_new_tokens=decoding.token_budget(answer=True))
         self.seconds: dict[str, float] = defaultdict(float)
         """Time spent per stage by this process and its data-loader workers (added up): decode, transform,
-        encode, generate, maps, records, wait_for_data."""
+        encode, generate, maps, records, json, wait_for_data."""
         self._threads: int | None = None
         self._batch_end: float | None = None
 
@@ -117,13 +121,23 @@ class PredictModule(L.LightningModule):
     def on_predict_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._batch_end = time.perf_counter()  # after the writer's turn: what follows is the wait for data
 
-    def predict_step(self, batch: dict, batch_idx: int = 0) -> list[dict | None]:
-        """One record per item of the batch (None for an unreadable image or a placeholder): made by the worker
-        that read it (`RunInWorker`), else here."""
+    def predict_step(self, batch: dict, batch_idx: int = 0) -> list[str | None]:
+        """Each item's record as the output file holds it (None for an unreadable image or a placeholder): made by
+        the worker that read the batch (`RunInWorker`), else here."""
         for stage, seconds in batch["seconds"].items():  # the worker's
             self.seconds[stage] += seconds
-        records = batch.pop("records", None)
-        return records if records is not None else self.predict_batch(batch, self.seconds)
+        texts = batch.pop("texts", None)
+        return texts if texts is not None else self.record_texts(batch, self.seconds)
+
+    def record_texts(self, batch: dict, seconds: dict[str, float]) -> list[str | None]:
+        """`predict_batch`'s records as the output file holds them (`vlm.predict.outputs.record_text`), adding
+        the time of that to ``seconds["json"]``."""
+        records = self.predict_batch(batch, seconds)
+        started = time.perf_counter()
+        texts = [None if record is None else record_text(record, item, self.output_format)
+                 for record, item in zip(records, batch["items"], strict=True)]
+        seconds["json"] = seconds.get("json", 0.0) + time.perf_counter() - started
+        return texts
 
     def predict_batch(self, batch: dict, seconds: dict[str, float]) -> list[dict | None]:
         """The records of a collated batch (`collate`), adding each stage's time to ``seconds``."""
@@ -209,10 +223,10 @@ class PredictModule(L.LightningModule):
 
 
 class RunInWorker:
-    """The data loader's collate on the CPU: the worker that read a batch makes its records too (`PredictModule`'s
-    `predict_batch`), on its one torch thread (PyTorch's DataLoader sets one in each worker), under the trainer's
-    precision (``forward_context``: autocast for a mixed precision). The pixels stay in the worker; the records,
-    the items and the stages' seconds go to the main process, which writes them."""
+    """The data loader's collate on the CPU: the worker that read a batch makes its records too, as the output file
+    holds them (`PredictModule.record_texts`), on its one torch thread (PyTorch's DataLoader sets one in each
+    worker), under the trainer's precision (``forward_context``: autocast for a mixed precision). The pixels stay in
+    the worker; the records' texts, the items and the stages' seconds go to the main process, which only writes."""
 
     def __init__(self, module: PredictModule, forward_context: Callable[[], AbstractContextManager]):
         self.module, self.forward_context = module, forward_context
@@ -220,7 +234,7 @@ class RunInWorker:
     def __call__(self, batch: Batch) -> dict:
         collated = collate(batch)
         with torch.no_grad(), self.forward_context():
-            collated["records"] = self.module.predict_batch(collated, collated["seconds"])
+            collated["texts"] = self.module.record_texts(collated, collated["seconds"])
         collated["pixels"] = None
         return collated
 

@@ -78,6 +78,26 @@ def done_chunks(out: Path, chunks: list[Chunk], fmt: str) -> set[int]:
             if (out / "manifest" / f"{c.id}.json").exists() and (out / f"{c.id}{SUFFIX[fmt]}").exists()}
 
 
+def record_text(record: dict, item: Item, fmt: str) -> str:
+    """A record as its chunk's file holds it: its JSON line (jsonl; parquet is made from the lines), or with
+    webdataset the sample's .json: the original fields (a shard's .json, a JSONL line's fields), the new caption
+    under `CAPTION_KEY` and the record under "vlm". Made where the record is (on the CPU, in the data-loader
+    worker), so that the main process only writes."""
+    if fmt != "webdataset":
+        return json.dumps(record, ensure_ascii=False)
+    meta: dict[str, Any] = {}
+    if item.raw and item.raw.get("json"):
+        try:
+            meta = json.loads(item.raw["json"])
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            meta = {}
+    meta.update(record.get("input", {}))
+    if "caption" in record:
+        meta[CAPTION_KEY] = record["caption"]
+    meta["vlm"] = record
+    return json.dumps(meta, ensure_ascii=False)
+
+
 class _Sink:
     """One chunk being written to its temporary file."""
 
@@ -92,27 +112,15 @@ class _Sink:
         else:
             self.file = open(self.tmp.with_suffix(".jsonl") if fmt == "parquet" else self.tmp, "w", encoding="utf-8")
 
-    def write(self, record: dict, item: Item) -> None:
+    def write(self, text: str, item: Item) -> None:
+        """Add a record, as `record_text` made it."""
         self.records += 1
-        if self.fmt == "webdataset":
-            self._add_sample(record, item)
-        else:
-            self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
-
-    def _add_sample(self, record: dict, item: Item) -> None:
+        if self.fmt != "webdataset":
+            self.file.write(text + "\n")
+            return
         raw = item.raw or {}
-        key = record["key"] if "shard" in record else f"{record['index']:09d}"
-        meta: dict[str, Any] = {}
-        if raw.get("json"):
-            try:
-                meta = json.loads(raw["json"])
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                meta = {}
-        meta.update(record.get("input", {}))
-        if "caption" in record:
-            meta[CAPTION_KEY] = record["caption"]
-        meta["vlm"] = record
-        files = [(raw["suffix"], raw["image"]), ("json", json.dumps(meta, ensure_ascii=False).encode())]
+        key = item.meta["key"] if "shard" in item.meta else f"{item.meta['index']:09d}"
+        files = [(raw["suffix"], raw["image"]), ("json", text.encode())]
         if raw.get("txt") is not None:
             files.insert(1, ("txt", raw["txt"]))
         for suffix, data in files:
@@ -228,13 +236,13 @@ class ChunkWriter(BasePredictionWriter):
         started = time.perf_counter()
         chunk = batch["chunk"]
         sink = self.open.get(chunk) or self.open.setdefault(chunk, _Sink(self.out, self.chunks[chunk], self.fmt))
-        for item, record in zip(batch["items"], prediction, strict=True):
+        for item, text in zip(batch["items"], prediction, strict=True):  # `record_text`s
             if item.empty:
                 continue
-            if record is None:
+            if text is None:
                 sink.errors.append({**item.meta, "position": item.position, "error": item.error})
             else:
-                sink.write(record, item)
+                sink.write(text, item)
         if batch["last"]:
             self.open.pop(chunk).commit()
         self.seconds["write"] += time.perf_counter() - started

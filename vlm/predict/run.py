@@ -207,7 +207,8 @@ def predict(model: str | os.PathLike | tuple[VisionLanguageModel, Tokenizer], in
            "precision": str(precision)}
     check_job(out, job)
 
-    module = PredictModule(backend, captioner.model.cfg, captioner.tokenizer, tasks, decoding, identity, caption_start)
+    module = PredictModule(backend, captioner.model.cfg, captioner.tokenizer, tasks, decoding, identity, caption_start,
+                           format)
     stream = ChunkStream(chunks, captioner.transform, batch_size, max_pixels, keep_raw=format == "webdataset")
     writer = ChunkWriter(out, format, chunks, job)
     data = PredictData(out, format, chunks, stream, writer, num_workers)
@@ -221,8 +222,9 @@ def predict(model: str | os.PathLike | tuple[VisionLanguageModel, Tokenizer], in
                                 precision=precision, logger=False, enable_checkpointing=False,
                                 enable_model_summary=False, inference_mode=False, use_distributed_sampler=False,
                                 callbacks=[writer, progress], default_root_dir=out)
-            predicting = time.monotonic()
+            predicting, main_cpu = time.monotonic(), time.process_time()
             trainer.predict(module, datamodule=data, return_predictions=False)
+            main_cpu = time.process_time() - main_cpu
     finally:
         torch.set_num_threads(torch_threads)  # the step's one thread ends with the run, even a failed one
     if writer.summary is None:
@@ -231,7 +233,7 @@ def predict(model: str | os.PathLike | tuple[VisionLanguageModel, Tokenizer], in
     return {**writer.summary, "chunks_skipped": data.skipped, "seconds": round(seconds, 2),
             "images_per_s": round(writer.summary["records_this_run"] / seconds, 2) if seconds > 0 else None,
             "out": str(out), "profile": profile(module, writer, data.num_workers, time.monotonic() - predicting,
-                                                predicting - started)}
+                                                predicting - started, main_cpu)}
 
 
 def cores() -> int:
@@ -258,14 +260,17 @@ def frozen_gc() -> Iterator[None]:
             gc.unfreeze()
 
 
-def profile(module: PredictModule, writer: ChunkWriter, workers: int, predicting: float, starting: float) -> dict:
+def profile(module: PredictModule, writer: ChunkWriter, workers: int, predicting: float, starting: float,
+            main_cpu: float) -> dict:
     """Where this process's time went, in seconds: ``start`` (loading the model, listing the input) and
     ``predict`` (Lightning's predict loop) of the wall time; then the stages, each summed over the processes
     that ran it: ``decode`` and ``transform`` (reading, in the data-loader workers), ``encode``, ``generate`` (with
-    raw maps: ``generate_and_maps``), ``maps`` (other methods) and ``records`` (tokens, patches, phrase boxes) (the
-    model: in the workers on the CPU, side by side; else in the main process), and in the main process
-    ``wait_for_data`` (for the next batch: read, and on the CPU predicted) and ``write``; ``workers`` says how many
-    data-loader workers ran."""
+    raw maps: ``generate_and_maps``), ``maps`` (other methods), ``records`` (tokens, patches, phrase boxes) and
+    ``json`` (each record's text for the file) (the model: in the workers on the CPU, side by side; else in the main
+    process), and in the main process ``wait_for_data`` (for the next batch: read, and on the CPU predicted) and
+    ``write``; ``main_cpu``: the CPU time the main process took during the loop (all of it when there are no
+    workers; with workers, what the writing and Lightning's loop take from the cores the workers share);
+    ``workers`` says how many data-loader workers ran."""
     stages = {**module.seconds, **writer.seconds}
     return {"start": round(starting, 3), "predict": round(predicting, 3),
-            **{k: round(v, 3) for k, v in sorted(stages.items())}, "workers": workers}
+            **{k: round(v, 3) for k, v in sorted(stages.items())}, "main_cpu": round(main_cpu, 3), "workers": workers}
