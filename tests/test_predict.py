@@ -371,6 +371,30 @@ def test_recaptioned_shards_keep_the_alt_text_and_train(model_dir, shards, tmp_p
     assert "alt" not in vocabulary
 
 
+def test_a_shard_sample_whose_json_is_no_object_is_an_error_when_recaptioning(model_dir, tmp_path):
+    """--format webdataset keeps each sample's .json fields: a sample whose .json is invalid or not an object goes to
+    the errors with its reason (its fields cannot be kept), and the run goes on; predicting into JSONL, which does
+    not keep them, predicts it."""
+    images = random_images(3)
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        for i, meta in enumerate([b'{"n": 0}', b"[1, 2]", b'{"n": 2']):
+            for suffix, payload in (("jpg", _png(images[i], "JPEG")), ("json", meta)):
+                info = tarfile.TarInfo(f"{i:06d}.{suffix}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    summary = predict(model_dir, str(tmp_path / "00000.tar"), tmp_path / "out", format="webdataset", **CPU)
+    assert summary["complete"] and summary["records"] == 1 and summary["errors"] == 2
+    errors = [json.loads(line) for line in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
+    assert [(e["key"], e["error"].split(": ", 1)[1]) for e in errors] == [
+        ("000001", "000001.json: not a JSON object: its fields cannot be kept"),
+        ("000002", "000002.json: invalid JSON (Expecting ',' delimiter: line 1 column 8 (char 7)): its fields "
+                   "cannot be kept")]
+    with tarfile.open(tmp_path / "out" / "part-00000.tar") as tar:
+        assert tar.getnames() == ["000000.jpg", "000000.json"]
+        assert json.loads(tar.extractfile("000000.json").read())["n"] == 0
+    assert predict(model_dir, str(tmp_path / "00000.tar"), tmp_path / "jsonl", **CPU)["records"] == 3
+
+
 class _Trainer:
     is_global_zero, world_size, global_step, max_steps, progress_bar_metrics = True, 1, 0, -1, {}
 

@@ -205,7 +205,7 @@ class Item:
     """(W, H) of the image as loaded."""
     error: str | None = None
     raw: dict | None = None
-    """For --format webdataset: the image bytes and suffix, and a shard sample's .txt and .json."""
+    """For --format webdataset: the image bytes and suffix, and a shard sample's .txt and .json fields."""
     phrases: list[str] | None = None
     """The input's phrases to find in the caption (JSONL "phrases")."""
     empty: bool = False
@@ -309,9 +309,12 @@ class ChunkStream(IterableDataset):
             meta = {"key": key, "shard": chunk.shard, "member": f"{key}.{suffix}" if suffix else None}
             item = Item(chunk.index, j, meta, chunk.index * 10**6 + j)
             if self.keep_raw:
-                item.raw = {"suffix": suffix, "txt": sample.get("txt"), "json": sample.get("json")}
+                item.raw = {"suffix": suffix, "txt": sample.get("txt"), "fields": _fields(sample.get("json"))}
+                if isinstance(item.raw["fields"], str):
+                    item.error = f"{chunk.shard}: {key}.json: {item.raw['fields']}: its fields cannot be kept"
             if suffix is None:
                 item.error = f"{chunk.shard}: {key}: no image ({', '.join(IMAGE_KEYS)}) in the sample"
+            if item.error is not None:
                 yield item
                 continue
             yield self._load(item, sample[suffix], name=f"{chunk.shard}: {meta['member']}")
@@ -335,6 +338,17 @@ class ChunkStream(IterableDataset):
             decoded = time.perf_counter()
         self._seconds["decode"] += decoded - started
         return item
+
+
+def _fields(data: bytes | None) -> dict | str:
+    """A shard sample's .json as its fields (none: {}), or why it has none to keep (a string)."""
+    if data is None:
+        return {}
+    try:
+        fields = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return f"invalid JSON ({e})"
+    return fields if isinstance(fields, dict) else "not a JSON object"
 
 
 def _readable(samples: Iterator[dict]) -> Iterator[dict | Exception]:

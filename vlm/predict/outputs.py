@@ -16,7 +16,8 @@ With ``--format webdataset`` each chunk is a tar shard in the img2dataset layout
 it was (``KEY.jpg`` ...; another format than JPEG, PNG or WebP re-encoded as ``KEY.png``), the original
 ``KEY.txt`` alt-text (shard input), and ``KEY.json``: the original .json fields (or a JSONL line's fields),
 ``"vlm_caption"`` (the new caption: train on it with ``SourceConfig.caption_key: vlm_caption``) and ``"vlm"``
-(the whole prediction record).
+(the whole prediction record). A shard sample whose .json is no JSON object goes to the errors with its reason,
+as its fields could not be kept.
 """
 
 from __future__ import annotations
@@ -85,13 +86,7 @@ def record_text(record: dict, item: Item, fmt: str) -> str:
     worker), so that the main process only writes."""
     if fmt != "webdataset":
         return json.dumps(record, ensure_ascii=False)
-    meta: dict[str, Any] = {}
-    if item.raw and item.raw.get("json"):
-        try:
-            meta = json.loads(item.raw["json"])
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            meta = {}
-    meta.update(record.get("input", {}))
+    meta: dict[str, Any] = {**(item.raw or {}).get("fields", {}), **record.get("input", {})}
     if "caption" in record:
         meta[CAPTION_KEY] = record["caption"]
     meta["vlm"] = record
