@@ -347,9 +347,10 @@ def predict(report: dict) -> str:
 
 PROFILE_ABOUT = """Where the time goes, in {unit} (`vlm predict`'s own stage timers, the summary's `profile`,
 and the script's timers around the loop's stages). A stage's time is summed over the processes that ran it, so
-stages that overlap (the data-loader workers, each reading and running the model on one torch thread, side by side;
-the main process waiting and writing) add up to more than the wall time. Model work (encode + generate) bounds the
-rest: on these 2 cores its one-thread core-seconds halved are the floor of the wall time."""
+stages that overlap (the data-loader workers, each reading, running the model on one torch thread and making the
+records' JSON text, side by side; the main process waiting and writing) add up to more than the wall time; `main cpu`
+is the CPU time of the main process itself. Model work (encode + generate) bounds the rest: on these 2 cores its
+one-thread core-seconds halved are the floor of the wall time."""
 
 
 def predict_profile(profile: dict | None) -> str:
