@@ -8,6 +8,7 @@ One tiny untrained model whose texts depend on the image (`image_sensitive_model
 from __future__ import annotations
 
 import gc
+import hashlib
 import io
 import json
 import os
@@ -37,6 +38,7 @@ from vlm.errors import VLMError
 from vlm.grounding.maps import box_from_map, combine
 from vlm.model.vlm import VisionLanguageModel
 from vlm.predict import predict, read_outputs
+from vlm.predict.inputs import Chunk, Entry, _joined, list_chunks, listing_digest
 from vlm.predict.module import TorchBackend
 from vlm.predict.outputs import CAPTION_KEY
 from vlm.predict.summary import content_phrases
@@ -645,3 +647,76 @@ def test_lightnings_remarks_that_users_cannot_act_on_are_left_out(model_dir, fol
     assert any("GPU available" in m for m in said)  # Lightning's information still shows
     assert not [m for m in said if "litlogger" in m]  # not its advertisement
     assert not [str(w.message) for w in recwarn if "LeafSpec" in str(w.message)]  # nor torch's note to it
+
+
+def test_a_listing_holds_each_image_with_its_key_fields_and_phrases(tmp_path):
+    """A list file skips blank and comment lines and strips spaces; a JSONL line gives the image, its key (else the
+    image as written), its other fields and its phrases; paths are relative to the file's folder."""
+    (tmp_path / "list.txt").write_text("# photos\n  a.jpg  \n\n  # indented\n./b c.jpg\r\n/abs/d.png\nsub//e.jpg\n")
+    _, chunks = list_chunks(str(tmp_path / "list.txt"), chunk_size=2)
+    assert [len(c.entries) for c in chunks] == [2, 2]
+    assert [(e.image, e.key) for c in chunks for e in c.entries] == [
+        (f"{tmp_path}/a.jpg", "a.jpg"), (f"{tmp_path}/b c.jpg", "./b c.jpg"), ("/abs/d.png", "/abs/d.png"),
+        (f"{tmp_path}/sub/e.jpg", "sub//e.jpg")]
+    lines = [{"image": "a.jpg"}, {"image": "b.jpg", "key": 7, "n": 1}, {"image": "c.jpg", "key": None,
+                                                                         "phrases": ["red circle"]}]
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(line) for line in lines[:2]) + "\n\n"
+                                       + json.dumps(lines[2]) + "\n")
+    _, chunks = list_chunks(str(tmp_path / "in.jsonl"))
+    assert [(e.image, e.key, e.fields, e.phrases) for e in chunks[0].entries] == [
+        (f"{tmp_path}/a.jpg", "a.jpg", None, None), (f"{tmp_path}/b.jpg", "7", {"n": 1}, None),
+        (f"{tmp_path}/c.jpg", "c.jpg", None, ["red circle"])]
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"image": "a.jpg"', "in.jsonl:2: invalid JSON (Expecting ',' delimiter)"),
+    ('["a.jpg"]', 'in.jsonl:2: each line must be an object with an "image" path'),
+    ('{"image": 3}', 'in.jsonl:2: each line must be an object with an "image" path'),
+    ('{"image": "a.jpg", "phrases": "red"}', 'in.jsonl:2: "phrases" must be a list of non-empty strings'),
+])
+def test_a_bad_jsonl_line_is_refused_naming_its_file_and_line(tmp_path, line, message):
+    (tmp_path / "in.jsonl").write_text('{"image": "ok.jpg"}\n' + line + "\n")
+    with pytest.raises(VLMError) as e:
+        list_chunks(str(tmp_path / "in.jsonl"))
+    assert str(e.value) == f"{tmp_path}/{message}"
+
+
+def test_listing_joins_paths_as_pathlib_does():
+    """The join of a listed name to its file's folder is pathlib's, plain names taking the short way."""
+    parts = ["", ".", "..", "a", "b.jpg", "/", "//", "a/", "./a", "a//b", "a/./b", "/abs/x.png", "//net/x", "a/..",
+             "x/.", " sp ", "ä/ö.jpg", "///x", ".hidden", "..x"]
+    names = {x + y for x in parts for y in parts} | {x + "/" + y for x in parts for y in parts}
+    bases = [str(Path(b)) for b in (".", "/", "data", "/data/x", "//")]
+    differ = [(b, n) for b in bases for n in names if _joined(b, n) != str(Path(b) / n)]
+    assert len(names) > 500 and not differ, differ[:5]
+
+
+def test_the_listing_digest_is_the_json_of_each_entry():
+    """The digest a job records hashes each entry's JSON text; entries without fields or phrases take a shorter way
+    to the same text (quotes, backslashes, control and non-ASCII characters included)."""
+    entries = [Entry(f"/d/{name}", name) for name in ['a"b', "c\\d", "e\x01\n", "ü😀", "\u2028"]]
+    entries += [Entry("/d/f", "f", {"n": 1}), Entry("/d/g", "g", None, ["red"])]
+    expected = hashlib.sha256()
+    for e in entries:
+        expected.update(json.dumps([e.key, e.image, e.fields or {}, e.phrases], sort_keys=True,
+                                   ensure_ascii=False).encode() + b"\n")
+    assert listing_digest([Chunk(0, entries)]) == "sha256:" + expected.hexdigest()[:16]
+    assert listing_digest([Chunk(0, entries[:-1])]) != listing_digest([Chunk(0, entries)])
+
+
+def test_listing_makes_no_garbage_collections_and_leaves_the_collector_as_it_was(tmp_path):
+    """A listing of many images pauses the cyclic collector, whose collections would rescan the entries made so far
+    (dozens of collections here); the collector is on again after (and stays off when the caller had turned it off)."""
+    (tmp_path / "in.jsonl").write_text("".join(f'{{"image": "{i}.jpg", "n": {i}}}\n' for i in range(20000)))
+    collections = []
+    callback = lambda phase, info: collections.append(info["generation"]) if phase == "start" else None  # noqa: E731
+    gc.callbacks.append(callback)
+    try:
+        list_chunks(str(tmp_path / "in.jsonl"))
+        assert len(collections) <= 1 and gc.isenabled()  # one of the youngest objects, once it is on again
+        gc.disable()
+        list_chunks(str(tmp_path / "in.jsonl"))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+        gc.callbacks.remove(callback)

@@ -25,6 +25,7 @@ padding, and an image's batch, and with it every number computed for it, is the 
 
 from __future__ import annotations
 
+import gc
 import glob as globbing
 import hashlib
 import io
@@ -33,6 +34,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,17 +52,17 @@ INPUT_FORMATS = ("auto", "folder", "glob", "list", "jsonl", "webdataset")
 _GLOB = re.compile(r"[*?[]")
 
 
-@dataclass
+@dataclass(slots=True)
 class Entry:
-    """One image of a listing."""
+    """One image of a listing (slots: a listing of millions holds one per image)."""
 
     image: str
     """Its path."""
     key: str
     """How the output names it: the path relative to the folder, the path as listed, or JSONL "key" (else
     "image")."""
-    fields: dict = field(default_factory=dict)
-    """JSONL fields carried to the output."""
+    fields: dict | None = None
+    """JSONL fields carried to the output (None: none)."""
     phrases: list[str] | None = None
     """JSONL "phrases": what to find in the caption (else the caption's runs of content words)."""
 
@@ -96,10 +98,15 @@ def listing_digest(chunks: list[Chunk]) -> str:
     must list the same (an image added, removed or renamed since would shift the chunks under their finished
     outputs)."""
     h = hashlib.sha256()
+    text = json.encoder.encode_basestring  # a string as json.dumps(ensure_ascii=False) writes it
     for chunk in chunks:
         for entry in chunk.entries if chunk.entries is not None else [Entry(chunk.shard or "", "")]:
-            h.update(json.dumps([entry.key, entry.image, entry.fields, entry.phrases], sort_keys=True,
-                                ensure_ascii=False).encode())
+            if entry.fields or entry.phrases is not None:
+                line = json.dumps([entry.key, entry.image, entry.fields or {}, entry.phrases], sort_keys=True,
+                                  ensure_ascii=False)
+            else:  # the same text, without json.dumps's own work per call (a listing may hold millions)
+                line = f"[{text(entry.key)}, {text(entry.image)}, {{}}, null]"
+            h.update(line.encode())
             h.update(b"\n")
     return "sha256:" + h.hexdigest()[:16]
 
@@ -129,7 +136,8 @@ def list_chunks(path: str, input_format: str = "auto", chunk_size: int = 1000) -
     if fmt == "webdataset":
         shards = shard_urls(path, f"--input {path}")
         return fmt, [Chunk(i, shard=s) for i, s in enumerate(shards)]
-    entries = {"folder": _folder, "glob": _glob, "list": _list_file, "jsonl": _jsonl}[fmt](path)
+    with _no_collections():
+        entries = {"folder": _folder, "glob": _glob, "list": _list_file, "jsonl": _jsonl}[fmt](path)
     if not entries:
         raise VLMError(f"--input {path}: no images found ({fmt})")
     chunks = [Chunk(i, entries[start:start + chunk_size], start)
@@ -137,11 +145,35 @@ def list_chunks(path: str, input_format: str = "auto", chunk_size: int = 1000) -
     return fmt, chunks
 
 
+@contextmanager
+def _no_collections() -> Iterator[None]:
+    """Python's cyclic garbage collector paused: a listing makes an object or more per image and no cycles, and the
+    collections their number set off scanned them all again and again."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _joined(base: str, name: str) -> str:
+    """``str(Path(base) / name)`` for a ``base`` that pathlib wrote (``str(Path(...))``), without building a path
+    for a plain name (a relative or absolute path without empty, "." or trailing parts): pathlib's join took most of
+    the time of listing a file of millions of images."""
+    if not name or name == "." or name.startswith("./") or name.endswith(("/", "/.")) or "//" in name or "/./" in name:
+        return str(Path(base) / name)
+    if name.startswith("/") or base == ".":
+        return name
+    return base + name if base.endswith("/") else f"{base}/{name}"
+
+
 def _folder(path: str) -> list[Entry]:
     root = Path(path)
     files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
                    if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    return [Entry(str(root / f), f) for f in files]
+    return [Entry(_joined(str(root), f), f) for f in files]
 
 
 def _glob(pattern: str) -> list[Entry]:
@@ -149,41 +181,43 @@ def _glob(pattern: str) -> list[Entry]:
 
 
 def _list_file(path: str) -> list[Entry]:
-    base = Path(path).parent
+    base = str(Path(path).parent)
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        with open(path, encoding="utf-8") as f:
+            names = [name for name in map(str.strip, f) if name and not name.startswith("#")]
     except (UnicodeDecodeError, OSError) as e:
         raise VLMError(f"{path}: cannot read the list of images ({e.__class__.__name__})") from None
-    return [Entry(str(base / line.strip()), line.strip()) for line in lines
-            if line.strip() and not line.lstrip().startswith("#")]
+    return [Entry(_joined(base, name), name) for name in names]
 
 
 def _jsonl(path: str) -> list[Entry]:
-    base = Path(path).parent
+    """The JSONL file's images, read a line at a time (a file of millions is not held whole besides its entries)."""
+    base = str(Path(path).parent)
     entries = []
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    entries.append(_jsonl_entry(line, base, f"{path}:{n}"))
     except (UnicodeDecodeError, OSError) as e:
         raise VLMError(f"{path}: cannot read ({e.__class__.__name__})") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise VLMError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("image"), str):
-            raise VLMError(f"{path}:{n}: each line must be an object with an \"image\" path")
-        phrases = obj.pop("phrases", None)
-        if phrases is not None and not (isinstance(phrases, list) and all(isinstance(p, str) and p.strip()
-                                                                          for p in phrases)):
-            raise VLMError(f"{path}:{n}: \"phrases\" must be a list of non-empty strings")
-        key = obj.pop("key", None)
-        if key is None:
-            key = obj["image"]
-        image = obj.pop("image")
-        entries.append(Entry(str(base / image), str(key), obj, phrases))
     return entries
+
+
+def _jsonl_entry(line: str, base: str, where: str) -> Entry:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise VLMError(f"{where}: invalid JSON ({e.msg})") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("image"), str):
+        raise VLMError(f"{where}: each line must be an object with an \"image\" path")
+    phrases = obj.pop("phrases", None)
+    if phrases is not None and not (isinstance(phrases, list) and all(isinstance(p, str) and p.strip()
+                                                                      for p in phrases)):
+        raise VLMError(f"{where}: \"phrases\" must be a list of non-empty strings")
+    key = obj.pop("key", None)
+    image = obj.pop("image")
+    return Entry(_joined(base, image), image if key is None else str(key), obj or None, phrases)
 
 
 # ------------------------------------------------------------------------------------------- the item stream
