@@ -668,6 +668,24 @@ def test_a_listing_holds_each_image_with_its_key_fields_and_phrases(tmp_path):
         (f"{tmp_path}/c.jpg", "c.jpg", None, ["red circle"])]
 
 
+def test_a_folder_lists_its_image_files_at_any_depth_as_rglob_walks(tmp_path):
+    """Image files by suffix (any case) at any depth, in a folder named like an image too, and a link to a file; not
+    ".jpg" (no suffix), other files, nor what lies behind a link to a folder (rglob's walk); sorted by key."""
+    root = tmp_path / "photos"
+    for name in ["b.JPG", "a/c.png", "a/deeper/d.webp", "x.jpg/e.jpeg", ".hidden/f.gif", ".jpg", "notes.txt",
+                 "a/g.tiff.bak"]:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"")
+    (root / "linked").symlink_to(root / "a", target_is_directory=True)
+    (root / "h.png").symlink_to(root / "b.JPG")
+    (root / "gone.png").symlink_to(root / "missing.png")
+    keys = [e.key for e in list_chunks(str(root))[1][0].entries]
+    assert keys == [".hidden/f.gif", "a/c.png", "a/deeper/d.webp", "b.JPG", "h.png", "x.jpg/e.jpeg"]
+    assert keys == sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                          if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp", ".gif") and p.is_file())
+    assert list_chunks(str(root))[1][0].entries[0].image == f"{root}/.hidden/f.gif"
+
+
 @pytest.mark.parametrize("line, message", [
     ('{"image": "a.jpg"', "in.jsonl:2: invalid JSON (Expecting ',' delimiter)"),
     ('["a.jpg"]', 'in.jsonl:2: each line must be an object with an "image" path'),
