@@ -15,6 +15,9 @@ image (the end token forbidden before), greedy, batches of --batch-size.
   batches, `generate`, `batch_decode`, on the HF VisionEncoderDecoder;
 - scaling: `vlm predict` as a command on 1 and on 2 CPU processes (DDP), wall time including start-up (medians
   of --reps runs of each, alternated);
+- sharing the cores: the default model's predict with its default workers and with one worker, alternated (--reps
+  pairs): the median over the pairs of the two workers' stage time (reading, the model, the records, summed over the
+  workers) over the one worker's, for the same images: what running side by side on the 2 cores costs each;
 - memory: the peak memory of a fresh process and its data-loader workers (which run the model) predicting each of
   --memory-images images: the main process's resident memory and each worker's private memory, so that the pages a
   worker shares with it (the weights, the libraries) count once (`PeakTreeMemory`);
@@ -129,6 +132,12 @@ def hf_side(paths: list[str], batch: int, new_tokens: int):
     return run
 
 
+def stage_seconds(profile: dict) -> float:
+    """The work of a predict profile's workers: reading, the model and the records, summed over the workers."""
+    return sum(profile.get(k, 0.0) for k in ("decode", "transform", "encode", "generate", "generate_and_maps", "maps",
+                                              "records", "json"))
+
+
 def per_thousand(seconds: dict, images: int) -> dict:
     return {k: round(v * 1000 / images, 3) if isinstance(v, float) else v for k, v in seconds.items()}
 
@@ -227,16 +236,16 @@ def main() -> None:
         runs = iter(range(10**6))
         profiles = {}
 
-        def ours(maps: bool = False, runtime: str = "torch", default: bool = False):
+        def ours(maps: bool = False, runtime: str = "torch", default: bool = False, workers: int | None = None):
             def run():
                 source = (default_model if default else model) if runtime == "torch" else tmp / "onnx"
                 summary = predict(source, str(tmp / "images"),
-                                  tmp / f"out{next(runs)}", batch_size=args.batch_size, num_workers=args.workers,
-                                  accelerator="cpu", devices=1, decoding=decoding, maps=maps, progress_every=10**9,
-                                  runtime=runtime)
+                                  tmp / f"out{next(runs)}", batch_size=args.batch_size,
+                                  num_workers=workers or args.workers, accelerator="cpu", devices=1,
+                                  decoding=decoding, maps=maps, progress_every=10**9, runtime=runtime)
                 profile = summary["profile"]
                 profiles["predict" + ("_maps" if maps else "") + ("_onnx" if runtime == "onnx" else "")
-                         + ("_default" if default else "")] = {
+                         + ("_default" if default else "") + ("_one_worker" if workers == 1 else "")] = {
                     "wall": round(summary["seconds"] * 1000 / args.images, 3),
                     **per_thousand({k: v for k, v in profile.items() if k != "workers"}, args.images),
                     "workers": profile["workers"],
@@ -253,6 +262,12 @@ def main() -> None:
                       "loop_onnx": lambda: on_ort.caption(paths, decoding, args.batch_size)}
         seconds = alternate(sides, reps=args.reps)
         maps_ratios = paired_ratios(ours(), ours(maps=True), reps=args.maps_reps)
+        sharing = []  # the same work's stage time in two workers side by side over one worker's alone
+        for r in range(args.reps):
+            for run in ((ours(default=True), ours(default=True, workers=1))[::1 if r % 2 == 0 else -1]):
+                run()
+            sharing.append(stage_seconds(profiles["predict_default"]) / stage_seconds(profiles[
+                "predict_default_one_worker"]))
         profiles["loop"] = loop_profile(captioner, paths[:args.profile_images], decoding, args.batch_size)
         profiles["loop_default"] = loop_profile(default_captioner, paths[:args.profile_images], decoding,
                                                 args.batch_size)
@@ -292,6 +307,7 @@ def main() -> None:
                   "predict_onnx_over_loop_onnx": round(rates["predict_onnx"] / rates["loop_onnx"], 3),
                   "predict_onnx_over_hf": round(rates["predict_onnx"] / rates["hf"], 3)} if args.onnx else {}),
               "two_over_one_process": round(scaling["1_processes_s"] / scaling["2_processes_s"], 3),
+              "two_workers_stage_time_over_one": round(statistics.median(sharing), 3),
               "memory_growth": round(memory[max(memory)] / memory[min(memory)] - 1, 3) if len(memory) > 1 else None}
     # the ratios' roofline bounds: the other side's time over the least time an image can take here
     which = {"predict_onnx": "onnx", "predict_default": "default"}  # a ratio's least time: by its numerator

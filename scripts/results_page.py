@@ -341,7 +341,11 @@ def predict(report: dict) -> str:
                 "core wastes less than a team: see the profiles)." if "work_ratio_bounds" in report else "")
              + (f" `--maps`' extra time is the median over {pairs} pairs of runs (torch runtime), without and with "
                 "maps back to back, of the ratio within each pair." if (pairs := c.get("maps_reps", c.get("reps")))
-                else ""))
+                else "")
+             + (" `two_workers_stage_time_over_one` is what running side by side costs each worker: the default "
+                "model's stage time (reading, the model, the records; summed over the workers) with two workers over "
+                f"one worker's, for the same images (the median of {c.get('reps', 1)} alternated pairs)."
+                if "two_workers_stage_time_over_one" in ratios else ""))
     return about + "\n\n" + table(["metric", "measured", "target"], rows) + predict_profile(report.get("profile"))
 
 
