@@ -362,9 +362,11 @@ class ChunkStream(IterableDataset):
             meta = {"key": key, "shard": chunk.shard, "member": f"{key}.{suffix}" if suffix else None}
             item = Item(chunk.index, j, meta, chunk.index * 10**6 + j)
             if self.keep_raw:
-                item.raw = {"suffix": suffix, "txt": sample.get("txt"), "fields": _fields(sample.get("json"))}
-                if isinstance(item.raw["fields"], str):
-                    item.error = f"{chunk.shard}: {key}.json: {item.raw['fields']}: its fields cannot be kept"
+                item.raw = {"suffix": suffix, "txt": sample.get("txt")}
+                try:
+                    item.raw["fields"] = _fields(sample.get("json"))
+                except ValueError as e:
+                    item.error = f"{chunk.shard}: {key}.json: {e}: its fields cannot be kept"
             if suffix is None:
                 item.error = f"{chunk.shard}: {key}: no image ({', '.join(IMAGE_KEYS)}) in the sample"
             if item.error is not None:
@@ -393,15 +395,17 @@ class ChunkStream(IterableDataset):
         return item
 
 
-def _fields(data: bytes | None) -> dict | str:
-    """A shard sample's .json as its fields (none: {}), or why it has none to keep (a string)."""
+def _fields(data: bytes | None) -> dict:
+    """A shard sample's .json as its fields (none: {}); ValueError saying why when it holds no JSON object."""
     if data is None:
         return {}
     try:
         fields = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        return f"invalid JSON ({e})"
-    return fields if isinstance(fields, dict) else "not a JSON object"
+        raise ValueError(f"invalid JSON ({e})") from None
+    if not isinstance(fields, dict):
+        raise ValueError("not a JSON object")
+    return fields
 
 
 def _readable(samples: Iterator[dict]) -> Iterator[dict | Exception]:

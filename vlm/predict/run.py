@@ -215,8 +215,9 @@ def predict(model: str | os.PathLike | tuple[VisionLanguageModel, Tokenizer], in
     progress = Progress(every=progress_every, shared=out / ".progress")
     torch_threads = torch.get_num_threads()
     try:
-        # numpy's BLAS (the maps' small products, in the lanes) runs one thread: its own threads, which spin after
-        # each product, took the cores from the model beside it (--maps cost 30-40% more with them here, 5-9% without).
+        # numpy's BLAS (the maps' small products) runs one thread, in the workers too (they inherit the limit): its
+        # own threads, which spin after each product, took the cores from the model beside it (--maps cost 30-40%
+        # more with them here, 5-9% without).
         with quiet_lightning(), threadpool_limits(limits=1, user_api="blas"), frozen_gc():
             trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
                                 precision=precision, logger=False, enable_checkpointing=False,
