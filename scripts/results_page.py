@@ -473,6 +473,11 @@ SECTIONS = [
             "file of paths and a folder of files (200,000, a tenth of them no image), digest included, against the "
             "least such a pass does: `json.loads` of every line, splitting the file into lines, or `os.walk` "
             "(medians of 3 runs, alternated)."),
+    Section("retire", "Retiring ended images from decoding", about="The decoding alone (`decode`, caption "
+            "prompts, batches of 32) of the default model trained on the built-in scenes, whose captions differ in "
+            "length by the number of objects: images whose rows have all ended leave the later steps (`retire`), "
+            "against every row decoded to the end (medians of alternated runs, the same tokens checked). "
+            "The row_steps ratios: the rows the steps ran, summed, retiring over not; tokens: the texts' lengths."),
     Section("help_time", "Start-up time of the command line", about="Seconds for `vlm --help` and `vlm caption --help` "
             "in fresh processes (medians, alternating with a bare `python -c pass`); target under 1.5 s."),
 ]

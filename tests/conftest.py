@@ -86,6 +86,16 @@ def image_sensitive_model(tokenizer: Tokenizer, max_length: int = 24) -> VisionL
     return model.eval()
 
 
+def ending_model(tokenizer: Tokenizer, bias: float) -> VisionLanguageModel:
+    """`image_sensitive_model` with the end token favoured by ``bias`` (added to one feature of its embedding and of
+    the final norm's output): its texts end after different numbers of tokens, from image to image."""
+    model = image_sensitive_model(tokenizer)
+    with torch.no_grad():
+        model.decoder.tok_emb.weight[tokenizer.eos_id, 0] += bias
+        model.decoder.ln_f.bias[0] += bias
+    return model
+
+
 def spoil_shard_images(folder: Path, every: int = 7) -> None:
     """Make every ``every``-th sample's image (from the 4th) of each shard in ``folder`` unreadable, in place."""
     import webdataset as wds

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.conftest import ending_model
 from vlm.config import DecodingConfig
-from vlm.model.generate import generate
+from vlm.model.generate import TorchDecoder, decode, generate
 
 OPTIONS = {
     "greedy": {},
@@ -234,3 +235,56 @@ def test_a_larger_length_penalty_never_picks_a_shorter_beam(tiny_model, tokenize
 def test_bad_options_are_refused_by_name(tiny_model, tokenizer, bad, message):
     with pytest.raises(ValueError, match=message):
         _run(tiny_model, tokenizer, torch.randn(1, 3, 64, 64), [tokenizer.caption_prompt()], **bad)
+
+
+class CountingDecoder(TorchDecoder):
+    """The torch backend, counting the rows of each step."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.rows_seen: list[int] = []
+
+    def step(self, ids, *args):
+        self.rows_seen.append(len(ids))
+        return super().step(ids, *args)
+
+
+RETIRING = {  # options, and the end token's bias that makes this seeded model's texts end at varied steps
+    "greedy": ({}, 0.6),
+    "greedy_uncached": (dict(use_cache=False), 0.6),
+    "greedy_no_repeat": (dict(no_repeat_ngram_size=1), 0.5),
+    "beam_no_repeat": (dict(beam_size=3, no_repeat_ngram_size=1, length_penalty=1.0), 0.5),
+    "sample_k_per_image": (dict(sample=True, num_samples=3, top_k=20, seed=0), 1.0),
+}
+
+
+@pytest.mark.parametrize("name", RETIRING)
+def test_retiring_ended_images_leaves_every_sequence_and_map_as_it_was(tokenizer, name):
+    """Images whose rows have all ended leave the backend's later steps (``retire``): the steps run fewer rows, and
+    the tokens, end flags, scores, log-probabilities and maps are those of decoding every row to the end."""
+    options, bias = RETIRING[name]
+    options = dict(options)
+    use_cache = options.pop("use_cache", True)
+    model = ending_model(tokenizer, bias)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        image_kv, _ = model.encode(torch.randn(12, 3, 64, 64))
+    prompts = [tokenizer.caption_prompt(), tokenizer.question_prompt("what color is the circle?")] * 6
+    runs = {}
+    for retire in (False, True):
+        backend = CountingDecoder(model, image_kv, use_cache)
+        out = decode(backend, prompts, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                     config=DecodingConfig(max_new_tokens=16, **options), return_attention=True, retire=retire)
+        runs[retire] = out, backend.rows_seen
+    (full, full_rows), (retired, retired_rows) = runs[False], runs[True]
+    assert len({len(t) for t in full.tokens}) >= 3  # texts of varied lengths
+    assert set(full_rows) == {full_rows[0]} and len(set(retired_rows)) >= 3  # every row, against two retirements
+    assert retired_rows == sorted(retired_rows, reverse=True) and len(retired_rows) == len(full_rows)
+    assert retired.tokens == full.tokens and retired.ended == full.ended
+    torch.testing.assert_close(torch.tensor(retired.scores), torch.tensor(full.scores), atol=1e-5, rtol=0)
+    for a, b, ta, tb in zip(retired.token_logprobs, full.token_logprobs, retired.attentions, full.attentions,
+                            strict=True):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
+        torch.testing.assert_close(ta, tb, atol=1e-6, rtol=0)
+    maps = torch.cat([t for t in full.attentions if len(t)])  # (tokens, L, H, N)
+    assert float(maps.amax()) > 1.5 / maps.shape[-1]  # real maps, peaking above uniform: not zeros compared

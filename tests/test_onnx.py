@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import vlm.model.linear as onednn
-from tests.conftest import ServeProcess, image_sensitive_model, random_images, tiny_config
+from tests.conftest import ServeProcess, ending_model, image_sensitive_model, random_images, tiny_config
 from vlm.api import NO_MAPS, Captioner, load
 from vlm.cli import main
 from vlm.config import DecodingConfig
@@ -238,6 +238,45 @@ def test_a_call_over_several_images_runs_in_lanes_and_decodes_as_torch(model, to
     torch.testing.assert_close(torch.tensor(theirs.scores), torch.tensor(ours.scores), atol=1e-4, rtol=0)
     for a, b in zip(ours.attentions, theirs.attentions, strict=True):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("options, bias", [({}, 0.6), (dict(beam_size=3, no_repeat_ngram_size=1), 0.5)],
+                         ids=["greedy", "beam_no_repeat"])
+def test_retiring_ended_images_on_onnx_runtime_leaves_every_sequence_and_map_as_torch(tokenizer, tmp_path, options,
+                                                                                       bias):
+    """On ONNX Runtime too, images whose rows have all ended leave the later steps (the cache, beam index and images
+    bound anew): the steps run fewer rows, and the tokens, scores and maps are torch's and those of decoding every
+    row to the end."""
+    model = ending_model(tokenizer, bias)
+    Captioner(model, tokenizer, "cpu").save(tmp_path / "torch")
+    assert main(["export", "--model", str(tmp_path / "torch"), "--out", str(tmp_path / "onnx"), "--maps"]) == 0
+    onnx, _ = OnnxModel.load(tmp_path / "onnx", threads=1)
+    torch.manual_seed(1)
+    images = torch.randn(12, 3, 64, 64)
+    prompts = [tokenizer.caption_prompt(), tokenizer.question_prompt("what color is the circle?")] * 6
+    config = DecodingConfig(max_new_tokens=16, **options)
+    with torch.no_grad():
+        image_kv, _ = model.encode(images)
+    ours = generate(model, image_kv, prompts, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, config=config,
+                    return_attention=True)
+    encoded, _ = onnx.encode(images)
+    runs = {}
+    for retire in (False, True):
+        backend, rows = OrtDecoder(onnx, encoded), []
+        step = backend.step
+        backend.step = lambda ids, *args, step=step, rows=rows: rows.append(len(ids)) or step(ids, *args)
+        runs[retire] = decode(backend, prompts, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, config=config,
+                              return_attention=True, retire=retire), rows
+    (full, full_rows), (retired, retired_rows) = runs[False], runs[True]
+    assert len({len(t) for t in ours.tokens}) >= 3  # texts of varied lengths
+    assert len(set(full_rows)) == 1 and len(set(retired_rows)) >= 3  # every row, against two retirements
+    for theirs in (full, retired):
+        assert theirs.tokens == ours.tokens and theirs.ended == ours.ended
+        torch.testing.assert_close(torch.tensor(theirs.scores), torch.tensor(ours.scores), atol=1e-4, rtol=0)
+        for a, b in zip(ours.attentions, theirs.attentions, strict=True):
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+    maps = torch.cat([t for t in ours.attentions if len(t)])  # (tokens, L, H, N)
+    assert float(maps.amax()) > 1.5 / maps.shape[-1]  # real maps, peaking above uniform
 
 
 def test_lanes_keep_the_whole_calls_padding_budget_and_seeds(tokenizer, exported):

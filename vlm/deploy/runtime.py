@@ -41,8 +41,8 @@ class OnnxImages:
     def __len__(self) -> int:
         return self.keys.shape[1]
 
-    def __getitem__(self, images: slice) -> OnnxImages:
-        """Some of the images (views, not copies)."""
+    def __getitem__(self, images: slice | np.ndarray) -> OnnxImages:
+        """Some of the images (a slice: views, not copies)."""
         return OnnxImages(self.keys[:, images], self.values[:, images])
 
 
@@ -460,6 +460,16 @@ class OrtDecoder:
         parents = (parent.numpy() % K).reshape(B, K, 1)  # each row's parent among its image's rows
         filled = self.beam_index[:, :, :self.filled]  # a row's later slots are its own
         filled[...] = np.take_along_axis(filled, parents, axis=1)
+
+    def keep(self, rows: Tensor) -> None:
+        """Only these rows' cache and beam index, and their images, bound anew (on a session for the fewer rows)."""
+        B, K = self.beam_index.shape[:2]
+        rows = rows.numpy()
+        images = rows[::K] // K
+        self.cache = np.ascontiguousarray(self.cache[:, :, rows])
+        self.beam_index = np.ascontiguousarray(self.beam_index[images])
+        self.images, self.num_images = self.images[images], len(images)
+        self.bound = self.model.bind(self.cache, self.images, self.maps, threads=self.threads)
 
     def attention(self, material: Tensor, images: Tensor) -> Tensor:
         return material.transpose(2, 3).contiguous()  # (S, T, H, L, N) -> (S, T, L, H, N)

@@ -56,6 +56,16 @@ class KVCache:
             torch.index_select(cache[:, :, :, filled], 1, index, out=spare[:, :, :, filled])
         (self.k, self.v), self._spare = self._spare, (self.k, self.v)
 
+    def keep(self, rows: Tensor) -> None:
+        """Keep only the given rows, in that order (fewer than before: the decoding loop retires finished images);
+        only the filled positions are copied, into smaller buffers."""
+        filled = slice(0, self.length)
+        shape = (self.k.shape[0], len(rows), *self.k.shape[2:])
+        k, v = self.k.new_empty(shape), self.v.new_empty(shape)
+        for cache, kept in zip((self.k, self.v), (k, v), strict=True):
+            torch.index_select(cache[:, :, :, filled], 1, rows, out=kept[:, :, :, filled])
+        self.k, self.v, self._spare = k, v, None
+
 
 class _GeluLinear(torch.autograd.Function):
     """``linear(gelu(h), weight, bias)`` that saves only h for backward and recomputes the GELU there.

@@ -7,7 +7,8 @@ decoder with its preallocated cache; `generate` is decode with it) or the ONNX R
 Its options are a `vlm.config.DecodingConfig`. The caller encodes each image once (``model.encode``, or
 ``model.encode_features`` from a feature cache) and passes every layer's cross-attention keys/values, which
 the image's beams or samples share. Prompts of different lengths are left-padded; padded positions are masked
-out and position ids count real tokens only, so a batch gives the same tokens as one image at a time.
+out and position ids count real tokens only, so a batch gives the same tokens as one image at a time. An image
+whose rows have all ended leaves the later steps (``retire``), which then run only the rows still going.
 Sampling draws each image's noise from its own seeded generator, so a sampled caption depends on its image,
 prompt and seed, not on the rest of the batch; k samples of an image all come from its generator. On
 request, the cross-attention of every generated token (of the beam that was kept) is returned: each step
@@ -150,8 +151,13 @@ class DecoderBackend(Protocol):
     def reorder(self, parent: Tensor) -> None:
         """Beam search: row r of the cache becomes row parent[r]."""
 
+    def keep(self, rows: Tensor) -> None:
+        """Hold only these rows (whole images, K rows each, in order) and their images from now on: the loop retires
+        the images whose every row has ended, so later steps run only the rest."""
+
     def attention(self, material: Tensor, images: Tensor) -> Tensor:
-        """(S, T, ...) map material of kept sequences reading images (S,) -> cross-attention (S, T, L, H, N)."""
+        """(S, T, ...) map material of kept sequences reading images (S,) (of all B, whatever `keep` retired) ->
+        cross-attention (S, T, L, H, N)."""
 
 
 class TorchDecoder:
@@ -163,14 +169,15 @@ class TorchDecoder:
 
     def __init__(self, model: VisionLanguageModel, image_kv: list[KeysValues], use_cache: bool = True):
         self.model, self.image_kv, self.use_cache = model, image_kv, use_cache
+        self.all_image_kv = image_kv  # the maps read every image's keys, retired or not
         self.num_images = image_kv[0][0].shape[0]
         self.vocab_size, self.max_length = model.vocab_size, model.cfg.decoder.max_length
         self.device = image_kv[0][0].device
         self.cache: KVCache | None = None
-        self.maps = False
+        self.maps, self.rows = False, 0
 
     def start(self, rows: int, length: int, maps: bool) -> None:
-        self.maps = maps
+        self.maps, self.rows = maps, rows
         if self.use_cache:
             self.cache = self.model.decoder.new_cache(rows, like=self.image_kv[0][0], length=length)
 
@@ -188,9 +195,18 @@ class TorchDecoder:
         if self.cache is not None:
             self.cache.reorder(parent)
 
+    def keep(self, rows: Tensor) -> None:
+        K = self.rows // self.num_images
+        images = rows[::K] // K
+        if self.cache is not None:
+            self.cache.keep(rows)
+        self.image_kv = [(k[images], v[images]) for k, v in self.image_kv]
+        self.num_images, self.rows = len(images), len(rows)
+
     def attention(self, material: Tensor, images: Tensor) -> Tensor:
-        in_order = images.equal(torch.arange(self.num_images, device=images.device))  # one sequence per image
-        keys = [k if in_order else k[images] for k, _ in self.image_kv]  # per layer (S, H, N, hd)
+        B = self.all_image_kv[0][0].shape[0]
+        in_order = images.equal(torch.arange(B, device=images.device))  # one sequence per image
+        keys = [k if in_order else k[images] for k, _ in self.all_image_kv]  # per layer (S, H, N, hd)
         weights = self.model.decoder.cross_attention_weights(list(material.unbind(2)), keys)  # L x (S, H, T, N)
         return torch.stack(weights, dim=1).permute(0, 3, 1, 2, 4).contiguous()  # (S, T, L, H, N)
 
@@ -227,6 +243,7 @@ def decode(
     config: DecodingConfig | None = None,
     return_attention: bool = False,
     pad_to: int = 0,
+    retire: bool = True,
 ) -> Generation:
     """The one decoding loop: continue each image's prompt until the end token, greedy, sampled, or by beam search
     (``config``), calling the backend's step (torch or ONNX Runtime) for the next-token logits.
@@ -235,6 +252,12 @@ def decode(
     image's own seeded generator. Beam hypotheses are ranked at the end by score / length ** length_penalty.
     Prompts are left-padded to the longest, or to ``pad_to`` tokens if more: a part of a call's images decoded on
     its own (a lane) keeps the whole call's padding and token budget.
+
+    With ``retire``, an image whose every row (beam or sample) has ended leaves the backend (`DecoderBackend.keep`)
+    once a quarter of the images it holds have (at least one): later steps run only the rows still going, as a
+    step's cost grows with its rows. The bookkeeping keeps every row, a retired one continuing with free padding as
+    an ended row does without retiring, so the sequences are the same either way (within the products' rounding,
+    which depends on a product's rows, as between batch compositions).
     """
     config = config or DecodingConfig()
     config.validate()
@@ -273,13 +296,21 @@ def decode(
     materials, parents = [], []  # per step: (R, ...) map material before reordering, (R,) parents
     any_finished = False
     backend.start(R, P + T, return_attention)
+    held = None  # the rows the backend holds, in its order (None: all R)
+    place = None  # (R,) each held row's place in the backend, -1 for a retired one
+    seen_ended = 0  # ended rows when images were last looked at for retiring
 
     for t in range(T):
         end = P + t
         start = backend.cached  # uncached: rerun the whole sequence
-        logits, material = backend.step(seq[:, start:end], positions[:, start:end],
-                                        _self_mask(key_valid, start, end) if padded else None)  # (R, V)
-        logp = logits.log_softmax(-1)  # (R, V)
+        rows = slice(None) if held is None else held
+        logits, material = backend.step(seq[rows, start:end], positions[rows, start:end],
+                                        _self_mask(key_valid[rows], start, end) if padded else None)  # (R held, V)
+        logp = logits.log_softmax(-1)  # (R held, V)
+        if held is not None:  # every row again, a retired one's log-probabilities replaced below as an ended row's
+            logp = logp.new_zeros(R, V).index_copy_(0, held, logp)
+            if material is not None:
+                material = material.new_zeros(R, *material.shape[1:]).index_copy_(0, held, material)
         if config.no_repeat_ngram_size:
             logp = logp.masked_fill(_repeated_ngrams(seq[:, P:end], config.no_repeat_ngram_size, V), float("-inf"))
         if t < config.min_new_tokens:
@@ -304,7 +335,7 @@ def decode(
             token, scores = (flat % V).view(R), scores.view(R)
             token_logp = logp.view(B, K * V).gather(1, flat).view(R)
             seq, finished, lengths, step_logp = seq[parent], finished[parent], lengths[parent], step_logp[parent]
-            backend.reorder(parent)
+            backend.reorder(parent if held is None else place[parent[held]])  # an image's rows are held together
         if return_attention:
             materials.append(material)
             parents.append(parent)
@@ -316,6 +347,16 @@ def decode(
         if ended == R:
             break
         any_finished = ended > 0
+        if retire and ended > seen_ended:
+            seen_ended = ended
+            going = ~finished.view(B, K).all(1)  # (B,) images with a row still going
+            holding = B if held is None else len(held) // K
+            if holding - int(going.sum()) >= max(1, holding // 4):
+                kept = (going.nonzero()[:, 0, None] * K + torch.arange(K, device=device)).view(-1)  # rows, in order
+                backend.keep(kept if held is None else place[kept])
+                held = kept
+                place = torch.full((R,), -1, dtype=torch.long, device=device)
+                place[held] = torch.arange(len(held), device=device)
 
     if beam:
         final = scores / lengths.clamp(min=1).float() ** config.length_penalty
