@@ -148,7 +148,7 @@ def _load_checkpoint(path: Path) -> tuple[VisionLanguageModel, Tokenizer]:
 
 def _build(model_cfg: ModelConfig, tokenizer: Tokenizer, state: dict, source: Path) -> VisionLanguageModel:
     try:
-        model = VisionLanguageModel(model_cfg, len(tokenizer))
+        model = VisionLanguageModel(model_cfg, len(tokenizer), pretrained=False)  # the saved weights replace them
     except Exception as e:  # a config value of the wrong type or range, an unknown timm model, ...
         raise VLMError(f"{source}: cannot build a model from its config ({_one_line(e)})") from None
     try:

@@ -16,9 +16,11 @@ class EncoderConfig:
     name: str = "resnet18"
     """timm model name: any CNN or ViT that timm can create."""
     pretrained: bool = False
-    """Load timm's pretrained weights (downloaded by timm)."""
+    """Load timm's pretrained weights (downloaded by timm) when the model is built to train; a saved model (an
+    exported directory or checkpoint) loads its own weights, without downloading these."""
     weights: str | None = None
-    """Local weights file (safetensors or a timm state dict) to load instead of downloading."""
+    """Local weights file (safetensors or a timm state dict) to load instead of downloading (as ``pretrained``: not
+    read when a saved model loads)."""
     feature_level: int = 2
     """Which of the trunk's feature levels (timm ``feature_info``) becomes the patch grid; -1 is the last.
     For a ResNet, level 2 has stride 8; for a ViT, levels are blocks."""

@@ -66,17 +66,20 @@ class ImageEncoder(nn.Module):
     """timm trunk -> patch features (B, N, D) projected to the decoder width, plus the grid (h, w); with
     ``cfg.context_layers``, transformer blocks then mix information across all patches (global context)."""
 
-    def __init__(self, cfg: EncoderConfig, width: int, num_heads: int = 4):
+    def __init__(self, cfg: EncoderConfig, width: int, num_heads: int = 4, pretrained: bool = True):
+        """pretrained=False: the trunk without the weights ``cfg.pretrained`` or ``cfg.weights`` name, which are then
+        neither downloaded nor read (the caller loads saved weights over them)."""
         super().__init__()
         kwargs = dict(cfg.model_args)
-        overlay = {"file": cfg.weights} if cfg.weights else {}
+        pretrained = pretrained and (cfg.pretrained or bool(cfg.weights))
+        overlay = {"file": cfg.weights} if cfg.weights and pretrained else {}
         # The image transform (vlm.data.transforms) reads timm's data config: an imported model's own constants.
         overlay |= {k: tuple(v) if isinstance(v, list) else v for k, v in
                     (("mean", cfg.mean), ("std", cfg.std), ("interpolation", cfg.interpolation)) if v is not None}
         if overlay:
             kwargs["pretrained_cfg_overlay"] = overlay
         try:
-            trunk = timm.create_model(cfg.name, pretrained=cfg.pretrained or bool(cfg.weights), **kwargs)
+            trunk = timm.create_model(cfg.name, pretrained=pretrained, **kwargs)
         except TypeError as e:  # model_args meant for another backbone
             raise ValueError(f"encoder.model_args {cfg.model_args} do not fit {cfg.name}: {e}") from None
         _set_norm_eps(trunk, cfg.norm_eps)
@@ -100,7 +103,7 @@ class ImageEncoder(nn.Module):
             self.features_only = False
         else:
             trunk = timm.create_model(
-                cfg.name, pretrained=cfg.pretrained or bool(cfg.weights), features_only=True,
+                cfg.name, pretrained=pretrained, features_only=True,
                 out_indices=(self.level,), **kwargs,
             )
             _set_norm_eps(trunk, cfg.norm_eps)

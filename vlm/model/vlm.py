@@ -42,7 +42,9 @@ class EncodedImages(list):
 
 
 class VisionLanguageModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, pretrained: bool = True):
+        """pretrained=False: for saved weights to be loaded into, the encoder's pretrained weights (``cfg.encoder``'s
+        ``pretrained`` or ``weights``) are neither downloaded nor read, whatever the config says."""
         super().__init__()
         self.cfg = cfg
         self.vocab_size = vocab_size
@@ -51,7 +53,7 @@ class VisionLanguageModel(nn.Module):
                 cfg.attention_layers and all(-depth <= i < depth for i in cfg.attention_layers)):
             raise ValueError(f"model.attention_layers {cfg.attention_layers}: the decoder has {depth} layers "
                              f"(0 to {depth - 1}, or negative from the last)")
-        self.encoder = ImageEncoder(cfg.encoder, cfg.decoder.width, cfg.decoder.num_heads)
+        self.encoder = ImageEncoder(cfg.encoder, cfg.decoder.width, cfg.decoder.num_heads, pretrained)
         self.decoder = TextDecoder(cfg.decoder, vocab_size)
         use_onednn(self)  # on the CPU its products run on oneDNN (vlm.model.linear)
 

@@ -105,6 +105,6 @@ def unsharded(model: VisionLanguageModel) -> VisionLanguageModel | None:
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not state:  # not rank 0
         return None
-    copy = VisionLanguageModel(model.cfg, model.vocab_size)
+    copy = VisionLanguageModel(model.cfg, model.vocab_size, pretrained=False)
     copy.load_state_dict(state)
     return copy.eval()
