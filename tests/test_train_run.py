@@ -178,3 +178,30 @@ def test_a_check_run_without_validation_exports_into_a_new_directory(tmp_path):
     exported = train(cfg, out)
     assert (out / "data_report.json").is_file() and (exported / "model.safetensors").is_file()
     assert not (out / "checkpoints").exists()  # nothing but the export and the report was written
+
+
+@pytest.mark.parametrize("start", ["init", "resume"])
+def test_a_run_from_saved_weights_does_not_fetch_the_trunk_weights_they_replace(tokenizer, monkeypatch, start):
+    """A run that starts from a model (--init) or resumes a checkpoint takes its weights from there: the encoder's
+    pretrained trunk weights, which the model's config names, are neither downloaded nor read (offline, or on
+    another machine, that failed). A fresh run does load them."""
+    import timm.models._builder as timm_builder
+    import torch
+
+    from vlm.model.vlm import VisionLanguageModel
+    from vlm.train.run import build_module
+
+    def fetched(*args, **kwargs):
+        raise AssertionError("the trunk's pretrained weights were loaded")
+
+    monkeypatch.setattr(timm_builder, "load_pretrained", fetched)
+    model_cfg = tiny_config(weights="/nowhere/trunk.safetensors")
+    cfg = _tiny_train_config()
+    cfg.model = model_cfg
+    with pytest.raises(AssertionError, match="pretrained weights were loaded"):
+        build_module(cfg, tokenizer, None)  # a fresh run: the weights file is what it starts from
+    saved = VisionLanguageModel(model_cfg, len(tokenizer), pretrained=False)
+    module = build_module(cfg, tokenizer, saved if start == "init" else None, model_cfg if start == "resume" else None)
+    assert module.model.cfg == model_cfg
+    if start == "init":
+        assert all(torch.equal(module.model.state_dict()[k], v) for k, v in saved.state_dict().items())

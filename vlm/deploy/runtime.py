@@ -463,7 +463,7 @@ class OrtDecoder:
 
     def keep(self, rows: Tensor) -> None:
         """Only these rows' cache and beam index, and their images, bound anew (on a session for the fewer rows)."""
-        B, K = self.beam_index.shape[:2]
+        K = self.beam_index.shape[1]
         rows = rows.numpy()
         images = rows[::K] // K
         self.cache = np.ascontiguousarray(self.cache[:, :, rows])

@@ -30,7 +30,9 @@ class CaptionModule(L.LightningModule):
     needed to rebuild the model and still loads with ``torch.load(..., weights_only=True)``.
     """
 
-    def __init__(self, model: dict, optim: dict, tokenizer: str):
+    def __init__(self, model: dict, optim: dict, tokenizer: str, pretrained: bool = True):
+        """pretrained=False: the weights come from elsewhere (a checkpoint resumed, a model to start from), so the
+        encoder's pretrained trunk weights are neither downloaded nor read (`VisionLanguageModel`)."""
         super().__init__()
         self.save_hyperparameters()
         self.model_cfg = model_config_from_dict(model)
@@ -39,7 +41,7 @@ class CaptionModule(L.LightningModule):
             raise VLMError(f"optim.task_weights must give a weight for each of {', '.join(TASKS)}, "
                            f"got {sorted(self.optim_cfg.task_weights)}")
         self.tokenizer = Tokenizer.from_str(tokenizer, self.model_cfg.special_tokens)
-        self.model = VisionLanguageModel(self.model_cfg, len(self.tokenizer))
+        self.model = VisionLanguageModel(self.model_cfg, len(self.tokenizer), pretrained)
         if self.optim_cfg.compile:  # in place: parameter names, and so checkpoints, stay the same
             self.model.encoder.compile()
             self.model.decoder.compile()
@@ -49,8 +51,9 @@ class CaptionModule(L.LightningModule):
         self.empty_skipped = 0  # batches skipped for having nothing to learn (`_loss` gives None)
 
     @classmethod
-    def create(cls, model: ModelConfig, optim: OptimConfig, tokenizer: Tokenizer) -> CaptionModule:
-        return cls(asdict(model), asdict(optim), tokenizer.to_str())
+    def create(cls, model: ModelConfig, optim: OptimConfig, tokenizer: Tokenizer, pretrained: bool = True
+               ) -> CaptionModule:
+        return cls(asdict(model), asdict(optim), tokenizer.to_str(), pretrained)
 
     def configure_model(self) -> None:
         """Under ``strategy: fsdp`` (vlm.train.sharding.FSDPStrategy, which sets a device mesh), shard the model.

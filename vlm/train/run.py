@@ -194,10 +194,11 @@ def build_module(cfg: TrainConfig, tokenizer: Tokenizer, start: VisionLanguageMo
     if cfg.scst.enabled and start is None and resumed is None:
         raise VLMError("scst.enabled needs --init MODEL: a cross-entropy model or checkpoint to start from")
     model_cfg = resumed if resumed is not None else start.cfg if start is not None else cfg.model
+    pretrained = start is None and resumed is None  # else the trunk's pretrained weights would be replaced
     if cfg.scst.enabled:
-        module = SCSTModule.create(model_cfg, cfg.optim, tokenizer, cfg.scst)
+        module = SCSTModule.create(model_cfg, cfg.optim, tokenizer, cfg.scst, pretrained)
     else:
-        module = CaptionModule.create(model_cfg, cfg.optim, tokenizer)
+        module = CaptionModule.create(model_cfg, cfg.optim, tokenizer, pretrained)
     if start is not None:
         module.model.load_state_dict(start.state_dict())
     return module

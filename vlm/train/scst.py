@@ -103,16 +103,17 @@ def policy_loss(logits: Tensor, tokens: Tensor, mask: Tensor, advantage: Tensor)
 class SCSTModule(CaptionModule):
     """Fine-tunes a captioner with self-critical policy gradient; validation as for cross-entropy."""
 
-    def __init__(self, model: dict, optim: dict, tokenizer: str, scst: dict):
-        super().__init__(model, optim, tokenizer)
+    def __init__(self, model: dict, optim: dict, tokenizer: str, scst: dict, pretrained: bool = True):
+        super().__init__(model, optim, tokenizer, pretrained)
         self.scst_cfg = SCSTConfig(**scst)
         if self.scst_cfg.baseline == "mean" and self.scst_cfg.samples < 2:
             raise VLMError(f"scst.baseline mean needs scst.samples >= 2, got {self.scst_cfg.samples}")
         self.cider: CiderD | None = None
 
     @classmethod
-    def create(cls, model: ModelConfig, optim: OptimConfig, tokenizer: Tokenizer, scst: SCSTConfig) -> SCSTModule:
-        return cls(asdict(model), asdict(optim), tokenizer.to_str(), asdict(scst))
+    def create(cls, model: ModelConfig, optim: OptimConfig, tokenizer: Tokenizer, scst: SCSTConfig,
+               pretrained: bool = True) -> SCSTModule:
+        return cls(asdict(model), asdict(optim), tokenizer.to_str(), asdict(scst), pretrained)
 
     def on_train_start(self) -> None:
         dataset = self.trainer.train_dataloader.dataset
