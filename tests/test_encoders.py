@@ -3,6 +3,7 @@ and the feature cache (training from cached maps equals training from images).""
 
 from __future__ import annotations
 
+import pytest
 import timm
 import torch
 from safetensors.torch import save_file
@@ -33,6 +34,28 @@ def test_local_weights_file_safetensors_and_state_dict(tmp_path):
         enc = ImageEncoder(tiny_config(weights=str(tmp_path / name)).encoder, 32)
         loaded = enc.trunk.state_dict()
         assert all(torch.equal(loaded[k], state[k]) for k in loaded)  # the pruned trunk's weights are the file's
+
+
+def test_trunk_weights_that_cannot_be_had_are_one_line_naming_the_option(tmp_path, monkeypatch):
+    """A weights file missing or unreadable, or timm's download failing, is a one-line error naming the option
+    (timm's own said "FileNotFoundError", or only what the download said)."""
+    import timm.models._builder as timm_builder
+
+    with pytest.raises(ValueError, match=r"^encoder.weights /nowhere/w.safetensors: no such file$"):
+        ImageEncoder(tiny_config(weights="/nowhere/w.safetensors").encoder, 32)
+    (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match=r"^encoder.weights .*bad.safetensors: cannot load the trunk's weights "
+                                         r"\(SafetensorError: .*\)$"):
+        ImageEncoder(tiny_config(weights=str(tmp_path / "bad.safetensors")).encoder, 32)
+
+    def offline(*args, **kwargs):
+        raise OSError("no connection\nand more")
+
+    monkeypatch.setattr(timm_builder, "load_pretrained", offline)
+    with pytest.raises(ValueError) as e:
+        ImageEncoder(tiny_config(pretrained=True).encoder, 32)
+    assert str(e.value) == ("encoder.pretrained: cannot get timm's weights for resnet18 (OSError: no connection); "
+                            "without the internet, give them as encoder.weights FILE")
 
 
 def test_frozen_encoder_stays_in_eval_and_gets_no_gradient(tokenizer):

@@ -14,6 +14,8 @@ Dimensions: B batch, C trunk channels, h x w patch grid, N = h * w patches, P pr
 
 from __future__ import annotations
 
+import os
+
 import timm
 import torch
 from torch import Tensor, nn
@@ -62,6 +64,26 @@ def _set_norm_eps(trunk: nn.Module, eps: float | None) -> None:
                 m.eps = eps
 
 
+def _create_trunk(cfg: EncoderConfig, pretrained: bool, **kwargs) -> nn.Module:
+    """timm's model ``cfg.name``, with its pretrained weights or those of ``cfg.weights`` when ``pretrained``; a
+    failure to get them is a ValueError of one line naming the option (timm's own says FileNotFoundError, or what a
+    failed download says, without the field)."""
+    if pretrained and cfg.weights and not os.path.isfile(cfg.weights):
+        raise ValueError(f"encoder.weights {cfg.weights}: no such file")
+    try:
+        return timm.create_model(cfg.name, pretrained=pretrained, **kwargs)
+    except TypeError as e:  # model_args meant for another backbone
+        raise ValueError(f"encoder.model_args {cfg.model_args} do not fit {cfg.name}: {e}") from None
+    except Exception as e:
+        if not pretrained:
+            raise
+        why = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}" if str(e).strip() else type(e).__name__
+        if cfg.weights:
+            raise ValueError(f"encoder.weights {cfg.weights}: cannot load the trunk's weights ({why})") from None
+        raise ValueError(f"encoder.pretrained: cannot get timm's weights for {cfg.name} ({why}); without the "
+                         "internet, give them as encoder.weights FILE") from None
+
+
 class ImageEncoder(nn.Module):
     """timm trunk -> patch features (B, N, D) projected to the decoder width, plus the grid (h, w); with
     ``cfg.context_layers``, transformer blocks then mix information across all patches (global context)."""
@@ -78,10 +100,7 @@ class ImageEncoder(nn.Module):
                     (("mean", cfg.mean), ("std", cfg.std), ("interpolation", cfg.interpolation)) if v is not None}
         if overlay:
             kwargs["pretrained_cfg_overlay"] = overlay
-        try:
-            trunk = timm.create_model(cfg.name, pretrained=pretrained, **kwargs)
-        except TypeError as e:  # model_args meant for another backbone
-            raise ValueError(f"encoder.model_args {cfg.model_args} do not fit {cfg.name}: {e}") from None
+        trunk = _create_trunk(cfg, pretrained, **kwargs)
         _set_norm_eps(trunk, cfg.norm_eps)
         self.final = cfg.features == "final"
         self.num_prefix = 0  # prefix tokens (class, registers) leading the decoder's keys
@@ -102,10 +121,7 @@ class ImageEncoder(nn.Module):
             trunk.prune_intermediate_layers([self.level], prune_norm=True, prune_head=True)
             self.features_only = False
         else:
-            trunk = timm.create_model(
-                cfg.name, pretrained=pretrained, features_only=True,
-                out_indices=(self.level,), **kwargs,
-            )
+            trunk = _create_trunk(cfg, pretrained, features_only=True, out_indices=(self.level,), **kwargs)
             _set_norm_eps(trunk, cfg.norm_eps)
             self.features_only = True
         # A convolutional trunk runs channels-last, the layout oneDNN and cuDNN convolutions are fastest in;
