@@ -181,7 +181,8 @@ def test_a_check_run_without_validation_exports_into_a_new_directory(tmp_path):
 
 
 @pytest.mark.parametrize("start", ["init", "resume"])
-def test_a_run_from_saved_weights_does_not_fetch_the_trunk_weights_they_replace(tokenizer, monkeypatch, start):
+def test_a_run_from_saved_weights_does_not_fetch_the_trunk_weights_they_replace(tokenizer, tmp_path, monkeypatch,
+                                                                                start):
     """A run that starts from a model (--init) or resumes a checkpoint takes its weights from there: the encoder's
     pretrained trunk weights, which the model's config names, are neither downloaded nor read (offline, or on
     another machine, that failed). A fresh run does load them."""
@@ -195,10 +196,11 @@ def test_a_run_from_saved_weights_does_not_fetch_the_trunk_weights_they_replace(
         raise AssertionError("the trunk's pretrained weights were loaded")
 
     monkeypatch.setattr(timm_builder, "load_pretrained", fetched)
-    model_cfg = tiny_config(weights="/nowhere/trunk.safetensors")
+    (tmp_path / "trunk.safetensors").write_bytes(b"the weights a fresh run starts from")
+    model_cfg = tiny_config(weights=str(tmp_path / "trunk.safetensors"))
     cfg = _tiny_train_config()
     cfg.model = model_cfg
-    with pytest.raises(AssertionError, match="pretrained weights were loaded"):
+    with pytest.raises(ValueError, match="pretrained weights were loaded"):
         build_module(cfg, tokenizer, None)  # a fresh run: the weights file is what it starts from
     saved = VisionLanguageModel(model_cfg, len(tokenizer), pretrained=False)
     module = build_module(cfg, tokenizer, saved if start == "init" else None, model_cfg if start == "resume" else None)
