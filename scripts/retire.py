@@ -14,7 +14,7 @@ row-steps that retiring runs (rows summed over the steps, against every row in e
 in tokens (mean, least, most, and the mean over batches of a batch's longest).
 The two sides' tokens are checked equal.
 
-    .venv/bin/python scripts/retire.py                   # about 6 minutes on 2 cores (3 of them training)
+    .venv/bin/python scripts/retire.py                   # about 3.5 minutes on 2 cores, most of it training
     .venv/bin/python scripts/retire.py --steps 5 --images 64 --reps 1 --json /tmp/r.json   # smoke
 """
 
